@@ -1,0 +1,259 @@
+"""A scenario process: executes its steps and reports its own observations.
+
+Each scenario process (``main``, and every child made by ``fork``) is one
+agent: a small Python process that owns its regions, serves commands from the
+controller over a Unix socket, and reads its own /proc/self files and pagemap.
+``fork`` is a real fork(2) of the agent, so the child inherits every region
+exactly as the kernel copies it; the child gets a new socket, passed to the
+controller with SCM_RIGHTS.
+
+The agent's own interpreter memory must stay invisible to KSM, or the global
+counters would count Python's heap.  Regions are the only memory given
+MADV_MERGEABLE.  After PR_SET_MEMORY_MERGE=1, which marks *every* compatible
+mapping mergeable (6.4, d7597f59d1d3) and every new one too, the agent sweeps
+its other mappings back to unmergeable after each command, before replying, so
+ksmd (which only runs while every agent is blocked waiting for a command)
+never sees them.
+
+Run as ``python -m ksmbench.backends.agent <socket-fd> <name>``.
+"""
+
+from __future__ import annotations
+
+import os
+import pickle
+import signal
+import socket
+import struct
+import sys
+from typing import Any
+
+from ..errors import KsmbenchError, SyscallError
+from ..kernel import syscalls
+from ..kernel.procfs import FrameReader, ProcFS
+from ..scenario.patterns import FillId, fill_pages, parse_pattern
+
+_HEADER = struct.Struct("!I")
+#: regions are filled in chunks so a 1 GiB fill does not build 1 GiB of source
+_FILL_CHUNK_PAGES = 16384
+
+
+def send_msg(sock: socket.socket, obj: Any, fds: list[int] | None = None) -> None:
+    data = pickle.dumps(obj, protocol=pickle.HIGHEST_PROTOCOL)
+    payload = _HEADER.pack(len(data)) + data
+    if fds:
+        socket.send_fds(sock, [payload], fds)
+    else:
+        sock.sendall(payload)
+
+
+def recv_exact(sock: socket.socket, n: int, buf: bytearray | None = None) -> bytes:
+    view = memoryview(buf if buf is not None and len(buf) >= n else bytearray(n))[:n]
+    got = 0
+    while got < n:
+        k = sock.recv_into(view[got:], n - got)
+        if k == 0:
+            raise EOFError("peer closed the socket")
+        got += k
+    return bytes(view)
+
+
+def recv_msg(sock: socket.socket, buf: bytearray | None = None) -> Any:
+    (size,) = _HEADER.unpack(recv_exact(sock, _HEADER.size))
+    return pickle.loads(recv_exact(sock, size, buf))
+
+
+def recv_msg_with_fds(sock: socket.socket, maxfds: int = 1) -> tuple[Any, list[int]]:
+    head, fds, _flags, _addr = socket.recv_fds(sock, _HEADER.size, maxfds)
+    if len(head) == 0:
+        raise EOFError("peer closed the socket")
+    if len(head) < _HEADER.size:
+        head += recv_exact(sock, _HEADER.size - len(head))
+    (size,) = _HEADER.unpack(head)
+    return pickle.loads(recv_exact(sock, size)), list(fds)
+
+
+class Agent:
+    def __init__(self, sock: socket.socket, name: str):
+        self.sock = sock
+        self.name = name
+        self.procfs = ProcFS()
+        self.regions: dict[str, syscalls.Region] = {}
+        self._frames: FrameReader | None = None
+        self._zero_pfn: int | None = None
+        self._buf = bytearray(1 << 16)
+
+    # -- plumbing ------------------------------------------------------------
+    def frames(self) -> FrameReader:
+        if self._frames is None:
+            self._frames = FrameReader(self.procfs, os.getpid())
+        return self._frames
+
+    def serve(self) -> None:
+        while True:
+            try:
+                request = recv_msg(self.sock, self._buf)
+            except (EOFError, ConnectionError):
+                os._exit(0)  # the controller is gone: nothing to serve
+            op, args = request[0], request[1:]
+            fds: list[int] = []
+            try:
+                result = getattr(self, "op_" + op)(*args)
+                if op == "fork":
+                    result, fds = result
+                reply = ("ok", result)
+            except KsmbenchError as exc:
+                reply = ("error", type(exc).__name__, exc.message, exc.hint)
+            except Exception as exc:  # report, never die silently
+                reply = ("error", "KsmbenchError", f"agent {self.name}: {op} failed: "
+                         f"{type(exc).__name__}: {exc}", None)
+            if op == "exit":
+                send_msg(self.sock, reply)
+                os._exit(0)
+            self.sweep_if_merge_any()
+            send_msg(self.sock, reply, fds)
+            for fd in fds:
+                os.close(fd)
+
+    # -- keeping the interpreter out of KSM's sight ----------------------------
+    def sweep_if_merge_any(self) -> None:
+        try:
+            if syscalls.prctl_get_memory_merge() != 1:
+                return
+        except SyscallError:
+            return  # before 6.4 there is no MERGE_ANY
+        spans = [(r.addr, r.addr + r.length) for r in self.regions.values() if r.mapped]
+        for _ in range(4):
+            foreign = [(s, e) for s, e in self._mergeable_vmas()
+                       if not any(rs <= s and e <= re_ for rs, re_ in spans)]
+            if not foreign:
+                return
+            for start, end in foreign:
+                try:
+                    syscalls.madvise_range(start, end - start, "unmergeable")
+                except SyscallError:
+                    pass  # special mappings ([vsyscall]) refuse; KSM skips them anyway
+
+    def _mergeable_vmas(self) -> list[tuple[int, int]]:
+        out = []
+        start = end = 0
+        with open("/proc/self/smaps") as f:
+            for line in f:
+                if line[0] in "0123456789abcdef" and "-" in line.split(" ", 1)[0]:
+                    lo, hi = line.split(" ", 1)[0].split("-")
+                    start, end = int(lo, 16), int(hi, 16)
+                elif line.startswith("VmFlags:") and " mg" in line:
+                    out.append((start, end))
+        return out
+
+    # -- ops -------------------------------------------------------------------
+    def op_ping(self) -> int:
+        return os.getpid()
+
+    def op_mmap(self, region: str, pages: int, thp: bool) -> int:
+        r = syscalls.Region(pages)
+        # THP would let a zero-filled region merge over more scans; regions are
+        # NOHUGEPAGE unless the scenario asks for THP.
+        r.madvise("hugepage" if thp else "nohugepage")
+        self.regions[region] = r
+        return r.addr
+
+    def op_fill(self, region: str, first: int, end: int, pattern: str,
+                scenario: str, step: int) -> None:
+        r = self.regions[region]
+        pat = parse_pattern(pattern)
+        fill = FillId(scenario, step)
+        total = end - first
+        for offset in range(0, total, _FILL_CHUNK_PAGES):
+            n = min(_FILL_CHUNK_PAGES, total - offset)
+            pages = fill_pages(pat, n, fill, offset=offset)
+            r.write_pages(first + offset, pages)
+
+    def op_read(self, region: str, first: int, end: int) -> None:
+        self.regions[region].read_pages(first, end)
+
+    def op_madvise(self, region: str, first: int, end: int, advice: str) -> None:
+        self.regions[region].madvise(advice, first, end)
+
+    def op_prctl(self, merge: bool) -> None:
+        syscalls.prctl_set_memory_merge(merge)
+
+    def op_munmap(self, region: str) -> None:
+        self.regions.pop(region).munmap()
+
+    def op_sentinel(self) -> int:
+        """Register this mm with KSM without giving ksmd anything to scan."""
+        r = syscalls.Region(1)
+        r.madvise("mergeable")  # never touched: no anon_vma, no rmap items
+        self.regions["__sentinel__"] = r
+        return os.getpid()
+
+    def op_fork(self, child: str):
+        mine, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+        pid = os.fork()
+        if pid == 0:  # the child agent
+            try:
+                mine.close()
+                self.sock.close()
+                self.sock = theirs
+                self.name = child
+                if self._frames is not None:  # /proc/self/pagemap was the parent's
+                    self._frames.close()
+                    self._frames = None
+                send_msg(self.sock, ("ok", os.getpid()))
+                self.serve()
+            finally:
+                os._exit(0)
+        theirs.close()
+        return pid, [mine.detach()]
+
+    def op_exit(self) -> None:
+        return None
+
+    def op_observe(self) -> dict[str, Any]:
+        stat = self.procfs.ksm_stat("self")
+        regions = {}
+        region_anon = 0
+        if self.regions:
+            zero = self.zero_pfn()
+            for name, r in self.regions.items():
+                if name.startswith("__"):
+                    continue
+                m = self.frames().region_metrics(r.addr, r.npages, [zero])
+                regions[name] = m.__dict__.copy()
+                region_anon += m.present - m.zero_pfn
+        rss, walked = self._rss_pair()
+        scenario_rss = None if rss is None or walked is None else rss - walked + region_anon
+        return {"ksm_stat": stat, "rss_anon_pages": rss,
+                "rss_anon_scenario_pages": scenario_rss, "regions": regions}
+
+    def zero_pfn(self) -> int:
+        if self._zero_pfn is None:
+            self._zero_pfn = self.frames().discover_zero_pfn()
+        return self._zero_pfn
+
+    def _rss_pair(self) -> tuple[int | None, int | None]:
+        """RssAnon (the counter) and the page-table walk's count, same instant.
+
+        Reading allocates, so the interpreter may fault a page in between;
+        retry until the walk gives the same count before and after.
+        """
+        for _ in range(8):
+            before = self.procfs.anonymous_pages("self")
+            rss = self.procfs.rss_anon_pages("self")
+            after = self.procfs.anonymous_pages("self")
+            if before == after:
+                return rss, before
+        return rss, after
+
+
+def main(argv: list[str]) -> int:
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # the controller handles Ctrl-C
+    fd, name = int(argv[1]), argv[2]
+    sock = socket.socket(fileno=fd)
+    Agent(sock, name).serve()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv))

@@ -1,0 +1,272 @@
+"""Command line: argument parsing, progress display, one-line errors, exit codes.
+
+Exit status: 0 all compared cells match and every ``expect`` holds; 1 some do
+not; 2 the command could not complete (the one line on stderr says why and
+what to do).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from pathlib import Path
+from typing import Sequence
+
+from . import __version__
+from .errors import KsmbenchError, UsageError
+
+
+def _console(stderr: bool = False):
+    from rich.console import Console
+
+    return Console(stderr=stderr, highlight=False)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if not getattr(args, "func", None):
+        parser.print_help()
+        return 2
+    from .kernel.tunables import Terminated, signals_as_exceptions
+
+    try:
+        with signals_as_exceptions():
+            return int(args.func(args) or 0)
+    except KsmbenchError as exc:
+        print(f"ksmbench: error: {exc.one_line()}", file=sys.stderr)
+        return exc.exit_code
+    except Terminated as exc:
+        print(f"ksmbench: {exc}: stopped; KSM tunables restored; results so far are kept",
+              file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("ksmbench: interrupted: stopped; KSM tunables restored; results so far are kept",
+              file=sys.stderr)
+        return 2
+    except BrokenPipeError:
+        return 2
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="ksmbench", description=__doc__.splitlines()[0])
+    p.add_argument("--version", action="version", version=f"ksmbench {__version__}")
+    sub = p.add_subparsers(metavar="COMMAND")
+
+    run = sub.add_parser("run", help="run scenarios on kernels and record observations")
+    run.add_argument("scenarios", nargs="*", metavar="SCENARIO",
+                     help="scenario files, directories or built-in names (default: the built-in suite)")
+    _kernel_options(run)
+    run.add_argument("--out", default="results", help="parent of the run directory (default: results)")
+    run.add_argument("--profile", default="auto",
+                     help="emulator profile to compare with (default: auto, by kernel version)")
+    run.add_argument("--wait", type=float, default=0.0, metavar="SECONDS",
+                     help="wait this long for another run to finish instead of refusing")
+    run.set_defaults(func=cmd_run)
+
+    emulate = sub.add_parser("emulate", help="predict a scenario's observations (no root, no kernel)")
+    emulate.add_argument("scenarios", nargs="*", metavar="SCENARIO")
+    emulate.add_argument("--profile", default="linux-6.18", help="kernel behaviour profile")
+    emulate.add_argument("--format", choices=("table", "csv"), default="table")
+    emulate.set_defaults(func=cmd_emulate)
+
+    identify = sub.add_parser("identify", help="which KSM behaviours a kernel has")
+    _kernel_options(identify)
+    identify.add_argument("--wait", type=float, default=0.0, metavar="SECONDS")
+    identify.set_defaults(func=cmd_identify)
+
+    kernels = sub.add_parser("kernels", help="kernels that can be booted: cached and fetchable")
+    kernels.set_defaults(func=cmd_kernels)
+
+    scen = sub.add_parser("scenarios", help="list the built-in suite, or validate scenario files")
+    scen.add_argument("files", nargs="*", metavar="FILE")
+    scen.set_defaults(func=cmd_scenarios)
+
+    for name, module, helptext in (
+        ("bench", "ksmbench.bench.cli", "benchmark merge/unmerge/CoW speed and ksmd cost"),
+        ("report", "ksmbench.report.cli", "figures and an HTML report from run directories"),
+        ("selftest", "ksmbench.selftests", "run the kernel's own KSM selftests beside ksmbench"),
+    ):
+        sp = sub.add_parser(name, help=helptext, add_help=False)
+        sp.add_argument("rest", nargs=argparse.REMAINDER)
+        sp.set_defaults(func=_delegate(module))
+    return p
+
+
+def _kernel_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--kernel", action="append", metavar="KERNEL",
+                   help="host, debian:<major.minor>, or a path to a bzImage (repeatable; default: host)")
+    p.add_argument("--memory", default="2G", help="guest memory for VM kernels (default: 2G)")
+    p.add_argument("--cpus", type=int, default=2, help="guest CPUs for VM kernels (default: 2)")
+    p.add_argument("--accel", choices=("auto", "kvm", "tcg"), default="auto",
+                   help="QEMU accelerator for VM kernels (default: auto: KVM only if it really works)")
+    p.add_argument("--modules", metavar="DIR", help="modules directory for a --kernel PATH image")
+
+
+def _delegate(module: str):
+    def run(args: argparse.Namespace) -> int:
+        import importlib
+
+        try:
+            mod = importlib.import_module(module)
+        except ImportError as exc:
+            raise UsageError(f"this command is not available in this version ({exc})") from None
+        return mod.main(args.rest)
+
+    return run
+
+
+# -- run ---------------------------------------------------------------------------
+
+def _predictor():
+    try:
+        from .emulator import Predictor
+    except ImportError:
+        return None
+    return Predictor()
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    from .backends import resolve_backend
+    from .kernel.lock import RunLock
+    from .results import RunDir
+    from .runner import Runner, exit_status
+    from .scenario import resolve_scenarios
+
+    scenarios = resolve_scenarios(args.scenarios)
+    kernels = args.kernel or ["host"]
+    backends = [resolve_backend(k, memory=args.memory, cpus=args.cpus, accel=args.accel,
+                                modules=args.modules) for k in kernels]
+    predictor = _predictor()
+    if predictor is not None and args.profile != "auto":
+        predictor.check_profile(args.profile)
+    console = _console()
+    with RunLock(timeout=args.wait):
+        rundir = RunDir(args.out)
+        rundir.metadata["command"] = ["ksmbench", *sys.argv[1:]]
+        rundir.metadata["scenarios"] = [s.name for s in scenarios]
+        console.print(f"run {rundir.run_id}: {len(scenarios)} scenarios on "
+                      f"{', '.join(b.label for b in backends)} -> {rundir.path}")
+        outcomes = []
+        try:
+            for backend in backends:
+                outcomes.append(_run_one_kernel(console, rundir, backend, scenarios, predictor,
+                                                args.profile))
+        finally:
+            rundir.close()
+    _print_summary(console, outcomes, scenarios)
+    status = exit_status(outcomes)
+    console.print(f"results: {rundir.path}  (exit {status})")
+    return status
+
+
+def _run_one_kernel(console, rundir, backend, scenarios, predictor, profile):
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
+
+    from .runner import Runner
+
+    total = sum(len(s.steps) - sum(1 for st in s.steps if st.op == "scan") + s.scan_count
+                for s in scenarios)
+    with Progress(SpinnerColumn(), TextColumn("[bold]{task.fields[kernel]}"), BarColumn(),
+                  MofNCompleteColumn(), TextColumn("{task.description}"), TimeElapsedColumn(),
+                  console=console, transient=False) as progress:
+        task = progress.add_task("starting", total=total, kernel=backend.label)
+
+        def tick(kernel: str, message: str) -> None:
+            advance = 1 if ": step " in message else 0
+            progress.update(task, advance=advance, description=message)
+
+        runner = Runner(rundir, predictor=predictor, profile=profile, progress=tick)
+        outcome = runner.run_kernel(backend, scenarios)
+        progress.update(task, description="done" if not outcome.error else "failed")
+    if outcome.error:
+        console.print(f"[red]{backend.label}: {outcome.error}[/red]")
+    if outcome.info.get("repaired"):
+        console.print(f"[yellow]{outcome.info['repaired']}[/yellow]")
+    return outcome
+
+
+def _print_summary(console, outcomes, scenarios) -> None:
+    from rich.table import Table
+
+    table = Table(title="scenarios", show_lines=False)
+    for col in ("scenario", "kernel", "points", "compared", "mismatches", "expects", "verdict", "s"):
+        table.add_column(col, justify="right" if col in ("points", "compared", "mismatches", "s") else "left")
+    colours = {"match": "green", "observed": "cyan", "mismatch": "red", "error": "red"}
+    for k in outcomes:
+        for s in scenarios:
+            o = k.scenarios.get(s.name)
+            if o is None:
+                table.add_row(s.name, k.label, "", "", "", "", "[dim]not run[/dim]", "")
+                continue
+            exp = f"{o.expect_checked - len(o.expect_failures)}/{o.expect_checked}" if o.expect_checked else ""
+            table.add_row(s.name, k.label, str(o.points), str(o.compared), str(len(o.mismatches)),
+                          exp, f"[{colours[o.verdict]}]{o.verdict}[/]", f"{o.seconds:.1f}")
+    console.print(table)
+    if len(outcomes) > 1:
+        matrix = Table(title="matrix: scenarios x kernels")
+        matrix.add_column("scenario")
+        for k in outcomes:
+            matrix.add_column(k.label)
+        for s in scenarios:
+            cells = []
+            for k in outcomes:
+                o = k.scenarios.get(s.name)
+                v = o.verdict if o else "not run"
+                cells.append(f"[{colours.get(v, 'dim')}]{v}[/]")
+            matrix.add_row(s.name, *cells)
+        console.print(matrix)
+    problems = [mm for k in outcomes for o in k.scenarios.values()
+                for mm in (o.expect_failures + o.mismatches)]
+    errors = [(k.label, o.scenario, o.error) for k in outcomes for o in k.scenarios.values() if o.error]
+    for label, name, err in errors:
+        console.print(f"[red]error[/red] {name} [{label}]: {err}")
+    if problems:
+        console.print(f"first mismatching cells ({len(problems)} in all):")
+        for mm in problems[:12]:
+            console.print(f"  {mm.describe()}")
+
+
+# -- other commands ----------------------------------------------------------------
+
+def cmd_emulate(args: argparse.Namespace) -> int:
+    try:
+        from .emulator.cli import emulate_command
+    except ImportError:
+        raise UsageError("the emulator is not available in this version") from None
+    return emulate_command(args)
+
+
+def cmd_identify(args: argparse.Namespace) -> int:
+    try:
+        from .identify import identify_command
+    except ImportError:
+        raise UsageError("identify is not available in this version") from None
+    return identify_command(args)
+
+
+def cmd_kernels(args: argparse.Namespace) -> int:
+    try:
+        from .backends.vm.catalogue import kernels_command
+    except ImportError:
+        raise UsageError("the VM backend is not available in this version") from None
+    return kernels_command(args)
+
+
+def cmd_scenarios(args: argparse.Namespace) -> int:
+    from .scenario import builtin_suite, load_scenario
+
+    console = _console()
+    if args.files:
+        for f in args.files:
+            s = load_scenario(f)
+            console.print(f"{f}: ok ({s.name}: {len(s.steps)} steps, {s.scan_count} scans)")
+        return 0
+    for s in builtin_suite():
+        console.print(f"[bold]{s.name}[/bold]: {s.description.splitlines()[0] if s.description else ''}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

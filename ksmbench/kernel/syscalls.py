@@ -1,0 +1,165 @@
+"""System calls through cffi in ABI mode (no compiler needed at install).
+
+Private anonymous memory (mmap/munmap), madvise, prctl, and fast page fills.
+Every failing call raises :class:`~ksmbench.errors.SyscallError` naming the
+call, its arguments and the errno.
+
+Why not Python's ``mmap`` module: ``mmap.mmap(-1, n)`` is MAP_SHARED, and KSM
+silently ignores MADV_MERGEABLE on shared mappings (madvise returns 0, nothing
+ever merges).  Regions here are always MAP_PRIVATE|MAP_ANONYMOUS.
+"""
+
+from __future__ import annotations
+
+import errno as _errno
+import mmap as _mmap
+
+import cffi
+import numpy as np
+
+from ..errors import SyscallError
+
+PAGE_SIZE = _mmap.PAGESIZE
+
+_ffi = cffi.FFI()
+_ffi.cdef(
+    """
+    void *mmap(void *addr, size_t length, int prot, int flags, int fd, long offset);
+    int munmap(void *addr, size_t length);
+    int madvise(void *addr, size_t length, int advice);
+    int prctl(int option, unsigned long arg2, unsigned long arg3,
+              unsigned long arg4, unsigned long arg5);
+    """
+)
+_libc = _ffi.dlopen(None)
+
+PROT_READ = 0x1
+PROT_WRITE = 0x2
+MAP_PRIVATE = 0x02
+MAP_ANONYMOUS = 0x20
+_MAP_FAILED = _ffi.cast("void *", -1)
+
+# include/uapi/asm-generic/mman-common.h
+MADV_DONTNEED = 4
+MADV_MERGEABLE = 12    # 2.6.32
+MADV_UNMERGEABLE = 13  # 2.6.32
+MADV_HUGEPAGE = 14
+MADV_NOHUGEPAGE = 15
+ADVICE = {
+    "mergeable": MADV_MERGEABLE,
+    "unmergeable": MADV_UNMERGEABLE,
+    "dontneed": MADV_DONTNEED,
+    "hugepage": MADV_HUGEPAGE,
+    "nohugepage": MADV_NOHUGEPAGE,
+}
+
+# include/uapi/linux/prctl.h
+PR_SET_PDEATHSIG = 1
+PR_SET_CHILD_SUBREAPER = 36
+PR_SET_MEMORY_MERGE = 67  # 6.4, d7597f59d1d3
+PR_GET_MEMORY_MERGE = 68
+
+
+def _fail(call: str) -> SyscallError:
+    err = _ffi.errno
+    hint = None
+    if call.startswith("prctl(PR_") and "MEMORY_MERGE" in call and err == _errno.EINVAL:
+        hint = "this kernel has no PR_SET_MEMORY_MERGE (added in 6.4) or no CONFIG_KSM"
+    elif call.startswith("madvise") and err == _errno.EINVAL:
+        hint = "the kernel may lack CONFIG_KSM or CONFIG_TRANSPARENT_HUGEPAGE for this advice"
+    elif err == _errno.ENOMEM:
+        hint = "not enough memory, or the range is not mapped"
+    return SyscallError(call, err, hint=hint)
+
+
+class Region:
+    """A private anonymous mapping, owned by this process until unmapped."""
+
+    def __init__(self, npages: int):
+        if npages < 1:
+            raise ValueError("a region needs at least one page")
+        self.npages = npages
+        self.length = npages * PAGE_SIZE
+        ptr = _libc.mmap(_ffi.NULL, self.length, PROT_READ | PROT_WRITE,
+                         MAP_PRIVATE | MAP_ANONYMOUS, -1, 0)
+        if ptr == _MAP_FAILED:
+            raise _fail(f"mmap({self.length} bytes, MAP_PRIVATE|MAP_ANONYMOUS)")
+        self._ptr = _ffi.cast("char *", ptr)
+        self.addr = int(_ffi.cast("unsigned long", ptr))
+        self._view = np.frombuffer(_ffi.buffer(ptr, self.length), dtype=np.uint8)
+
+    @property
+    def mapped(self) -> bool:
+        return self._ptr is not None
+
+    def _check(self, first: int, end: int) -> None:
+        if self._ptr is None:
+            raise ValueError("region is unmapped")
+        if not 0 <= first < end <= self.npages:
+            raise ValueError(f"page range [{first}, {end}) outside region of {self.npages} pages")
+
+    def madvise(self, advice: str, first: int = 0, end: int | None = None) -> None:
+        end = self.npages if end is None else end
+        self._check(first, end)
+        ret = _libc.madvise(self._ptr + first * PAGE_SIZE, (end - first) * PAGE_SIZE, ADVICE[advice])
+        if ret != 0:
+            raise _fail(f"madvise({hex(self.addr + first * PAGE_SIZE)}, "
+                        f"{end - first} pages, MADV_{advice.upper()})")
+
+    def write_pages(self, first: int, pages: np.ndarray) -> None:
+        """Write ``pages`` (n x PAGE_SIZE bytes) starting at page ``first``.
+
+        Every page is written in full, so every page takes a write fault even
+        when its content does not change.
+        """
+        n = pages.shape[0]
+        self._check(first, first + n)
+        dst = self._view[first * PAGE_SIZE:(first + n) * PAGE_SIZE].reshape(n, PAGE_SIZE)
+        np.copyto(dst, pages)
+
+    def read_pages(self, first: int = 0, end: int | None = None) -> int:
+        """Read one byte of each page (a read fault per never-touched page)."""
+        end = self.npages if end is None else end
+        self._check(first, end)
+        return int(self._view[first * PAGE_SIZE:end * PAGE_SIZE:PAGE_SIZE].sum())
+
+    def page_bytes(self, index: int) -> bytes:
+        self._check(index, index + 1)
+        return self._view[index * PAGE_SIZE:(index + 1) * PAGE_SIZE].tobytes()
+
+    def munmap(self) -> None:
+        if self._ptr is None:
+            return
+        self._view = None
+        if _libc.munmap(self._ptr, self.length) != 0:
+            raise _fail(f"munmap({hex(self.addr)}, {self.npages} pages)")
+        self._ptr = None
+
+
+def prctl_set_memory_merge(enable: bool) -> None:
+    if _libc.prctl(PR_SET_MEMORY_MERGE, 1 if enable else 0, 0, 0, 0) != 0:
+        raise _fail(f"prctl(PR_SET_MEMORY_MERGE, {int(enable)})")
+
+
+def prctl_get_memory_merge() -> int:
+    ret = _libc.prctl(PR_GET_MEMORY_MERGE, 0, 0, 0, 0)
+    if ret < 0:
+        raise _fail("prctl(PR_GET_MEMORY_MERGE)")
+    return ret
+
+
+def prctl_set_pdeathsig(signum: int) -> None:
+    if _libc.prctl(PR_SET_PDEATHSIG, signum, 0, 0, 0) != 0:
+        raise _fail(f"prctl(PR_SET_PDEATHSIG, {signum})")
+
+
+def prctl_set_child_subreaper() -> None:
+    if _libc.prctl(PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0) != 0:
+        raise _fail("prctl(PR_SET_CHILD_SUBREAPER, 1)")
+
+
+def madvise_range(addr: int, length: int, advice: str) -> None:
+    """madvise on an address range that is not a :class:`Region` (e.g. from smaps)."""
+    ret = _libc.madvise(_ffi.cast("void *", addr), length, ADVICE[advice])
+    if ret != 0:
+        raise _fail(f"madvise({hex(addr)}, {length} bytes, MADV_{advice.upper()})")

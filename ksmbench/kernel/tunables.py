@@ -1,0 +1,238 @@
+"""The one undo mechanism for KSM tunables, with an on-disk journal.
+
+Every write to /sys/kernel/mm/ksm goes through :class:`TunableChanges`
+(modelled on pytest's monkeypatch): the first change of a tunable records its
+previous value, in memory and in a journal file (fsync'd before the write), and
+:meth:`TunableChanges.restore` writes every previous value back, on success,
+on exceptions, on Ctrl-C and on SIGTERM (turned into an exception by
+:func:`signals_as_exceptions`).  A SIGKILL cannot be caught: the journal stays
+behind, and the next invocation's :func:`repair` restores what it records and
+says so.
+
+The journal lives in ``$KSMBENCH_STATE_DIR`` (default ``/run/ksmbench``).
+``/run`` is a tmpfs: after a reboot the tunables are back at their defaults and
+the journal is gone with them, which is exactly right.  A journal from an
+earlier boot (its boot_id differs) is discarded, never applied.
+"""
+
+from __future__ import annotations
+
+import errno
+import json
+import os
+import signal
+import time
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Iterator
+
+from ..errors import KsmbenchError, KernelIOError, os_boundary
+from .sysfs import KsmSysfs
+
+JOURNAL_NAME = "tunables.journal.json"
+#: tunables that the kernel refuses to change while KSM pages exist (-EBUSY)
+_NEED_NO_KSM_PAGES = ("max_page_sharing", "merge_across_nodes")
+
+
+class Terminated(KeyboardInterrupt):
+    """SIGTERM, delivered as an exception so that cleanup code runs."""
+
+    def __init__(self, signum: int):
+        super().__init__(f"terminated by {signal.Signals(signum).name}")
+        self.signum = signum
+
+
+@contextmanager
+def signals_as_exceptions() -> Iterator[None]:
+    """Raise :class:`Terminated` on SIGTERM (SIGINT already raises)."""
+    import threading
+
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def handler(signum, frame):
+        raise Terminated(signum)
+
+    previous = signal.signal(signal.SIGTERM, handler)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+def state_dir() -> Path:
+    return Path(os.environ.get("KSMBENCH_STATE_DIR", "/run/ksmbench"))
+
+
+def boot_id() -> str:
+    try:
+        return Path("/proc/sys/kernel/random/boot_id").read_text().strip()
+    except OSError:
+        return "unknown"
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+class Journal:
+    """What a run changed, on disk, so that a killed run can be repaired."""
+
+    def __init__(self, path: Path, sysfs_root: str):
+        self.path = path
+        self.sysfs_root = sysfs_root
+
+    def write(self, originals: list[tuple[str, str]]) -> None:
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        record = {
+            "pid": os.getpid(),
+            "boot_id": boot_id(),
+            "sysfs": self.sysfs_root,
+            "written_at": time.time(),
+            "originals": originals,
+        }
+        tmp = self.path.with_suffix(".tmp")
+        with os_boundary(f"writing the tunables journal {self.path}"):
+            with open(tmp, "w") as f:
+                json.dump(record, f)
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(tmp, self.path)
+
+    def read(self) -> dict | None:
+        try:
+            return json.loads(self.path.read_text())
+        except FileNotFoundError:
+            return None
+        except (OSError, ValueError):
+            return {"corrupt": True}
+
+    def remove(self) -> None:
+        try:
+            self.path.unlink()
+        except FileNotFoundError:
+            pass
+
+
+class TunableChanges:
+    """Undo stack for KSM tunables (use as a context manager)."""
+
+    def __init__(self, sysfs: KsmSysfs, journal_dir: Path | None = None):
+        self.sysfs = sysfs
+        self.journal = Journal((journal_dir or state_dir()) / JOURNAL_NAME, str(sysfs.root))
+        #: (name, previous value) in the order of first change
+        self.originals: list[tuple[str, str]] = []
+        self._saved: set[str] = set()
+
+    def __enter__(self) -> "TunableChanges":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.restore()
+
+    @property
+    def changed(self) -> bool:
+        return bool(self.originals)
+
+    def set(self, name: str, value: str | int | bool) -> None:
+        """Write a tunable, remembering its previous value first."""
+        text = str(int(value)) if isinstance(value, bool) else str(value)
+        current = self.sysfs.tunable(name)
+        if current is None:
+            raise KernelIOError(f"setting KSM tunable {name}: this kernel has no "
+                                f"{self.sysfs.root / name}", None)
+        if name not in self._saved:
+            self.originals.append((name, current))
+            self._saved.add(name)
+            self.journal.write(self.originals)
+        if current != text:
+            _write(self.sysfs, name, text)
+
+    def get(self, name: str) -> str | None:
+        return self.sysfs.tunable(name)
+
+    def restore(self) -> None:
+        """Write back every previous value; the journal goes once all are back."""
+        if not self.originals:
+            self.journal.remove()
+            return
+        restore_values(self.sysfs, self.originals)
+        self.originals = []
+        self._saved = set()
+        self.journal.remove()
+
+
+def _write(sysfs: KsmSysfs, name: str, text: str) -> None:
+    path = sysfs.root / name
+    with os_boundary(f"writing {text} to {path}"):
+        with open(path, "w") as f:
+            f.write(text)
+
+
+def restore_values(sysfs: KsmSysfs, originals: list[tuple[str, str]]) -> None:
+    """Put tunables back, in an order the kernel accepts.
+
+    * ``run`` goes last, so that a previously running ksmd restarts with its
+      own settings, and first becomes 2 if a tunable needs it: the kernel
+      refuses max_page_sharing and merge_across_nodes with -EBUSY while KSM
+      pages exist (mm/ksm.c, max_page_sharing_store()).
+    * Others go back in reverse order of change: advisor_mode (6.8) was
+      switched to "none" before pages_to_scan was written, so pages_to_scan
+      is restored while the advisor still lets it be written.
+    """
+    failures: list[str] = []
+    run_original = None
+    for name, value in reversed(originals):
+        if name == "run":
+            run_original = value
+            continue
+        if sysfs.tunable(name) == value:
+            continue
+        try:
+            _write(sysfs, name, value)
+        except KernelIOError as exc:
+            if exc.errno == errno.EBUSY and name in _NEED_NO_KSM_PAGES:
+                _write(sysfs, "run", "2")
+                _write(sysfs, name, value)
+            else:
+                failures.append(f"{name}={value} ({exc.message})")
+        except KsmbenchError as exc:
+            failures.append(f"{name}={value} ({exc.message})")
+    if run_original is not None and sysfs.tunable("run") != run_original:
+        _write(sysfs, "run", run_original)
+    wrong = [f"{n} is {sysfs.tunable(n)}, was {v}" for n, v in originals
+             if n != "advisor_mode" and sysfs.tunable(n) != v
+             and not (n == "pages_to_scan" and sysfs.tunable("advisor_mode") == "scan-time")]
+    if failures or wrong:
+        raise KernelIOError("restoring KSM tunables: " + "; ".join(failures + wrong), None,
+                            hint=f"set them by hand in {sysfs.root}")
+
+
+def repair(sysfs: KsmSysfs, journal_dir: Path | None = None) -> str | None:
+    """Restore what a killed run left changed; returns a message, or None."""
+    journal = Journal((journal_dir or state_dir()) / JOURNAL_NAME, str(sysfs.root))
+    record = journal.read()
+    if record is None:
+        return None
+    if record.get("corrupt"):
+        journal.remove()
+        return f"discarded an unreadable tunables journal ({journal.path})"
+    if record.get("boot_id") != boot_id():
+        journal.remove()
+        return "discarded a tunables journal from an earlier boot (the tunables reset at boot)"
+    pid = int(record.get("pid", 0))
+    if pid and pid != os.getpid() and _pid_alive(pid):
+        return None  # that run is alive; the run lock keeps us away from it
+    originals = [tuple(item) for item in record.get("originals", [])]
+    restore_values(KsmSysfs(record.get("sysfs", str(sysfs.root))), originals)
+    journal.remove()
+    shown = ", ".join(f"{n}={v}" for n, v in originals)
+    return (f"restored KSM tunables that ksmbench run (pid {pid}) left changed when it was "
+            f"killed: {shown}")

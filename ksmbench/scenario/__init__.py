@@ -1,0 +1,69 @@
+"""The v1 scenario format: model, loading/validation, patterns, built-in suite."""
+
+from __future__ import annotations
+
+from importlib import resources
+from pathlib import Path
+
+from ..errors import ScenarioError
+from .loader import load_scenario, parse_scenario
+from .model import Scenario
+
+__all__ = ["Scenario", "load_scenario", "parse_scenario", "builtin_suite",
+           "builtin_names", "resolve_scenarios"]
+
+
+def _suite_dir():
+    return resources.files(__package__) / "suite"
+
+
+def builtin_names() -> list[str]:
+    return sorted(p.name[:-5] for p in _suite_dir().iterdir() if p.name.endswith(".toml"))
+
+
+def builtin(name: str) -> Scenario:
+    entry = _suite_dir() / f"{name}.toml"
+    if not entry.is_file():
+        raise ScenarioError(name, "no such built-in scenario "
+                            f"(built-in: {', '.join(builtin_names())})")
+    return parse_scenario(entry.read_text(encoding="utf-8"), source=f"<suite>/{name}.toml")
+
+
+def builtin_suite() -> list[Scenario]:
+    return [builtin(name) for name in builtin_names()]
+
+
+def resolve_scenarios(args: list[str]) -> list[Scenario]:
+    """Scenario arguments -> scenarios.  No arguments: the whole built-in suite.
+
+    An argument is a file path, a directory of ``*.toml`` files, or the name
+    of a built-in scenario.  ``scenarios/<name>.toml`` that does not exist as a
+    file names the built-in scenario ``<name>``, so the README's examples work
+    from any directory.
+    """
+    if not args:
+        return builtin_suite()
+    out: list[Scenario] = []
+    for arg in args:
+        path = Path(arg)
+        if path.is_dir():
+            files = sorted(path.glob("*.toml"))
+            if not files:
+                raise ScenarioError(arg, "directory holds no *.toml scenario files")
+            out.extend(load_scenario(f) for f in files)
+        elif path.exists():
+            out.append(load_scenario(path))
+        elif path.suffix == ".toml" and path.stem in builtin_names():
+            out.append(builtin(path.stem))
+        elif path.suffix != ".toml" and arg in builtin_names():
+            out.append(builtin(arg))
+        else:
+            raise ScenarioError(arg, "no such file, and no built-in scenario of that name "
+                                f"(built-in: {', '.join(builtin_names())})")
+    seen: set[str] = set()
+    for s in out:
+        if s.name in seen:
+            raise ScenarioError(s.source, f"scenario name '{s.name}' appears twice in this run",
+                                field="name")
+        seen.add(s.name)
+    return out

@@ -1,0 +1,314 @@
+"""Loading and validating v1 scenario files.
+
+Every problem becomes one :class:`~ksmbench.errors.ScenarioError` naming the
+file, the 0-based step index and the field.  Validation also walks the steps
+in order, tracking which processes and regions exist, so that a step using a
+region that was never mapped (or a process that already exited) is refused
+before anything runs.
+"""
+
+from __future__ import annotations
+
+import re
+import tomllib
+from pathlib import Path
+from typing import Any
+
+from ..errors import ScenarioError
+from ..metrics import parse_metric
+from . import model as m
+from .patterns import parse_pattern
+
+NAME_RE = re.compile(r"[a-z0-9-]+\Z")
+IDENT_RE = re.compile(r"[A-Za-z0-9_-]+\Z")
+
+_KSM_FIELDS = {
+    "use_zero_pages": bool,
+    "max_page_sharing": int,
+    "smart_scan": bool,
+    "merge_across_nodes": bool,
+}
+_TOP_FIELDS = {"name", "description", "ksm", "step"}
+#: fields each op accepts besides ``op`` and ``proc``: name -> required?
+_OP_FIELDS: dict[str, dict[str, bool]] = {
+    "mmap": {"region": True, "pages": True, "thp": False},
+    "fill": {"region": True, "range": False, "pattern": True},
+    "read": {"region": True, "range": False},
+    "madvise": {"region": True, "range": False, "advice": True},
+    "prctl": {"merge": True},
+    "scan": {"count": True},
+    "unmerge_all": {},
+    "fork": {"child": True},
+    "exit": {},
+    "munmap": {"region": True},
+}
+#: how an expected value says "the kernel must not provide this counter"
+ABSENT_WORDS = ("none", "absent", "null")
+
+
+def load_scenario(path: str | Path, *, source: str | None = None) -> m.Scenario:
+    """Read and validate one scenario file."""
+    path = Path(path)
+    label = source or str(path)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise ScenarioError(label, "no such file") from None
+    except IsADirectoryError:
+        raise ScenarioError(label, "is a directory, not a scenario file") from None
+    except UnicodeDecodeError as exc:
+        raise ScenarioError(label, f"not UTF-8 text ({exc.reason} at byte {exc.start})") from None
+    except OSError as exc:
+        raise ScenarioError(label, f"cannot be read: {exc.strerror}") from None
+    return parse_scenario(text, source=label)
+
+
+def parse_scenario(text: str, *, source: str = "<string>") -> m.Scenario:
+    """Parse and validate scenario TOML text."""
+    try:
+        data = tomllib.loads(text)
+    except tomllib.TOMLDecodeError as exc:
+        raise ScenarioError(source, f"not valid TOML: {exc}") from None
+    return scenario_from_dict(data, source=source)
+
+
+def scenario_from_dict(data: dict[str, Any], *, source: str = "<dict>") -> m.Scenario:
+    if not isinstance(data, dict):
+        raise ScenarioError(source, "the top level must be a table")
+    unknown = sorted(set(data) - _TOP_FIELDS)
+    if unknown:
+        raise ScenarioError(source, f"unknown top-level key '{unknown[0]}' "
+                            f"(allowed: {', '.join(sorted(_TOP_FIELDS))})", field=unknown[0])
+    name = data.get("name")
+    if name is None:
+        raise ScenarioError(source, "missing required key", field="name")
+    if not isinstance(name, str) or not NAME_RE.match(name):
+        raise ScenarioError(source, f"must match [a-z0-9-]+, got {name!r}", field="name")
+    description = data.get("description", "")
+    if not isinstance(description, str):
+        raise ScenarioError(source, "must be a string", field="description")
+    ksm = _parse_ksm(data.get("ksm", {}), source)
+    raw_steps = data.get("step")
+    if raw_steps is None:
+        raise ScenarioError(source, "no steps: add at least one [[step]] table", field="step")
+    if not isinstance(raw_steps, list) or not all(isinstance(s, dict) for s in raw_steps):
+        raise ScenarioError(source, "must be an array of tables ([[step]])", field="step")
+    if not raw_steps:
+        raise ScenarioError(source, "no steps: add at least one [[step]] table", field="step")
+    validator = _StepValidator(source)
+    steps = tuple(validator.step(i, raw) for i, raw in enumerate(raw_steps))
+    return m.Scenario(name=name, description=description, ksm=ksm, steps=steps,
+                      source=source, region_pages=dict(validator.all_regions))
+
+
+def _parse_ksm(raw: Any, source: str) -> m.KsmSettings:
+    if not isinstance(raw, dict):
+        raise ScenarioError(source, "must be a table", field="ksm")
+    values: dict[str, Any] = {}
+    for key, value in raw.items():
+        want = _KSM_FIELDS.get(key)
+        if want is None:
+            raise ScenarioError(source, f"unknown tunable (allowed: {', '.join(_KSM_FIELDS)})",
+                                field=f"ksm.{key}")
+        if not _is_type(value, want):
+            raise ScenarioError(source, f"must be {_type_word(want)}, got {value!r}",
+                                field=f"ksm.{key}")
+        values[key] = value
+    if values.get("max_page_sharing", 256) < 2:
+        raise ScenarioError(source, "must be at least 2 (the kernel refuses smaller values)",
+                            field="ksm.max_page_sharing")
+    return m.KsmSettings(**values)
+
+
+def _is_type(value: Any, want: type) -> bool:
+    if want is int:
+        return isinstance(value, int) and not isinstance(value, bool)
+    return isinstance(value, want)
+
+
+def _type_word(want: type) -> str:
+    return {bool: "true or false", int: "an integer", str: "a string"}[want]
+
+
+class _StepValidator:
+    """Checks steps in order against the processes and regions that exist."""
+
+    def __init__(self, source: str):
+        self.source = source
+        #: live processes -> their regions (name -> pages)
+        self.procs: dict[str, dict[str, int]] = {m.MAIN: {}}
+        self.ever_procs: set[str] = {m.MAIN}
+        self.all_regions: dict[tuple[str, str], int] = {}
+
+    def fail(self, index: int, message: str, fieldname: str | None = None) -> ScenarioError:
+        return ScenarioError(self.source, message, step=index, field=fieldname)
+
+    def step(self, index: int, raw: dict[str, Any]) -> m.AnyStep:
+        op = raw.get("op")
+        if op is None:
+            raise self.fail(index, "missing required key", "op")
+        if not isinstance(op, str) or (op not in _OP_FIELDS and op != "expect"):
+            raise self.fail(index, f"unknown op {op!r} (known: {', '.join(m.OPS)})", "op")
+        proc = raw.get("proc", m.MAIN)
+        if not isinstance(proc, str) or not IDENT_RE.match(proc):
+            raise self.fail(index, f"must be a process name ([A-Za-z0-9_-]+), got {proc!r}", "proc")
+        if op == "expect":
+            return self._expect(index, proc, raw)
+        fields = _OP_FIELDS[op]
+        for key in raw:
+            if key not in fields and key not in ("op", "proc"):
+                allowed = ", ".join(["op", "proc", *fields]) 
+                raise self.fail(index, f"unknown field for op '{op}' (allowed: {allowed})", key)
+        for key, required in fields.items():
+            if required and key not in raw:
+                raise self.fail(index, f"op '{op}' needs this field", key)
+        if op not in ("scan", "unmerge_all"):
+            self._need_proc(index, proc)
+        return getattr(self, "_" + op)(index, proc, raw)
+
+    # -- helpers ---------------------------------------------------------
+    def _need_proc(self, index: int, proc: str) -> None:
+        if proc not in self.procs:
+            why = "has exited" if proc in self.ever_procs else "does not exist (create it with fork)"
+            raise self.fail(index, f"process '{proc}' {why}", "proc")
+
+    def _region(self, index: int, proc: str, raw: dict[str, Any]) -> tuple[str, int]:
+        region = raw["region"]
+        if not isinstance(region, str) or not IDENT_RE.match(region):
+            raise self.fail(index, f"must be a region name ([A-Za-z0-9_-]+), got {region!r}", "region")
+        pages = self.procs[proc].get(region)
+        if pages is None:
+            raise self.fail(index, f"region '{region}' is not mapped in process '{proc}'", "region")
+        return region, pages
+
+    def _range(self, index: int, raw: dict[str, Any], pages: int) -> tuple[int, int]:
+        if "range" not in raw:
+            return 0, pages
+        rng = raw["range"]
+        if (not isinstance(rng, list) or len(rng) != 2
+                or not all(_is_type(v, int) for v in rng)):
+            raise self.fail(index, f"must be [first, end] (two integers), got {rng!r}", "range")
+        first, end = rng
+        if not 0 <= first < end <= pages:
+            raise self.fail(index, f"[{first}, {end}) is not a non-empty range "
+                            f"within the region's {pages} pages", "range")
+        return first, end
+
+    def _typed(self, index: int, raw: dict[str, Any], key: str, want: type) -> Any:
+        value = raw[key]
+        if not _is_type(value, want):
+            raise self.fail(index, f"must be {_type_word(want)}, got {value!r}", key)
+        return value
+
+    # -- ops -------------------------------------------------------------
+    def _mmap(self, index, proc, raw):
+        region = raw["region"]
+        if not isinstance(region, str) or not IDENT_RE.match(region):
+            raise self.fail(index, f"must be a region name ([A-Za-z0-9_-]+), got {region!r}", "region")
+        if region in self.procs[proc]:
+            raise self.fail(index, f"region '{region}' is already mapped in process '{proc}'", "region")
+        pages = self._typed(index, raw, "pages", int)
+        if pages < 1:
+            raise self.fail(index, f"must be at least 1, got {pages}", "pages")
+        thp = self._typed(index, raw, "thp", bool) if "thp" in raw else False
+        self.procs[proc][region] = pages
+        self.all_regions[(proc, region)] = max(pages, self.all_regions.get((proc, region), 0))
+        return m.Mmap(index, proc, region, pages, thp)
+
+    def _fill(self, index, proc, raw):
+        region, pages = self._region(index, proc, raw)
+        first, end = self._range(index, raw, pages)
+        try:
+            pattern = parse_pattern(raw["pattern"])
+        except ValueError as exc:
+            raise self.fail(index, str(exc), "pattern") from None
+        return m.Fill(index, proc, region, first, end, pattern)
+
+    def _read(self, index, proc, raw):
+        region, pages = self._region(index, proc, raw)
+        first, end = self._range(index, raw, pages)
+        return m.Read(index, proc, region, first, end)
+
+    def _madvise(self, index, proc, raw):
+        region, pages = self._region(index, proc, raw)
+        first, end = self._range(index, raw, pages)
+        advice = raw["advice"]
+        if advice not in m.ADVICES:
+            raise self.fail(index, f"unknown advice {advice!r} (known: {', '.join(m.ADVICES)})", "advice")
+        return m.Madvise(index, proc, region, first, end, advice)
+
+    def _prctl(self, index, proc, raw):
+        return m.Prctl(index, proc, self._typed(index, raw, "merge", bool))
+
+    def _scan(self, index, proc, raw):
+        count = self._typed(index, raw, "count", int)
+        if count < 1:
+            raise self.fail(index, f"must be at least 1, got {count}", "count")
+        return m.Scan(index, proc, count)
+
+    def _unmerge_all(self, index, proc, raw):
+        return m.UnmergeAll(index, proc)
+
+    def _fork(self, index, proc, raw):
+        child = raw["child"]
+        if not isinstance(child, str) or not IDENT_RE.match(child):
+            raise self.fail(index, f"must be a process name ([A-Za-z0-9_-]+), got {child!r}", "child")
+        if child in self.ever_procs:
+            raise self.fail(index, f"process name '{child}' is already used in this scenario", "child")
+        self.procs[child] = dict(self.procs[proc])
+        self.ever_procs.add(child)
+        for region, pages in self.procs[child].items():
+            self.all_regions[(child, region)] = pages
+        return m.Fork(index, proc, child)
+
+    def _exit(self, index, proc, raw):
+        del self.procs[proc]
+        return m.Exit(index, proc)
+
+    def _munmap(self, index, proc, raw):
+        region, _ = self._region(index, proc, raw)
+        del self.procs[proc][region]
+        return m.Munmap(index, proc, region)
+
+    def _expect(self, index, proc, raw):
+        table: dict[str, Any] = {}
+        for key, value in raw.items():
+            if key in ("op", "proc"):
+                continue
+            if key in ("values", "metrics") and isinstance(value, dict):
+                _flatten(value, "", table)
+            elif isinstance(value, dict):
+                _flatten(value, key + ".", table)
+            else:
+                table[key] = value
+        if not table:
+            raise self.fail(index, "op 'expect' needs at least one metric = value", "op")
+        values: list[tuple[str, int | None]] = []
+        for metric, value in table.items():
+            try:
+                parsed = parse_metric(metric)
+            except ValueError as exc:
+                raise self.fail(index, str(exc), metric) from None
+            if parsed.proc is not None and parsed.proc not in self.procs:
+                raise self.fail(index, f"process '{parsed.proc}' is not running at this step", metric)
+            if parsed.region is not None and parsed.region not in self.procs[parsed.proc]:
+                raise self.fail(index, f"region '{parsed.region}' is not mapped in "
+                                f"process '{parsed.proc}' at this step", metric)
+            if isinstance(value, str) and value.lower() in ABSENT_WORDS:
+                values.append((metric, None))
+            elif _is_type(value, int):
+                values.append((metric, value))
+            elif isinstance(value, bool):
+                values.append((metric, int(value)))
+            else:
+                raise self.fail(index, f"expected value must be an integer or \"none\", got {value!r}",
+                                metric)
+        return m.Expect(index, proc, tuple(values))
+
+
+def _flatten(table: dict[str, Any], prefix: str, out: dict[str, Any]) -> None:
+    for key, value in table.items():
+        if isinstance(value, dict):
+            _flatten(value, f"{prefix}{key}.", out)
+        else:
+            out[prefix + key] = value
