@@ -138,6 +138,8 @@ def cmd_run(args: argparse.Namespace) -> int:
     kernels = args.kernel or ["host"]
     backends = [resolve_backend(k, memory=args.memory, cpus=args.cpus, accel=args.accel,
                                 modules=args.modules) for k in kernels]
+    for backend in backends:
+        getattr(backend, "preflight", lambda: None)()
     predictor = _predictor()
     if predictor is not None and args.profile != "auto":
         predictor.check_profile(args.profile)

@@ -335,6 +335,10 @@ class HostBackend:
     def __init__(self, label: str = "host"):
         self.label = label
 
+    def preflight(self) -> None:
+        """Fail fast (before locks and run directories) when the host cannot be used."""
+        check_host_access(KsmSysfs())
+
     def events(self, scenarios: Sequence[m.Scenario]) -> Iterator[Event]:
         from ..kernel.features import kernel_release
 

@@ -1,0 +1,113 @@
+"""Faults during a real run on the host: SIGINT/SIGTERM mid-scan restore the
+tunables and keep results (exit 2); SIGKILL leaves a journal that the next run
+repairs and reports; no agent process outlives its run."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import psutil
+import pytest
+
+from conftest import host_ksm_usable
+from ksmbench.kernel.sysfs import KsmSysfs
+
+pytestmark = [pytest.mark.root, pytest.mark.slow,
+              pytest.mark.skipif(not host_ksm_usable(), reason="needs root and a writable KSM sysfs")]
+
+KSMBENCH = [sys.executable, "-m", "ksmbench.cli"]
+LONG = """
+name = "long-scans"
+[ksm]
+use_zero_pages = true
+[[step]]
+op = "mmap"
+region = "a"
+pages = 65536
+[[step]]
+op = "fill"
+region = "a"
+range = [0, 32768]
+pattern = "cycle:long:64"
+[[step]]
+op = "fill"
+region = "a"
+range = [32768, 65536]
+pattern = "unique"
+[[step]]
+op = "madvise"
+region = "a"
+advice = "mergeable"
+[[step]]
+op = "scan"
+count = 400
+"""
+
+
+def agents_of(pid: int) -> list[psutil.Process]:
+    found = []
+    for p in psutil.process_iter(["cmdline"]):
+        cmd = p.info["cmdline"] or []
+        if "ksmbench.backends.agent" in cmd:
+            found.append(p)
+    return found
+
+
+def start_long_run(tmp_path: Path) -> tuple[subprocess.Popen, Path]:
+    scenario = tmp_path / "long.toml"
+    scenario.write_text(LONG)
+    out = tmp_path / "out"
+    proc = subprocess.Popen([*KSMBENCH, "run", "--wait", "900", "--out", str(out), str(scenario)],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 900
+    while time.monotonic() < deadline:  # until some scans have been observed
+        csvs = list(out.glob("*/observations.csv"))
+        if csvs and ",scan,3," in csvs[0].read_text():
+            return proc, csvs[0].parent
+        if proc.poll() is not None:
+            raise AssertionError(proc.communicate())
+        time.sleep(0.05)
+    proc.kill()
+    raise AssertionError("the run never reached scan 3")
+
+
+def wait_agents_gone(timeout: float = 30) -> None:
+    deadline = time.monotonic() + timeout
+    while agents_of(0) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert not agents_of(0), "agent processes outlived their run"
+
+
+@pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM])
+def test_signal_during_scans_restores_and_keeps_results(tmp_path, signum):
+    before = KsmSysfs().tunables()
+    proc, rundir = start_long_run(tmp_path)
+    proc.send_signal(signum)
+    out, err = proc.communicate(timeout=120)
+    assert proc.returncode == 2, (out, err)
+    assert "Traceback" not in err
+    assert "restored" in err and "results so far are kept" in err
+    assert KsmSysfs().tunables() == before
+    rows = (rundir / "observations.csv").read_text().splitlines()
+    assert any(",scan,3," in line for line in rows)
+    wait_agents_gone()
+
+
+def test_sigkill_is_repaired_by_the_next_run(tmp_path):
+    before = KsmSysfs().tunables()
+    proc, _ = start_long_run(tmp_path)
+    proc.kill()
+    proc.communicate(timeout=60)
+    wait_agents_gone()  # PR_SET_PDEATHSIG and socket EOF take the agents down
+    left = KsmSysfs().tunables()
+    assert left != before  # stepping tunables are still in place
+    again = subprocess.run([*KSMBENCH, "run", "--wait", "900", "--out", str(tmp_path / "again"),
+                            "dup-below-max"], capture_output=True, text=True, timeout=900)
+    assert again.returncode in (0, 1), again.stderr
+    assert "restored KSM tunables" in again.stdout and f"pid {proc.pid}" in again.stdout
+    assert KsmSysfs().tunables() == before
