@@ -23,9 +23,24 @@ def _console(stderr: bool = False):
     return Console(stderr=stderr, highlight=False)
 
 
+#: commands whose arguments their own module parses: name -> (module, help)
+DELEGATED_HELP = {
+    "bench": ("ksmbench.bench.cli", "benchmark merge/unmerge/CoW speed and ksmd cost"),
+    "report": ("ksmbench.report.cli", "figures and an HTML report from run directories"),
+    "selftest": ("ksmbench.selftests", "run the kernel's own KSM selftests beside ksmbench"),
+}
+DELEGATED = {name: module for name, (module, _help) in DELEGATED_HELP.items()}
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
-    args = parser.parse_args(argv)
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv and argv[0] in DELEGATED:
+        # argparse's REMAINDER drops a delegated command's arguments when the
+        # first one is an option (`bench --sizes 8`): hand them over untouched
+        args = argparse.Namespace(func=_delegate(DELEGATED[argv[0]]), rest=argv[1:])
+    else:
+        args = parser.parse_args(argv)
     if not getattr(args, "func", None):
         parser.print_help()
         return 2
@@ -83,11 +98,7 @@ def build_parser() -> argparse.ArgumentParser:
     scen.add_argument("files", nargs="*", metavar="FILE")
     scen.set_defaults(func=cmd_scenarios)
 
-    for name, module, helptext in (
-        ("bench", "ksmbench.bench.cli", "benchmark merge/unmerge/CoW speed and ksmd cost"),
-        ("report", "ksmbench.report.cli", "figures and an HTML report from run directories"),
-        ("selftest", "ksmbench.selftests", "run the kernel's own KSM selftests beside ksmbench"),
-    ):
+    for name, (module, helptext) in DELEGATED_HELP.items():
         sp = sub.add_parser(name, help=helptext, add_help=False)
         sp.add_argument("rest", nargs=argparse.REMAINDER)
         sp.set_defaults(func=_delegate(module))
@@ -144,7 +155,12 @@ def cmd_run(args: argparse.Namespace) -> int:
     if predictor is not None and args.profile != "auto":
         predictor.check_profile(args.profile)
     console = _console()
-    with RunLock(timeout=args.wait):
+    # the lock guards the host's KSM; VM kernels have their own, so a run of VM
+    # kernels only does not wait for (or block) host runs
+    from contextlib import nullcontext
+
+    lock = RunLock(timeout=args.wait) if "host" in kernels else nullcontext()
+    with lock:
         rundir = RunDir(args.out)
         rundir.metadata["command"] = ["ksmbench", *sys.argv[1:]]
         rundir.metadata["scenarios"] = [s.name for s in scenarios]

@@ -102,6 +102,12 @@ def exit_status(kernels: Iterable[KernelOutcome]) -> int:
 ProgressFn = Callable[[str, str], None]  # (kernel label, message) after each point
 
 
+def _safe_label(label: str) -> str:
+    import re
+
+    return re.sub(r"[^A-Za-z0-9._-]+", "_", label).strip("_.")[-80:] or "kernel"
+
+
 class Runner:
     def __init__(self, rundir: RunDir, *, predictor: Predictor | None = None,
                  profile: str = "auto", progress: ProgressFn | None = None):
@@ -116,13 +122,23 @@ class Runner:
         by_name = {s.name: s for s in scenarios}
         predictions: dict[str, dict[tuple[int, int | None], ObservationPoint]] = {}
         current: ScenarioOutcome | None = None
+        if hasattr(backend, "artifacts_dir"):
+            # VM backends keep the guest console log and raw event stream here
+            backend.artifacts_dir = self.rundir.path / _safe_label(backend.label)
+        stream = backend.events(scenarios)
         try:
-            for event in backend.events(scenarios):
+            for event in stream:
                 if isinstance(event, BackendInfo):
-                    entry.update(event.info)
-                    outcome.info.update(event.info)
-                    if outcome.profile is None and "kernel_release" in event.info:
-                        outcome.profile = self._choose_profile(event.info.get("kernel_release"))
+                    info = dict(event.info)
+                    status = info.pop("status", None)
+                    if status is not None:  # progress only (e.g. a VM booting)
+                        self.progress(backend.label, status)
+                    if not info:
+                        continue
+                    entry.update(info)
+                    outcome.info.update(info)
+                    if outcome.profile is None and info.get("kernel_release"):
+                        outcome.profile = self._choose_profile(info.get("kernel_release"))
                         entry["emulator_profile"] = outcome.profile
                     self.rundir.write_metadata()
                 elif isinstance(event, ScenarioStarted):
@@ -150,6 +166,10 @@ class Runner:
             outcome.error = exc.one_line()
             entry["error"] = outcome.error
         finally:
+            # end the backend now (a VM is killed), not whenever the generator is collected
+            close = getattr(stream, "close", None)
+            if close is not None:
+                close()
             entry["ended_at"] = now_iso()
             entry["verdicts"] = {name: o.verdict for name, o in outcome.scenarios.items()}
             self.rundir.write_metadata()

@@ -1,0 +1,44 @@
+"""Runs inside the guest: the host backend on the guest's kernel, as a JSON-line stream.
+
+    python -m ksmbench.backends.vm.guest_events SCENARIOS.pickle EVENTS.jsonl ERROR.json LABEL
+
+The scenarios are the host's own objects (pickled: the guest runs the same
+ksmbench code from the host's read-only filesystem).  Each event the host
+backend yields is written as one JSON line and flushed at once, so the host,
+tailing the file through the shared directory, sees observations as they are
+made.  An error that ends the session (no KSM, no permission...) is written to
+ERROR.json as (kind, message, hint) for the host to re-raise; exit status 3.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import pickle
+import sys
+from pathlib import Path
+
+
+def main(argv: list[str]) -> int:
+    scenarios_path, events_path, error_path, label = argv
+    from ...errors import KsmbenchError
+    from ...observation import event_to_json
+    from ..host import HostBackend
+
+    with open(scenarios_path, "rb") as f:
+        scenarios = pickle.load(f)
+    with open(events_path, "a", buffering=1) as out:
+        try:
+            for event in HostBackend(label).events(scenarios):
+                out.write(event_to_json(event) + "\n")
+                out.flush()
+                os.fsync(out.fileno())
+        except KsmbenchError as exc:
+            Path(error_path).write_text(json.dumps(
+                {"kind": type(exc).__name__, "message": exc.message, "hint": exc.hint}))
+            return 3
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))
