@@ -184,15 +184,23 @@ def _run_one_kernel(console, rundir, backend, scenarios, predictor, profile):
 
     from .runner import Runner
 
-    total = sum(len(s.steps) - sum(1 for st in s.steps if st.op == "scan") + s.scan_count
-                for s in scenarios)
+    expected = {s.name: len(s.steps) - sum(1 for st in s.steps if st.op == "scan") + s.scan_count
+                for s in scenarios}
+    seen: dict[str, int] = {}
     with Progress(SpinnerColumn(), TextColumn("[bold]{task.fields[kernel]}"), BarColumn(),
                   MofNCompleteColumn(), TextColumn("{task.description}"), TimeElapsedColumn(),
                   console=console, transient=False) as progress:
-        task = progress.add_task("starting", total=total, kernel=backend.label)
+        task = progress.add_task("starting", total=sum(expected.values()), kernel=backend.label)
 
         def tick(kernel: str, message: str) -> None:
-            advance = 1 if ": step " in message else 0
+            name, _, what = message.partition(": ")
+            advance = 0
+            if name in expected and what.startswith("step "):
+                advance = 1
+            elif name in expected and what != "started":
+                # finished (or skipped, or failed): count the points it will not produce
+                advance = max(expected[name] - seen.get(name, 0), 0)
+            seen[name] = seen.get(name, 0) + advance
             progress.update(task, advance=advance, description=message)
 
         runner = Runner(rundir, predictor=predictor, profile=profile, progress=tick)
@@ -211,7 +219,8 @@ def _print_summary(console, outcomes, scenarios) -> None:
     table = Table(title="scenarios", show_lines=False)
     for col in ("scenario", "kernel", "points", "compared", "mismatches", "expects", "verdict", "s"):
         table.add_column(col, justify="right" if col in ("points", "compared", "mismatches", "s") else "left")
-    colours = {"match": "green", "observed": "cyan", "mismatch": "red", "error": "red"}
+    colours = {"match": "green", "observed": "cyan", "mismatch": "red", "error": "red",
+               "n/a": "dim"}
     for k in outcomes:
         for s in scenarios:
             o = k.scenarios.get(s.name)
@@ -240,6 +249,10 @@ def _print_summary(console, outcomes, scenarios) -> None:
     errors = [(k.label, o.scenario, o.error) for k in outcomes for o in k.scenarios.values() if o.error]
     for label, name, err in errors:
         console.print(f"[red]error[/red] {name} [{label}]: {err}")
+    for k in outcomes:
+        for o in k.scenarios.values():
+            if o.skipped:
+                console.print(f"[dim]not applicable[/dim] {o.scenario} [{k.label}]: {o.skipped}")
     if problems:
         console.print(f"first mismatching cells ({len(problems)} in all):")
         for mm in problems[:12]:

@@ -95,6 +95,10 @@ class VMError(KsmbenchError):
     """A virtual machine could not be set up, booted, or did not finish."""
 
 
+class NotApplicable(KsmbenchError):
+    """A scenario needs an interface this kernel does not have (not a failure)."""
+
+
 class KernelNotFound(KsmbenchError):
     """A ``--kernel`` value names no kernel that can be found or fetched."""
 

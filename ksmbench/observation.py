@@ -72,6 +72,9 @@ class ScenarioFinished:
     #: None when the scenario ran to its end; else one line saying what failed
     error: str | None = None
     seconds: float = 0.0
+    #: why the scenario was not run on this kernel (it lacks an interface the
+    #: scenario needs, e.g. PR_SET_MEMORY_MERGE before 6.4); not an error
+    skipped: str | None = None
 
 
 @dataclass(frozen=True)

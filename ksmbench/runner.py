@@ -65,11 +65,14 @@ class ScenarioOutcome:
     expect_checked: int = 0
     expect_failures: list[Mismatch] = field(default_factory=list)
     error: str | None = None
+    skipped: str | None = None
     seconds: float = 0.0
     finished: bool = False
 
     @property
     def verdict(self) -> str:
+        if self.skipped:
+            return "n/a"
         if self.error or not self.finished:
             return "error"
         if self.mismatches or self.expect_failures:
@@ -159,6 +162,7 @@ class Runner:
                     done = outcome.scenarios.setdefault(
                         event.scenario, ScenarioOutcome(event.scenario, backend.label))
                     done.error = event.error
+                    done.skipped = event.skipped
                     done.seconds = event.seconds
                     done.finished = event.error is None
                     self.progress(backend.label, f"{event.scenario}: {done.verdict}")

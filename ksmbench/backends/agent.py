@@ -26,6 +26,7 @@ import signal
 import socket
 import struct
 import sys
+import time
 from typing import Any
 
 from ..errors import KsmbenchError, SyscallError
@@ -34,6 +35,16 @@ from ..kernel.procfs import FrameReader, ProcFS
 from ..scenario.patterns import FillId, fill_pages, parse_pattern
 
 _HEADER = struct.Struct("!I")
+#: Scenario regions are placed by us, not by the kernel: ascending addresses
+#: in creation order from this base, never reused, one unmapped guard page
+#: between regions.  The kernel's top-down placement would put a region into
+#: whatever hole the interpreter's own mappings leave (measured on 6.18: a
+#: 1-page region landed above earlier regions), and the scan order of ksmd
+#: (by address within an mm) decides which pages merge with which, so the
+#: emulator must know it.  16 TiB is far below mmap_base and above the heap.
+REGION_BASE = 0x1000_0000_0000
+#: THP regions start on a PMD (2 MiB) boundary so that they can get huge pages
+_PMD_SIZE = 2 << 20
 #: regions are filled in chunks so a 1 GiB fill does not build 1 GiB of source
 _FILL_CHUNK_PAGES = 16384
 
@@ -82,6 +93,7 @@ class Agent:
         self._frames: FrameReader | None = None
         self._zero_pfn: int | None = None
         self._buf = bytearray(1 << 16)
+        self._next_addr = REGION_BASE  # a forked child continues from its parent's value
 
     # -- plumbing ------------------------------------------------------------
     def frames(self) -> FrameReader:
@@ -99,7 +111,7 @@ class Agent:
             fds: list[int] = []
             try:
                 result = getattr(self, "op_" + op)(*args)
-                if op == "fork":
+                if op in ("fork", "spawn"):
                     result, fds = result
                 reply = ("ok", result)
             except KsmbenchError as exc:
@@ -151,7 +163,11 @@ class Agent:
         return os.getpid()
 
     def op_mmap(self, region: str, pages: int, thp: bool) -> int:
-        r = syscalls.Region(pages)
+        addr = self._next_addr
+        if thp:
+            addr = -(-addr // _PMD_SIZE) * _PMD_SIZE
+        r = syscalls.Region(pages, addr=addr)
+        self._next_addr = addr + r.length + syscalls.PAGE_SIZE
         # THP would let a zero-filled region merge over more scans; regions are
         # NOHUGEPAGE unless the scenario asks for THP.
         r.madvise("hugepage" if thp else "nohugepage")
@@ -181,6 +197,17 @@ class Agent:
     def op_munmap(self, region: str) -> None:
         self.regions.pop(region).munmap()
 
+    def op_write_byte_per_page(self, region: str, value: int, first: int, end: int) -> None:
+        self.regions[region].write_byte_per_page(value, first, end)
+
+    def op_timed(self, op: str, *args: Any) -> int:
+        """Run another op; return the nanoseconds it took inside this process
+        (benchmarks time unmerge and CoW faults without the socket round trip)."""
+        fn = getattr(self, "op_" + op)
+        t0 = time.perf_counter_ns()
+        fn(*args)
+        return time.perf_counter_ns() - t0
+
     def op_sentinel(self) -> int:
         """Register this mm with KSM without giving ksmd anything to scan."""
         r = syscalls.Region(1)
@@ -189,14 +216,29 @@ class Agent:
         return os.getpid()
 
     def op_fork(self, child: str):
+        """A scenario's fork: the child inherits every region, and may outlive us."""
+        return self._fork(child, die_with_parent=False)
+
+    def op_spawn(self, name: str):
+        """A fresh agent forked from this pre-started one (the zygote).
+
+        Much cheaper than starting an interpreter and importing numpy, which
+        takes seconds in a TCG guest.  The zygote has no regions and never
+        touches KSM, so its children start as clean as a new process.
+        """
+        return self._fork(name, die_with_parent=True)
+
+    def _fork(self, name: str, *, die_with_parent: bool):
         mine, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
         pid = os.fork()
         if pid == 0:  # the child agent
             try:
+                if die_with_parent:
+                    syscalls.prctl_set_pdeathsig(signal.SIGKILL)
                 mine.close()
                 self.sock.close()
                 self.sock = theirs
-                self.name = child
+                self.name = name
                 if self._frames is not None:  # /proc/self/pagemap was the parent's
                     self._frames.close()
                     self._frames = None
@@ -249,6 +291,9 @@ class Agent:
 
 def main(argv: list[str]) -> int:
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the controller handles Ctrl-C
+    # children (spawned agents, scenario forks) are reaped automatically; the
+    # controller learns of their exit through a pidfd
+    signal.signal(signal.SIGCHLD, signal.SIG_IGN)
     fd, name = int(argv[1]), argv[2]
     sock = socket.socket(fileno=fd)
     Agent(sock, name).serve()

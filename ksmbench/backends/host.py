@@ -27,7 +27,7 @@ from contextlib import ExitStack
 from typing import Any, Iterator, Sequence
 
 from .. import errors
-from ..errors import Busy, KsmbenchError, PermissionNeeded, WaitTimeout
+from ..errors import Busy, KsmbenchError, NotApplicable, PermissionNeeded, WaitTimeout
 from ..kernel import syscalls
 from ..kernel.procfs import ProcFS
 from ..kernel.stepping import ScanStepper, time_scale
@@ -67,11 +67,30 @@ class AgentHandle:
         handle.call("ping", timeout=30)
         return handle
 
+    @classmethod
+    def fork_from(cls, parent: "AgentHandle", name: str, *, op: str = "spawn",
+                  timeout: float = 60.0) -> "AgentHandle":
+        """A new agent forked by ``parent``: ``spawn`` (a fresh agent from the
+        zygote) or ``fork`` (a scenario's fork, inheriting every region)."""
+        pid, fds = parent.call(op, name, timeout=timeout)
+        sock = socket.socket(fileno=fds[0])
+        child = cls(name, pid, sock)
+        sock.settimeout(30 * time_scale())
+        try:
+            hello = recv_msg(sock)
+        except (socket.timeout, EOFError, ConnectionError):
+            hello = None
+        if hello != ("ok", pid):
+            child.kill()
+            raise KsmbenchError(f"process '{name}' (pid {pid}, forked by '{parent.name}') "
+                                "did not start")
+        return child
+
     def call(self, op: str, *args: Any, timeout: float = 60.0) -> Any:
         self.sock.settimeout(timeout * time_scale())
         try:
             send_msg(self.sock, (op, *args))
-            if op == "fork":
+            if op in ("fork", "spawn"):
                 reply, fds = recv_msg_with_fds(self.sock)
             else:
                 reply, fds = recv_msg(self.sock), []
@@ -83,7 +102,7 @@ class AgentHandle:
         if reply[0] == "error":
             _, kind, message, hint = reply
             raise errors.rebuild(kind, f"process '{self.name}': {message}", hint)
-        if op == "fork":
+        if op in ("fork", "spawn"):
             return reply[1], fds
         return reply[1]
 
@@ -149,6 +168,7 @@ class HostSession:
         self.procfs = ProcFS(proc_root)
         self.changes = TunableChanges(self.sysfs)
         self.stepper = ScanStepper(self.sysfs, self.procfs, self.changes)
+        self.zygote: AgentHandle | None = None
         self.sentinel: AgentHandle | None = None
         self.agents: dict[str, AgentHandle] = {}
         self.repair_message: str | None = None
@@ -167,7 +187,9 @@ class HostSession:
             syscalls.prctl_set_child_subreaper()
             self.changes.set("run", 2)  # start clean: no rmap items, no KSM pages
             self.stepper.prepare()
-            self.sentinel = AgentHandle.spawn("__sentinel__")
+            # every agent is forked from one pre-started interpreter
+            self.zygote = AgentHandle.spawn("__zygote__")
+            self.sentinel = self.new_agent("__sentinel__")
             self.sentinel.call("sentinel")
         except BaseException:
             self._stack.close()
@@ -181,9 +203,11 @@ class HostSession:
         for agent in list(self.agents.values()):
             agent.kill()
         self.agents.clear()
-        if self.sentinel is not None:
-            self.sentinel.kill()
-            self.sentinel = None
+        for name in ("sentinel", "zygote"):
+            handle = getattr(self, name)
+            if handle is not None:
+                handle.kill()
+                setattr(self, name, None)
         _reap_orphans()
         try:
             if self.changes.changed:
@@ -192,10 +216,13 @@ class HostSession:
             self.changes.restore()
             self.tunables_after = self.sysfs.tunables()
 
+    def new_agent(self, name: str) -> AgentHandle:
+        assert self.zygote is not None, "the session is not entered"
+        return AgentHandle.fork_from(self.zygote, name, op="spawn")
+
     def check_no_other_ksm_users(self) -> None:
         mine = {a.pid for a in self.agents.values()}
-        if self.sentinel is not None:
-            mine.add(self.sentinel.pid)
+        mine |= {h.pid for h in (self.sentinel, self.zygote) if h is not None}
         others = self.procfs.mergeable_processes(exclude=mine)
         if others:
             shown = ", ".join(f"pid {pid} ({name})" for pid, name in others[:5])
@@ -226,12 +253,22 @@ class HostSession:
         if self.sysfs.has("merge_across_nodes"):  # CONFIG_NUMA only
             self.changes.set("merge_across_nodes", ksm.merge_across_nodes)
 
+    def check_applicable(self, scenario: m.Scenario) -> None:
+        """Refuse scenarios that need an interface this kernel lacks."""
+        if any(isinstance(step, m.Prctl) for step in scenario.steps):
+            from ..kernel.features import detect
+
+            if not detect(self.sysfs, self.procfs)["prctl_memory_merge"]:
+                raise NotApplicable("needs PR_SET_MEMORY_MERGE (Linux 6.4, d7597f59d1d3), "
+                                    "which this kernel lacks")
+
     def _run(self, scenario: m.Scenario) -> Iterator[ObservationPoint]:
+        self.check_applicable(scenario)
         self.check_no_other_ksm_users()
         self._apply_settings(scenario.ksm)
         baseline = {name: self.sysfs.read_int(name) for name in GLOBAL_CUMULATIVE}
         scans_at_start = self.stepper.scans_done
-        self.agents[m.MAIN] = AgentHandle.spawn(m.MAIN)
+        self.agents[m.MAIN] = self.new_agent(m.MAIN)
         order = [m.MAIN]  # processes in creation order (for stable output)
         regions: dict[str, dict[str, int]] = {m.MAIN: {}}
         budget = _call_timeout(scenario)
@@ -289,13 +326,7 @@ class HostSession:
                 agent.call("munmap", step.region, timeout=budget)
                 del regions[step.proc][step.region]
             elif isinstance(step, m.Fork):
-                pid, fds = agent.call("fork", step.child, timeout=budget)
-                sock = socket.socket(fileno=fds[0])
-                child = AgentHandle(step.child, pid, sock)
-                sock.settimeout(30 * time_scale())
-                hello = recv_msg(sock)
-                if hello != ("ok", pid):
-                    raise KsmbenchError(f"forked process '{step.child}' did not start properly")
+                child = AgentHandle.fork_from(agent, step.child, op="fork", timeout=budget)
                 self.agents[step.child] = child
                 order.append(step.child)
                 regions[step.child] = dict(regions[step.proc])
@@ -351,11 +382,13 @@ class HostBackend:
             for scenario in scenarios:
                 yield ScenarioStarted(scenario.name, len(scenario.steps), scenario.scan_count)
                 started = time.monotonic()
-                error = None
+                error = skipped = None
                 try:
                     for point in session.run(scenario):
                         yield PointObserved(scenario.name, point)
+                except NotApplicable as exc:
+                    skipped = exc.one_line()
                 except KsmbenchError as exc:
                     error = exc.one_line()
-                yield ScenarioFinished(scenario.name, error, time.monotonic() - started)
+                yield ScenarioFinished(scenario.name, error, time.monotonic() - started, skipped)
         yield BackendInfo({"ksm_tunables_after": session.tunables_after})
