@@ -37,6 +37,7 @@ PROT_READ = 0x1
 PROT_WRITE = 0x2
 MAP_PRIVATE = 0x02
 MAP_ANONYMOUS = 0x20
+MAP_FIXED_NOREPLACE = 0x100000  # 4.17; older kernels treat the address as a hint
 _MAP_FAILED = _ffi.cast("void *", -1)
 
 # include/uapi/asm-generic/mman-common.h
@@ -75,15 +76,25 @@ def _fail(call: str) -> SyscallError:
 class Region:
     """A private anonymous mapping, owned by this process until unmapped."""
 
-    def __init__(self, npages: int):
+    def __init__(self, npages: int, addr: int | None = None):
+        """``addr``: map exactly there (MAP_FIXED_NOREPLACE), else where the kernel picks."""
         if npages < 1:
             raise ValueError("a region needs at least one page")
         self.npages = npages
         self.length = npages * PAGE_SIZE
-        ptr = _libc.mmap(_ffi.NULL, self.length, PROT_READ | PROT_WRITE,
-                         MAP_PRIVATE | MAP_ANONYMOUS, -1, 0)
+        flags = MAP_PRIVATE | MAP_ANONYMOUS
+        if addr is not None:
+            flags |= MAP_FIXED_NOREPLACE
+        hint = _ffi.NULL if addr is None else _ffi.cast("void *", addr)
+        ptr = _libc.mmap(hint, self.length, PROT_READ | PROT_WRITE, flags, -1, 0)
         if ptr == _MAP_FAILED:
-            raise _fail(f"mmap({self.length} bytes, MAP_PRIVATE|MAP_ANONYMOUS)")
+            where = "" if addr is None else f" at {hex(addr)}"
+            raise _fail(f"mmap({self.length} bytes{where}, MAP_PRIVATE|MAP_ANONYMOUS)")
+        if addr is not None and int(_ffi.cast("unsigned long", ptr)) != addr:
+            _libc.munmap(ptr, self.length)
+            raise SyscallError(f"mmap({self.length} bytes at {hex(addr)}, MAP_FIXED_NOREPLACE)",
+                               _errno.EEXIST, hint="the kernel placed the mapping elsewhere "
+                               "(MAP_FIXED_NOREPLACE needs Linux 4.17)")
         self._ptr = _ffi.cast("char *", ptr)
         self.addr = int(_ffi.cast("unsigned long", ptr))
         self._view = np.frombuffer(_ffi.buffer(ptr, self.length), dtype=np.uint8)
@@ -116,6 +127,15 @@ class Region:
         self._check(first, first + n)
         dst = self._view[first * PAGE_SIZE:(first + n) * PAGE_SIZE].reshape(n, PAGE_SIZE)
         np.copyto(dst, pages)
+
+    def write_byte_per_page(self, value: int, first: int = 0, end: int | None = None) -> None:
+        """Store one byte at the start of each page in range (one write fault
+        per page that is not yet privately writable: CoW of a KSM page or of
+        the zero page, or first touch).  A strided store in C, so a timed call
+        measures the faults, not the interpreter."""
+        end = self.npages if end is None else end
+        self._check(first, end)
+        self._view[first * PAGE_SIZE:end * PAGE_SIZE:PAGE_SIZE] = value
 
     def read_pages(self, first: int = 0, end: int | None = None) -> int:
         """Read one byte of each page (a read fault per never-touched page)."""
