@@ -28,12 +28,27 @@ def host_ksm_usable() -> bool:
     return os.geteuid() == 0 and os.access(REAL_KSM / "run", os.W_OK)
 
 
+def settled_tunables() -> dict[str, str]:
+    """The host's tunables while no ksmbench run is changing them.
+
+    Read under the machine's run lock: another run (or another test session)
+    on this machine may be in the middle of stepping ksmd.
+    """
+    if not host_ksm_usable():
+        return _real_tunables()
+    from ksmbench.kernel.lock import RunLock
+    from ksmbench.kernel.tunables import state_dir
+
+    with RunLock(timeout=3600, directory=state_dir()):
+        return _real_tunables()
+
+
 @pytest.fixture(scope="session", autouse=True)
 def tunables_untouched_by_the_test_run():
     """After the whole run, real KSM tunables must be exactly as before."""
-    before = _real_tunables()
+    before = settled_tunables()
     yield
-    after = _real_tunables()
+    after = settled_tunables()
     assert after == before, f"KSM tunables changed by the test run: {before} -> {after}"
 
 

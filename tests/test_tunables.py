@@ -14,7 +14,7 @@ import time
 import pytest
 
 from ksmbench.kernel.sysfs import KsmSysfs
-from ksmbench.kernel.tunables import JOURNAL_NAME, TunableChanges, repair
+from ksmbench.kernel.tunables import TunableChanges, journals, repair
 
 
 def read_all(root):
@@ -32,13 +32,14 @@ def test_restore_on_success_puts_back_exact_values(fake_ksm, state_dir):
         ch.set("run", 1)
         assert sysfs.tunable("sleep_millisecs") == "60001"
         assert sysfs.tunable("use_zero_pages") == "1"
-        journal = json.loads((state_dir / JOURNAL_NAME).read_text())
+        (path,) = journals(state_dir)
+        journal = json.loads(path.read_text())
         # the first previous value is what is journaled, in change order
         assert journal["originals"] == [["sleep_millisecs", "37"], ["use_zero_pages", "0"],
                                         ["run", "0"]]
         assert journal["pid"] == os.getpid()
     assert read_all(fake_ksm) == before
-    assert not (state_dir / JOURNAL_NAME).exists()
+    assert not journals(state_dir)
 
 
 def test_restore_on_exception(fake_ksm, state_dir):
@@ -88,7 +89,7 @@ def test_restore_on_sigint_and_sigterm(fake_ksm, state_dir, signum):
     assert proc.returncode == 2
     assert "interrupted" in out
     assert read_all(fake_ksm) == before
-    assert not (state_dir / JOURNAL_NAME).exists()
+    assert not journals(state_dir)
 
 
 def test_sigkill_leaves_a_journal_that_the_next_run_repairs(fake_ksm, state_dir):
@@ -99,12 +100,12 @@ def test_sigkill_leaves_a_journal_that_the_next_run_repairs(fake_ksm, state_dir)
     proc.kill()
     proc.wait(timeout=20)
     assert read_all(fake_ksm) != before
-    assert (state_dir / JOURNAL_NAME).exists()
+    assert journals(state_dir)
     message = repair(KsmSysfs(fake_ksm), state_dir)
     assert message and f"pid {proc.pid}" in message and "run=0" in message
     assert "pages_to_scan=100" in message
     assert read_all(fake_ksm) == before
-    assert not (state_dir / JOURNAL_NAME).exists()
+    assert not journals(state_dir)
     assert repair(KsmSysfs(fake_ksm), state_dir) is None  # nothing left to do
 
 
@@ -121,13 +122,13 @@ def test_journal_of_a_live_run_is_left_alone(fake_ksm, state_dir):
 
 
 def test_journal_from_an_earlier_boot_is_discarded_not_applied(fake_ksm, state_dir):
-    (state_dir / JOURNAL_NAME).write_text(json.dumps({
+    (state_dir / "tunables.1.1.journal.json").write_text(json.dumps({
         "pid": 1, "boot_id": "another-boot", "sysfs": str(fake_ksm),
         "originals": [["run", "1"]]}))
     message = repair(KsmSysfs(fake_ksm), state_dir)
     assert "earlier boot" in message
     assert (fake_ksm / "run").read_text().strip() == "0"
-    assert not (state_dir / JOURNAL_NAME).exists()
+    assert not journals(state_dir)
 
 
 def test_restore_order_lets_pages_to_scan_back_before_the_advisor(fake_ksm, state_dir):
@@ -154,3 +155,33 @@ def test_restore_order_lets_pages_to_scan_back_before_the_advisor(fake_ksm, stat
     finally:
         t._write = real_write
     assert writes[-2:] == [("pages_to_scan", "100"), ("advisor_mode", "scan-time")]
+
+
+def test_nested_stacks_killed_together_are_undone_innermost_first(fake_ksm, state_dir):
+    """A fixture's stack holding tunables while a host session changes more."""
+    before = read_all(fake_ksm)
+    code = textwrap.dedent("""
+        import sys, time
+        from ksmbench.kernel.sysfs import KsmSysfs
+        from ksmbench.kernel.tunables import TunableChanges
+        sysfs = KsmSysfs(sys.argv[1])
+        outer = TunableChanges(sysfs)
+        outer.set("use_zero_pages", 1)
+        outer.set("run", 1)
+        inner = TunableChanges(sysfs)
+        inner.set("use_zero_pages", 0)
+        inner.set("run", 2)
+        inner.set("sleep_millisecs", 60000)
+        print("changed", flush=True)
+        time.sleep(30)
+    """)
+    proc = subprocess.Popen([sys.executable, "-c", code, str(fake_ksm)], stdout=subprocess.PIPE,
+                            text=True, env=os.environ.copy())
+    assert proc.stdout.readline().strip() == "changed"
+    proc.kill()
+    proc.wait(timeout=20)
+    assert len(journals(state_dir)) == 2
+    message = repair(KsmSysfs(fake_ksm), state_dir)
+    assert message.count("restored KSM tunables") == 2
+    assert read_all(fake_ksm) == before
+    assert not journals(state_dir)

@@ -9,7 +9,12 @@ on exceptions, on Ctrl-C and on SIGTERM (turned into an exception by
 behind, and the next invocation's :func:`repair` restores what it records and
 says so.
 
-The journal lives in ``$KSMBENCH_STATE_DIR`` (default ``/run/ksmbench``).
+Each undo stack has its own journal file, so stacks may nest (a pytest fixture
+holding tunables while a host session changes more) without overwriting each
+other; after a SIGKILL, :func:`repair` undoes the dead stacks newest first,
+which is the order the stacks would have restored themselves.
+
+The journals live in ``$KSMBENCH_STATE_DIR`` (default ``/run/ksmbench``).
 ``/run`` is a tmpfs: after a reboot the tunables are back at their defaults and
 the journal is gone with them, which is exactly right.  A journal from an
 earlier boot (its boot_id differs) is discarded, never applied.
@@ -18,6 +23,7 @@ earlier boot (its boot_id differs) is discarded, never applied.
 from __future__ import annotations
 
 import errno
+import itertools
 import json
 import os
 import signal
@@ -29,7 +35,9 @@ from typing import Iterator
 from ..errors import KsmbenchError, KernelIOError, os_boundary
 from .sysfs import KsmSysfs
 
-JOURNAL_NAME = "tunables.journal.json"
+#: journal files: tunables.<pid>.<n>.journal.json, one per undo stack
+JOURNAL_GLOB = "tunables.*.journal.json"
+_stack_numbers = itertools.count(1)
 #: tunables that the kernel refuses to change while KSM pages exist (-EBUSY)
 _NEED_NO_KSM_PAGES = ("max_page_sharing", "merge_across_nodes")
 
@@ -91,10 +99,13 @@ class Journal:
 
     def write(self, originals: list[tuple[str, str]]) -> None:
         self.path.parent.mkdir(parents=True, exist_ok=True)
+        if not hasattr(self, "_created"):
+            self._created = time.time()
         record = {
             "pid": os.getpid(),
             "boot_id": boot_id(),
             "sysfs": self.sysfs_root,
+            "created_at": self._created,
             "written_at": time.time(),
             "originals": originals,
         }
@@ -126,7 +137,8 @@ class TunableChanges:
 
     def __init__(self, sysfs: KsmSysfs, journal_dir: Path | None = None):
         self.sysfs = sysfs
-        self.journal = Journal((journal_dir or state_dir()) / JOURNAL_NAME, str(sysfs.root))
+        name = f"tunables.{os.getpid()}.{next(_stack_numbers)}.journal.json"
+        self.journal = Journal((journal_dir or state_dir()) / name, str(sysfs.root))
         #: (name, previous value) in the order of first change
         self.originals: list[tuple[str, str]] = []
         self._saved: set[str] = set()
@@ -215,24 +227,46 @@ def restore_values(sysfs: KsmSysfs, originals: list[tuple[str, str]]) -> None:
                             hint=f"set them by hand in {sysfs.root}")
 
 
+def journals(journal_dir: Path | None = None) -> list[Path]:
+    """Every journal file in the state directory."""
+    directory = journal_dir or state_dir()
+    try:
+        return sorted(directory.glob(JOURNAL_GLOB))
+    except OSError:
+        return []
+
+
 def repair(sysfs: KsmSysfs, journal_dir: Path | None = None) -> str | None:
-    """Restore what a killed run left changed; returns a message, or None."""
-    journal = Journal((journal_dir or state_dir()) / JOURNAL_NAME, str(sysfs.root))
-    record = journal.read()
-    if record is None:
-        return None
-    if record.get("corrupt"):
+    """Restore what killed runs left changed; returns a message, or None.
+
+    Journals of live processes (this one included) are left alone: their
+    stacks will restore themselves.  Dead ones are undone newest first.
+    """
+    messages: list[str] = []
+    dead: list[tuple[float, Journal, dict]] = []
+    for path in journals(journal_dir):
+        journal = Journal(path, str(sysfs.root))
+        record = journal.read()
+        if record is None:
+            continue
+        if record.get("corrupt"):
+            journal.remove()
+            messages.append(f"discarded an unreadable tunables journal ({path})")
+            continue
+        if record.get("boot_id") != boot_id():
+            journal.remove()
+            messages.append("discarded a tunables journal from an earlier boot "
+                            "(the tunables reset at boot)")
+            continue
+        pid = int(record.get("pid", 0))
+        if pid == os.getpid() or (pid and _pid_alive(pid)):
+            continue  # a live stack: it restores itself (the run lock keeps us apart)
+        dead.append((float(record.get("created_at", record.get("written_at", 0))), journal, record))
+    for _, journal, record in sorted(dead, key=lambda item: item[0], reverse=True):
+        originals = [tuple(item) for item in record.get("originals", [])]
+        restore_values(KsmSysfs(record.get("sysfs", str(sysfs.root))), originals)
         journal.remove()
-        return f"discarded an unreadable tunables journal ({journal.path})"
-    if record.get("boot_id") != boot_id():
-        journal.remove()
-        return "discarded a tunables journal from an earlier boot (the tunables reset at boot)"
-    pid = int(record.get("pid", 0))
-    if pid and pid != os.getpid() and _pid_alive(pid):
-        return None  # that run is alive; the run lock keeps us away from it
-    originals = [tuple(item) for item in record.get("originals", [])]
-    restore_values(KsmSysfs(record.get("sysfs", str(sysfs.root))), originals)
-    journal.remove()
-    shown = ", ".join(f"{n}={v}" for n, v in originals)
-    return (f"restored KSM tunables that ksmbench run (pid {pid}) left changed when it was "
-            f"killed: {shown}")
+        shown = ", ".join(f"{n}={v}" for n, v in originals)
+        messages.append(f"restored KSM tunables that ksmbench (pid {record.get('pid')}) left "
+                        f"changed when it was killed: {shown}")
+    return "; ".join(messages) or None

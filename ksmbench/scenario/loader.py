@@ -42,6 +42,9 @@ _OP_FIELDS: dict[str, dict[str, bool]] = {
     "exit": {},
     "munmap": {"region": True},
 }
+#: the most pages one region can have: x86-64's 47-bit user address space
+#: (128 TiB) in 4 KiB pages; a larger mmap can never succeed
+MAX_REGION_PAGES = (1 << 47) // 4096
 #: how an expected value says "the kernel must not provide this counter"
 ABSENT_WORDS = ("none", "absent", "null")
 
@@ -210,6 +213,9 @@ class _StepValidator:
         pages = self._typed(index, raw, "pages", int)
         if pages < 1:
             raise self.fail(index, f"must be at least 1, got {pages}", "pages")
+        if pages > MAX_REGION_PAGES:
+            raise self.fail(index, f"{pages} pages is more than a 47-bit user address space "
+                            f"holds (at most {MAX_REGION_PAGES})", "pages")
         thp = self._typed(index, raw, "thp", bool) if "thp" in raw else False
         self.procs[proc][region] = pages
         self.all_regions[(proc, region)] = max(pages, self.all_regions.get((proc, region), 0))

@@ -1,0 +1,96 @@
+"""`ksmbench selftest` for real on this host: the kernel's selftests built from Debian's
+linux-source, run beside ksmbench's scenarios; tunables exactly as before afterwards.
+
+Needs root, a writable KSM sysfs, gcc and libnuma-dev, and (once) the linux-source
+package from Debian's archive (cached in $KSMBENCH_CACHE).
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from conftest import host_ksm_usable
+from ksmbench.kernel.sysfs import KsmSysfs
+
+pytestmark = [pytest.mark.root, pytest.mark.slow,
+              pytest.mark.skipif(not host_ksm_usable(), reason="needs root and a writable KSM sysfs"),
+              pytest.mark.skipif(shutil.which("gcc") is None or
+                                 not Path("/usr/include/numa.h").exists(),
+                                 reason="building the selftests needs gcc and libnuma-dev")]
+
+KSMBENCH = [sys.executable, "-m", "ksmbench.cli"]
+
+
+def settled_tunables() -> dict[str, str]:
+    """The host's tunables while no ksmbench run is changing them (read under the run lock:
+    other engineers' runs on this machine may be in progress)."""
+    from ksmbench.kernel.lock import RunLock
+
+    with RunLock(timeout=3600):
+        return KsmSysfs().tunables()
+
+
+@pytest.fixture(scope="module")
+def selftest_run(tmp_path_factory):
+    out = tmp_path_factory.mktemp("selftest")
+    before = settled_tunables()
+    proc = subprocess.run([*KSMBENCH, "selftest", "--kernel", "host", "--wait", "1800",
+                           "--out", str(out), "--only", "ksm_tests -M", "--only", "ksm_tests -U",
+                           "--only", "test_unmerge_zero_pages", "--only", "test_prctl"],
+                          capture_output=True, text=True, timeout=3600)
+    after = settled_tunables()
+    if proc.returncode == 2 and "linux-source" in proc.stderr + proc.stdout and \
+            ("downloading" in proc.stderr or "reachable" in proc.stderr):
+        pytest.skip(f"Debian's archive is not reachable: {proc.stderr.strip()[-200:]}")
+    (rundir,) = out.iterdir()
+    return proc, rundir, before, after
+
+
+def test_exit_status_and_the_table(selftest_run):
+    proc, rundir, _, _ = selftest_run
+    assert proc.returncode in (0, 1), proc.stdout + proc.stderr
+    assert "Traceback" not in proc.stderr
+    rows = {r["selftest"]: r for r in csv.DictReader(open(rundir / "peers.csv"))}
+    assert set(rows) == {"ksm_tests -M -p 10", "ksm_tests -U", "test_unmerge_zero_pages",
+                         "test_prctl", "test_prctl_fork", "test_prctl_fork_exec",
+                         "test_prctl_unmerge"}
+    # the 6.18 host has the zero-page series and PR_SET_MEMORY_MERGE: both sides pass
+    for name in ("ksm_tests -M -p 10", "ksm_tests -U", "test_unmerge_zero_pages", "test_prctl"):
+        assert rows[name]["selftest_verdict"] == "pass", rows[name]
+        assert rows[name]["ksmbench_verdict"] == "pass", rows[name]
+        assert rows[name]["agreement"] == "agree"
+    assert rows["test_prctl_fork_exec"]["scenario"] == ""
+    assert rows["ksm_tests -M -p 10"]["source"].startswith("linux-source-")
+
+
+def test_each_selftest_left_its_output_and_nothing_changed(selftest_run):
+    _, rundir, before, after = selftest_run
+    assert after == before
+    report = json.loads((rundir / "selftests.json").read_text())[0]
+    by_id = {e["id"]: e for e in report["executions"]}
+    assert set(by_id) == {"ksm_tests -M -p 10", "ksm_tests -U", "ksm_functional_tests"}
+    for e in by_id.values():
+        assert not e["timed_out"] and e["returncode"] is not None
+        assert Path(e["log"]).read_text().strip()
+        assert e["tunables_after"] == e["tunables_before"]
+    # ksm_functional_tests leaves run=1 behind (its ksm_merge() never stops ksmd)
+    assert by_id["ksm_functional_tests"]["left_changed"]["run"] == ["0", "1"]
+    log = Path(by_id["ksm_functional_tests"]["log"]).read_text()
+    assert "TAP version 13" in log and "# [RUN] test_unmerge_zero_pages" in log
+
+
+def test_the_scenarios_ran_through_the_runner(selftest_run):
+    _, rundir, _, _ = selftest_run
+    meta = json.loads((rundir / "metadata.json").read_text())
+    assert meta["backend"] == "host" and meta["kernel_release"]
+    assert set(meta["scenarios"]) == {"dup-below-max", "peer-cow-unmerge", "zero-unmerge-half",
+                                      "prctl-merge", "peer-prctl-fork"}
+    observed = {r["scenario"] for r in csv.DictReader(open(rundir / "observations.csv"))}
+    assert observed == set(meta["scenarios"])
