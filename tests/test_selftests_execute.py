@@ -166,6 +166,27 @@ def test_kill_group_reaps_every_member():
     _wait_gone(marker, timeout=5)
 
 
+def test_kill_group_does_not_wait_for_zombies_nobody_reaps():
+    # In a container whose init never reaps, killed orphans stay zombies in
+    # their group forever (CI failed this way).  Here the non-reaping parent
+    # is a sleeping intermediate process.
+    code = ("import os, subprocess, sys, time\n"
+            "child = subprocess.Popen(['sleep', '600'], process_group=0)\n"
+            "print(child.pid, flush=True)\n"
+            "time.sleep(600)\n")
+    parent = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True)
+    try:
+        pgid = int(parent.stdout.readline())
+        started = time.monotonic()
+        kill_group(pgid, timeout=10)
+        assert time.monotonic() - started < 5
+        with open(f"/proc/{pgid}/stat") as f:  # still there, as a zombie
+            assert f.read().rsplit(")", 1)[1].split()[0] == "Z"
+    finally:
+        parent.kill()
+        parent.wait(timeout=10)
+
+
 def test_a_missing_program_is_an_error_not_a_crash(tmp_path, fake_ksm, state_dir):
     sysfs = KsmSysfs(fake_ksm)
     before = sysfs.tunables()

@@ -246,8 +246,32 @@ def kill_group(pgid: int, members: Sequence[subprocess.Popen] = (), timeout: flo
             os.killpg(pgid, signal.SIGKILL)
         except (ProcessLookupError, PermissionError):
             return
+        # Orphans of the selftest are reparented to init (or a subreaper that
+        # is not us).  Once dead they are zombies that still carry the group
+        # id, and an init that never reaps (a container's, CI's) keeps them
+        # forever: they hold no memory and run nothing, so they do not count.
+        if not _live_group_members(pgid):
+            return
         time.sleep(0.02)
     raise KsmbenchError(f"processes of selftest group {pgid} survived SIGKILL for {timeout:.0f} s")
+
+
+def _live_group_members(pgid: int, proc_root: str = "/proc") -> list[int]:
+    """Pids in process group ``pgid`` that are not zombies (from /proc/<pid>/stat)."""
+    live = []
+    for entry in os.scandir(proc_root):
+        if not entry.name.isdigit():
+            continue
+        try:
+            with open(f"{entry.path}/stat", "rb") as f:
+                stat = f.read()
+        except OSError:  # exited meanwhile
+            continue
+        # comm may contain spaces and parentheses: fields start after the last ')'
+        fields = stat[stat.rfind(b")") + 2:].split()
+        if len(fields) > 2 and int(fields[2]) == pgid and fields[0] not in (b"Z", b"X"):
+            live.append(int(entry.name))
+    return live
 
 
 def _reap_adopted() -> None:
