@@ -8,19 +8,16 @@ what to do).
 from __future__ import annotations
 
 import argparse
-import os
 import sys
-from pathlib import Path
 from typing import Sequence
 
 from . import __version__
+from .console import make_console
 from .errors import KsmbenchError, UsageError
 
 
 def _console(stderr: bool = False):
-    from rich.console import Console
-
-    return Console(stderr=stderr, highlight=False)
+    return make_console(stderr=stderr)
 
 
 #: commands whose arguments their own module parses: name -> (module, help)
@@ -142,7 +139,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     from .backends import resolve_backend
     from .kernel.lock import RunLock
     from .results import RunDir
-    from .runner import Runner, exit_status
+    from .runner import exit_status
     from .scenario import resolve_scenarios
 
     scenarios = resolve_scenarios(args.scenarios)

@@ -1,6 +1,7 @@
 """Backends: where a scenario runs.  Each yields the same event stream.
 
 * ``host``: this machine's kernel (:mod:`.host`).
+* ``emulator:<profile>``: the emulator (:mod:`ksmbench.emulator.backend`).
 * anything else given to ``--kernel``: a kernel booted in QEMU (:mod:`.vm`).
 """
 
@@ -15,6 +16,11 @@ def resolve_backend(spec: str, **options):
         from .host import HostBackend
 
         return HostBackend()
+    if spec == "emulator" or spec.startswith("emulator:"):
+        # the model as a backend (no root, no kernel): emulator:<profile>
+        from ..emulator.backend import EmulatorBackend
+
+        return EmulatorBackend(spec.partition(":")[2] or "linux-6.18")
     try:
         from .vm import VMBackend
     except ImportError as exc:  # pragma: no cover - the VM layer ships with ksmbench

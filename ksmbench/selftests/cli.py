@@ -32,6 +32,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Sequence
 
+from ..console import make_console
 from ..errors import KsmbenchError, UsageError
 from ..kernel_tools import SelftestBuild, closest_series, ksm_selftests
 from . import catalogue
@@ -72,9 +73,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _console():
-    from rich.console import Console
-
-    return Console(highlight=False)
+    return make_console()
 
 
 def main(argv: Sequence[str] | None = None) -> int:

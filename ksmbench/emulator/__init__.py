@@ -1,0 +1,60 @@
+"""The emulator: a scan-granular model of KSM that predicts every observation.
+
+* :class:`Predictor`: what the runner uses (``profile_for``, ``check_profile``,
+  ``predict``).
+* :class:`EmulatorBackend`: the emulator as a backend (``--kernel
+  emulator:<profile>``), yielding the same event stream as the host backend
+  (no root, no KSM needed).
+* Profiles (:mod:`.profiles`): behaviour flags per kernel version, each
+  citing its commit; ``linux-X.Y[.Z]`` plus ``,+flag`` / ``,-flag``.
+* The model (:mod:`.machine`), its numpy scan (:mod:`.fastscan`), the
+  scenario driver (:mod:`.emulate`), ``ksmbench emulate`` (:mod:`.cli`),
+  the speed benchmark (``python -m ksmbench.emulator.bench``) and the
+  differential tester (``python -m ksmbench.emulator.differential``).
+
+Not modelled (predicted as None, or outside the scenario format):
+
+* THP regions (``thp = true``): KSM splitting huge pages, khugepaged and the
+  THP shrinker's zero-page remapping (b1f202060afe) depend on timing and
+  memory state; a scenario with a THP region gets only ``global.full_scans``.
+* ``proc.<p>.rss_anon_pages`` (the interpreter's memory is in it), and
+  ``rss_anon_scenario_pages`` where /proc/<pid>/status reads the per-cpu RSS
+  counters approximately (before 82241a83cd15; measured off by a few pages
+  on Debian 6.1).
+* merge_across_nodes=0 / several NUMA nodes, the 6.8 advisor, partial
+  batches (a scan step is always whole full scans), swap, migration,
+  compaction, races (e.g. 6.6-6.9's non-atomic ksm_zero_pages).
+"""
+
+from __future__ import annotations
+
+from ..observation import ObservationPoint
+from ..scenario.model import Scenario
+from .emulate import ScenarioRun, predict
+from .profiles import PRESETS, get_profile, profile_for_release
+
+__all__ = ["Predictor", "EmulatorBackend", "predict", "ScenarioRun", "get_profile", "PRESETS"]
+
+
+class Predictor:
+    """The runner's view of the emulator (ksmbench.runner.Predictor protocol)."""
+
+    def profile_for(self, release: str | None, requested: str) -> str | None:
+        if requested and requested != "auto":
+            self.check_profile(requested)
+            return requested
+        return profile_for_release(release or "")
+
+    def check_profile(self, name: str) -> None:
+        get_profile(name)
+
+    def predict(self, scenario: Scenario, profile: str) -> list[ObservationPoint]:
+        return predict(scenario, profile)
+
+
+def __getattr__(name: str):
+    if name == "EmulatorBackend":
+        from .backend import EmulatorBackend
+
+        return EmulatorBackend
+    raise AttributeError(name)

@@ -1,0 +1,272 @@
+"""Differential testing: random scenarios on a real kernel and in the emulator.
+
+``python -m ksmbench.emulator.differential --count 50 --seed 1 --out DIR``
+runs seeded random scenarios on the host kernel (root, holding the RunLock),
+predicts them with the profile that fits the kernel, and for every scenario
+with a mismatching cell shrinks it (re-running candidates on the kernel) and
+writes the shrunk scenario as a TOML file that reproduces the mismatch.
+``tests/test_differential.py`` drives the same code.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Iterable, Sequence
+
+from ..console import make_console
+from ..observation import ObservationPoint, PointObserved, ScenarioFinished
+from ..scenario import model as m
+from .randomscen import Spec, random_scenario, shrink, to_scenario, to_toml
+
+
+@dataclass
+class Cell:
+    step: int
+    scan: int | None
+    metric: str
+    observed: int | None
+    predicted: int | None
+
+    def describe(self) -> str:
+        where = f"step {self.step}" + (f" scan {self.scan}" if self.scan else "")
+        return f"{where} {self.metric}: observed {self.observed}, predicted {self.predicted}"
+
+
+def compare(observed: Sequence[ObservationPoint], predicted: Sequence[ObservationPoint]) -> list[Cell]:
+    """Cells where both sides have a value and they differ, plus structural
+    differences (a point or a metric only one side has, shown with None)."""
+    pred = {(p.step, p.scan): p for p in predicted}
+    out: list[Cell] = []
+    for o in observed:
+        p = pred.pop((o.step, o.scan), None)
+        if p is None:
+            out.append(Cell(o.step, o.scan, "<point>", 1, None))
+            continue
+        for metric, ov in o.values.items():
+            if metric not in p.values:
+                out.append(Cell(o.step, o.scan, metric, ov, None))
+                continue
+            pv = p.values[metric]
+            if ov is not None and pv is not None and ov != pv:
+                out.append(Cell(o.step, o.scan, metric, ov, pv))
+        for metric in p.values:
+            if metric not in o.values:
+                out.append(Cell(o.step, o.scan, metric, None, p.values[metric]))
+    return out
+
+
+class HostRunner:
+    """Runs scenarios on this machine's kernel, one session per batch."""
+
+    def __init__(self) -> None:
+        from ..kernel.features import kernel_release
+        from .profiles import profile_for_release
+
+        self.release = kernel_release()
+        self.profile = profile_for_release(self.release)
+
+    #: another KSM user (e.g. a QEMU guest started outside ksmbench) makes the
+    #: global counters meaningless; wait for it this long, then give up
+    busy_timeout = 900.0
+
+    def run(self, scenarios: Sequence[m.Scenario]) -> dict[str, tuple[list[ObservationPoint], str | None]]:
+        import time
+
+        from ..backends.host import HostBackend
+        from ..errors import Busy, WaitTimeout
+
+        deadline = time.monotonic() + self.busy_timeout
+        pending = list(scenarios)
+        results: dict[str, tuple[list[ObservationPoint], str | None]] = {}
+        while pending:
+            got: dict[str, tuple[list[ObservationPoint], str | None]] = {}
+            try:
+                for event in HostBackend().events(pending):
+                    if isinstance(event, PointObserved):
+                        got.setdefault(event.scenario, ([], None))[0].append(event.point)
+                    elif isinstance(event, ScenarioFinished):
+                        error = event.error
+                        if error is None and _foreign_ksm_users():
+                            # someone (a QEMU guest) joined KSM during the
+                            # scenario: its pages are in the global counters
+                            error = "other processes already have KSM-mergeable memory"
+                        got[event.scenario] = (got.get(event.scenario, ([], None))[0], error)
+            except Busy:
+                pass
+            busy = [s for s in pending if s.name not in got
+                    or (got[s.name][1] or "").find("already have KSM-mergeable") >= 0]
+            for s in pending:
+                if s not in busy:
+                    results[s.name] = got[s.name]
+            pending = busy
+            if pending:
+                if time.monotonic() > deadline:
+                    raise WaitTimeout(f"waited {self.busy_timeout:.0f} s for other KSM users "
+                                      "(processes with MADV_MERGEABLE memory) to go away")
+                time.sleep(5)
+        return results
+
+
+def _foreign_ksm_users() -> list[tuple[int, str]]:
+    """KSM users other than ksmbench's own agents (the sentinel stays for the session)."""
+    from ..kernel.procfs import ProcFS
+
+    procfs = ProcFS()
+    out = []
+    for pid, name in procfs.mergeable_processes():
+        try:
+            cmdline = (procfs.root / str(pid) / "cmdline").read_bytes()
+        except OSError:
+            continue
+        if b"ksmbench.backends.agent" not in cmdline:
+            out.append((pid, name))
+    return out
+
+
+class BackendRunner:
+    """Runs scenarios on any ``--kernel`` backend (e.g. a Debian kernel in QEMU)."""
+
+    def __init__(self, spec: str, **options) -> None:
+        from ..backends import resolve_backend
+
+        self.backend = resolve_backend(spec, **options)
+        self.release: str | None = None
+        self.profile: str | None = None
+
+    def run(self, scenarios: Sequence[m.Scenario]) -> dict[str, tuple[list[ObservationPoint], str | None]]:
+        from ..observation import BackendInfo
+        from .profiles import profile_for_release
+
+        got: dict[str, tuple[list[ObservationPoint], str | None]] = {}
+        for event in self.backend.events(scenarios):
+            if isinstance(event, BackendInfo) and event.info.get("kernel_release"):
+                self.release = event.info["kernel_release"]
+                self.profile = self.profile or profile_for_release(self.release)
+            elif isinstance(event, PointObserved):
+                got.setdefault(event.scenario, ([], None))[0].append(event.point)
+            elif isinstance(event, ScenarioFinished):
+                got[event.scenario] = (got.get(event.scenario, ([], None))[0], event.error)
+        return got
+
+
+@dataclass
+class Finding:
+    seed: int
+    spec: Spec
+    cells: list[Cell]
+    path: Path | None = None
+    tried: int = 0
+
+
+def check_specs(specs: Sequence[Spec], runner, profile: str | None
+                ) -> list[tuple[Spec, list[Cell], str | None]]:
+    scenarios = [to_scenario(s) for s in specs]
+    results = runner.run(scenarios)
+    profile = profile or runner.profile
+    from .emulate import ScenarioRun
+
+    out = []
+    for spec, scenario in zip(specs, scenarios):
+        points, error = results.get(scenario.name, ([], "not run"))
+        run = ScenarioRun(scenario, profile)
+        predicted = list(run.points())
+        if error is not None and any(not run.supported(s) for s in scenario.steps) and points:
+            error = None  # the kernel refused an op its profile lacks (prctl before 6.4)
+        cells = compare(points, predicted) if error is None else []
+        out.append((spec, cells, error))
+    return out
+
+
+def run_differential(seeds: Iterable[int], out_dir: Path, *, runner: HostRunner | None = None,
+                     profile: str | None = None, shrink_budget: int = 40,
+                     progress: Callable[[str], None] = lambda msg: None,
+                     batch: int = 10, max_pages: int = 48, max_steps: int = 18
+                     ) -> tuple[int, list[Finding], list[str]]:
+    """Returns (scenarios checked, findings, errors)."""
+    runner = runner or HostRunner()
+    seeds = list(seeds)
+    findings: list[Finding] = []
+    errors: list[str] = []
+    checked = 0
+    for start in range(0, len(seeds), batch):
+        chunk = seeds[start:start + batch]
+        specs = [random_scenario(seed, max_pages=max_pages, max_steps=max_steps) for seed in chunk]
+        results = check_specs(specs, runner, profile)
+        profile = profile or runner.profile
+        for seed, (spec, cells, error) in zip(chunk, results):
+            if error is not None:
+                errors.append(f"seed {seed}: {error}")
+                continue
+            checked += 1
+            if cells:
+                findings.append(Finding(seed, spec, cells))
+                # written at once: shrinking (a kernel run per candidate) may take long
+                out_dir.mkdir(parents=True, exist_ok=True)
+                raw = out_dir / f"{spec['name']}-unshrunk.toml"
+                raw.write_text(to_toml(spec, "mismatching cells (before shrinking):\n"
+                                       + "\n".join(c.describe() for c in cells[:20])))
+                progress(f"seed {seed}: {len(cells)} cells differ, e.g. {cells[0].describe()} "
+                         f"-> {raw}")
+        progress(f"{checked} scenarios checked, {len(findings)} mismatching")
+    for f in findings:
+        def still_fails(candidate: Spec) -> bool:
+            (_, cells, error), = check_specs([candidate], runner, profile)
+            return error is None and bool(cells)
+
+        small, f.tried = shrink(f.spec, still_fails, budget=shrink_budget)
+        (_, cells, _), = check_specs([small], runner, profile)
+        f.spec, f.cells = small, cells or f.cells
+        out_dir.mkdir(parents=True, exist_ok=True)
+        f.path = out_dir / f"{small['name']}.toml"
+        comment = (f"differential mismatch on {runner.release} vs emulator profile {profile}\n"
+                   f"shrunk from random seed {f.seed} ({f.tried} candidates tried)\n"
+                   + "\n".join(c.describe() for c in f.cells[:10]))
+        f.path.write_text(to_toml(small, comment))
+        progress(f"seed {f.seed}: shrunk to {len(small['step'])} steps -> {f.path}")
+    return checked, findings, errors
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    from ..kernel.lock import RunLock
+
+    ap = argparse.ArgumentParser(prog="python -m ksmbench.emulator.differential",
+                                 description="random scenarios: host kernel vs emulator")
+    ap.add_argument("--count", type=int, default=50)
+    ap.add_argument("--seed", type=int, default=1, help="first seed")
+    ap.add_argument("--out", default="differential-failures")
+    ap.add_argument("--profile", default=None, help="emulator profile (default: by kernel release)")
+    ap.add_argument("--wait", type=float, default=900)
+    ap.add_argument("--kernel", default="host",
+                    help="host (default) or any --kernel value of ksmbench run, e.g. debian:6.1")
+    ap.add_argument("--batch", type=int, default=10, help="scenarios per kernel session / VM boot")
+    ap.add_argument("--max-pages", type=int, default=48, help="largest random region")
+    ap.add_argument("--max-steps", type=int, default=18, help="random steps after the set-up")
+    args = ap.parse_args(argv)
+
+    err = make_console(stderr=True)
+    with RunLock(timeout=args.wait), err.status("differential run") as status:
+        runner = HostRunner() if args.kernel == "host" else BackendRunner(args.kernel)
+
+        def progress(msg: str) -> None:
+            status.update(msg)
+            err.log(msg)
+
+        checked, findings, errors = run_differential(
+            range(args.seed, args.seed + args.count), Path(args.out), profile=args.profile,
+            runner=runner, progress=progress, max_pages=args.max_pages,
+            max_steps=args.max_steps, batch=args.batch)
+    for e in errors:
+        print("error:", e)
+    for f in findings:
+        print(f"MISMATCH seed {f.seed}: {f.path}")
+        for c in f.cells[:5]:
+            print("   ", c.describe())
+    print(f"{checked} random scenarios checked, {len(findings)} mismatching, {len(errors)} errors")
+    return 1 if findings else (2 if errors and not checked else 0)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,114 @@
+"""Run a scenario through the model and produce the host backend's observation points.
+
+The points, their keys and their metric names are exactly those of
+:class:`ksmbench.backends.host.HostSession`: one point after every step (scan
+column empty) and one after each scan of a ``scan`` step; per point the
+global counters, then for every live process (creation order) its ksm_stat
+fields, RssAnon and the scenario share of it, then each mapped region's
+pagemap metrics.  A value the profile's kernel does not provide is None.
+"""
+
+from __future__ import annotations
+
+from typing import Iterator
+
+from ..metrics import (GLOBAL_COUNTERS, KSM_STAT_FIELDS, RSS_ANON, RSS_ANON_SCENARIO,
+                       global_metric, proc_metric, region_metric)
+from ..observation import ObservationPoint
+from ..scenario import model as m
+from ..scenario.patterns import FillId
+from .machine import Ksm, Settings
+from .profiles import Profile, get_profile
+
+
+def settings_for(scenario: m.Scenario) -> Settings:
+    k = scenario.ksm
+    return Settings(use_zero_pages=k.use_zero_pages, max_page_sharing=k.max_page_sharing,
+                    smart_scan=k.smart_scan)
+
+
+class ScenarioRun:
+    """A scenario being emulated step by step (also used by the benchmark)."""
+
+    def __init__(self, scenario: m.Scenario, profile: Profile | str, *, fast: bool = True):
+        self.scenario = scenario
+        self.profile = get_profile(profile) if isinstance(profile, str) else profile
+        self.ksm = Ksm(self.profile, settings_for(scenario))
+        self.fast = fast
+        self.ksm.spawn(m.MAIN)
+        # THP regions: khugepaged, THP splitting on merge and the deferred
+        # split shrinker are not modelled; predict only what cannot depend on them
+        self.thp = any(isinstance(s, m.Mmap) and s.thp for s in scenario.steps)
+
+    def supported(self, step: m.Step) -> bool:
+        """False for an op the profile's kernel refuses (the host run errors there)."""
+        if isinstance(step, m.Prctl):
+            return self.profile.has("prctl_memory_merge")
+        return True
+
+    def apply(self, step: m.Step) -> None:
+        k = self.ksm
+        if isinstance(step, m.Mmap):
+            k.mmap(k.mms[step.proc], step.region, step.pages, step.thp)
+        elif isinstance(step, m.Fill):
+            fill = FillId(self.scenario.name, step.index)
+            contents = k.contents.fill(step.pattern, step.end - step.first, fill)
+            k.fill(k.mms[step.proc], step.region, step.first, step.end, contents)
+        elif isinstance(step, m.Read):
+            k.read(k.mms[step.proc], step.region, step.first, step.end)
+        elif isinstance(step, m.Madvise):
+            k.madvise(k.mms[step.proc], step.region, step.first, step.end, step.advice)
+        elif isinstance(step, m.Prctl):
+            k.prctl(k.mms[step.proc], step.merge)
+        elif isinstance(step, m.UnmergeAll):
+            k.unmerge_all()
+        elif isinstance(step, m.Fork):
+            k.fork(k.mms[step.proc], step.child)
+        elif isinstance(step, m.Exit):
+            k.exit(k.mms[step.proc])
+        elif isinstance(step, m.Munmap):
+            k.munmap(k.mms[step.proc], step.region)
+        elif isinstance(step, (m.Expect, m.Scan)):
+            pass
+        else:  # pragma: no cover - the loader knows every op
+            raise TypeError(f"unknown step {step!r}")
+
+    def observe(self, step: m.Step, scan: int | None) -> ObservationPoint:
+        k = self.ksm
+        values: dict[str, int | None] = {}
+        for name, value in k.global_values().items():
+            values[global_metric(name)] = value
+        for mm in k.mms.values():
+            if not mm.alive:
+                continue
+            proc = k.proc_values(mm)
+            for field in KSM_STAT_FIELDS + (RSS_ANON, RSS_ANON_SCENARIO):
+                values[proc_metric(mm.name, field)] = proc[field]
+            for region, seg in mm.regions.items():
+                for key, value in k.region_values(seg).items():
+                    values[region_metric(mm.name, region, key)] = value
+        if self.thp:
+            keep = global_metric("full_scans")
+            values = {key: (v if key == keep else None) for key, v in values.items()}
+        return ObservationPoint(step.index, step.op, scan, values)
+
+    def points(self) -> Iterator[ObservationPoint]:
+        for step in self.scenario.steps:
+            if not self.supported(step):
+                return
+            if isinstance(step, m.Scan):
+                for n in range(1, step.count + 1):
+                    self.ksm.scan(fast=self.fast)
+                    yield self.observe(step, n)
+                continue
+            self.apply(step)
+            yield self.observe(step, None)
+
+
+def predict(scenario: m.Scenario, profile: Profile | str, *, fast: bool = True) -> list[ObservationPoint]:
+    return list(ScenarioRun(scenario, profile, fast=fast).points())
+
+
+assert set(GLOBAL_COUNTERS) == {"pages_shared", "pages_sharing", "pages_unshared", "pages_volatile",
+                                "ksm_zero_pages", "general_profit", "stable_node_chains",
+                                "stable_node_dups", "full_scans", "pages_scanned", "pages_skipped"}

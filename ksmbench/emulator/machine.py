@@ -1,0 +1,939 @@
+"""The KSM model: processes, page tables, frames, rmap items, the two trees.
+
+This is a scan-granular re-implementation of mm/ksm.c (6.1 .. 6.18) plus the
+few mm paths KSM interacts with (fault, CoW, zap, fork, exit), driven by
+scenario operations.  Where versions differ, the behaviour follows the
+profile's flags (see :mod:`.profiles`); every such place cites the commit.
+
+State, and where it lives in the kernel:
+
+* **Frames** (struct folio): content id, mapcount, and the stable node of a
+  KSM page (``folio->mapping`` with PAGE_MAPPING_KSM).  Frame 0 is the shared
+  zero page.  A KSM page whose mapcount drops to 0 is freed; its stable node
+  is then *stale* and is pruned when ksmd next touches it (ksm_get_folio()).
+* **Segments**: one per scenario region (a run of VMAs), per process: the PTE
+  of each page (-1 none, 0 zero page, >0 anon frame), the KSM-zero mark
+  (pte_dirty on a zero PTE, 79271476b336, 6.6), VM_MERGEABLE, whether the VMA
+  has an anon_vma, and the rmap item at that address (exists, tree state,
+  stable node, oldchecksum as a content id, age, remaining_skips).  A region
+  that is unmapped keeps its rmap items (as a *ghost* segment) until ksmd's
+  next pass over the mm frees them, as in the kernel.
+* **MMs** (mm_struct + ksm_mm_slot): per-mm counters ksm_rmap_items,
+  ksm_merging_pages, ksm_zero_pages, MMF_VM_MERGEABLE (has a slot),
+  MMF_VM_MERGE_ANY, exiting.  ``slots`` is ksmd's mm list in order.
+* **Stable tree**: :class:`~.rbtree.RBRoot` of :class:`SNode`; chains hold
+  their dups in hlist order (head first).  **Unstable tree**: per scan, a
+  dict content -> rmap item (see :meth:`Ksm._unstable_search_insert` for why
+  a dict gives the same answers as the kernel's rbtree during one scan).
+
+The per-visit path here (:meth:`Ksm.scan` with ``fast=False``) is the
+reference; :mod:`.fastscan` processes long runs of visits with numpy and is
+checked against it.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Iterator, Optional
+
+import numpy as np
+
+from .content import ZERO, ContentTable
+from .profiles import Profile
+from .rbtree import RBNode, RBRoot
+
+# rmap item tree state (the STABLE_FLAG / UNSTABLE_FLAG bits of rmap_item->address)
+NONE, UNSTABLE, STABLE = 0, 1, 2
+#: sizeof(struct ksm_rmap_item) on 64-bit (ksm.rst; the 6.7 age/remaining_skips
+#: u8 fields fit into padding, so 64 still holds)
+RMAP_ITEM_SIZE = 64
+PAGE_SIZE = 4096
+#: rmap_item->oldchecksum starts at 0 (kmem_cache_zalloc); no ksmbench page
+#: content has checksum 0, so "never checksummed" is its own value
+NO_CHECKSUM = -1
+U8_MAX = 255
+
+
+def skip_age(age: int) -> int:
+    """mm/ksm.c skip_age() (6.7, 5e924ff54d08)."""
+    if age <= 3:
+        return 1
+    if age <= 5:
+        return 2
+    if age <= 8:
+        return 4
+    return 8
+
+
+class Frames:
+    """struct folio, reduced to what KSM looks at."""
+
+    def __init__(self) -> None:
+        self.content = np.zeros(1024, dtype=np.int64)
+        self.mapcount = np.zeros(1024, dtype=np.int64)
+        self.node = np.full(1024, -1, dtype=np.int64)
+        self.n = 1  # frame 0 is the shared zero page
+
+    def alloc(self, contents: np.ndarray) -> np.ndarray:
+        k = int(contents.size)
+        first = self.n
+        need = first + k
+        if need > self.content.size:
+            size = max(need, self.content.size * 2)
+            self.content = np.resize(self.content, size)
+            self.mapcount = np.resize(self.mapcount, size)
+            grow = size - self.node.size
+            self.node = np.concatenate([self.node, np.full(grow, -1, dtype=np.int64)])
+        self.content[first:need] = contents
+        self.mapcount[first:need] = 1
+        self.node[first:need] = -1
+        self.n = need
+        return np.arange(first, need, dtype=np.int64)
+
+    def unmap(self, frames: np.ndarray) -> None:
+        """Drop one mapping of each frame in ``frames`` (repeats allowed)."""
+        if frames.size:
+            np.subtract.at(self.mapcount, frames, 1)
+
+    def map(self, frames: np.ndarray) -> None:
+        if frames.size:
+            np.add.at(self.mapcount, frames, 1)
+
+
+class Segment:
+    """A region's pages and rmap items in one process (address order = creation order)."""
+
+    _ids = 0
+
+    def __init__(self, mm: "MM", name: str, start: int, npages: int, thp: bool):
+        Segment._ids += 1
+        self.sid = Segment._ids
+        self.mm = mm
+        self.name = name
+        self.start = start
+        self.n = npages
+        self.thp = thp
+        self.mapped = True
+        self.pte = np.full(npages, -1, dtype=np.int64)
+        self.zdirty = np.zeros(npages, dtype=bool)
+        self.merge = np.zeros(npages, dtype=bool)
+        self.anon = np.zeros(npages, dtype=bool)
+        self.item = np.zeros(npages, dtype=bool)
+        self.ist = np.zeros(npages, dtype=np.int8)
+        self.inode = np.full(npages, -1, dtype=np.int64)
+        self.ick = np.full(npages, NO_CHECKSUM, dtype=np.int64)
+        self.iage = np.zeros(npages, dtype=np.uint8)
+        self.iskip = np.zeros(npages, dtype=np.uint8)
+
+    def copy_for_fork(self, child: "MM") -> "Segment":
+        seg = Segment(child, self.name, self.start, self.n, self.thp)
+        # copy_page_range() skips VMAs without an anon_vma (their zero-page
+        # PTEs from read faults are simply faulted again in the child)
+        seg.pte[:] = np.where(self.anon, self.pte, -1)
+        # copy_present_pte() keeps the dirty bit of a private zero PTE: the
+        # child's KSM zero pages are KSM zero pages too (2.1 of the notes)
+        seg.zdirty[:] = self.zdirty & self.anon
+        seg.merge[:] = self.merge
+        seg.anon[:] = self.anon
+        return seg
+
+    def vma_runs(self) -> list[tuple[int, int]]:
+        """[start, end) page runs of equal VM_MERGEABLE: the VMAs madvise left."""
+        if self.n == 0:
+            return []
+        change = np.flatnonzero(self.merge[1:] != self.merge[:-1]) + 1
+        bounds = [0, *change.tolist(), self.n]
+        return list(zip(bounds[:-1], bounds[1:]))
+
+    def mark_anon_vma(self, written: np.ndarray) -> None:
+        """A write fault gives its VMA an anon_vma (anon_vma_prepare())."""
+        if not written.any():
+            return
+        for lo, hi in self.vma_runs():
+            if written[lo:hi].any():
+                self.anon[lo:hi] = True
+
+
+class MM:
+    def __init__(self, name: str, order: int):
+        self.name = name
+        self.order = order
+        self.segments: list[Segment] = []  # address order, ghosts included
+        self.regions: dict[str, Segment] = {}  # mapped regions, creation order
+        self.next_addr = 0
+        self.rmap_items = 0
+        self.merging_pages = 0
+        self.zero_pages = 0
+        self.registered = False  # MMF_VM_MERGEABLE: has a ksm_mm_slot
+        self.merge_any = False   # MMF_VM_MERGE_ANY
+        self.exiting = False
+        self.alive = True
+
+    def has_items(self) -> bool:
+        return any(seg.item.any() for seg in self.segments)
+
+    def any_mergeable(self) -> bool:
+        return any(seg.mapped and seg.merge.any() for seg in self.segments)
+
+    def anon_pages(self) -> int:
+        return sum(int(np.count_nonzero(seg.pte > 0)) for seg in self.regions.values())
+
+
+class SNode(RBNode):
+    """struct ksm_stable_node: a regular node, a dup in a chain, or a chain."""
+
+    __slots__ = ("nid", "cid", "is_chain", "chain", "kpfn", "len", "dups", "alive")
+
+    def __init__(self, nid: int, cid: int, *, kpfn: int = -1, is_chain: bool = False):
+        super().__init__()
+        self.nid = nid
+        self.cid = cid
+        self.is_chain = is_chain
+        self.chain: Optional[SNode] = None  # the chain holding this dup
+        self.kpfn = kpfn
+        self.len = 0  # rmap_hlist_len
+        self.dups: list[SNode] = []  # chain only, hlist order (head first)
+        self.alive = True
+
+
+@dataclass
+class Settings:
+    use_zero_pages: bool = False
+    max_page_sharing: int = 256
+    smart_scan: bool = True
+
+
+class Ksm:
+    """Global KSM state plus the processes of one scenario."""
+
+    def __init__(self, profile: Profile, settings: Settings, contents: ContentTable | None = None):
+        self.profile = profile
+        self.settings = settings
+        self.contents = contents or ContentTable()
+        self.frames = Frames()
+        self.mms: dict[str, MM] = {}
+        self.slots: list[MM] = []  # ksmd's mm list (the sentinel, always first, is implicit)
+        self.root = RBRoot()
+        self.nodes: list[SNode] = []
+        # counters (mm/ksm.c statics)
+        self.pages_shared = 0
+        self.pages_sharing = 0
+        self.pages_unshared = 0
+        self.rmap_items = 0
+        self.zero_pages = 0
+        self.chains = 0
+        self.dups = 0
+        self.pages_scanned = 0
+        self.pages_skipped = 0
+        self.full_scans = 0
+        # this scan's unstable tree: content -> (segment, index)
+        self.unstable: dict[int, tuple[Segment, int]] = {}
+        self._unstable_key: dict[tuple[int, int], int] = {}
+        self.tracking = profile.has("zero_page_tracking")
+        self.checksum_first = profile.has("checksum_first")
+        self.smart = profile.has("smart_scan") and settings.smart_scan
+        self.count_scanned = profile.has("pages_scanned_fix")
+
+    # -- helpers ---------------------------------------------------------------------
+    def stale(self, node: SNode) -> bool:
+        return self.frames.mapcount[node.kpfn] <= 0
+
+    def candidate(self, node: SNode, offset: int = 0) -> bool:
+        """__is_page_sharing_candidate()."""
+        return node.len > 0 and node.len + offset < self.settings.max_page_sharing
+
+    def _new_node(self, cid: int, *, kpfn: int = -1, is_chain: bool = False) -> SNode:
+        node = SNode(len(self.nodes), cid, kpfn=kpfn, is_chain=is_chain)
+        self.nodes.append(node)
+        return node
+
+    def all_segments(self) -> Iterator[Segment]:
+        for mm in self.mms.values():
+            yield from mm.segments
+
+    # -- processes ---------------------------------------------------------------------
+    def spawn(self, name: str) -> MM:
+        mm = MM(name, len(self.mms))
+        self.mms[name] = mm
+        return mm
+
+    def _ksm_enter(self, mm: MM) -> None:
+        """__ksm_enter(): a new slot goes just behind the cursor, which rests at
+        the list head between scans, i.e. at the tail."""
+        if not mm.registered:
+            mm.registered = True
+            self.slots.append(mm)
+
+    def mmap(self, mm: MM, region: str, npages: int, thp: bool) -> None:
+        # the agent places regions in creation order, one guard page apart,
+        # THP regions on a 512-page boundary (backends/agent.py)
+        start = mm.next_addr
+        if thp:
+            start = -(-start // 512) * 512
+        seg = Segment(mm, region, start, npages, thp)
+        mm.next_addr = start + npages + 1
+        mm.segments.append(seg)
+        mm.regions[region] = seg
+        if mm.merge_any:
+            # ksm_add_vma()/ksm_vma_flags(): new VMAs of a MERGE_ANY mm are mergeable
+            seg.merge[:] = True
+            if not mm.registered and self.profile.has("merge_any_kept"):
+                # 590c03ca6a3f (6.18): re-enter if ksmd dropped the slot
+                self._ksm_enter(mm)
+
+    def fill(self, mm: MM, region: str, first: int, end: int, contents: np.ndarray) -> None:
+        seg = mm.regions[region]
+        pte = seg.pte[first:end]
+        fr = self.frames
+        anon = pte > 0
+        old = pte[anon]
+        cow = np.zeros(pte.size, dtype=bool)
+        if old.size:
+            # do_wp_page(): KSM folios are never reused; a folio mapped more
+            # than once (fork) is copied; an exclusive one is written in place
+            cow[anon] = (fr.node[old] >= 0) | (fr.mapcount[old] > 1)
+        fresh = (pte <= 0) | cow
+        inplace = anon & ~cow
+        if inplace.any():
+            fr.content[pte[inplace]] = contents[inplace]
+        zero = pte == 0
+        if zero.any():
+            self._drop_zero_ptes(seg, first + np.flatnonzero(zero))
+        if cow.any():
+            fr.unmap(pte[cow])
+        if fresh.any():
+            pte[fresh] = fr.alloc(contents[fresh])
+        written = np.zeros(seg.n, dtype=bool)
+        written[first:end] = True
+        seg.mark_anon_vma(written)
+
+    def _drop_zero_ptes(self, seg: Segment, idx: np.ndarray) -> None:
+        """A zero PTE goes away (zap, write fault, unshare): KSM-placed ones
+        are uncounted at once (ksm_might_unmap_zero_page(), e2942062e01d)."""
+        dirty = int(np.count_nonzero(seg.zdirty[idx]))
+        if dirty and self.tracking:
+            self.zero_pages -= dirty
+            seg.mm.zero_pages -= dirty
+        seg.zdirty[idx] = False
+
+    def read(self, mm: MM, region: str, first: int, end: int) -> None:
+        # do_anonymous_page() read fault: the shared zero page, clean, no anon_vma
+        seg = mm.regions[region]
+        pte = seg.pte[first:end]
+        pte[pte < 0] = 0
+
+    def zap(self, seg: Segment, first: int, end: int) -> None:
+        """zap_pte_range(): MADV_DONTNEED, munmap, exit_mmap."""
+        pte = seg.pte[first:end]
+        anon = pte > 0
+        self.frames.unmap(pte[anon])
+        zero = np.flatnonzero(pte == 0) + first
+        if zero.size:
+            self._drop_zero_ptes(seg, zero)
+        pte[:] = -1
+
+    def _unshare(self, seg: Segment, first: int, end: int) -> None:
+        """unmerge_ksm_pages() over [first, end): break_ksm() on KSM pages and,
+        since 6.6 (79271476b336), on KSM zero pages; each gets a private copy."""
+        pte = seg.pte[first:end]
+        fr = self.frames
+        ksm = np.zeros(pte.size, dtype=bool)
+        anon = pte > 0
+        if anon.any():
+            ksm[anon] = fr.node[pte[anon]] >= 0
+        if ksm.any():
+            old = pte[ksm]
+            fr.unmap(old)
+            pte[ksm] = fr.alloc(fr.content[old])
+        if self.tracking:
+            zero = seg.zdirty[first:end] & (pte == 0)
+            if zero.any():
+                idx = np.flatnonzero(zero) + first
+                self._drop_zero_ptes(seg, idx)
+                seg.pte[idx] = fr.alloc(np.zeros(idx.size, dtype=np.int64))
+
+    def _unmerge_range(self, seg: Segment, first: int, end: int) -> None:
+        """ksm_madvise(MADV_UNMERGEABLE) / __ksm_del_vma() on part of a segment:
+        only VMAs that are VM_MERGEABLE (and have an anon_vma) are unshared."""
+        for lo, hi in seg.vma_runs():
+            lo, hi = max(lo, first), min(hi, end)
+            if lo >= hi or not seg.merge[lo] or not seg.anon[lo]:
+                continue
+            self._unshare(seg, lo, hi)
+        seg.merge[first:end] = False
+
+    def madvise(self, mm: MM, region: str, first: int, end: int, advice: str) -> None:
+        seg = mm.regions[region]
+        if advice == "mergeable":
+            if not seg.merge[first:end].all():
+                self._ksm_enter(mm)
+                seg.merge[first:end] = True
+        elif advice == "unmergeable":
+            self._unmerge_range(seg, first, end)
+        elif advice == "dontneed":
+            self.zap(seg, first, end)
+        else:  # pragma: no cover - the loader validates advice
+            raise ValueError(advice)
+
+    def prctl(self, mm: MM, merge: bool) -> None:
+        if merge:
+            # ksm_enable_merge_any() (6.4, d7597f59d1d3)
+            if mm.merge_any:
+                return
+            self._ksm_enter(mm)
+            mm.merge_any = True
+            for seg in mm.regions.values():
+                seg.merge[:] = True
+        else:
+            # ksm_disable_merge_any(): a no-op unless MERGE_ANY is set
+            if not mm.merge_any:
+                return
+            for seg in mm.regions.values():
+                self._unmerge_range(seg, 0, seg.n)
+            mm.merge_any = False
+
+    def munmap(self, mm: MM, region: str) -> None:
+        seg = mm.regions.pop(region)
+        self.zap(seg, 0, seg.n)
+        self._unmap_segment(mm, seg)
+
+    def _unmap_segment(self, mm: MM, seg: Segment) -> None:
+        seg.mapped = False
+        seg.merge[:] = False
+        if not seg.item.any():
+            mm.segments.remove(seg)
+
+    def fork(self, parent: MM, child_name: str) -> MM:
+        child = self.spawn(child_name)
+        child.next_addr = parent.next_addr
+        child.merge_any = parent.merge_any  # inherited (6.4; MMF_INIT_MASK since 6.7)
+        for name, seg in parent.regions.items():
+            copy = seg.copy_for_fork(child)
+            child.segments.append(copy)
+            child.regions[name] = copy
+            self.frames.map(copy.pte[copy.pte > 0])
+        # dup_mm() copies the whole mm_struct, KSM counters included
+        child.rmap_items = parent.rmap_items
+        child.merging_pages = parent.merging_pages
+        child.zero_pages = parent.zero_pages if self.tracking else 0
+        if parent.registered:
+            if self.profile.has("fork_counter_fix"):
+                # ksm_fork() since 4d6fc29f3634 (6.18, stable 6.6+)
+                child.merging_pages = 0
+                child.rmap_items = 0
+                self.zero_pages += child.zero_pages
+            self._ksm_enter(child)
+        return child
+
+    def exit(self, mm: MM) -> None:
+        # __mmput(): ksm_exit() first, then exit_mmap() zaps everything
+        if mm.registered:
+            self.slots.remove(mm)
+            if mm.has_items():
+                # __ksm_exit(): "leave the mm_slot on the list for ksmd to
+                # free", moved right after the cursor (the head between scans)
+                self.slots.insert(0, mm)
+            else:
+                mm.registered = False
+                mm.merge_any = False
+        mm.exiting = True
+        mm.alive = False
+        for name, seg in list(mm.regions.items()):
+            self.zap(seg, 0, seg.n)
+            del mm.regions[name]
+            self._unmap_segment(mm, seg)
+
+    # -- run=2 ---------------------------------------------------------------------------
+    def unmerge_all(self) -> None:
+        """unmerge_and_remove_all_rmap_items()."""
+        for mm in list(self.slots):
+            if not mm.exiting:
+                for seg in list(mm.segments):
+                    if not seg.mapped:
+                        continue
+                    for lo, hi in seg.vma_runs():
+                        if seg.merge[lo] and seg.anon[lo]:
+                            self._unshare(seg, lo, hi)
+            for seg in list(mm.segments):
+                for idx in np.flatnonzero(seg.item).tolist():
+                    self._free_item(seg, idx)
+            self._drop_empty_ghosts(mm)
+            if mm.exiting:
+                self.slots.remove(mm)
+                mm.registered = False
+                mm.merge_any = False
+        self._remove_all_stable_nodes()
+        self.unstable.clear()
+        self._unstable_key.clear()
+
+    def _remove_all_stable_nodes(self) -> None:
+        """remove_all_stable_nodes(): a node whose page is still mapped is busy
+        (-EBUSY) and stops the walk of the tree."""
+        while self.root.node is not None:
+            node = self.root.node
+            if node.is_chain:
+                for dup in list(node.dups):
+                    if not self._remove_stable_node(dup):
+                        return
+                self.root.erase(node)
+                node.alive = False
+                self.chains -= 1
+            elif not self._remove_stable_node(node):
+                return
+
+    def _remove_stable_node(self, node: SNode) -> bool:
+        if self.frames.mapcount[node.kpfn] > 0:
+            return False
+        self._remove_node_from_stable_tree(node)
+        return True
+
+    # -- the stable tree ---------------------------------------------------------------
+    def _node_items(self, node: SNode) -> list[tuple[Segment, np.ndarray]]:
+        out = []
+        for seg in self.all_segments():
+            idx = np.flatnonzero((seg.ist == STABLE) & (seg.inode == node.nid))
+            if idx.size:
+                out.append((seg, idx))
+        return out
+
+    def _remove_node_from_stable_tree(self, node: SNode) -> None:
+        total = 0
+        for seg, idx in self._node_items(node):
+            seg.ist[idx] = NONE
+            seg.inode[idx] = -1
+            seg.mm.merging_pages -= int(idx.size)
+            total += int(idx.size)
+        assert total == node.len, "stable node length out of step with its items"
+        if total:
+            # the hlist's last item counted in pages_shared, the others in pages_sharing
+            self.pages_shared -= 1
+            self.pages_sharing -= total - 1
+        node.len = 0
+        if node.chain is not None:
+            node.chain.dups.remove(node)
+            node.chain = None
+            self.dups -= 1
+        else:
+            self.root.erase(node)
+        node.alive = False
+
+    def _get_folio(self, node: SNode) -> Optional[int]:
+        """ksm_get_folio(): the KSM page, or None after pruning a stale node."""
+        if self.stale(node):
+            self._remove_node_from_stable_tree(node)
+            return None
+        return node.kpfn
+
+    def _chain(self, node: SNode, prune: bool) -> tuple[Optional[int], Optional[SNode], SNode]:
+        """__stable_node_chain(): (tree page, dup, node now at this tree position).
+
+        stable_node_chains_prune_millisecs is 0 while stepping, so every
+        chain_prune() walk really prunes (time_before(jiffies, t + 0) is false).
+        """
+        if not node.is_chain:
+            kpfn = self._get_folio(node)
+            return kpfn, node, node
+        found: Optional[SNode] = None
+        found_len = 0
+        for dup in list(node.dups):
+            if self._get_folio(dup) is None:
+                continue
+            if found is None or (self.candidate(dup) and
+                                 (not self.candidate(found) or dup.len > found_len)):
+                found = dup
+                found_len = dup.len
+                if not prune and self.candidate(found):
+                    break
+        if found is None:
+            # free_stable_node_chain(): its hlist must be empty
+            self.root.erase(node)
+            node.alive = False
+            self.chains -= 1
+            return None, None, node
+        if len(node.dups) == 1:
+            # one dup left: drop the chain, the dup takes its place in the tree
+            self.root.replace(node, found)
+            found.chain = None
+            node.dups = []
+            node.alive = False
+            self.chains -= 1
+            self.dups -= 1
+            return found.kpfn, found, found
+        if node.dups[0] is not found and self.candidate(found, 1):
+            node.dups.remove(found)
+            node.dups.insert(0, found)
+        return found.kpfn, found, node
+
+    def _stable_tree_search(self, frame: int) -> Optional[int]:
+        """stable_tree_search(): the KSM page to merge with, or None."""
+        fr = self.frames
+        if fr.node[frame] >= 0:
+            return frame  # "ksm page forked"
+        cid = int(fr.content[frame])
+        compare = self.contents.compare
+        while True:  # "again:"
+            node = self.root.node
+            restart = False
+            while node is not None:
+                tree_page, dup, node = self._chain(node, prune=True)
+                if tree_page is None:
+                    restart = True
+                    break
+                c = compare(cid, node.cid)
+                if c < 0:
+                    node = node.rb_left
+                elif c > 0:
+                    node = node.rb_right
+                else:
+                    if not self.candidate(dup):
+                        return None
+                    return dup.kpfn
+            if not restart:
+                return None
+
+    def _stable_tree_insert(self, kframe: int, *, quiet: bool = False) -> SNode:
+        """stable_tree_insert().  ``quiet``: the caller knows no walk can change
+        the tree (see fastscan), so the chain() calls on the way are skipped."""
+        cid = int(self.frames.content[kframe])
+        compare = self.contents.compare
+        while True:
+            parent: Optional[SNode] = None
+            left = False
+            node = self.root.node
+            need_chain = False
+            restart = False
+            while node is not None:
+                if not quiet:
+                    tree_page, _dup, node = self._chain(node, prune=False)
+                    if tree_page is None:
+                        restart = True
+                        break
+                c = compare(cid, node.cid)
+                parent = node
+                if c < 0:
+                    left, node = True, node.rb_left
+                elif c > 0:
+                    left, node = False, node.rb_right
+                else:
+                    need_chain = True
+                    break
+            if not restart:
+                break
+        dup = self._new_node(cid, kpfn=kframe)
+        if not need_chain:
+            self.root.link(dup, parent, left)
+        else:
+            chain = parent
+            if not chain.is_chain:
+                # alloc_stable_node_chain(): the chain takes the node's place
+                orig = chain
+                chain = self._new_node(cid, is_chain=True)
+                self.root.replace(orig, chain)
+                self.chains += 1
+                orig.chain = chain
+                chain.dups.insert(0, orig)
+                self.dups += 1
+            dup.chain = chain
+            chain.dups.insert(0, dup)
+            self.dups += 1
+        self.frames.node[kframe] = dup.nid
+        return dup
+
+    def _append(self, seg: Segment, idx: int, node: SNode) -> None:
+        """stable_tree_append()."""
+        node.len += 1
+        seg.ist[idx] = STABLE
+        seg.inode[idx] = node.nid
+        if node.len > 1:
+            self.pages_sharing += 1
+        else:
+            self.pages_shared += 1
+        seg.mm.merging_pages += 1
+
+    def _remove_from_tree(self, seg: Segment, idx: int) -> None:
+        """remove_rmap_item_from_tree()."""
+        st = seg.ist[idx]
+        if st == STABLE:
+            node = self.nodes[int(seg.inode[idx])]
+            if self._get_folio(node) is None:
+                return  # the stale node went, taking this item with it
+            node.len -= 1
+            if node.len > 0:
+                self.pages_sharing -= 1
+            else:
+                self.pages_shared -= 1
+            seg.mm.merging_pages -= 1
+            seg.ist[idx] = NONE
+            seg.inode[idx] = -1
+        elif st == UNSTABLE:
+            self.pages_unshared -= 1
+            seg.ist[idx] = NONE
+            key = self._unstable_key.pop((seg.sid, idx), None)
+            if key is not None and self.unstable.get(key) == (seg, idx):
+                del self.unstable[key]  # inserted by this scan: rb_erase()
+
+    def _free_item(self, seg: Segment, idx: int) -> None:
+        """remove_rmap_item_from_tree() + free_rmap_item()."""
+        self._remove_from_tree(seg, idx)
+        seg.item[idx] = False
+        self.rmap_items -= 1
+        seg.mm.rmap_items -= 1
+
+    # -- merging ---------------------------------------------------------------------------
+    def _replace(self, seg: Segment, idx: int, kframe: int) -> None:
+        """replace_page(): the PTE now maps the KSM page."""
+        old = int(seg.pte[idx])
+        if old == kframe:  # try_to_merge_one_page(): "ksm page forked"
+            return
+        self.frames.mapcount[old] -= 1
+        self.frames.mapcount[kframe] += 1
+        seg.pte[idx] = kframe
+
+    def _zero_merge(self, seg: Segment, idx: int) -> None:
+        """replace_page() with the zero page (use_zero_pages, 4.11)."""
+        old = int(seg.pte[idx])
+        self.frames.mapcount[old] -= 1
+        seg.pte[idx] = 0
+        if self.tracking:
+            # pte_mkdirty marks it (79271476b336) and it is counted (e2942062e01d,
+            # 6080d19f0704); dec_mm_counter(MM_ANONPAGES) is implied by the PTE
+            seg.zdirty[idx] = True
+            self.zero_pages += 1
+            seg.mm.zero_pages += 1
+
+    def _unstable_search_insert(self, seg: Segment, idx: int, frame: int):
+        """unstable_tree_search_insert().
+
+        The unstable tree is rebuilt every scan and ksmd alone changes page
+        tables while it scans (the scenario's processes are blocked), so every
+        node keeps a valid page and its content for the whole scan: a search
+        then fails only at a node with the same content (same page: "don't
+        substitute a ksm page for a forked page"), and the path taken cannot
+        change the answer.  A dict keyed by content is therefore exact.
+        """
+        cid = int(self.frames.content[frame])
+        hit = self.unstable.get(cid)
+        if hit is None:
+            seg.ist[idx] = UNSTABLE
+            self.pages_unshared += 1
+            self.unstable[cid] = (seg, idx)
+            self._unstable_key[(seg.sid, idx)] = cid
+            return None
+        tseg, tidx = hit
+        tframe = int(tseg.pte[tidx])
+        if tframe == frame:
+            return None
+        return tseg, tidx, tframe
+
+    def _cmp_and_merge_page(self, seg: Segment, idx: int, frame: int) -> None:
+        fr = self.frames
+        page_node = int(fr.node[frame])
+        if page_node >= 0:
+            node = self.nodes[page_node]
+            if seg.ist[idx] == STABLE and seg.inode[idx] == page_node:
+                return
+            # a KSM fork: allowed over max_page_sharing (the bypass only
+            # silences a warning)
+        elif self.checksum_first:
+            # 6.11+ (ac90c56bbd73 and friends): checksum, then zero page,
+            # then the stable tree
+            self._remove_from_tree(seg, idx)
+            cid = int(fr.content[frame])
+            if seg.ick[idx] != cid:
+                seg.ick[idx] = cid
+                return
+            if self.settings.use_zero_pages and cid == ZERO:
+                self._zero_merge(seg, idx)
+                return
+        kframe = self._stable_tree_search(frame)
+        self._remove_from_tree(seg, idx)
+        if kframe is not None:
+            # try_to_merge_with_ksm_page() + stable_tree_append()
+            self._replace(seg, idx, kframe)
+            self._append(seg, idx, self.nodes[int(fr.node[kframe])])
+            return
+        if not self.checksum_first and page_node < 0:
+            # before 6.11: the checksum test comes after the stable tree
+            cid = int(fr.content[frame])
+            if seg.ick[idx] != cid:
+                seg.ick[idx] = cid
+                return
+            if self.settings.use_zero_pages and cid == ZERO:
+                self._zero_merge(seg, idx)
+                return
+        if page_node >= 0:  # pragma: no cover - a KSM page always finds its own node
+            return
+        hit = self._unstable_search_insert(seg, idx, frame)
+        if hit is None:
+            return
+        tseg, tidx, tframe = hit
+        # try_to_merge_two_pages(): this page becomes the KSM page, the tree
+        # page is replaced by it; the tree item leaves the unstable tree
+        self._remove_from_tree(tseg, tidx)
+        self._replace(tseg, tidx, frame)
+        node = self._stable_tree_insert(frame)
+        self._append(tseg, tidx, node)
+        self._append(seg, idx, node)
+
+    # -- the scan ------------------------------------------------------------------------------
+    def _alloc_item(self, seg: Segment, idx: int) -> None:
+        seg.item[idx] = True
+        seg.ist[idx] = NONE
+        seg.inode[idx] = -1
+        seg.ick[idx] = NO_CHECKSUM
+        seg.iage[idx] = 0
+        seg.iskip[idx] = 0
+        self.rmap_items += 1
+        seg.mm.rmap_items += 1
+
+    def visit(self, seg: Segment, idx: int) -> None:
+        """One present anon page in a VM_MERGEABLE VMA, as scan_get_next_rmap_item()
+        hands it to cmp_and_merge_page()."""
+        frame = int(seg.pte[idx])
+        if not seg.item[idx]:
+            self._alloc_item(seg, idx)
+        if self.smart and self.frames.node[frame] < 0:
+            # should_skip_rmap_item() (6.7, 5e924ff54d08); KSM pages are never skipped
+            age = int(seg.iage[idx])
+            if age != U8_MAX:
+                seg.iage[idx] = age + 1
+            if age >= 3:
+                if seg.iskip[idx] == 0:
+                    seg.iskip[idx] = skip_age(age)
+                else:
+                    self.pages_skipped += 1
+                    seg.iskip[idx] -= 1
+                    self._remove_from_tree(seg, idx)
+                    return
+        if self.count_scanned:
+            self.pages_scanned += 1
+        self._cmp_and_merge_page(seg, idx, frame)
+
+    def _drop_empty_ghosts(self, mm: MM) -> None:
+        mm.segments = [s for s in mm.segments if s.mapped or s.item.any()]
+
+    def scan_mm_slow(self, mm: MM) -> bool:
+        """One mm's part of a full scan; False when its slot is to be freed."""
+        if mm.exiting:
+            for seg in list(mm.segments):
+                for idx in np.flatnonzero(seg.item).tolist():
+                    self._free_item(seg, idx)
+            self._drop_empty_ghosts(mm)
+            return False
+        found_mergeable = False
+        for seg in list(mm.segments):
+            if seg.mapped and seg.merge.any():
+                found_mergeable = True
+            visit = seg.merge & (seg.pte > 0) if seg.mapped else np.zeros(seg.n, dtype=bool)
+            for idx in np.flatnonzero(visit | seg.item).tolist():
+                if visit[idx]:
+                    self.visit(seg, idx)
+                else:
+                    # get_next_rmap_item() frees items the scan passed over;
+                    # remove_trailing_rmap_items() those after the last page
+                    self._free_item(seg, idx)
+        self._drop_empty_ghosts(mm)
+        return found_mergeable
+
+    def scan(self, *, fast: bool = True) -> None:
+        """One full scan (scan_get_next_rmap_item() from list head to list head)."""
+        self.unstable.clear()  # root_unstable_tree[nid] = RB_ROOT
+        self._unstable_key.clear()
+        if fast:
+            from .fastscan import FastScan
+
+            FastScan(self).run()
+        else:
+            i = 0
+            while i < len(self.slots):
+                mm = self.slots[i]
+                if self.scan_mm_slow(mm):
+                    i += 1
+                else:
+                    self._drop_slot(mm, i)
+        self.full_scans += 1
+
+    def _drop_slot(self, mm: MM, i: int) -> None:
+        del self.slots[i]
+        mm.registered = False
+        if not self.profile.has("merge_any_kept"):
+            mm.merge_any = False  # cleared with the slot before 590c03ca6a3f (6.18)
+
+    # -- observation --------------------------------------------------------------------------
+    def global_values(self) -> dict[str, Optional[int]]:
+        p = self.profile
+        volatile = self.rmap_items - self.pages_shared - self.pages_sharing - self.pages_unshared
+        saved = self.pages_sharing + (self.zero_pages if self.tracking else 0)
+        return {
+            "pages_shared": self.pages_shared,
+            "pages_sharing": self.pages_sharing,
+            "pages_unshared": self.pages_unshared,
+            "pages_volatile": max(0, volatile),
+            "ksm_zero_pages": self.zero_pages if self.tracking else None,
+            # general_profit (d21077fbc2fc, 6.4; zero pages since 1a8e84305783, 6.6)
+            "general_profit": (saved * PAGE_SIZE - self.rmap_items * RMAP_ITEM_SIZE
+                               if p.has("ksm_profit") else None),
+            "stable_node_chains": self.chains,
+            "stable_node_dups": self.dups,
+            "full_scans": self.full_scans,
+            "pages_scanned": self.pages_scanned if p.has("pages_scanned") else None,
+            "pages_skipped": self.pages_skipped if p.has("smart_scan") else None,
+        }
+
+    def proc_values(self, mm: MM) -> dict[str, Optional[int]]:
+        p = self.profile
+        has_stat = p.has("ksm_stat")
+        profit = p.has("ksm_profit") and has_stat
+        involvement = p.has("ksm_stat_involvement") and has_stat
+        saved = mm.merging_pages + (mm.zero_pages if self.tracking else 0)
+        mergeable = any(seg.merge.any() for seg in mm.regions.values())
+        return {
+            "ksm_rmap_items": mm.rmap_items if has_stat else None,
+            "ksm_zero_pages": mm.zero_pages if (self.tracking and has_stat) else None,
+            "ksm_merging_pages": mm.merging_pages if profit else None,
+            "ksm_process_profit": (saved * PAGE_SIZE - mm.rmap_items * RMAP_ITEM_SIZE
+                                   if profit else None),
+            "ksm_merge_any": int(mm.merge_any) if involvement else None,
+            "ksm_mergeable": int(mergeable) if involvement else None,
+            # RssAnon includes the interpreter: never predictable
+            "rss_anon_pages": None,
+            # MM_ANONPAGES as moved by the regions: exact only where /proc sums
+            # the per-cpu counters (82241a83cd15)
+            "rss_anon_scenario_pages": mm.anon_pages() if p.has("rss_exact") else None,
+        }
+
+    def region_values(self, seg: Segment) -> dict[str, int]:
+        pte = seg.pte
+        present = pte >= 0
+        anon = pte[pte > 0]
+        if self.profile.has("kpf_ksm_all_anon"):
+            ksm = int(anon.size)  # dee3d0bef2b0: KPF_KSM on every anon folio
+        else:
+            ksm = int(np.count_nonzero(self.frames.node[anon] >= 0)) if anon.size else 0
+        return {
+            "present": int(np.count_nonzero(present)),
+            "zero_pfn": int(np.count_nonzero(pte == 0)),
+            "ksm": ksm,
+            "distinct_frames": int(np.unique(anon).size),
+        }
+
+    # -- invariants (tests) ----------------------------------------------------------------
+    def check(self) -> None:
+        """Assert the kernel's own invariants; used by the tests."""
+        items = sum(int(np.count_nonzero(s.item)) for s in self.all_segments())
+        assert items == self.rmap_items, (items, self.rmap_items)
+        stable = sum(int(np.count_nonzero(s.ist == STABLE)) for s in self.all_segments())
+        assert stable == self.pages_shared + self.pages_sharing
+        unstable = sum(int(np.count_nonzero(s.ist == UNSTABLE)) for s in self.all_segments())
+        assert unstable == self.pages_unshared
+        self.root.check()
+        nodes = [n for n in self.nodes if n.alive]
+        assert sum(1 for n in nodes if n.is_chain) == self.chains
+        assert sum(1 for n in nodes if n.chain is not None) == self.dups
+        live = [n for n in nodes if not n.is_chain]
+        assert sum(1 for n in live if n.len > 0) == self.pages_shared
+        assert sum(n.len for n in live) == self.pages_shared + self.pages_sharing
+        for s in self.all_segments():
+            assert not (s.ist[~s.item] != NONE).any()
+            if not s.mapped:
+                assert (s.pte < 0).all()

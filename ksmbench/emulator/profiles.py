@@ -1,0 +1,213 @@
+"""Kernel behaviour profiles: named sets of behaviour flags.
+
+A *flag* is one behaviour that changed at a known kernel commit.  A
+*profile* says, for every flag, whether the kernel has it.  Profiles are
+named after kernel versions (``linux-6.6``, ``linux-6.12.57``): the flags are
+derived from the version, including the stable backports we know of, and a
+profile name may end with explicit overrides (``linux-6.12,+fork_counter_fix``
+or ``linux-6.18,-checksum_first``), which is how :mod:`ksmbench.identify`
+asks "what if this kernel had / lacked that patch".
+
+Each flag cites the upstream commit and the release that first carried it;
+``stable`` lists the stable series that got a backport and the first point
+release with it.  Point-release numbers marked "approx" were dated from the
+stable review mails (Greg KH's "X.Y-stable review patch" posts), not read from
+tags; ``ksmbench identify`` measures the flags directly when it matters.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+from functools import lru_cache
+
+from ..console import make_console
+from ..errors import UsageError
+
+
+@dataclass(frozen=True)
+class Flag:
+    name: str
+    commit: str
+    since: tuple[int, int]
+    what: str
+    #: stable series -> first point release carrying the backport
+    stable: dict[tuple[int, int], int] = field(default_factory=dict)
+    #: True when the stable point release is an estimate (see module doc)
+    stable_approx: bool = False
+    #: for a *bug* flag: the release whose fix ends it, and stable fixes
+    fixed_in: tuple[int, int] | None = None
+    fix_stable: dict[tuple[int, int], int] = field(default_factory=dict)
+
+    def present_in(self, version: tuple[int, int, int]) -> bool:
+        major, minor, patch = version
+        if self.fixed_in is not None:
+            if (major, minor) < self.since or (major, minor) >= self.fixed_in:
+                return False
+            first_fixed = self.fix_stable.get((major, minor))
+            return first_fixed is None or patch < first_fixed
+        if (major, minor) >= self.since:
+            return True
+        first = self.stable.get((major, minor))
+        return first is not None and patch >= first
+
+    def describe(self) -> str:
+        return f"{self.name}: {self.what} ({self.where()})"
+
+    def where(self) -> str:
+        """Commit, release, stable backports (and fix, for a bug flag)."""
+        text = f"{self.commit}, {self.since[0]}.{self.since[1]}"
+        approx = "~" if self.stable_approx else ""
+        if self.stable:
+            text += "; stable " + ", ".join(f"{a}.{b}.{approx}{p}" for (a, b), p in
+                                            sorted(self.stable.items()))
+        if self.fixed_in:
+            text += f"; fixed in {self.fixed_in[0]}.{self.fixed_in[1]}"
+            if self.fix_stable:
+                text += ", stable " + ", ".join(f"{a}.{b}.{approx}{p}" for (a, b), p in
+                                                sorted(self.fix_stable.items()))
+        return text
+
+
+FLAGS: tuple[Flag, ...] = (
+    Flag("ksm_stat", "cb4df4cae4f2", (6, 1),
+         "/proc/<pid>/ksm_stat exists with ksm_rmap_items"),
+    Flag("ksm_profit", "d21077fbc2fc", (6, 4),
+         "sysfs general_profit; ksm_merging_pages and ksm_process_profit in ksm_stat"),
+    Flag("prctl_memory_merge", "d7597f59d1d3", (6, 4),
+         "PR_SET_MEMORY_MERGE / PR_GET_MEMORY_MERGE"),
+    Flag("zero_page_tracking", "79271476b336+e2942062e01d+6080d19f0704+1a8e84305783", (6, 6),
+         "KSM zero PTEs are marked dirty, unshared by MADV_UNMERGEABLE/prctl/run=2, counted in "
+         "sysfs and ksm_stat ksm_zero_pages, and counted in both profits"),
+    Flag("pages_scanned", "b348b5fe2b5f", (6, 6), "sysfs pages_scanned"),
+    Flag("pages_scanned_fix", "730cdc2c72c6", (6, 10),
+         "pages_scanned counted per item; before it, a batch that completes a full scan adds "
+         "nothing, so one-scan-per-batch stepping leaves it at 0",
+         stable={(6, 6): 33, (6, 8): 12, (6, 9): 3}, stable_approx=True),
+    Flag("smart_scan", "5e924ff54d08+e5a689912689", (6, 7),
+         "smart_scan skips pages that keep failing to merge; sysfs pages_skipped"),
+    Flag("checksum_first", "ac90c56bbd73+d58a361b0350+a0b856b617c5", (6, 11),
+         "cmp_and_merge_page() checks the checksum before the stable tree: a page identical to "
+         "an existing KSM page merges on its second visit, not its first"),
+    Flag("ksm_stat_involvement", "3ab76c767bc7", (6, 14),
+         "ksm_merge_any: / ksm_mergeable: lines in ksm_stat"),
+    Flag("rss_exact", "82241a83cd15", (6, 16),
+         "/proc/<pid>/status RssAnon is the exact per-cpu sum (else it lags by up to a "
+         "per-cpu batch per CPU and is not predictable)",
+         stable={(6, 12): 38, (6, 15): 7}, stable_approx=True),
+    Flag("merge_any_kept", "590c03ca6a3f", (6, 18),
+         "ksmd no longer clears MMF_VM_MERGE_ANY when it drops an mm without mergeable VMAs; "
+         "a later mmap re-registers the mm",
+         # identify on Debian 6.12.117 showed the behaviour: backported to 6.12.y
+         stable={(6, 12): 58, (6, 17): 5}, stable_approx=True),
+    # A bug, not a feature: present from `since` until its fix.  Measured on
+    # Debian 6.12.117 (every anon page reads KPF_KSM) and on this host's
+    # 6.18.44 (only KSM pages do).  The fix is "fs/proc: fix KPF_KSM reported
+    # for all anonymous pages" (Jinjiang Tu, mm-hotfixes July 2026, Cc stable;
+    # it does not apply to 6.12's PAGE_MAPPING_* names as is).
+    Flag("kpf_ksm_all_anon", "dee3d0bef2b0", (6, 10),
+         "bug: stable_page_flags() tests mapping & PAGE_MAPPING_KSM, which every anon folio "
+         "passes, so /proc/kpageflags shows KPF_KSM on all anonymous pages (region.*.ksm "
+         "counts every present anon page)",
+         fixed_in=(7, 2), fix_stable={(6, 18): 36}, stable_approx=True),
+    Flag("fork_counter_fix", "4d6fc29f3634", (6, 18),
+         "fork zeroes the child's ksm_rmap_items/ksm_merging_pages and adds its inherited KSM "
+         "zero pages to the global ksm_zero_pages (before: the child inherits the parent's "
+         "counters and the global counter is not raised)",
+         stable={(6, 6): 112, (6, 12): 54, (6, 17): 4}, stable_approx=True),
+)
+FLAG_NAMES: tuple[str, ...] = tuple(f.name for f in FLAGS)
+FLAG_BY_NAME: dict[str, Flag] = {f.name: f for f in FLAGS}
+
+#: the named presets the brief asks for (any linux-X.Y[.Z] is accepted too)
+PRESETS: tuple[str, ...] = ("linux-6.1", "linux-6.6", "linux-6.7", "linux-6.11", "linux-6.12",
+                            "linux-6.18")
+
+_NAME_RE = re.compile(r"linux-(\d+)\.(\d+)(?:\.(\d+))?\Z")
+
+
+@dataclass(frozen=True)
+class Profile:
+    name: str
+    version: tuple[int, int, int]
+    flags: frozenset[str]
+
+    def has(self, flag: str) -> bool:
+        return flag in self.flags
+
+    def __getattr__(self, item: str) -> bool:
+        if item in FLAG_BY_NAME:
+            return item in self.flags
+        raise AttributeError(item)
+
+
+def flags_for_version(version: tuple[int, int, int]) -> frozenset[str]:
+    return frozenset(f.name for f in FLAGS if f.present_in(version))
+
+
+def parse_release(release: str) -> tuple[int, int, int] | None:
+    m = re.match(r"(\d+)\.(\d+)(?:\.(\d+))?", release or "")
+    if not m:
+        return None
+    return int(m[1]), int(m[2]), int(m[3] or 0)
+
+
+def _known() -> str:
+    return (", ".join(PRESETS) + ", or linux-X.Y[.Z] for any version, optionally followed by "
+            "',+flag' / ',-flag' overrides (flags: " + ", ".join(FLAG_NAMES) + ")")
+
+
+@lru_cache(maxsize=256)
+def get_profile(name: str) -> Profile:
+    """Parse and validate a profile name; UsageError names the known ones."""
+    parts = [p.strip() for p in str(name).split(",")]
+    m = _NAME_RE.match(parts[0])
+    if not m:
+        raise UsageError(f"unknown emulator profile '{name}'", hint=f"known: {_known()}")
+    version = (int(m[1]), int(m[2]), int(m[3] or 0))
+    flags = set(flags_for_version(version))
+    for mod in parts[1:]:
+        if len(mod) < 2 or mod[0] not in "+-" or mod[1:] not in FLAG_BY_NAME:
+            raise UsageError(f"profile '{name}': '{mod}' is not +flag or -flag",
+                             hint="flags: " + ", ".join(FLAG_NAMES))
+        if mod[0] == "+":
+            flags.add(mod[1:])
+        else:
+            flags.discard(mod[1:])
+    return Profile(name, version, frozenset(flags))
+
+
+def profile_for_release(release: str | None) -> str | None:
+    """The profile that fits a kernel release string, e.g. '6.12.57+deb13-amd64'."""
+    version = parse_release(release or "")
+    if version is None:
+        return None
+    major, minor, patch = version
+    return f"linux-{major}.{minor}.{patch}" if patch else f"linux-{major}.{minor}"
+
+
+def describe_flags(profile: Profile) -> list[tuple[str, bool, str]]:
+    return [(f.name, f.name in profile.flags, f.describe()) for f in FLAGS]
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``python -m ksmbench.emulator [PROFILE...]``: the flags, and
+    which of them each profile (default: the presets) has."""
+    import sys
+
+    from rich.table import Table
+
+    names = list(argv if argv is not None else sys.argv[1:]) or list(PRESETS)
+    profiles = [get_profile(n) for n in names]
+    table = Table(title="emulator behaviour flags")
+    table.add_column("flag")
+    table.add_column("commit / version")
+    for p in profiles:
+        table.add_column(p.name, justify="center")
+    for f in FLAGS:
+        table.add_row(f.name, f.where(), *["yes" if f.name in p.flags else "-" for p in profiles])
+    make_console().print(table)
+    for f in FLAGS:
+        print(f"{f.name}: {f.what}")
+    return 0
+

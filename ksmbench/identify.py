@@ -1,0 +1,434 @@
+"""``ksmbench identify --kernel K``: which KSM behaviours a kernel has, flag by flag.
+
+The built-in suite plus a few probe scenarios (below) run on the kernel; then
+every behaviour flag of the emulator (:mod:`ksmbench.emulator.profiles`) is
+judged by prediction: starting from the profile its release suggests, the
+flag is switched on and off and the two predictions are compared with what
+the kernel did.  The setting with fewer disagreeing cells is what the
+observations support; equal counts mean the probes do not tell (reported as
+such, never guessed).  Flags are revisited until no single change improves
+the fit, which gives the *fitted* profile; the named presets are scored too.
+
+This is how a user checks whether a kernel carries a patch, e.g. a Debian
+6.12.y kernel and the fork counter fix 4d6fc29f3634 (backported to stable).
+
+A cell counts as disagreeing when both sides have a value and they differ,
+or when exactly one side lacks the counter (a missing sysfs file or ksm_stat
+line is evidence too).  RssAnon cells are left out of the presence test: an
+approximate RssAnon is still printed, the model just cannot predict it.
+"""
+
+from __future__ import annotations
+
+import sys
+from argparse import Namespace
+from dataclasses import dataclass, field
+from typing import Mapping, Sequence
+
+from .console import make_console
+from .metrics import RSS_ANON, RSS_ANON_SCENARIO
+from .observation import BackendInfo, ObservationPoint, PointObserved, ScenarioFinished
+from .scenario import builtin_suite
+from .scenario import model as m
+from .scenario.loader import scenario_from_dict
+
+#: Probes for behaviours the built-in suite does not separate.
+PROBES: tuple[dict, ...] = (
+    {   # checksum_first (6.11): a page identical to an existing KSM page, never
+        # checksummed before, merges on its first visit before 6.11 and on its
+        # second visit since (the checksum test now comes first)
+        "name": "probe-checksum-first",
+        "description": "a new page identical to an existing KSM page: merged on visit 1 or 2?",
+        "step": [
+            {"op": "mmap", "region": "a", "pages": 8},
+            {"op": "fill", "region": "a", "pattern": "tag:probe-ck"},
+            {"op": "madvise", "region": "a", "advice": "mergeable"},
+            {"op": "scan", "count": 2},
+            {"op": "mmap", "region": "b", "pages": 4},
+            {"op": "fill", "region": "b", "pattern": "tag:probe-ck"},
+            {"op": "madvise", "region": "b", "advice": "mergeable"},
+            {"op": "scan", "count": 2},
+        ],
+    },
+    {   # merge_any_kept (6.18, 590c03ca6a3f): ksmd drops the slot of a MERGE_ANY
+        # mm without mergeable VMAs; before the fix it also cleared MERGE_ANY,
+        # so a later mapping is not mergeable and nothing merges
+        "name": "probe-merge-any-kept",
+        "description": "PR_SET_MEMORY_MERGE survives ksmd dropping the mm's slot?",
+        "step": [
+            {"op": "prctl", "merge": True},
+            {"op": "mmap", "region": "a", "pages": 4},
+            {"op": "fill", "region": "a", "pattern": "tag:probe-ma"},
+            {"op": "munmap", "region": "a"},
+            {"op": "scan", "count": 1},
+            {"op": "mmap", "region": "b", "pages": 16},
+            {"op": "fill", "region": "b", "pattern": "tag:probe-ma"},
+            {"op": "scan", "count": 3},
+        ],
+    },
+    {   # fork_counter_fix (4d6fc29f3634) without zero pages: the child's
+        # ksm_rmap_items / ksm_merging_pages right after fork (6.1 has them too)
+        "name": "probe-fork-counters",
+        "description": "does a forked child inherit the parent's ksm_stat counters?",
+        "step": [
+            {"op": "mmap", "region": "a", "pages": 32},
+            {"op": "fill", "region": "a", "pattern": "tag:probe-fork"},
+            {"op": "madvise", "region": "a", "advice": "mergeable"},
+            {"op": "scan", "count": 2},
+            {"op": "fork", "child": "child"},
+            {"op": "scan", "count": 1},
+            {"op": "exit", "proc": "child"},
+            {"op": "scan", "count": 1},
+        ],
+    },
+)
+
+
+def probe_scenarios() -> list[m.Scenario]:
+    return [scenario_from_dict(p, source=f"<identify>/{p['name']}") for p in PROBES]
+
+
+@dataclass
+class Score:
+    compared: int = 0
+    differ: int = 0
+    presence: int = 0
+    examples: list[str] = field(default_factory=list)
+
+    @property
+    def bad(self) -> int:
+        return self.differ + self.presence
+
+
+_PREDICTIONS: dict[tuple[m.Scenario, frozenset], dict] = {}
+
+
+def _predicted(scenario: m.Scenario, profile: str) -> dict:
+    """Predictions by (scenario, flag set): profiles with the same flags behave alike."""
+    from .emulator import predict
+    from .emulator.profiles import get_profile
+
+    prof = get_profile(profile)
+    key = (scenario, prof.flags)
+    if key not in _PREDICTIONS:
+        if len(_PREDICTIONS) > 4096:
+            _PREDICTIONS.clear()
+        _PREDICTIONS[key] = {(p.step, p.scan): p for p in predict(scenario, prof)}
+    return _PREDICTIONS[key]
+
+
+def score(observed: Mapping[str, Sequence[ObservationPoint]], scenarios: Sequence[m.Scenario],
+          profile: str) -> Score:
+    out = Score()
+    for scenario in scenarios:
+        points = observed.get(scenario.name)
+        if not points:
+            continue
+        pred = _predicted(scenario, profile)
+        for o in points:
+            p = pred.get((o.step, o.scan))
+            if p is None:
+                # the kernel got further than the profile allows (e.g. it ran a
+                # prctl the profile's kernel would refuse): every value it
+                # reported counts against the profile
+                missing = sum(1 for v in o.values.values() if v is not None)
+                out.presence += missing
+                if missing and len(out.examples) < 3:
+                    out.examples.append(f"{scenario.name} step {o.step}: observed, not predicted")
+                continue
+            for metric, ov in o.values.items():
+                pv = p.values.get(metric)
+                if ov is not None and pv is not None:
+                    out.compared += 1
+                    if ov != pv:
+                        out.differ += 1
+                        if len(out.examples) < 3:
+                            out.examples.append(f"{scenario.name} step {o.step}"
+                                                f"{' scan ' + str(o.scan) if o.scan else ''} "
+                                                f"{metric}: observed {ov}, predicted {pv}")
+                elif (ov is None) != (pv is None) and not metric.endswith(
+                        (RSS_ANON, RSS_ANON_SCENARIO)):
+                    out.presence += 1
+                    if len(out.examples) < 3:
+                        out.examples.append(f"{scenario.name} step {o.step} {metric}: observed "
+                                            f"{'absent' if ov is None else ov}, predicted "
+                                            f"{'absent' if pv is None else pv}")
+    return out
+
+
+def _with(base: str, flags: Mapping[str, bool]) -> str:
+    from .emulator.profiles import get_profile
+
+    prof = get_profile(base.split(",")[0])
+    mods = [("+" if on else "-") + name for name, on in sorted(flags.items())
+            if (name in prof.flags) != on]
+    return ",".join([base.split(",")[0], *mods])
+
+
+@dataclass
+class FlagVerdict:
+    name: str
+    expected: bool          # what the release suggests
+    supported: bool | None  # what the observations support (None: cannot tell)
+    bad_on: int
+    bad_off: int
+    #: cells compared with the flag on minus with it off (predictions that
+    #: only exist with the flag, e.g. rss_anon_scenario_pages with rss_exact)
+    extra_on: int = 0
+
+    def describe(self) -> str:
+        if self.supported is True:
+            return "present"
+        if self.supported is False:
+            return "absent"
+        if self.extra_on > 0:
+            return f"consistent with present ({self.extra_on} more cells agree)"
+        return "cannot tell"
+
+
+@dataclass
+class Identification:
+    release: str | None
+    base: str
+    fitted: str
+    fitted_score: Score
+    flags: list[FlagVerdict]
+    presets: list[tuple[str, Score]]
+    scenarios: int
+    points: int
+
+
+def analyse(observed: Mapping[str, Sequence[ObservationPoint]], scenarios: Sequence[m.Scenario],
+            release: str | None, *, base: str | None = None) -> Identification:
+    from .emulator.profiles import FLAG_NAMES, PRESETS, get_profile, profile_for_release
+
+    base = base or profile_for_release(release or "") or "linux-6.18"
+    base_flags = get_profile(base).flags
+    setting = {name: name in base_flags for name in FLAG_NAMES}
+    cache: dict[str, Score] = {}
+
+    def sc(flags: Mapping[str, bool]) -> Score:
+        name = _with(base, flags)
+        if name not in cache:
+            cache[name] = score(observed, scenarios, name)
+        return cache[name]
+
+    # coordinate descent: flip a flag when that fits strictly better
+    for _ in range(3):
+        changed = False
+        for name in FLAG_NAMES:
+            here = sc(setting).bad
+            flipped = {**setting, name: not setting[name]}
+            if sc(flipped).bad < here:
+                setting = flipped
+                changed = True
+        if not changed:
+            break
+    verdicts = []
+    for name in FLAG_NAMES:
+        s_on, s_off = sc({**setting, name: True}), sc({**setting, name: False})
+        on, off = s_on.bad, s_off.bad
+        supported = None if on == off else on < off
+        verdicts.append(FlagVerdict(name, name in base_flags, supported, on, off,
+                                    s_on.compared - s_off.compared))
+    fitted = _with(base, setting)
+    presets = [(p, score(observed, scenarios, p)) for p in (*PRESETS, base) if p]
+    npoints = sum(len(v) for v in observed.values())
+    return Identification(release, base, fitted, sc(setting), verdicts, presets,
+                          len(observed), npoints)
+
+
+def collect(backend, scenarios: Sequence[m.Scenario], progress=lambda msg: None
+            ) -> tuple[dict[str, list[ObservationPoint]], str | None, list[str]]:
+    """Run scenarios on a backend: observed points per scenario, release, errors."""
+    observed: dict[str, list[ObservationPoint]] = {}
+    release = None
+    errors = []
+    for event in backend.events(scenarios):
+        if isinstance(event, BackendInfo):
+            release = event.info.get("kernel_release", release)
+            if event.info.get("status"):
+                progress(str(event.info["status"]))
+        elif isinstance(event, PointObserved):
+            observed.setdefault(event.scenario, []).append(event.point)
+        elif isinstance(event, ScenarioFinished):
+            progress(f"{event.scenario}: {'done' if not event.error else 'error'}")
+            if event.error:
+                errors.append(f"{event.scenario}: {event.error}")
+    return observed, release, errors
+
+
+class _Recording:
+    """A backend wrapper that keeps the points while the Runner writes them."""
+
+    def __init__(self, backend):
+        self.backend = backend
+        self.label = backend.label
+        self.observed: dict[str, list[ObservationPoint]] = {}
+        self.release: str | None = None
+        self.errors: list[str] = []
+        if hasattr(backend, "artifacts_dir"):
+            self.artifacts_dir = None
+
+    def events(self, scenarios):
+        if hasattr(self, "artifacts_dir") and self.artifacts_dir is not None:
+            self.backend.artifacts_dir = self.artifacts_dir
+        for event in self.backend.events(scenarios):
+            if isinstance(event, BackendInfo) and event.info.get("kernel_release"):
+                self.release = event.info["kernel_release"]
+            elif isinstance(event, PointObserved):
+                self.observed.setdefault(event.scenario, []).append(event.point)
+            elif isinstance(event, ScenarioFinished) and event.error:
+                self.errors.append(f"{event.scenario}: {event.error}")
+            yield event
+
+
+def identify_command(args: Namespace) -> int:
+    """Run the probes on each kernel (observations go to a run directory under
+    ./results, with the release's profile as prediction), then judge the flags."""
+
+    from .backends import resolve_backend
+    from .emulator import Predictor
+    from .kernel.lock import RunLock
+    from .results import RunDir
+    from .runner import Runner
+
+    console = make_console()
+    scenarios = builtin_suite() + probe_scenarios()
+    status = 0
+    backends = [resolve_backend(spec, memory=args.memory, cpus=args.cpus, accel=args.accel,
+                                modules=args.modules) for spec in (args.kernel or ["host"])]
+    from contextlib import nullcontext
+
+    from .emulator.backend import EmulatorBackend
+
+    # the emulator needs no kernel: only real kernels take the machine's RunLock
+    real = any(not isinstance(b, EmulatorBackend) for b in backends)
+    with RunLock(timeout=args.wait) if real else nullcontext():
+        rundir = RunDir(getattr(args, "out", None) or "results")
+        rundir.metadata["command"] = ["ksmbench", *sys.argv[1:]]
+        rundir.metadata["scenarios"] = [s.name for s in scenarios]
+        try:
+            for backend in backends:
+                rec = _Recording(backend)
+                with console.status(f"{backend.label}: running {len(scenarios)} scenarios") as st:
+                    runner = Runner(rundir, predictor=Predictor(), profile="auto",
+                                    progress=lambda k, msg: st.update(f"{k}: {msg}"))
+                    outcome = runner.run_kernel(rec, scenarios)
+                if outcome.error:
+                    console.print(f"[red]{backend.label}: {outcome.error}[/red]")
+                for err in rec.errors:
+                    console.print(f"[yellow]{backend.label}: {err}[/yellow]")
+                if not rec.observed:
+                    status = 2
+                    continue
+                result = analyse(rec.observed, scenarios, rec.release)
+                entry = rundir.kernel_entry(backend.label)
+                entry["identify"] = result_dict(result)
+                rundir.write_metadata()
+                report(console, backend.label, result)
+                if result.fitted_score.bad:
+                    status = max(status, 1)
+        finally:
+            rundir.close()
+    console.print(f"observations: {rundir.path}  (re-analyse: python -m ksmbench.identify "
+                  f"{rundir.path})")
+    return status
+
+
+def result_dict(r: Identification) -> dict:
+    return {
+        "release": r.release, "suggested_profile": r.base, "fitted_profile": r.fitted,
+        "fitted_disagreeing_cells": r.fitted_score.bad,
+        "flags": {v.name: {"release_suggests": v.expected, "observations_support": v.describe(),
+                           "bad_on": v.bad_on, "bad_off": v.bad_off} for v in r.flags},
+        "profiles": {name: {"compared": sc.compared, "disagree": sc.differ,
+                            "presence_differs": sc.presence} for name, sc in r.presets},
+    }
+
+
+def load_rundir(path: str) -> tuple[dict[str, dict[str, list[ObservationPoint]]], dict[str, str]]:
+    """Observed points per kernel label and scenario, and each kernel's release."""
+    import csv
+    import json
+    from pathlib import Path
+
+    base = Path(path)
+    points: dict[tuple, dict] = {}
+    order: list[tuple] = []
+    with open(base / "observations.csv", newline="") as fh:
+        for row in csv.DictReader(fh):
+            key = (row["kernel"], row["scenario"], int(row["step"]), row["op"],
+                   int(row["scan"]) if row["scan"] else None)
+            if key not in points:
+                points[key] = {}
+                order.append(key)
+            points[key][row["metric"]] = int(row["observed"]) if row["observed"] != "" else None
+    out: dict[str, dict[str, list[ObservationPoint]]] = {}
+    for key in order:
+        kernel, scenario, step, op, scan = key
+        out.setdefault(kernel, {}).setdefault(scenario, []).append(
+            ObservationPoint(step, op, scan, points[key]))
+    meta = json.loads((base / "metadata.json").read_text())
+    releases = {k["kernel"]: k.get("kernel_release") for k in meta.get("kernels", [])}
+    return out, releases
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Re-analyse a run directory written by ``ksmbench identify`` (or ``run``)."""
+    import argparse
+
+
+    ap = argparse.ArgumentParser(prog="python -m ksmbench.identify",
+                                 description="judge behaviour flags from a run directory")
+    ap.add_argument("rundir")
+    ap.add_argument("--base", default=None, help="profile to start from (default: by release)")
+    args = ap.parse_args(argv)
+    console = make_console()
+    observed, releases = load_rundir(args.rundir)
+    scenarios = builtin_suite() + probe_scenarios()
+    status = 0
+    for kernel, obs in observed.items():
+        known = [s for s in scenarios if s.name in obs]
+        result = analyse(obs, known, releases.get(kernel), base=args.base)
+        report(console, kernel, result)
+        status = max(status, 1 if result.fitted_score.bad else 0)
+    return status
+
+
+def report(console, label: str, r: Identification) -> None:
+    from rich.table import Table
+
+    from .emulator.profiles import FLAG_BY_NAME
+
+    console.print(f"[bold]{label}[/bold]: kernel {r.release or '?'}; {r.scenarios} scenarios, "
+                  f"{r.points} observation points; release suggests profile {r.base}")
+    t = Table(title="behaviour flags (cells that disagree with the flag on / off)")
+    for col in ("flag", "commit", "since", "release suggests", "observations support",
+                "bad on", "bad off"):
+        t.add_column(col, justify="right" if col.startswith("bad") else "left")
+    for v in r.flags:
+        flag = FLAG_BY_NAME[v.name]
+        support = v.describe() if v.supported is not None or v.extra_on else "[dim]cannot tell[/dim]"
+        if v.supported is not None and v.supported != v.expected:
+            support = f"[bold yellow]{support} (unexpected)[/bold yellow]"
+        t.add_row(v.name, flag.commit.split("+")[0], f"{flag.since[0]}.{flag.since[1]}",
+                  "present" if v.expected else "absent", support, str(v.bad_on), str(v.bad_off))
+    console.print(t)
+    p = Table(title="profiles")
+    for col in ("profile", "cells compared", "disagree", "presence differs"):
+        p.add_column(col, justify="left" if col == "profile" else "right")
+    for name, s in r.presets:
+        p.add_row(name, str(s.compared), str(s.differ), str(s.presence))
+    p.add_row(f"[bold]fitted: {r.fitted}[/bold]", str(r.fitted_score.compared),
+              str(r.fitted_score.differ), str(r.fitted_score.presence))
+    console.print(p)
+    best = min(r.presets, key=lambda ps: ps[1].bad)
+    console.print(f"best named profile: {best[0]} ({best[1].bad} disagreeing cells); fitted "
+                  f"profile: {r.fitted} ({r.fitted_score.bad})")
+    for ex in r.fitted_score.examples:
+        console.print(f"  [dim]{ex}[/dim]")
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

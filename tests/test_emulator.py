@@ -1,0 +1,382 @@
+"""Unit tests of the emulator on small cases checked by hand against mm/ksm.c.
+
+Every expected number here is derived in the comment next to it from the
+kernel code path (or from ksm-semantics.md, which quotes the kernel's own
+selftests), not copied from the emulator.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import random
+from argparse import Namespace
+
+import pytest
+
+from ksmbench.emulator import EmulatorBackend, Predictor, predict
+from ksmbench.emulator.content import ContentTable
+from ksmbench.emulator.profiles import get_profile, profile_for_release
+from ksmbench.emulator.rbtree import RBNode, RBRoot
+from ksmbench.errors import UsageError
+from ksmbench.observation import PointObserved, ScenarioFinished, ScenarioStarted
+from ksmbench.scenario import builtin_suite
+from ksmbench.scenario.loader import scenario_from_dict
+from ksmbench.scenario.patterns import FillId, key_bytes, parse_pattern
+
+
+def scen(steps, ksm=None, name="t"):
+    spec = {"name": name, "step": steps}
+    if ksm:
+        spec["ksm"] = ksm
+    return scenario_from_dict(spec, source="<test>")
+
+
+def at(points, step, scan=None):
+    for p in points:
+        if p.step == step and p.scan == scan:
+            return p.values
+    raise KeyError((step, scan))
+
+
+def region(name, pages, pattern, merge=True, proc=None, rng=None):
+    steps = [{"op": "mmap", "region": name, "pages": pages},
+             {"op": "fill", "region": name, "pattern": pattern}]
+    if rng:
+        steps[1]["range"] = rng
+    if merge:
+        steps.append({"op": "madvise", "region": name, "advice": "mergeable"})
+    if proc:
+        for s in steps:
+            s["proc"] = proc
+    return steps
+
+
+# -- merging identical pages (ksm-semantics 3.4, ksm_tests assert_ksm_pages_count) ------------
+
+@pytest.mark.parametrize("n,maxs", [(10, 256), (16, 16), (17, 16), (18, 16), (50, 16), (33, 16),
+                                    (7, 2), (6, 3), (512, 256)])
+def test_n_identical_pages_after_two_scans(n, maxs):
+    pts = predict(scen(region("a", n, "tag:x") + [{"op": "scan", "count": 2}],
+                       ksm={"max_page_sharing": maxs}), "linux-6.18")
+    v = at(pts, 3, 2)
+    # scan 1 records checksums; scan 2: page 0 into the unstable tree, page 1 merges with
+    # it (a new KSM page), later pages are appended until max_page_sharing, then the
+    # next pair makes a new dup.  ksm_tests: N mod M in {0,1} -> floor(N/M) KSM pages,
+    # else floor(N/M)+1; a lone leftover stays in the unstable tree.
+    full, rem = divmod(n, maxs)
+    shared = full + (1 if rem >= 2 else 0)
+    assert v["global.pages_shared"] == shared
+    assert v["global.pages_sharing"] == n - shared - (1 if rem == 1 else 0)
+    assert v["global.pages_unshared"] == (1 if rem == 1 else 0)
+    assert v["global.stable_node_chains"] == (1 if shared > 1 else 0)
+    assert v["global.stable_node_dups"] == (shared if shared > 1 else 0)
+    assert v["global.pages_volatile"] == 0
+    assert v["region.main.a.distinct_frames"] == shared + (1 if rem == 1 else 0)
+
+
+def test_ten_pages_profit_as_in_the_notes():
+    pts = predict(scen(region("a", 10, "tag:ten") + [{"op": "scan", "count": 2}]), "linux-6.18")
+    # "N=10, M=256 gives shared 1, sharing 9, general_profit = 9*4096 - 10*64 = 36224"
+    assert at(pts, 3, 2)["global.general_profit"] == 36224
+    # per process: (merging 10) * 4096 - 10 * 64
+    assert at(pts, 3, 2)["proc.main.ksm_process_profit"] == 10 * 4096 - 640
+    # after scan 1 every item is volatile: -N*64
+    assert at(pts, 3, 1)["global.general_profit"] == -640
+    assert at(pts, 3, 1)["global.pages_volatile"] == 10
+
+
+def test_mixed_region_reference_table():
+    """The measured 6.18 table of ksm-semantics.md, scan by scan."""
+    pts = predict(builtin_suite()[[s.name for s in builtin_suite()].index("mixed-region")],
+                  "linux-6.18")
+    want = {  # scan: shared, sharing, unshared, volatile, zero, profit, chains, dups, items
+        1: (0, 0, 0, 3000, 0, -192000, 0, 0, 3000),
+        2: (4, 996, 1000, 1000, 1000, 7983616, 1, 4, 3000),
+        3: (4, 996, 1000, 0, 1000, 8047616, 1, 4, 2000),
+        4: (4, 996, 1000, 0, 1000, 8047616, 1, 4, 2000),
+        5: (4, 996, 0, 1000, 1000, 8047616, 1, 4, 2000),
+    }
+    for scan, row in want.items():
+        v = at(pts, 5, scan)
+        got = tuple(v[f"global.{k}"] for k in ("pages_shared", "pages_sharing", "pages_unshared",
+                                                "pages_volatile", "ksm_zero_pages", "general_profit",
+                                                "stable_node_chains", "stable_node_dups"))
+        assert got + (v["proc.main.ksm_rmap_items"],) == row, scan
+    # smart_scan skips the 1000 unique pages on scan 5
+    assert at(pts, 5, 5)["global.pages_skipped"] == 1000
+    assert at(pts, 5, 2)["proc.main.ksm_process_profit"] == 8000000
+
+
+# -- zero pages ------------------------------------------------------------------------------------
+
+def test_zero_pages_lifecycle_and_versions():
+    s = scen(region("a", 40, "zero") + [{"op": "scan", "count": 3},
+                                        {"op": "madvise", "region": "a", "range": [0, 10],
+                                         "advice": "unmergeable"},
+                                        {"op": "fill", "region": "a", "range": [10, 15],
+                                         "pattern": "tag:w"},
+                                        {"op": "madvise", "region": "a", "range": [15, 20],
+                                         "advice": "dontneed"},
+                                        {"op": "unmerge_all"}],
+             ksm={"use_zero_pages": True})
+    new = predict(s, "linux-6.18")
+    # scan 2: replaced by the zero page, counted, items stay (volatile); scan 3: items freed
+    assert at(new, 3, 2)["global.ksm_zero_pages"] == 40
+    assert at(new, 3, 2)["global.pages_volatile"] == 40
+    assert at(new, 3, 2)["proc.main.rss_anon_scenario_pages"] == 0
+    assert at(new, 3, 3)["proc.main.ksm_rmap_items"] == 0
+    assert at(new, 3, 3)["global.general_profit"] == 40 * 4096
+    # MADV_UNMERGEABLE unshares 10 at once (79271476b336), a write fault 5, DONTNEED 5
+    assert at(new, 4)["global.ksm_zero_pages"] == 30
+    assert at(new, 4)["region.main.a.zero_pfn"] == 30
+    assert at(new, 5)["global.ksm_zero_pages"] == 25
+    assert at(new, 6)["global.ksm_zero_pages"] == 20
+    assert at(new, 6)["region.main.a.present"] == 35
+    # run=2 unshares the rest
+    assert at(new, 7)["global.ksm_zero_pages"] == 0
+    assert at(new, 7)["region.main.a.zero_pfn"] == 0
+    old = predict(s, "linux-6.1")
+    # before 6.6: no counter, and neither unmergeable nor run=2 unshare zero pages
+    assert at(old, 3, 3)["global.ksm_zero_pages"] is None
+    assert at(old, 3, 3)["proc.main.ksm_zero_pages"] is None
+    assert at(old, 4)["region.main.a.zero_pfn"] == 40
+    # 40 zero PTEs - 5 rewritten - 5 zapped by DONTNEED; run=2 leaves the other 30
+    assert at(old, 7)["region.main.a.zero_pfn"] == 30
+    assert at(old, 7)["region.main.a.present"] == 35
+
+
+def test_read_fault_zero_pages_are_not_ksm():
+    pts = predict(scen([{"op": "mmap", "region": "a", "pages": 8}, {"op": "read", "region": "a"},
+                        {"op": "madvise", "region": "a", "advice": "mergeable"},
+                        {"op": "scan", "count": 2},
+                        {"op": "madvise", "region": "a", "advice": "unmergeable"}],
+                       ksm={"use_zero_pages": True}), "linux-6.18")
+    v = at(pts, 4)
+    assert v["region.main.a.zero_pfn"] == 8 and v["global.ksm_zero_pages"] == 0
+    assert at(pts, 3, 2)["proc.main.ksm_rmap_items"] == 0  # the zero page is never scanned
+
+
+# -- merge order across versions -----------------------------------------------------------------
+
+def test_checksum_first_merges_new_duplicate_one_scan_later():
+    steps = region("a", 8, "tag:p") + [{"op": "scan", "count": 2}] + region("b", 2, "tag:p") + [
+        {"op": "scan", "count": 2}]
+    s = scen(steps)
+    # before 6.11 the stable tree comes first: a new page equal to a KSM page merges at once
+    assert at(predict(s, "linux-6.7"), 7, 1)["global.pages_sharing"] == 9
+    # since 6.11 (ac90c56bbd73) the first visit only records the checksum
+    assert at(predict(s, "linux-6.11"), 7, 1)["global.pages_sharing"] == 7
+    assert at(predict(s, "linux-6.11"), 7, 2)["global.pages_sharing"] == 9
+
+
+def test_smart_scan_schedule():
+    pts = predict(scen(region("a", 4, "unique") + [{"op": "scan", "count": 14}]), "linux-6.7")
+    skipped = [at(pts, 3, n)["global.pages_skipped"] for n in range(1, 15)]
+    inc = [b - a for a, b in zip([0] + skipped, skipped)]
+    # processed 1-4, skip 5, process 6, skip 7-8, process 9, skip 10-13, process 14
+    assert [n + 1 for n, d in enumerate(inc) if d] == [5, 7, 8, 10, 11, 12, 13]
+    assert all(at(predict(scen(region("a", 4, "unique") + [{"op": "scan", "count": 14}]),
+                          "linux-6.6"), 3, n)["global.pages_skipped"] is None for n in (1, 14))
+
+
+def test_pages_scanned_before_the_fix_stays_zero_when_each_batch_ends_a_scan():
+    s = scen(region("a", 5, "tag:q") + [{"op": "scan", "count": 2}])
+    assert at(predict(s, "linux-6.6"), 3, 2)["global.pages_scanned"] == 0
+    assert at(predict(s, "linux-6.11"), 3, 2)["global.pages_scanned"] == 10
+
+
+# -- fork ---------------------------------------------------------------------------------------
+
+def test_fork_counters_by_version():
+    steps = region("a", 16, "tag:f") + region("z", 8, "zero") + [
+        {"op": "scan", "count": 3}, {"op": "fork", "child": "c"}, {"op": "exit", "proc": "c"}]
+    s = scen(steps, ksm={"use_zero_pages": True})
+    new = predict(s, "linux-6.18")
+    fork = at(new, 7)
+    # 4d6fc29f3634: the child starts with no items and no merging pages, and its
+    # inherited KSM zero PTEs are added to the global counter
+    assert fork["proc.c.ksm_rmap_items"] == 0 and fork["proc.c.ksm_merging_pages"] == 0
+    assert fork["proc.c.ksm_zero_pages"] == 8
+    assert fork["global.ksm_zero_pages"] == 16
+    assert at(new, 8)["global.ksm_zero_pages"] == 8  # the child's exit zaps its 8
+    old = predict(s, "linux-6.6")
+    fork = at(old, 7)
+    # 6.6-6.17: dup_mm() copied the parent's counters; the global one was not raised
+    assert fork["proc.c.ksm_rmap_items"] == fork["proc.main.ksm_rmap_items"] == 16
+    assert fork["proc.c.ksm_merging_pages"] == 16
+    assert fork["global.ksm_zero_pages"] == 8
+    assert at(old, 8)["global.ksm_zero_pages"] == 0  # ... so the child's exit undercounts
+
+
+def test_forked_ksm_pages_join_the_stable_node_even_beyond_max():
+    steps = region("a", 4, "tag:m") + [{"op": "scan", "count": 2}, {"op": "fork", "child": "c"},
+                                       {"op": "scan", "count": 1}]
+    v = at(predict(scen(steps, ksm={"max_page_sharing": 4}), "linux-6.18"), 5, 1)
+    # the child's 4 mappings are appended to the full KSM page (max_page_sharing_bypass)
+    assert v["global.pages_shared"] == 1 and v["global.pages_sharing"] == 7
+
+
+# -- stale nodes, chains ---------------------------------------------------------------------------
+
+def test_cow_of_every_mapping_makes_the_node_stale_and_it_goes_at_once():
+    steps = region("a", 6, "tag:s") + [{"op": "scan", "count": 2},
+                                       {"op": "fill", "region": "a", "pattern": "unique"},
+                                       {"op": "scan", "count": 1}]
+    pts = predict(scen(steps), "linux-6.18")
+    assert at(pts, 4)["global.pages_sharing"] == 5  # counters lag until ksmd visits
+    v = at(pts, 5, 1)
+    # the first visit finds the KSM page freed: remove_node_from_stable_tree() drops all 6
+    assert v["global.pages_shared"] == 0 and v["global.pages_sharing"] == 0
+    assert v["global.pages_volatile"] == 6
+
+
+def test_chain_collapses_when_one_dup_is_left():
+    # 6 pages, max 2: three dups in a chain; CoW two dups' pages away; the chain is
+    # pruned on the next stable-tree walk and, with one dup left, collapsed
+    steps = region("a", 6, "tag:c") + [{"op": "scan", "count": 2},
+                                       {"op": "fill", "region": "a", "range": [0, 4],
+                                        "pattern": "tag:d"},
+                                       {"op": "scan", "count": 3}]
+    pts = predict(scen(steps, ksm={"max_page_sharing": 2}), "linux-6.18")
+    assert (at(pts, 3, 2)["global.stable_node_chains"], at(pts, 3, 2)["global.stable_node_dups"]) == (1, 3)
+    # scan 1 after the writes: items of the two stale dups are removed with them
+    v = at(pts, 5, 1)
+    assert v["global.stable_node_dups"] == 1 and v["global.pages_shared"] == 1
+    # scan 2: the rewritten pages (checksum now stable) walk the stable tree through the
+    # chain: one live dup -> collapsed (chains 0, dups 0); they merge among themselves
+    v = at(pts, 5, 2)
+    assert v["global.stable_node_chains"] == 1  # new content d: its own chain of 2 dups
+    assert v["global.pages_shared"] == 3
+
+
+# -- profiles, content order, rbtree ---------------------------------------------------------------
+
+@pytest.mark.parametrize("release,profile", [
+    ("6.18.44-fc-v657", "linux-6.18.44"), ("6.1.0-28-amd64", "linux-6.1"),
+    ("6.12.57+deb13-amd64", "linux-6.12.57"), ("7.2.13-amd64", "linux-7.2.13")])
+def test_profile_for_release(release, profile):
+    assert Predictor().profile_for(release, "auto") == profile
+
+
+def test_stable_backports_in_profiles():
+    assert "fork_counter_fix" in get_profile("linux-6.12.57").flags
+    assert "fork_counter_fix" not in get_profile("linux-6.12.10").flags
+    assert "fork_counter_fix" not in get_profile("linux-6.11").flags
+    assert "checksum_first" not in get_profile("linux-6.18,-checksum_first").flags
+    assert profile_for_release("garbage") is None
+    with pytest.raises(UsageError, match="known"):
+        Predictor().check_profile("linux-5.x")
+    with pytest.raises(UsageError, match="flag"):
+        get_profile("linux-6.6,+nonsense")
+
+
+def test_content_keys_order_like_memcmp():
+    table = ContentTable()
+    fill = FillId("s", 3)
+    ids = list(table.fill(parse_pattern("unique"), 40, fill))
+    names = [f"t{i}" for i in range(20)]
+    ids += [table.tag(n) for n in names]
+    keys = {cid: ("unique", "s", 3, cid - ids[0]) for cid in ids[:40]}
+    keys.update({table.tag(n): ("tag", n) for n in names})
+    keys[0] = ("zero",)
+    ordered = sorted(keys, key=lambda c: key_bytes(keys[c]))
+    assert sorted(keys, key=lambda c: table.key(c)) == ordered
+    a, b = random.Random(1).sample(ordered, 2)
+    assert table.compare(a, b) == (1 if key_bytes(keys[a]) > key_bytes(keys[b]) else -1)
+
+
+def test_rbtree_keeps_invariants_and_order():
+    rng = random.Random(5)
+
+    class N(RBNode):
+        __slots__ = ("key",)
+
+    root, nodes = RBRoot(), {}
+    for step in range(3000):
+        if nodes and rng.random() < 0.4:
+            key = rng.choice(list(nodes))
+            root.erase(nodes.pop(key))
+        else:
+            key = rng.random()
+            node = N()
+            node.key = key
+            parent, left, cur = None, False, root.node
+            while cur is not None:
+                parent, left = cur, key < cur.key
+                cur = cur.rb_left if left else cur.rb_right
+            root.link(node, parent, left)
+            nodes[key] = node
+        if step % 100 == 0:
+            root.check()
+            assert [n.key for n in root.inorder()] == sorted(nodes)
+    # replace keeps shape and colour
+    some = next(iter(nodes.values()))
+    new = N()
+    new.key = some.key
+    red, left, right = some.rb_red, some.rb_left, some.rb_right
+    root.replace(some, new)
+    assert (new.rb_red, new.rb_left, new.rb_right) == (red, left, right)
+    root.check()
+
+
+# -- front ends ------------------------------------------------------------------------------------
+
+def test_fast_and_reference_paths_agree_on_the_suite():
+    for s in builtin_suite():
+        for prof in ("linux-6.18", "linux-6.6"):
+            fast = predict(s, prof, fast=True)
+            slow = predict(s, prof, fast=False)
+            assert [(p.step, p.scan, p.values) for p in fast] == \
+                   [(p.step, p.scan, p.values) for p in slow], (s.name, prof)
+
+
+def test_emulator_backend_event_stream():
+    suite = builtin_suite()[:3]
+    events = list(EmulatorBackend("linux-6.6").events(suite))
+    assert events[0].info["backend"] == "emulator"
+    assert [type(e) for e in events[1:4]][0] is ScenarioStarted
+    finished = [e for e in events if isinstance(e, ScenarioFinished)]
+    assert [f.scenario for f in finished] == [s.name for s in suite]
+    assert all(f.error is None for f in finished)
+    points = [e for e in events if isinstance(e, PointObserved)]
+    assert len(points) == sum(len(s.steps) - sum(1 for t in s.steps if t.op == "scan") + s.scan_count
+                              for s in suite)
+
+
+def test_prctl_stops_predictions_on_kernels_without_it():
+    s = scen([{"op": "mmap", "region": "a", "pages": 2}, {"op": "prctl", "merge": True},
+              {"op": "scan", "count": 1}])
+    assert len(predict(s, "linux-6.1")) == 1
+    events = list(EmulatorBackend("linux-6.1").events([s]))
+    assert "not supported" in events[-1].error
+
+
+def test_emulate_command_csv(capsys):
+    from ksmbench.emulator.cli import emulate_command
+
+    status = emulate_command(Namespace(scenarios=["zero-pages"], profile="linux-6.1", format="csv"))
+    assert status == 0
+    rows = list(csv.DictReader(io.StringIO(capsys.readouterr().out)))
+    assert list(rows[0]) == ["scenario", "kernel", "step", "op", "scan", "metric", "observed",
+                             "predicted", "match"]
+    assert all(r["observed"] == "" and r["match"] == "" for r in rows)
+    assert {r["kernel"] for r in rows} == {"emulator:linux-6.1"}
+    zero = [r for r in rows if r["metric"] == "global.ksm_zero_pages"]
+    assert zero and all(r["predicted"] == "" for r in zero)  # 6.1 lacks the counter
+    assert any(r["metric"] == "proc.main.ksm_rmap_items" and r["predicted"] == "512" for r in rows)
+
+
+def test_emulator_is_a_backend_for_run(tmp_path):
+    from ksmbench.backends import resolve_backend
+    from ksmbench.results import RunDir
+    from ksmbench.runner import Runner, exit_status
+
+    backend = resolve_backend("emulator:linux-6.7")
+    assert backend.label == "emulator:linux-6.7"
+    rundir = RunDir(tmp_path)
+    outcome = Runner(rundir, predictor=Predictor()).run_kernel(backend, builtin_suite()[:4])
+    rundir.close()
+    assert outcome.profile == "linux-6.7"
+    assert all(o.verdict == "match" for o in outcome.scenarios.values())
+    assert exit_status([outcome]) == 0
