@@ -43,7 +43,10 @@ def _cell(value: Any) -> str:
 class RunDir:
     """One run's output directory, written incrementally."""
 
-    def __init__(self, out: str | os.PathLike, run_id: str | None = None):
+    def __init__(self, out: str | os.PathLike, run_id: str | None = None, *,
+                 tables: bool = True):
+        """``tables=False``: no observations/expectations CSVs (a benchmark
+        run writes its own tables next to metadata.json, see ksmbench.bench)."""
         self.run_id = run_id or new_run_id()
         self.path = Path(out) / self.run_id
         with os_boundary(f"creating the run directory {self.path}"):
@@ -55,12 +58,14 @@ class RunDir:
             "ended_at": None,
             "kernels": [],
         }
-        self._obs_file = open(self.path / "observations.csv", "w", newline="")
-        self._obs = csv.writer(self._obs_file)
-        self._obs.writerow(OBSERVATION_COLUMNS)
-        self._exp_file = open(self.path / "expectations.csv", "w", newline="")
-        self._exp = csv.writer(self._exp_file)
-        self._exp.writerow(EXPECTATION_COLUMNS)
+        self._obs_file = self._exp_file = None
+        if tables:
+            self._obs_file = open(self.path / "observations.csv", "w", newline="")
+            self._obs = csv.writer(self._obs_file)
+            self._obs.writerow(OBSERVATION_COLUMNS)
+            self._exp_file = open(self.path / "expectations.csv", "w", newline="")
+            self._exp = csv.writer(self._exp_file)
+            self._exp.writerow(EXPECTATION_COLUMNS)
         self.write_metadata()
 
     # -- rows ------------------------------------------------------------------
@@ -95,8 +100,9 @@ class RunDir:
     def close(self) -> None:
         self.metadata["ended_at"] = now_iso()
         self.write_metadata()
-        self._obs_file.close()
-        self._exp_file.close()
+        for f in (self._obs_file, self._exp_file):
+            if f is not None:
+                f.close()
 
 
 def read_observations(path: str | os.PathLike):

@@ -1,0 +1,439 @@
+"""Cross-check of the merge throughput against the kernel's own ``ksm_tests -P``.
+
+``ksm_tests`` (tools/testing/selftests/mm/ksm_tests.c) is built from Debian's
+``linux-source-X.Y`` closest to the kernel under test, by the toolkit's one
+selftest build (:mod:`ksmbench.kernel_tools`), and cached.
+
+What ``ksm_tests -P -s S -p P`` does (6.12 source; 6.1 is the same apart from
+an operator-precedence slip that skips the merge_across_nodes/pages_to_scan
+writes on kernels without NUMA): save the tunables it knows, write run=2,
+sleep_millisecs=0, merge_across_nodes=1 and pages_to_scan=P, fill S MiB with
+'*', then time madvise(MADV_MERGEABLE) + run=1 until full_scans has grown by
+2, print "Average speed: X MiB/s", and write the saved tunables back in a
+``||`` chain that stops at the first failure.
+
+Both sides run under the same tunables: before each ksm_tests run, ksmbench
+sets exactly the values its own free-running merge uses, and records every
+tunable ksm_tests touches in TunableChanges, so whatever ksm_tests leaves
+behind is put back by ksmbench.  While each side runs, a sampler thread reads
+the tunables every few milliseconds: the report shows the values *observed*
+during both measurements, not the values intended.  Runs alternate (ours,
+theirs, theirs, ours, ...) so that drift of a shared machine hits both alike.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import subprocess
+import threading
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any, Callable
+
+from ..errors import Busy, KsmbenchError, os_boundary
+from ..kernel.features import kernel_release, parse_version
+from ..kernel.stepping import time_scale
+from .probes import read_tlb_shootdowns
+from .session import BenchSession, FreeRunTunables, fill_region, new_region
+from .stats import relative_difference, summarize
+
+#: tunables ksm_tests reads/writes (ksm_save_def/ksm_restore in ksm_tests.c)
+KSM_TESTS_TUNABLES = ("max_page_sharing", "merge_across_nodes", "sleep_millisecs", "pages_to_scan",
+                      "run", "stable_node_chains_prune_millisecs", "use_zero_pages")
+SAMPLED = ("pages_to_scan", "sleep_millisecs", "max_page_sharing", "use_zero_pages",
+           "stable_node_chains_prune_millisecs", "merge_across_nodes", "smart_scan")
+BUILD_TIMEOUT = 300.0
+
+_SPEED = re.compile(r"Average speed:\s+([0-9.]+)\s+MiB/s")
+_TIME = re.compile(r"Total time:\s+([0-9]+\.[0-9]+)\s+s")
+
+
+# -- building ------------------------------------------------------------------------
+
+def closest_series(release: str) -> str:
+    major, minor, _ = parse_version(release)
+    return f"{major}.{minor}"
+
+
+def ksm_tests_binary(series: str, say: Callable[[str], None] = lambda _m: None,
+                     console=None) -> tuple[Path, dict[str, Any]]:
+    """ksm_tests built from the linux-source closest to ``series`` (the toolkit's
+    one selftest build, :func:`ksmbench.kernel_tools.ksm_selftests`, cached)."""
+    from ..kernel_tools import ksm_selftests
+
+    say(f"building ksm_tests from the linux-source closest to {series}")
+    build = ksm_selftests(series, console=console)
+    binary = build.binaries.get("ksm_tests")
+    if binary is None:
+        raise KsmbenchError(build.missing.get("ksm_tests", f"{build.source}: no ksm_tests"))
+    return binary, {"source_package": build.package, "source_version": build.version,
+                    "binary": str(binary)}
+
+
+# -- running -------------------------------------------------------------------------
+
+class TunableSampler:
+    """Reads tunables every ``period`` seconds in a thread; values seen per name."""
+
+    def __init__(self, sysfs, names=SAMPLED, period: float = 0.005):
+        self.sysfs = sysfs
+        self.names = [n for n in names if sysfs.has(n)]
+        self.period = period
+        self.seen: dict[str, set[str]] = {n: set() for n in self.names}
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._loop, daemon=True)
+
+    def _loop(self) -> None:
+        while not self._stop.is_set():
+            for n in self.names:
+                try:
+                    v = self.sysfs.tunable(n)
+                except KsmbenchError:
+                    continue
+                if v is not None:
+                    self.seen[n].add(v)
+            self._stop.wait(self.period)
+
+    def __enter__(self) -> "TunableSampler":
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._stop.set()
+        self._thread.join(timeout=5)
+
+
+def spin_cpu() -> int | None:
+    """The CPU both spinning measurements are pinned to (the last one allowed),
+    or None on a single CPU.
+
+    Where the scheduler puts a process that spins on full_scans decides the
+    result: on ksmd's CPU it takes half of ksmd's time; on the other CPU it
+    costs ksmd a TLB-flush interrupt per page change (measured: ~51,000 per
+    100 MiB merged vs ~0).  Unpinned, ksm_tests' samples jump between the two
+    regimes; pinned, both sides run in the second one.  ksmd is left alone.
+    """
+    cpus = sorted(os.sched_getaffinity(0))
+    return cpus[-1] if len(cpus) >= 2 else None
+
+
+KSMD_AFFINITY_MARKER = "ksmd-affinity.json"
+
+
+@contextmanager
+def ksmd_on(cpus: set[int] | None, ksmd_pid: int | None):
+    """Keep ksmd on ``cpus`` for the block, then give it its CPUs back.
+
+    ksmd's CPU affinity is not a KSM tunable, but it is machine state: the
+    original mask is written to a marker in the state directory first, so that
+    a benchmark killed with SIGKILL is repaired by the next one
+    (:func:`repair_ksmd_affinity`).
+    """
+    if cpus is None or ksmd_pid is None:
+        yield
+        return
+    import json
+
+    from ..kernel.tunables import boot_id, state_dir
+
+    original = os.sched_getaffinity(ksmd_pid)
+    marker = state_dir() / KSMD_AFFINITY_MARKER
+    with os_boundary(f"writing {marker}"):
+        marker.parent.mkdir(parents=True, exist_ok=True)
+        marker.write_text(json.dumps({"pid": os.getpid(), "boot_id": boot_id(), "ksmd": ksmd_pid,
+                                      "cpus": sorted(original)}))
+    try:
+        with os_boundary(f"setting the CPU affinity of ksmd (pid {ksmd_pid})"):
+            os.sched_setaffinity(ksmd_pid, cpus)
+        yield
+    finally:
+        with os_boundary(f"restoring the CPU affinity of ksmd (pid {ksmd_pid})"):
+            os.sched_setaffinity(ksmd_pid, original)
+        marker.unlink(missing_ok=True)
+
+
+def repair_ksmd_affinity() -> str | None:
+    """Give ksmd back the CPUs a killed benchmark took from it; a message, or None."""
+    import json
+
+    from ..kernel.tunables import boot_id, state_dir
+
+    marker = state_dir() / KSMD_AFFINITY_MARKER
+    try:
+        record = json.loads(marker.read_text())
+    except (OSError, ValueError):
+        return None
+    pid = int(record.get("pid", 0))
+    if pid and pid != os.getpid():
+        try:
+            os.kill(pid, 0)
+            return None  # that benchmark is alive (the run lock keeps us apart anyway)
+        except ProcessLookupError:
+            pass
+        except PermissionError:
+            return None
+    message = None
+    if record.get("boot_id") == boot_id():
+        try:
+            os.sched_setaffinity(int(record["ksmd"]), set(record["cpus"]))
+            message = (f"gave ksmd (pid {record['ksmd']}) back CPUs {record['cpus']} that a killed "
+                       f"ksmbench bench (pid {pid}) had narrowed")
+        except OSError:
+            message = None  # ksmd is gone (another boot of the same id cannot happen)
+    marker.unlink(missing_ok=True)
+    return message
+
+
+@contextmanager
+def pinned(cpu: int | None):
+    """Run every thread of this process (and the threads and children it
+    starts) on ``cpu`` only.
+
+    Every thread, not just the caller: a thread elsewhere (a progress display's
+    refresh thread, say) keeps this mm live on another CPU, and then each page
+    ksmd write-protects costs a TLB-flush interrupt there.
+    """
+    if cpu is None:
+        yield
+        return
+    tids = [int(t) for t in os.listdir("/proc/self/task")]
+    before = {}
+    for tid in tids:
+        try:
+            before[tid] = os.sched_getaffinity(tid)
+            os.sched_setaffinity(tid, {cpu})
+        except OSError:
+            continue  # the thread ended meanwhile
+    try:
+        yield
+    finally:
+        for tid, mask in before.items():
+            try:
+                os.sched_setaffinity(tid, mask)
+            except OSError:
+                continue
+
+
+def parse_ksm_tests_output(text: str) -> tuple[float | None, float | None]:
+    """(seconds, MiB/s) from ksm_tests -P output (plain or KTAP '# ' lines)."""
+    speed = _SPEED.search(text)
+    total = _TIME.search(text)
+    return (float(total[1]) if total else None, float(speed[1]) if speed else None)
+
+
+def run_ksm_tests_once(session: BenchSession, binary: Path, size_mib: int,
+                       tun: FreeRunTunables, cpu: int | None = None) -> dict[str, Any]:
+    """One ``ksm_tests -P`` run under ``tun``; everything it changes is restored."""
+    session.apply_free_tunables(tun, 0)
+    for name in KSM_TESTS_TUNABLES:  # journal the value before ksm_tests runs
+        current = session.sysfs.tunable(name)
+        if current is not None:
+            session.changes.set(name, current)
+    argv = [str(binary), "-P", "-s", str(size_mib), "-p", str(tun.pages_to_scan)]
+    timeout = (120 + size_mib * 2.0) * time_scale()
+    cpu0 = session.cpu.sample()
+    tlb0 = read_tlb_shootdowns()
+    with pinned(cpu), TunableSampler(session.sysfs) as sampler:
+        try:
+            # the child inherits the pinning: ksm_tests spins on that CPU
+            proc = subprocess.run(argv, capture_output=True, text=True, timeout=timeout)
+        except subprocess.TimeoutExpired:
+            raise KsmbenchError(f"{' '.join(argv)} did not finish within {timeout:.0f} s") from None
+    ksmd_cpu = (session.cpu.sample() - cpu0).seconds  # ksmd only runs while ksm_tests merges
+    tlb1 = read_tlb_shootdowns()
+    session.stepper.prepared = False  # ksm_tests moved ksmd's tunables
+    session.stop_ksmd()
+    session.clean()
+    seconds, speed = parse_ksm_tests_output(proc.stdout + proc.stderr)
+    if proc.returncode != 0 or speed is None:
+        last = (proc.stdout + proc.stderr).strip().splitlines()[-3:]
+        raise KsmbenchError(f"{' '.join(argv)} failed (exit {proc.returncode}): {' | '.join(last)}")
+    return {"seconds": seconds, "mib_per_s": speed, "ksmd_cpu_seconds": ksmd_cpu,
+            # over the whole ksm_tests process (its fill too), so an upper bound
+            "tlb_shootdowns": None if tlb0 is None or tlb1 is None else tlb1 - tlb0,
+            "tunables_seen": _seen(sampler)}
+
+
+def run_ours_once(session: BenchSession, size_mib: int, tun: FreeRunTunables,
+                  cpu: int | None = None) -> dict[str, Any]:
+    """The interval measured by ksmbench *the way ksm_tests measures it*: the
+    region in this process, filled with '*', no THP advice (ksm_tests gives
+    none), and this process, the owner, spinning on full_scans."""
+    npages = size_mib * (1 << 20) // 4096
+    region = new_region(npages, thp_advice=None)
+    try:
+        fill_region(region, "dup")
+        session.apply_free_tunables(tun, 0)
+        with pinned(cpu), TunableSampler(session.sysfs) as sampler:
+            timing = session.free_merge(lambda: region.madvise("mergeable"), npages, tun, 0,
+                                        busy_poll=True, apply=False)
+    finally:
+        region.munmap()
+        session.clean()
+    return {"seconds": timing.seconds, "mib_per_s": size_mib / timing.seconds,
+            "ksmd_cpu_seconds": timing.ksmd_cpu.seconds, "tlb_shootdowns": timing.tlb_shootdowns,
+            "tunables_seen": _seen(sampler)}
+
+
+def run_idle_owner_once(session: BenchSession, size_mib: int, tun: FreeRunTunables,
+                        cpu: int | None = None) -> dict[str, Any]:
+    """ksmbench's own merge measurement (the ``merge`` benchmark): the owner
+    sleeps, this process polls every 0.2 ms."""
+    from .timings import OwnedRegion
+
+    npages = size_mib * (1 << 20) // 4096
+    region = OwnedRegion(session, npages, "crosscheck")
+    try:
+        region.fill("tag:bench-dup")
+        session.apply_free_tunables(tun, 0)
+        with pinned(cpu), TunableSampler(session.sysfs) as sampler:
+            timing = session.free_merge(lambda: region.madvise("mergeable"), npages, tun, 0,
+                                        apply=False)
+    finally:
+        region.close()
+        session.clean()
+    return {"seconds": timing.seconds, "mib_per_s": size_mib / timing.seconds,
+            "ksmd_cpu_seconds": timing.ksmd_cpu.seconds, "tlb_shootdowns": timing.tlb_shootdowns,
+            "tunables_seen": _seen(sampler)}
+
+
+def _seen(sampler: TunableSampler) -> dict[str, list[str]]:
+    return {n: sorted(v) for n, v in sampler.seen.items()}
+
+
+def run_crosscheck(session: BenchSession, store, label: str, args, tun: FreeRunTunables, *,
+                   say: Callable[[str], None], step: Callable[[], None], console=None,
+                   exclusive: Callable[[str, Callable[[], Any]], Any] = lambda _what, fn: fn()
+                   ) -> dict[str, Any]:
+    size = args.crosscheck_mib or 100
+    try:
+        if args.ksm_tests:
+            binary, info = Path(args.ksm_tests), {"binary": str(args.ksm_tests), "source_package": "given"}
+            if not binary.exists():
+                raise KsmbenchError(f"--ksm-tests {binary}: no such file")
+        else:
+            series = args.source_series or closest_series(kernel_release())
+            binary, info = ksm_tests_binary(series, say, console)
+    except KsmbenchError as exc:
+        for _ in range(args.repeats):
+            step()
+        return {"error": exc.one_line(), "size_mib": size}
+    cpu = spin_cpu()
+    ksmd = session.stepper.ksmd_pid
+    same = {cpu} if cpu is not None else None
+    other = (set(os.sched_getaffinity(0)) - {cpu}) if cpu is not None else None
+    # (name, what it measures, ksmd's CPUs, runner)
+    plan = [
+        ("ksm_tests", "ksm_tests -P, ksmd on its CPU", same,
+         lambda: run_ksm_tests_once(session, binary, size, tun, cpu)),
+        ("ksmbench", "ksmbench the ksm_tests way, ksmd on its CPU", same,
+         lambda: run_ours_once(session, size, tun, cpu)),
+        ("ksm_tests-other-cpu", "ksm_tests -P, ksmd on another CPU", other,
+         lambda: run_ksm_tests_once(session, binary, size, tun, cpu)),
+        ("ksmbench-other-cpu", "ksmbench the ksm_tests way, ksmd on another CPU", other,
+         lambda: run_ours_once(session, size, tun, cpu)),
+        ("ksmbench-idle-owner", "ksmbench, idle owner", None,
+         lambda: run_idle_owner_once(session, size, tun, cpu)),
+    ]
+    if cpu is None:  # one CPU: nothing to place
+        plan = [p for p in plan if "other-cpu" not in p[0]]
+    results: dict[str, list[dict[str, Any]]] = {p[0]: [] for p in plan}
+    failures: list[dict[str, Any]] = []
+    for r in range(args.repeats):
+        # rotate the order every repeat so drift of a shared machine hits all alike
+        k = r % len(plan)
+        for who, what, ksmd_cpus, runner in plan[k:] + plan[:k]:
+            say(f"{what}, {size} MiB #{r + 1}")
+
+            def measure(ksmd_cpus=ksmd_cpus, runner=runner):
+                with ksmd_on(ksmd_cpus, ksmd):
+                    return runner()
+
+            try:
+                res = exclusive(f"{what} {size} MiB #{r + 1}", measure)
+            except Busy:
+                raise
+            except KsmbenchError as exc:
+                # e.g. ksm_tests' own 120 s limit ("Scan time limit exceeded") when
+                # other work on the machine starves ksmd (nice 5) on its one CPU
+                failures.append({"case": who, "repeat": r, "error": exc.one_line(),
+                                 "loadavg": _loadavg()})
+                continue
+            res["loadavg"] = _loadavg()
+            results[who].append(res)
+            metrics = {"seconds": (res["seconds"], "s"), "mib_per_s": (res["mib_per_s"], "MiB/s")}
+            if res.get("ksmd_cpu_seconds") is not None:
+                metrics["ksmd_cpu_seconds"] = (res["ksmd_cpu_seconds"], "s")
+            if res.get("tlb_shootdowns") is not None:
+                metrics["tlb_shootdowns"] = (res["tlb_shootdowns"], "count")
+            store.add_sample(label, "crosscheck", who, size, 0, r, metrics)
+        step()
+    missing = [k for k in ("ksm_tests", "ksmbench", "ksmbench-idle-owner") if not results[k]]
+    if missing:
+        return {"error": f"no successful {', '.join(missing)} runs: "
+                         + (failures[0]["error"] if failures else "nothing ran"),
+                "size_mib": size, "failures": failures}
+    results = {k: v for k, v in results.items() if v}
+    summ = {k: summarize([x["mib_per_s"] for x in v], "MiB/s") for k, v in results.items()}
+    tlb = {k: [x["tlb_shootdowns"] for x in v if x.get("tlb_shootdowns") is not None]
+           for k, v in results.items()}
+    cpu_time = {k: [x["ksmd_cpu_seconds"] for x in v if x.get("ksmd_cpu_seconds") is not None]
+                for k, v in results.items()}
+    ours_s, theirs_s, idle_s = summ["ksmbench"], summ["ksm_tests"], summ["ksmbench-idle-owner"]
+    diff = relative_difference(ours_s.median, theirs_s.median)
+    out = {
+        "size_mib": size,
+        "ksm_tests": info,
+        "argv": [str(binary), "-P", "-s", str(size), "-p", str(tun.pages_to_scan)],
+        "tunables": tun.to_dict(),
+        "spinner_cpu": cpu,
+        "cpus": len(os.sched_getaffinity(0)),
+        "tunables_seen_ours": _merge_seen(o["tunables_seen"] for o in results["ksmbench"]),
+        "tunables_seen_ksm_tests": _merge_seen(t["tunables_seen"] for t in results["ksm_tests"]),
+        "tunables_seen_idle_owner": _merge_seen(t["tunables_seen"] for t in results["ksmbench-idle-owner"]),
+        "mib_per_s": {k: v.to_dict() for k, v in summ.items()},
+        "ours_mib_per_s": ours_s.to_dict(),
+        "ksm_tests_mib_per_s": theirs_s.to_dict(),
+        "idle_owner_mib_per_s": idle_s.to_dict(),
+        "tlb_shootdowns_median": {k: (summarize(v).median if v else None) for k, v in tlb.items()},
+        "ksmd_cpu_seconds_median": {k: (summarize(v, "s").median if v else None)
+                                    for k, v in cpu_time.items()},
+        "ratio": ours_s.median / theirs_s.median,
+        "idle_owner_ratio": idle_s.median / theirs_s.median,
+        "relative_difference": diff,
+        "tolerance": args.tolerance,
+        "agrees": diff <= args.tolerance,
+        "failures": failures,
+        "loadavg": {k: [x["loadavg"] for x in v] for k, v in results.items()},
+        "method": (
+            "ksmbench 'the ksm_tests way' times the interval ksm_tests -P times: MADV_MERGEABLE + "
+            "run=1 until full_scans has grown by 2, '*'-filled region owned by the timing "
+            "process, which spins on full_scans. That spinning process is itself in ksmd's way, "
+            "and how much depends on where ksmd runs: on the same CPU it takes half the CPU "
+            "(CFS shares it fairly, whatever the spinner does), on another CPU every page "
+            "ksmd write-protects or replaces costs a TLB-flush interrupt there (about 2 per "
+            "page, /proc/interrupts), whose cost depends on what the spinner is doing. The "
+            "verdict compares the same-CPU runs (the spinner is pinned to spinner_cpu, ksmd "
+            "too); the other-CPU runs and ksmbench's own merge benchmark (owner asleep, ksmd "
+            "free) are reported beside it."),
+    }
+    if "ksm_tests-other-cpu" in summ and "ksmbench-other-cpu" in summ:
+        out["other_cpu_ratio"] = summ["ksmbench-other-cpu"].median / summ["ksm_tests-other-cpu"].median
+    return out
+
+
+def _loadavg() -> float | None:
+    """The 1-minute load average: how busy the shared machine was."""
+    try:
+        return float(open("/proc/loadavg").read().split()[0])
+    except (OSError, ValueError, IndexError):
+        return None
+
+
+def _merge_seen(items) -> dict[str, list[str]]:
+    out: dict[str, set[str]] = {}
+    for seen in items:
+        for k, vs in seen.items():
+            out.setdefault(k, set()).update(vs)
+    return {k: sorted(v) for k, v in out.items()}

@@ -1,0 +1,142 @@
+"""The printed summary of a benchmark run: numbers, ratios, warnings, verdicts."""
+
+from __future__ import annotations
+
+from .stats import format_value
+from .store import BenchStore
+
+MIB = 1 << 20
+
+
+def _headline_rows(summaries: list[dict]):
+    from .cli import HEADLINES
+
+    order = {name: i for i, name in enumerate(HEADLINES)}
+    rows = [s for s in summaries if s["metric"] in HEADLINES.get(s["benchmark"], ())]
+    rows.sort(key=lambda s: (order.get(s["benchmark"], 99), s["case"], s["use_zero_pages"] or 0,
+                             s["size_mib"] or 0, HEADLINES[s["benchmark"]].index(s["metric"])))
+    return rows
+
+
+def print_summary(console, store: BenchStore, tolerance: float) -> int:
+    """Print every kernel's results; return the exit status (1: cross-check disagrees)."""
+    from rich.table import Table
+
+    status = 0
+    kernels = sorted(set(store._samples) | set(store.sections))
+    for kernel in kernels:
+        table = Table(title=f"benchmarks on {kernel}: median ± MAD of the repeats")
+        table.add_column("benchmark, case, size: metric")
+        table.add_column("median ± MAD", justify="right")
+        table.add_column("sd%", justify="right")
+        table.add_column("n", justify="right")
+        for s in _headline_rows(store.summaries(kernel)):
+            sm = s["summary"]
+            case = s["case"] + (f" uzp={s['use_zero_pages']}" if s["case"].startswith("zero") else "")
+            flag = " [red](unstable)[/red]" if sm["unstable"] else ""
+            table.add_row(f"{s['benchmark']} {case} {_show(s['size_mib'])} MiB: {s['metric']}",
+                          f"{format_value(sm['median'], s['unit'])} ± {format_value(sm['mad'], s['unit'])}",
+                          f"{sm['rel_stdev'] * 100:.0f}{flag}", str(sm["n"]))
+        if table.row_count:
+            console.print(table)
+        unstable = [s for s in store.summaries(kernel) if s["summary"]["unstable"]
+                    and s["metric"] in _all_headlines()]
+        if unstable:
+            console.print(f"[yellow]WARNING: {len(unstable)} results on {kernel} may be unstable:[/yellow]")
+            for s in unstable[:5]:
+                console.print(f"  {s['benchmark']} {s['case']} uzp={s['use_zero_pages']} "
+                              f"{s['size_mib']} MiB {s['metric']}: " + "; ".join(s["summary"]["warnings"]))
+            if len(unstable) > 5:
+                console.print(f"  ... and {len(unstable) - 5} more (bench.json has every warning)")
+            console.print("  rerun with more --repeats, or on a quieter machine")
+        sections = store.sections.get(kernel, {})
+        if "savings" in sections:
+            _print_savings(console, kernel, sections["savings"])
+        if "crosscheck" in sections:
+            status = max(status, _print_crosscheck(console, kernel, sections["crosscheck"], tolerance))
+    return status
+
+
+def _all_headlines() -> set[str]:
+    from .cli import HEADLINES
+
+    return {m for ms in HEADLINES.values() for m in ms}
+
+
+def _show(v) -> str:
+    if v is None:
+        return ""
+    return str(int(v)) if float(v).is_integer() else str(v)
+
+
+def _print_savings(console, kernel: str, savings: dict) -> None:
+    from rich.table import Table
+
+    for uzp, rec in sorted(savings.items()):
+        w = rec.get("workload", {})
+        n = rec.get("repeats_done", 1)
+        table = Table(title=f"memory saved on {kernel}, use_zero_pages={uzp} "
+                            f"({w.get('processes')} processes x {w.get('mib_per_process')} MiB, "
+                            f"median of {n})")
+        for col in ("view", "saved MiB", "expected", "residual", "range"):
+            table.add_column(col, justify="left" if col == "view" else "right")
+        for v in rec["views"]:
+            exp = v["expected_bytes"]
+            res = v["residual_bytes"]
+            rng = ""
+            if v.get("residual_min_bytes") is not None and n > 1:
+                rng = f"{v['residual_min_bytes'] / MIB:+.1f}..{v['residual_max_bytes'] / MIB:+.1f}"
+            table.add_row(v["view"], "absent" if v["saved_bytes"] is None else f"{v['saved_bytes'] / MIB:.1f}",
+                          "" if exp is None else f"{exp / MIB:.1f}",
+                          "" if res is None else f"{res / MIB:+.1f}", rng)
+        console.print(table)
+        u = rec["unmerge"]
+        drift = rec.get("median_abs_drift", {})
+        console.print(f"  unmerging everything (run=2) took {u['run2_seconds']:.3f} s and needs back "
+                      f"{u['measured_anon_bytes'] / MIB:.1f} MiB (AnonPages), "
+                      f"{u['measured_pss_bytes'] / MIB:.1f} MiB (PSS); the counters predict "
+                      f"{u['predicted_bytes_by_counters'] / MIB:.1f} MiB; "
+                      f"{u['zero_pages_left_after_run2']:.0f} KSM zero pages left mapped")
+        if drift:
+            console.print(f"  machine drift over 0.5 s before merging (median |x|): AnonPages "
+                          f"{drift['drift_anon_bytes'] / MIB:.1f} MiB, MemFree+pcp "
+                          f"{drift['drift_free_and_pcp_bytes'] / MIB:.1f} MiB")
+
+
+def _print_crosscheck(console, kernel: str, cc: dict, tolerance: float) -> int:
+    if cc.get("error"):
+        console.print(f"[yellow]cross-check with ksm_tests -P on {kernel}: not done: {cc['error']}[/yellow]")
+        return 0
+    ours, theirs = cc["ours_mib_per_s"], cc["ksm_tests_mib_per_s"]
+    diff = cc["relative_difference"]
+    judged = cc.get("judged", True)
+    verdict = "agrees" if diff <= tolerance else "DISAGREES"
+    colour = "green" if diff <= tolerance else "red"
+    if not judged:
+        verdict, colour = f"not judged: {cc.get('not_judged_because', '')}", "yellow"
+    console.print(f"cross-check on {kernel}, ksmd and the spinning process on one CPU "
+                  f"({cc['size_mib']} MiB, pages_to_scan "
+                  f"{cc['tunables']['pages_to_scan']}, sleep_millisecs {cc['tunables']['sleep_millisecs']}): "
+                  f"ksmbench {ours['median']:.1f} MiB/s (sd {ours['rel_stdev'] * 100:.1f}%), "
+                  f"ksm_tests -P {theirs['median']:.1f} MiB/s (sd {theirs['rel_stdev'] * 100:.1f}%): "
+                  f"difference {diff * 100:.1f}% -> [{colour}]{verdict}[/{colour}] "
+                  f"(tolerance {tolerance * 100:.0f}%)")
+    for f in cc.get("failures") or []:
+        console.print(f"  [yellow]{f['case']} #{f['repeat'] + 1} failed (load {f['loadavg']}): "
+                      f"{f['error']}[/yellow]")
+    names = {"ksm_tests": "ksm_tests -P, ksmd on the spinner's CPU",
+             "ksmbench": "ksmbench the ksm_tests way, ksmd on the spinner's CPU",
+             "ksm_tests-other-cpu": "ksm_tests -P, ksmd on another CPU",
+             "ksmbench-other-cpu": "ksmbench the ksm_tests way, ksmd on another CPU",
+             "ksmbench-idle-owner": "ksmbench merge benchmark (owner asleep, ksmd free)"}
+    tlb = cc.get("tlb_shootdowns_median") or {}
+    cpu = cc.get("ksmd_cpu_seconds_median") or {}
+    for key, s in (cc.get("mib_per_s") or {}).items():
+        extra = ""
+        if tlb.get(key) is not None:
+            extra = f", {tlb[key]:.0f} TLB shootdowns"
+        if cpu.get(key) is not None:
+            extra += f", ksmd CPU {cpu[key] * 1e3:.0f} ms"
+        console.print(f"  {names.get(key, key)}: {s['median']:.1f} MiB/s "
+                      f"(sd {s['rel_stdev'] * 100:.0f}%, n={s['n']}{extra})")
+    return 0 if diff <= tolerance or not judged else 1

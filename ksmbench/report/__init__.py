@@ -1,0 +1,1 @@
+"""Reports: figures, one self-contained HTML file and a markdown summary from run directories."""

@@ -1,0 +1,152 @@
+"""Reading run directories (from ``ksmbench run`` and ``ksmbench bench``) into
+one set of tables for the report.
+
+A run directory may hold observations.csv / expectations.csv (scenario runs),
+bench.csv / bench.json / savings.csv (benchmarks), or both; several
+directories are concatenated, each row keeping the run id it came from.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+
+from ..errors import UsageError
+
+
+@dataclass
+class RunData:
+    """Everything the report reads, across one or more run directories."""
+
+    runs: list[dict[str, Any]] = field(default_factory=list)      # metadata.json of each
+    observations: pd.DataFrame | None = None
+    expectations: pd.DataFrame | None = None
+    bench: pd.DataFrame | None = None
+    savings: pd.DataFrame | None = None
+    #: kernel -> bench.json body (summaries, savings, crosscheck)
+    bench_json: dict[str, dict[str, Any]] = field(default_factory=dict)
+
+    @property
+    def kernels(self) -> list[str]:
+        seen: list[str] = []
+        for df in (self.observations, self.bench):
+            if df is not None:
+                for k in df["kernel"].dropna().unique():
+                    if k not in seen:
+                        seen.append(str(k))
+        for k in self.bench_json:
+            if k not in seen:
+                seen.append(k)
+        return seen
+
+    def kernel_info(self, label: str) -> dict[str, Any]:
+        """The metadata entry of kernel ``label`` (from whichever run has it)."""
+        info: dict[str, Any] = {}
+        for meta in self.runs:
+            for entry in meta.get("kernels", []):
+                if entry.get("kernel") == label:
+                    for k, v in entry.items():
+                        info.setdefault(k, v)
+        return info
+
+
+def _concat(frames: list[pd.DataFrame]) -> pd.DataFrame | None:
+    frames = [f for f in frames if f is not None and len(f.columns)]
+    if not frames:
+        return None
+    return pd.concat(frames, ignore_index=True)
+
+
+def load_runs(paths: list[str | os.PathLike]) -> RunData:
+    if not paths:
+        raise UsageError("give at least one run directory", hint="e.g. ksmbench report results/<run-id>")
+    data = RunData()
+    obs, exp, bench, savings = [], [], [], []
+    for p in paths:
+        path = Path(p)
+        meta_path = path / "metadata.json"
+        if not meta_path.exists():
+            raise UsageError(f"{path} is not a run directory (no metadata.json)",
+                             hint="pass a directory written by ksmbench run or ksmbench bench")
+        try:
+            meta = json.loads(meta_path.read_text())
+        except ValueError as exc:
+            raise UsageError(f"{meta_path} is not valid JSON ({exc})") from None
+        meta["_path"] = str(path)
+        data.runs.append(meta)
+        run_id = meta.get("run_id", path.name)
+        if (path / "observations.csv").exists():
+            df = pd.read_csv(path / "observations.csv",
+                             dtype={"scenario": str, "kernel": str, "op": str, "metric": str,
+                                    "match": "string"})
+            df["observed"] = pd.to_numeric(df["observed"], errors="coerce")
+            df["predicted"] = pd.to_numeric(df["predicted"], errors="coerce")
+            df["scan"] = pd.to_numeric(df["scan"], errors="coerce").astype("Int64")
+            df["run_id"] = run_id
+            obs.append(df)
+        if (path / "expectations.csv").exists():
+            df = pd.read_csv(path / "expectations.csv", dtype={"scenario": str, "kernel": str,
+                                                               "metric": str, "holds": "string"})
+            df["run_id"] = run_id
+            exp.append(df)
+        if (path / "bench.csv").exists():
+            df = pd.read_csv(path / "bench.csv", dtype={"kernel": str, "benchmark": str,
+                                                        "case": str, "metric": str, "unit": str})
+            df["run_id"] = run_id
+            bench.append(df)
+        if (path / "savings.csv").exists():
+            df = pd.read_csv(path / "savings.csv", dtype={"kernel": str, "point": str, "metric": str})
+            df["run_id"] = run_id
+            savings.append(df)
+        if (path / "bench.json").exists():
+            doc = json.loads((path / "bench.json").read_text())
+            for kernel, body in doc.get("kernels", {}).items():
+                have = data.bench_json.setdefault(kernel, {})
+                for key, value in body.items():
+                    if key == "summaries":  # several bench runs of one kernel add up
+                        have.setdefault("summaries", []).extend(value)
+                    else:  # a later run's section (savings, cross-check) replaces an earlier one
+                        have[key] = value
+    data.observations = _concat(obs)
+    data.expectations = _concat(exp)
+    data.bench = _concat(bench)
+    data.savings = _concat(savings)
+    return data
+
+
+def verdicts(data: RunData) -> pd.DataFrame | None:
+    """(scenario, kernel) -> verdict, as ``ksmbench run`` decides it.
+
+    match: every compared cell matched and every expect held; mismatch: some
+    did not; observed: nothing to compare (no prediction, no expect).
+    """
+    if data.observations is None or data.observations.empty:
+        return None
+    obs = data.observations
+    rows = []
+    for (scenario, kernel), g in obs.groupby(["scenario", "kernel"], sort=False):
+        m = g["match"].dropna().str.lower()
+        compared = int(len(m))
+        mismatches = int((m == "false").sum())
+        exp_failed = exp_checked = 0
+        if data.expectations is not None and not data.expectations.empty:
+            e = data.expectations
+            e = e[(e["scenario"] == scenario) & (e["kernel"] == kernel)]
+            holds = e["holds"].dropna().str.lower()
+            exp_checked = int(len(holds))
+            exp_failed = int((holds == "false").sum())
+        if mismatches or exp_failed:
+            verdict = "mismatch"
+        elif compared or exp_checked:
+            verdict = "match"
+        else:
+            verdict = "observed"
+        rows.append({"scenario": scenario, "kernel": kernel, "verdict": verdict,
+                     "compared": compared, "mismatches": mismatches,
+                     "expects": exp_checked, "expects_failed": exp_failed})
+    return pd.DataFrame(rows)
