@@ -138,6 +138,7 @@ def _predictor():
 def cmd_run(args: argparse.Namespace) -> int:
     from .backends import resolve_backend
     from .kernel.lock import RunLock
+    from .progress import run_kernel_with_progress
     from .results import RunDir
     from .runner import exit_status
     from .scenario import resolve_scenarios
@@ -166,7 +167,7 @@ def cmd_run(args: argparse.Namespace) -> int:
         outcomes = []
         try:
             for backend in backends:
-                outcomes.append(_run_one_kernel(console, rundir, backend, scenarios, predictor,
+                outcomes.append(run_kernel_with_progress(console, rundir, backend, scenarios, predictor,
                                                 args.profile))
         finally:
             rundir.close()
@@ -174,40 +175,6 @@ def cmd_run(args: argparse.Namespace) -> int:
     status = exit_status(outcomes)
     console.print(f"results: {rundir.path}  (exit {status})")
     return status
-
-
-def _run_one_kernel(console, rundir, backend, scenarios, predictor, profile):
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
-
-    from .runner import Runner
-
-    expected = {s.name: len(s.steps) - sum(1 for st in s.steps if st.op == "scan") + s.scan_count
-                for s in scenarios}
-    seen: dict[str, int] = {}
-    with Progress(SpinnerColumn(), TextColumn("[bold]{task.fields[kernel]}"), BarColumn(),
-                  MofNCompleteColumn(), TextColumn("{task.description}"), TimeElapsedColumn(),
-                  console=console, transient=False) as progress:
-        task = progress.add_task("starting", total=sum(expected.values()), kernel=backend.label)
-
-        def tick(kernel: str, message: str) -> None:
-            name, _, what = message.partition(": ")
-            advance = 0
-            if name in expected and what.startswith("step "):
-                advance = 1
-            elif name in expected and what != "started":
-                # finished (or skipped, or failed): count the points it will not produce
-                advance = max(expected[name] - seen.get(name, 0), 0)
-            seen[name] = seen.get(name, 0) + advance
-            progress.update(task, advance=advance, description=message)
-
-        runner = Runner(rundir, predictor=predictor, profile=profile, progress=tick)
-        outcome = runner.run_kernel(backend, scenarios)
-        progress.update(task, description="done" if not outcome.error else "failed")
-    if outcome.error:
-        console.print(f"[red]{backend.label}: {outcome.error}[/red]")
-    if outcome.info.get("repaired"):
-        console.print(f"[yellow]{outcome.info['repaired']}[/yellow]")
-    return outcome
 
 
 def _print_summary(console, outcomes, scenarios) -> None:

@@ -17,8 +17,8 @@ from pathlib import Path
 
 import pytest
 
-from ksmbench.emulator.differential import HostRunner, compare, run_differential
-from ksmbench.emulator.randomscen import random_scenario, shrink, to_scenario, to_toml, valid
+from ksmbench.differential import HostRunner, compare, run_differential
+from ksmbench.scenario.generate import random_scenario, shrink, to_scenario, to_toml, valid
 from ksmbench.scenario.loader import parse_scenario
 
 from conftest import host_ksm_usable

@@ -8,9 +8,10 @@
 * Profiles (:mod:`.profiles`): behaviour flags per kernel version, each
   citing its commit; ``linux-X.Y[.Z]`` plus ``,+flag`` / ``,-flag``.
 * The model (:mod:`.machine`), its numpy scan (:mod:`.fastscan`), the
-  scenario driver (:mod:`.emulate`), ``ksmbench emulate`` (:mod:`.cli`),
-  the speed benchmark (``python -m ksmbench.emulator.bench``) and the
-  differential tester (``python -m ksmbench.emulator.differential``).
+  scenario driver (:mod:`.emulate`) and ``ksmbench emulate`` (:mod:`.cli`).
+  The package needs no kernel: what compares it with one lives above it
+  (``ksmbench.identify``, ``ksmbench.differential``,
+  ``ksmbench.bench.emulator_speed``).
 
 Not modelled (predicted as None, or outside the scenario format):
 

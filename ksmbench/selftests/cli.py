@@ -256,10 +256,10 @@ def run_kernel(console, rundir, report: KernelReport, backend, peers: list[Peer]
                 shown = ", ".join(f"{k}={v[1]} (was {v[0]})" for k, v in e.left_changed.items())
                 console.print(f"  {e.id} left {shown}: restored")
     # 2. ksmbench's scenarios on the same kernel, through the Runner
-    from ..cli import _run_one_kernel
+    from ..progress import run_kernel_with_progress
 
     recording = RecordingBackend(backend)
-    outcome = _run_one_kernel(console, rundir, recording, scenarios, None, "auto")
+    outcome = run_kernel_with_progress(console, rundir, recording, scenarios, None, "auto")
     if outcome.error:
         report.scenario_error = outcome.error
         for s in scenarios:

@@ -1,4 +1,4 @@
-"""Emulator speed against the real ksmd: ``python -m ksmbench.emulator.bench``.
+"""Emulator speed against the real ksmd: ``python -m ksmbench.bench.emulator_speed``.
 
 For each size (default 64 MiB, 256 MiB, 1 GiB) one region of mixed content
 (a third one repeated page, a third zero pages, a third unique pages;
@@ -32,7 +32,7 @@ from typing import Any, Sequence
 
 from ..console import make_console
 from ..scenario.loader import scenario_from_dict
-from .emulate import ScenarioRun
+from ..emulator.emulate import ScenarioRun
 
 MIB = 1 << 20
 PAGE = 4096
@@ -161,7 +161,7 @@ def kernel_scans(session, npages: int, scans: int, repeat: int = 1
 def main(argv: Sequence[str] | None = None) -> int:
     from rich.progress import Progress
 
-    ap = argparse.ArgumentParser(prog="python -m ksmbench.emulator.bench", description=__doc__.splitlines()[0])
+    ap = argparse.ArgumentParser(prog="python -m ksmbench.bench.emulator_speed", description=__doc__.splitlines()[0])
     ap.add_argument("--sizes", default="64M,256M,1G", help="region sizes (default 64M,256M,1G)")
     ap.add_argument("--scans", type=int, default=4)
     ap.add_argument("--repeat", type=int, default=3,
@@ -176,14 +176,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     from ..kernel.features import kernel_release
     from ..kernel.tunables import signals_as_exceptions
     from ..results import RunDir
-    from .profiles import get_profile, profile_for_release
+    from ..emulator.profiles import get_profile, profile_for_release
 
     console = make_console()
     sizes = [parse_size(s) for s in args.sizes.split(",") if s.strip()]
     profile = args.profile or profile_for_release(kernel_release()) or "linux-6.18"
     get_profile(profile)
     rundir = RunDir(args.out, tables=False)
-    rundir.metadata.update({"command": ["python", "-m", "ksmbench.emulator.bench", *sys.argv[1:]],
+    rundir.metadata.update({"command": ["python", "-m", "ksmbench.bench.emulator_speed", *sys.argv[1:]],
                             "benchmark": "emulator-speed", "emulator_profile": profile,
                             "kernel_release": kernel_release(), "sizes_pages": sizes})
     rundir.write_metadata()

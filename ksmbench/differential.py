@@ -1,6 +1,6 @@
 """Differential testing: random scenarios on a real kernel and in the emulator.
 
-``python -m ksmbench.emulator.differential --count 50 --seed 1 --out DIR``
+``python -m ksmbench.differential --count 50 --seed 1 --out DIR``
 runs seeded random scenarios on the host kernel (root, holding the RunLock),
 predicts them with the profile that fits the kernel, and for every scenario
 with a mismatching cell shrinks it (re-running candidates on the kernel) and
@@ -16,10 +16,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Iterable, Sequence
 
-from ..console import make_console
-from ..observation import ObservationPoint, PointObserved, ScenarioFinished
-from ..scenario import model as m
-from .randomscen import Spec, random_scenario, shrink, to_scenario, to_toml
+from .console import make_console
+from .observation import ObservationPoint, PointObserved, ScenarioFinished
+from .scenario import model as m
+from .scenario.generate import Spec, random_scenario, shrink, to_scenario, to_toml
 
 
 @dataclass
@@ -62,8 +62,8 @@ class HostRunner:
     """Runs scenarios on this machine's kernel, one session per batch."""
 
     def __init__(self) -> None:
-        from ..kernel.features import kernel_release
-        from .profiles import profile_for_release
+        from .kernel.features import kernel_release
+        from .emulator.profiles import profile_for_release
 
         self.release = kernel_release()
         self.profile = profile_for_release(self.release)
@@ -75,8 +75,8 @@ class HostRunner:
     def run(self, scenarios: Sequence[m.Scenario]) -> dict[str, tuple[list[ObservationPoint], str | None]]:
         import time
 
-        from ..backends.host import HostBackend
-        from ..errors import Busy, WaitTimeout
+        from .backends.host import HostBackend
+        from .errors import Busy, WaitTimeout
 
         deadline = time.monotonic() + self.busy_timeout
         pending = list(scenarios)
@@ -112,7 +112,7 @@ class HostRunner:
 
 def _foreign_ksm_users() -> list[tuple[int, str]]:
     """KSM users other than ksmbench's own agents (the sentinel stays for the session)."""
-    from ..kernel.procfs import ProcFS
+    from .kernel.procfs import ProcFS
 
     procfs = ProcFS()
     out = []
@@ -130,15 +130,15 @@ class BackendRunner:
     """Runs scenarios on any ``--kernel`` backend (e.g. a Debian kernel in QEMU)."""
 
     def __init__(self, spec: str, **options) -> None:
-        from ..backends import resolve_backend
+        from .backends import resolve_backend
 
         self.backend = resolve_backend(spec, **options)
         self.release: str | None = None
         self.profile: str | None = None
 
     def run(self, scenarios: Sequence[m.Scenario]) -> dict[str, tuple[list[ObservationPoint], str | None]]:
-        from ..observation import BackendInfo
-        from .profiles import profile_for_release
+        from .observation import BackendInfo
+        from .emulator.profiles import profile_for_release
 
         got: dict[str, tuple[list[ObservationPoint], str | None]] = {}
         for event in self.backend.events(scenarios):
@@ -166,7 +166,7 @@ def check_specs(specs: Sequence[Spec], runner, profile: str | None
     scenarios = [to_scenario(s) for s in specs]
     results = runner.run(scenarios)
     profile = profile or runner.profile
-    from .emulate import ScenarioRun
+    from .emulator.emulate import ScenarioRun
 
     out = []
     for spec, scenario in zip(specs, scenarios):
@@ -230,9 +230,9 @@ def run_differential(seeds: Iterable[int], out_dir: Path, *, runner: HostRunner 
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    from ..kernel.lock import RunLock
+    from .kernel.lock import RunLock
 
-    ap = argparse.ArgumentParser(prog="python -m ksmbench.emulator.differential",
+    ap = argparse.ArgumentParser(prog="python -m ksmbench.differential",
                                  description="random scenarios: host kernel vs emulator")
     ap.add_argument("--count", type=int, default=50)
     ap.add_argument("--seed", type=int, default=1, help="first seed")

@@ -14,8 +14,8 @@ import random
 from typing import Any, Callable
 
 from ..errors import ScenarioError
-from ..scenario import model as m
-from ..scenario.loader import scenario_from_dict
+from . import model as m
+from .loader import scenario_from_dict
 
 Spec = dict[str, Any]
 
