@@ -112,7 +112,7 @@ def crosscheck_run(tmp_path_factory):
     out = tmp_path_factory.mktemp("crosscheck")
     proc = subprocess.run([*KSMBENCH, "bench", "--kernel", "host", "--wait", "900", "--out", str(out),
                            "--only", "crosscheck", "--crosscheck-mib", "16", "--repeats", "2",
-                           "--pages-to-scan", "500"],
+                           "--pages-to-scan", "500", "--crosscheck-pairs", "3"],
                           capture_output=True, text=True, timeout=1800)
     # 1 is a disagreement beyond 5 %, which a busy shared machine can cause;
     # what must hold is checked below
@@ -134,6 +134,9 @@ def test_crosscheck_runs_ksm_tests_under_our_tunables(crosscheck_run):
         assert seen["max_page_sharing"] == ["256"]
         assert seen["use_zero_pages"] == ["0"]
     assert cc["mib_per_s"]["ksm_tests"]["median"] > 0
+    # judged on the median ratio of back-to-back pairs
+    assert len(cc["paired_ratios"]) == 3 and cc["pairs"] == 3
+    assert abs(cc["relative_difference"] - abs(cc["paired_ratio_median"] - 1)) < 1e-12
     assert cc["mib_per_s"]["ksmbench-idle-owner"]["median"] > 0
 
 

@@ -9,6 +9,7 @@ from ..errors import Busy, UsageError
 from ..kernel.features import detect, kernel_release
 from ..results import now_iso
 from .savings import SavingsRun, Workload, combine, savings_metrics, series_rows
+from .crosscheck import crosscheck_pairs
 from .session import BenchSession, FreeRunTunables
 from .store import BenchStore
 from .timings import CASES, DEFAULT_SIZES_MIB, FrameView, cycle_bytes, plan, run_cycle
@@ -63,7 +64,7 @@ def run_host(store: BenchStore, label: str, args: argparse.Namespace, parts: tup
     check_memory(sizes if "timings" in parts else (), workload)
     cycles = plan(sizes, args.repeats) if "timings" in parts else []
     total = (len(cycles) * PHASES_PER_CYCLE + (2 * args.savings_repeats if workload else 0)
-             + (args.repeats if "crosscheck" in parts else 0))
+             + (args.repeats + crosscheck_pairs(args) if "crosscheck" in parts else 0))
     entry = store.rundir.kernel_entry(label)
     entry.update({"backend": "host", "kernel_release": kernel_release(),
                   "features": detect(), "free_run_tunables": tun.to_dict(),

@@ -119,7 +119,9 @@ def _print_crosscheck(console, kernel: str, cc: dict, tolerance: float) -> int:
                   f"{cc['tunables']['pages_to_scan']}, sleep_millisecs {cc['tunables']['sleep_millisecs']}): "
                   f"ksmbench {ours['median']:.1f} MiB/s (sd {ours['rel_stdev'] * 100:.1f}%), "
                   f"ksm_tests -P {theirs['median']:.1f} MiB/s (sd {theirs['rel_stdev'] * 100:.1f}%): "
-                  f"difference {diff * 100:.1f}% -> [{colour}]{verdict}[/{colour}] "
+                  + (f"median of {len(cc['paired_ratios'])} paired ratios "
+                     f"{cc['paired_ratio_median']:.3f}, " if cc.get("paired_ratio_median") else "")
+                  + f"difference {diff * 100:.1f}% -> [{colour}]{verdict}[/{colour}] "
                   f"(tolerance {tolerance * 100:.0f}%)")
     for f in cc.get("failures") or []:
         console.print(f"  [yellow]{f['case']} #{f['repeat'] + 1} failed (load {f['loadavg']}): "

@@ -146,8 +146,10 @@ def _bench_section(data: RunData, figs: dict[str, Figure]) -> Section | None:
             f"{o['median']:.1f} MiB/s (sd {o['rel_stdev'] * 100:.1f} %, n={o['n']}) and the kernel's "
             f"ksm_tests -P ({cc['ksm_tests'].get('source_package', '')} "
             f"{cc['ksm_tests'].get('source_version', '')}) {t['median']:.1f} MiB/s "
-            f"(sd {t['rel_stdev'] * 100:.1f} %, n={t['n']}): ratio {cc['ratio']:.3f}, difference "
-            f"{cc['relative_difference'] * 100:.1f} %: {verdict}."
+            f"(sd {t['rel_stdev'] * 100:.1f} %, n={t['n']}): ratio of the medians {cc['ratio']:.3f}"
+            + (f", median of the {len(cc['paired_ratios'])} back-to-back pairs' ratios "
+               f"{cc['paired_ratio_median']:.3f}" if cc.get("paired_ratio_median") else "")
+            + f"; difference {cc['relative_difference'] * 100:.1f} %: {verdict}."
             + (f" Timed with the region's owner asleep and ksmd free (ksmbench's merge "
                f"benchmark) the same merge runs at {cc['idle_owner_mib_per_s']['median']:.1f} MiB/s, "
                f"{cc['idle_owner_ratio']:.2f}x ksm_tests -P: ksm_tests' own process spins on "
