@@ -12,6 +12,7 @@ import sys
 from typing import Sequence
 
 from . import __version__
+from .backends import add_vm_options
 from .console import make_console
 from .errors import KsmbenchError, UsageError
 
@@ -105,11 +106,7 @@ def build_parser() -> argparse.ArgumentParser:
 def _kernel_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--kernel", action="append", metavar="KERNEL",
                    help="host, debian:<major.minor>, or a path to a bzImage (repeatable; default: host)")
-    p.add_argument("--memory", default="2G", help="guest memory for VM kernels (default: 2G)")
-    p.add_argument("--cpus", type=int, default=2, help="guest CPUs for VM kernels (default: 2)")
-    p.add_argument("--accel", choices=("auto", "kvm", "tcg"), default="auto",
-                   help="QEMU accelerator for VM kernels (default: auto: KVM only if it really works)")
-    p.add_argument("--modules", metavar="DIR", help="modules directory for a --kernel PATH image")
+    add_vm_options(p)
 
 
 def _delegate(module: str):

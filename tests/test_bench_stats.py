@@ -6,6 +6,7 @@ from __future__ import annotations
 import csv
 import json
 
+import numpy as np
 import pytest
 
 from ksmbench.bench import probes, stats
@@ -364,3 +365,29 @@ def subprocess_dead_pid() -> int:
     proc = subprocess.Popen([sys.executable, "-c", "pass"])
     proc.wait()
     return proc.pid
+
+
+class _AllKsmFlags:
+    """kpageflags of a kernel with the KPF_KSM-on-every-anon-page bug
+    (dee3d0bef2b0; Debian 6.12.117), or of a correct one (``only``)."""
+
+    def __init__(self, only=None):
+        self.only = only
+
+    def kpageflags(self, pfns):
+        from ksmbench.kernel.procfs import KPF_KSM
+
+        pfns = np.asarray(pfns)
+        ksm = np.ones(pfns.size, dtype=bool) if self.only is None else np.isin(pfns, self.only)
+        return np.where(ksm, np.uint64(1 << KPF_KSM), np.uint64(0))
+
+
+def test_classify_frames_ignores_kpageflags_that_flag_every_anon_page():
+    zero = 7
+    # two zero-page mappings, one KSM page mapped 3 times, two unmerged pages, one absent
+    frames = np.array([zero, zero, 100, 100, 100, 200, 300, -1], dtype=np.int64)
+    assert probes.classify_frames(_AllKsmFlags(), frames, zero) == (2, 3, 1)
+    assert probes.classify_frames(_AllKsmFlags(only=[100]), frames, zero) == (2, 3, 1)
+    # a frame mapped twice that is not KSM (no flag) is not counted
+    assert probes.classify_frames(_AllKsmFlags(only=[]), frames, zero) == (2, 0, 0)
+    assert probes.classify_frames(_AllKsmFlags(), np.array([-1, zero]), zero) == (1, 0, 0)

@@ -10,6 +10,16 @@ from __future__ import annotations
 from ..errors import KernelNotFound
 
 
+def add_vm_options(p) -> None:
+    """The argparse options of every command that may boot kernels: what
+    :func:`resolve_backend` passes on to a VM backend."""
+    p.add_argument("--memory", default="2G", help="guest memory for VM kernels (default: 2G)")
+    p.add_argument("--cpus", type=int, default=2, help="guest CPUs for VM kernels (default: 2)")
+    p.add_argument("--accel", choices=("auto", "kvm", "tcg"), default="auto",
+                   help="QEMU accelerator for VM kernels (default: auto: KVM only if it really works)")
+    p.add_argument("--modules", metavar="DIR", help="modules directory for a --kernel PATH image")
+
+
 def resolve_backend(spec: str, **options):
     """A backend for one ``--kernel`` value."""
     if spec == "host":

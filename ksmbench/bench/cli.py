@@ -18,6 +18,7 @@ import sys
 from pathlib import Path
 from typing import Sequence
 
+from ..backends import add_vm_options
 from ..console import make_console
 from ..errors import KsmbenchError, UsageError, os_boundary
 
@@ -70,11 +71,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="linux-source series to build ksm_tests from (default: closest to the kernel)")
     p.add_argument("--wait", type=float, default=0.0, metavar="SECONDS",
                    help="wait this long for another run to finish instead of refusing")
-    p.add_argument("--memory", default="2G", help="guest memory for VM kernels (default: 2G)")
-    p.add_argument("--cpus", type=int, default=2, help="guest CPUs for VM kernels (default: 2)")
-    p.add_argument("--accel", choices=("auto", "kvm", "tcg"), default="auto",
-                   help="QEMU accelerator for VM kernels (default: auto)")
-    p.add_argument("--modules", metavar="DIR", help="modules directory for a --kernel PATH image")
+    add_vm_options(p)
     p.add_argument("--guest-repeats", type=int, default=None, metavar="N",
                    help="repetitions inside VMs (default: --repeats); TCG guests are slow")
     p.add_argument("--guest-timeout", type=float, default=3600.0, metavar="SECONDS",

@@ -11,8 +11,10 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
+
 from ..errors import KernelIOError, KsmUnavailable, os_boundary
-from ..kernel.procfs import ProcFS
+from ..kernel.procfs import KPF_KSM, FrameReader, ProcFS
 
 CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
 
@@ -166,3 +168,26 @@ def process_memory(pid: int) -> ProcessMemory:
                             hint="run as root") from None
     return ProcessMemory(rss=int(info.rss), uss=int(info.uss), pss=int(info.pss),
                          swap=int(getattr(info, "swap", 0)))
+
+
+def classify_frames(reader: FrameReader, frames: np.ndarray, zero_pfn: int) -> tuple[int, int, int]:
+    """(zero-page mappings, KSM-page mappings, distinct KSM pages) among
+    ``frames`` (pagemap frame numbers of a benchmark's regions, -1 absent).
+
+    A KSM page here is a frame with KPF_KSM that the regions map at least
+    twice: every KSM page a benchmark makes is (its duplicates or zero pages
+    merged into it), and requiring it keeps kernels whose kpageflags flag
+    every anonymous page KSM (dee3d0bef2b0, 6.10; fixed in 7.2 and 6.18.y;
+    Debian 6.12.117 has it) from counting unmerged pages as merged.
+    """
+    present = frames[frames >= 0]
+    zero = int(np.count_nonzero(present == zero_pfn))
+    real = present[present != zero_pfn]
+    if real.size == 0:
+        return zero, 0, 0
+    # np.unique without return_inverse: its argsort is wrong in QEMU TCG
+    # guests (see FrameReader.kpageflags)
+    uniq, counts = np.unique(real, return_counts=True)
+    flags = reader.kpageflags(uniq)
+    ksm = ((flags & np.uint64(1 << KPF_KSM)) != 0) & (counts >= 2)
+    return zero, int(counts[ksm].sum()), int(np.count_nonzero(ksm))

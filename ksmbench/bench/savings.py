@@ -37,9 +37,9 @@ from typing import Any, Callable
 import numpy as np
 
 from ..backends.host import AgentHandle
-from ..kernel.procfs import KPF_KSM, FrameReader, ProcFS
+from ..kernel.procfs import FrameReader, ProcFS
 from ..kernel.syscalls import PAGE_SIZE
-from .probes import process_memory, read_meminfo, read_pcp_pages
+from .probes import classify_frames, process_memory, read_meminfo, read_pcp_pages
 from .session import BenchSession
 
 MIB = 1 << 20
@@ -171,14 +171,7 @@ class SavingsRun:
         whole workload: the truth the counters are compared with, independent
         of anything else registered with KSM."""
         allf = np.concatenate(frames) if frames else np.zeros(0, dtype=np.int64)
-        present = allf[allf >= 0]
-        zero = int(np.count_nonzero(present == self.zero_pfn))
-        real = present[present != self.zero_pfn]
-        if real.size == 0:
-            return zero, 0, 0
-        flags = self._reader.kpageflags(real.astype(np.uint64))
-        ksm = real[(flags & np.uint64(1 << KPF_KSM)) != 0]
-        return zero, int(ksm.size), int(np.unique(ksm).size)
+        return classify_frames(self._reader, allf, self.zero_pfn)
 
     def run(self) -> tuple[list[tuple[str, int | None, Snapshot]], dict[str, Any]]:
         """Returns the time series [(point, scan, snapshot)] and the reconciliation."""

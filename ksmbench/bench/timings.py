@@ -32,8 +32,11 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Callable
 
+import numpy as np
+
 from ..backends.host import AgentHandle
 from ..kernel.procfs import FrameReader, ProcFS
+from .probes import classify_frames
 from .session import BenchSession, FreeRunTunables, merged_pages
 
 #: (content, use_zero_pages) cases: duplicates; zero pages merged like any
@@ -72,8 +75,9 @@ class FrameView:
 
     def state(self, pid: int, addr: int, npages: int) -> RegionState:
         with FrameReader(ProcFS(), pid) as reader:
-            m = reader.region_metrics(addr, npages, [self.zero_pfn])
-        return RegionState(m.present, m.zero_pfn, m.ksm)
+            frames = reader.frames(addr, npages)
+            zero, ksm, _pages = classify_frames(reader, frames, self.zero_pfn)
+        return RegionState(int(np.count_nonzero(frames >= 0)), zero, ksm)
 
     def close(self) -> None:
         self._own.close()
@@ -144,15 +148,17 @@ def run_cycle(session: BenchSession, frames: FrameView, *, content: str, use_zer
 
         # 2. MADV_UNMERGEABLE of the merged region
         phase("unmerge (madvise)")
-        merged_before = state.merged
-        seconds = region.timed_madvise("unmergeable")
-        after = region.state(frames)
-        record("unmerge", f"{content}/madvise", size_mib, use_zero_pages, repeat, {
-            "seconds": (seconds, "s"),
-            "mib_per_s": (size_mib / seconds, "MiB/s"),
-            "pages_unshared": (merged_before - after.merged, "pages"),
-            "pages_left_merged": (after.merged, "pages"),
-        })
+        def record_unmerge(how: str, merged_before: int, seconds: float) -> None:
+            # pagemap, not counters: before 6.6 no counter shows KSM zero pages
+            after = region.state(frames)
+            record("unmerge", f"{content}/{how}", size_mib, use_zero_pages, repeat, {
+                "seconds": (seconds, "s"),
+                "mib_per_s": (size_mib / seconds, "MiB/s"),
+                "pages_unshared": (merged_before - after.merged, "pages"),
+                "pages_left_merged": (after.merged, "pages"),
+            })
+
+        record_unmerge("madvise", state.merged, region.timed_madvise("unmergeable"))
 
         # 3. stepped scans: ksmd CPU per full scan and per merged page
         phase("ksmd cost per scan")
@@ -179,14 +185,7 @@ def run_cycle(session: BenchSession, frames: FrameView, *, content: str, use_zer
         # 4. run=2 of the merged region
         phase("unmerge (run=2)")
         merged_before = region.state(frames).merged
-        seconds = _timed_clean(session)
-        after = region.state(frames)
-        record("unmerge", f"{content}/run2", size_mib, use_zero_pages, repeat, {
-            "seconds": (seconds, "s"),
-            "mib_per_s": (size_mib / seconds, "MiB/s"),
-            "pages_unshared": (merged_before - after.merged, "pages"),
-            "pages_left_merged": (after.merged, "pages"),
-        })
+        record_unmerge("run2", merged_before, _timed_clean(session))
 
         # 5. CoW break on merged pages, with two baselines
         phase("CoW break")

@@ -689,6 +689,20 @@ class Ksm:
         self.frames.mapcount[kframe] += 1
         seg.pte[idx] = kframe
 
+    def _checksum_or_zero_ends_visit(self, seg: Segment, idx: int, frame: int) -> bool:
+        """cmp_and_merge_page()'s checksum test, then the use_zero_pages merge:
+        True when either ends the visit (a changed checksum is only recorded;
+        a zero page is replaced by the zero page).  Where in the visit this
+        runs depends on the kernel (before or after the stable tree, 6.11)."""
+        cid = int(self.frames.content[frame])
+        if seg.ick[idx] != cid:
+            seg.ick[idx] = cid
+            return True
+        if self.settings.use_zero_pages and cid == ZERO:
+            self._zero_merge(seg, idx)
+            return True
+        return False
+
     def _zero_merge(self, seg: Segment, idx: int) -> None:
         """replace_page() with the zero page (use_zero_pages, 4.11)."""
         old = int(seg.pte[idx])
@@ -738,12 +752,7 @@ class Ksm:
             # 6.11+ (ac90c56bbd73 and friends): checksum, then zero page,
             # then the stable tree
             self._remove_from_tree(seg, idx)
-            cid = int(fr.content[frame])
-            if seg.ick[idx] != cid:
-                seg.ick[idx] = cid
-                return
-            if self.settings.use_zero_pages and cid == ZERO:
-                self._zero_merge(seg, idx)
+            if self._checksum_or_zero_ends_visit(seg, idx, frame):
                 return
         kframe = self._stable_tree_search(frame)
         self._remove_from_tree(seg, idx)
@@ -754,12 +763,7 @@ class Ksm:
             return
         if not self.checksum_first and page_node < 0:
             # before 6.11: the checksum test comes after the stable tree
-            cid = int(fr.content[frame])
-            if seg.ick[idx] != cid:
-                seg.ick[idx] = cid
-                return
-            if self.settings.use_zero_pages and cid == ZERO:
-                self._zero_merge(seg, idx)
+            if self._checksum_or_zero_ends_visit(seg, idx, frame):
                 return
         if page_node >= 0:  # pragma: no cover - a KSM page always finds its own node
             return

@@ -58,7 +58,10 @@ def generate(rundirs: Sequence[str | os.PathLike], out: Path, *, title: str = "k
                   TextColumn("{task.description}"), TimeElapsedColumn(),
                   console=console, transient=False, disable=console is None) as progress:
         task = progress.add_task("loading", total=None)
-        figures = all_figures(data, progress=lambda n: progress.update(task, description=f"drawing {n}"))
+        # one figure per scenario: more than matplotlib's warning threshold of
+        # 20 are open until they are rendered (and closed) just below
+        with plt.rc_context({"figure.max_open_warning": 0}):
+            figures = all_figures(data, progress=lambda n: progress.update(task, description=f"drawing {n}"))
         progress.update(task, total=len(figures) + 2, completed=0)
         pngs: dict[str, bytes] = {}
         for f in figures:

@@ -358,8 +358,9 @@ def zero_page_savings(data: RunData) -> list[Figure]:
         ax.set_xlabel("MiB saved")
         ax.grid(alpha=0.3, axis="x")
         ax.invert_yaxis()
-    axes[0][-1].legend(fontsize=7, loc="lower right")
-    fig.tight_layout()
+    handles, labels = axes[0][0].get_legend_handles_labels()
+    fig.legend(handles, labels, fontsize=7, loc="lower center", ncol=2, frameon=False)
+    fig.tight_layout(rect=(0, 0.06, 1, 1))
     return [Figure("zero-page-savings", "Zero-page savings: use_zero_pages 0 vs 1", fig,
                    "The same workload merged with use_zero_pages=0 (zero pages merge into one KSM "
                    "page per 256) and 1 (each zero page is replaced by the shared zero page). "

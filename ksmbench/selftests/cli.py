@@ -32,6 +32,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Sequence
 
+from ..backends import add_vm_options
 from ..console import make_console
 from ..errors import KsmbenchError, UsageError
 from ..kernel_tools import SelftestBuild, closest_series, ksm_selftests
@@ -64,11 +65,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="only peers whose selftest or scenario contains TEXT (repeatable)")
     p.add_argument("--list", action="store_true",
                    help="print the selftest/scenario pairs and their checks, and exit")
-    p.add_argument("--memory", default="2G", help="guest memory for VM kernels (default: 2G)")
-    p.add_argument("--cpus", type=int, default=2, help="guest CPUs for VM kernels (default: 2)")
-    p.add_argument("--accel", choices=("auto", "kvm", "tcg"), default="auto",
-                   help="QEMU accelerator for VM kernels (default: auto)")
-    p.add_argument("--modules", metavar="DIR", help="modules directory for a --kernel PATH image")
+    add_vm_options(p)
     return p
 
 
