@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import csv
 import json
+import os
 
 import numpy as np
 import pytest
@@ -391,3 +392,36 @@ def test_classify_frames_ignores_kpageflags_that_flag_every_anon_page():
     # a frame mapped twice that is not KSM (no flag) is not counted
     assert probes.classify_frames(_AllKsmFlags(only=[]), frames, zero) == (2, 0, 0)
     assert probes.classify_frames(_AllKsmFlags(), np.array([-1, zero]), zero) == (1, 0, 0)
+
+
+@pytest.mark.skipif(len(os.sched_getaffinity(0)) < 2, reason="needs two CPUs")
+def test_a_killed_crosscheck_gives_ksmd_its_cpus_back(state_dir):
+    """The marker a SIGKILLed benchmark leaves names ksmd and its original
+    CPUs; the next benchmark restores them (a sleeping child stands in for ksmd)."""
+    import json
+    import subprocess
+    import sys
+
+    from ksmbench.bench.crosscheck import KSMD_AFFINITY_MARKER, repair_ksmd_affinity
+    from ksmbench.kernel.tunables import boot_id
+
+    cpus = sorted(os.sched_getaffinity(0))
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    ksmd = subprocess.Popen(["sleep", "60"])
+    try:
+        os.sched_setaffinity(ksmd.pid, {cpus[-1]})  # what the killed run left
+        (state_dir / KSMD_AFFINITY_MARKER).write_text(json.dumps(
+            {"pid": dead.pid, "boot_id": boot_id(), "ksmd": ksmd.pid, "cpus": cpus}))
+        message = repair_ksmd_affinity()
+        assert message and f"pid {ksmd.pid}" in message
+        assert sorted(os.sched_getaffinity(ksmd.pid)) == cpus
+        assert not (state_dir / KSMD_AFFINITY_MARKER).exists()
+        # a marker whose owner is alive is left alone
+        (state_dir / KSMD_AFFINITY_MARKER).write_text(json.dumps(
+            {"pid": ksmd.pid, "boot_id": boot_id(), "ksmd": ksmd.pid, "cpus": cpus}))
+        assert repair_ksmd_affinity() is None
+        assert (state_dir / KSMD_AFFINITY_MARKER).exists()
+    finally:
+        ksmd.kill()
+        ksmd.wait()

@@ -158,7 +158,7 @@ def repair_ksmd_affinity() -> str | None:
     """Give ksmd back the CPUs a killed benchmark took from it; a message, or None."""
     import json
 
-    from ..kernel.tunables import boot_id, state_dir
+    from ..kernel.tunables import boot_id, pid_alive, state_dir
 
     marker = state_dir() / KSMD_AFFINITY_MARKER
     try:
@@ -166,14 +166,8 @@ def repair_ksmd_affinity() -> str | None:
     except (OSError, ValueError):
         return None
     pid = int(record.get("pid", 0))
-    if pid and pid != os.getpid():
-        try:
-            os.kill(pid, 0)
-            return None  # that benchmark is alive (the run lock keeps us apart anyway)
-        except ProcessLookupError:
-            pass
-        except PermissionError:
-            return None
+    if pid and pid != os.getpid() and pid_alive(pid):
+        return None  # that benchmark is alive (the run lock keeps us apart anyway)
     message = None
     if record.get("boot_id") == boot_id():
         try:

@@ -80,7 +80,7 @@ def boot_id() -> str:
         return "unknown"
 
 
-def _pid_alive(pid: int) -> bool:
+def pid_alive(pid: int) -> bool:
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
@@ -266,7 +266,7 @@ def repair(sysfs: KsmSysfs, journal_dir: Path | None = None) -> str | None:
                             "(the tunables reset at boot)")
             continue
         pid = int(record.get("pid", 0))
-        if pid == os.getpid() or (pid and _pid_alive(pid)):
+        if pid == os.getpid() or (pid and pid_alive(pid)):
             continue  # a live stack: it restores itself (the run lock keeps us apart)
         dead.append((float(record.get("created_at", record.get("written_at", 0))), journal, record))
     for _, journal, record in sorted(dead, key=lambda item: item[0], reverse=True):
