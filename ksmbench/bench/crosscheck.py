@@ -259,9 +259,10 @@ def run_ours_once(session: BenchSession, size_mib: int, tun: FreeRunTunables,
     writes run=1, reads full_scans and spins on it until it has grown by 2.
     A child and not this process: a spinner that shares its interpreter with
     other threads (the progress display, the tunable sampler) hands the GIL
-    back and forth with them, and every hand-off is a wakeup on ksmd's CPU;
-    measured, that cost ksmd 15-20 % of its share of the CPU.  This process
-    waits on a pipe meanwhile, as it waits for ksm_tests.
+    back and forth with them.  Measured with the progress display running:
+    ksmd got 0.22 of the wall time instead of 0.25, and the merge looked
+    10-20 % slower than ksm_tests -P.  This process waits on a pipe
+    meanwhile, as it waits for ksm_tests.
     """
     from ..kernel import syscalls
 
