@@ -160,25 +160,23 @@ def _int_or_none(text: str) -> int | None:
     return None if text == "" else int(text)
 
 
-def read_bench(path: str | os.PathLike):
-    """bench.csv of a run directory as a pandas DataFrame (None if absent)."""
+def _read_table(path: str | os.PathLike, name: str, dtype: dict):
     import pandas as pd
 
     path = Path(path)
     if path.is_dir():
-        path = path / "bench.csv"
+        path = path / name
     if not path.exists():
         return None
-    return pd.read_csv(path, dtype={"kernel": str, "benchmark": str, "case": str, "metric": str,
-                                    "unit": str})
+    return pd.read_csv(path, dtype=dtype)
+
+
+def read_bench(path: str | os.PathLike):
+    """bench.csv of a run directory as a pandas DataFrame (None if absent)."""
+    return _read_table(path, "bench.csv", {"kernel": str, "benchmark": str, "case": str,
+                                           "metric": str, "unit": str})
 
 
 def read_savings(path: str | os.PathLike):
-    import pandas as pd
-
-    path = Path(path)
-    if path.is_dir():
-        path = path / "savings.csv"
-    if not path.exists():
-        return None
-    return pd.read_csv(path, dtype={"kernel": str, "point": str, "metric": str})
+    """savings.csv of a run directory as a pandas DataFrame (None if absent)."""
+    return _read_table(path, "savings.csv", {"kernel": str, "point": str, "metric": str})

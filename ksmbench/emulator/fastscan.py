@@ -61,15 +61,8 @@ class FastScan:
 
     # -- the whole scan ------------------------------------------------------------
     def run(self) -> None:
-        k = self.k
         self.counts = self._candidate_counts()
-        i = 0
-        while i < len(k.slots):
-            mm = k.slots[i]
-            if self.scan_mm(mm):
-                i += 1
-            else:
-                k._drop_slot(mm, i)
+        self.k.scan_slots(self.scan_mm)
 
     def _candidate_counts(self) -> Counter[int]:
         """How many visits of this scan could reach the unstable tree, per content:

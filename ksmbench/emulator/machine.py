@@ -848,14 +848,20 @@ class Ksm:
 
             FastScan(self).run()
         else:
-            i = 0
-            while i < len(self.slots):
-                mm = self.slots[i]
-                if self.scan_mm_slow(mm):
-                    i += 1
-                else:
-                    self._drop_slot(mm, i)
+            self.scan_slots(self.scan_mm_slow)
         self.full_scans += 1
+
+    def scan_slots(self, scan_mm) -> None:
+        """Visit the mm slots in list order; ``scan_mm(mm)`` False means the
+        mm has no mergeable VMA left and ksmd drops its slot (which shifts
+        the list, so the same index is visited next)."""
+        i = 0
+        while i < len(self.slots):
+            mm = self.slots[i]
+            if scan_mm(mm):
+                i += 1
+            else:
+                self._drop_slot(mm, i)
 
     def _drop_slot(self, mm: MM, i: int) -> None:
         del self.slots[i]
