@@ -80,13 +80,18 @@ def build_parser() -> argparse.ArgumentParser:
 
     emulate = sub.add_parser("emulate", help="predict a scenario's observations (no root, no kernel)")
     emulate.add_argument("scenarios", nargs="*", metavar="SCENARIO")
-    emulate.add_argument("--profile", default="linux-6.18", help="kernel behaviour profile")
+    emulate.add_argument("--profile", default="linux-6.18",
+                         help="kernel behaviour profile: linux-X.Y[.Z][,+flag|,-flag...] "
+                              "(default linux-6.18; python -m ksmbench.emulator lists the flags)")
     emulate.add_argument("--format", choices=("table", "csv"), default="table")
     emulate.set_defaults(func=cmd_emulate)
 
     identify = sub.add_parser("identify", help="which KSM behaviours a kernel has")
     _kernel_options(identify)
-    identify.add_argument("--wait", type=float, default=0.0, metavar="SECONDS")
+    identify.add_argument("--out", default="results",
+                          help="parent of the run directory of the observations (default: results)")
+    identify.add_argument("--wait", type=float, default=0.0, metavar="SECONDS",
+                          help="wait this long for another run to finish instead of refusing")
     identify.set_defaults(func=cmd_identify)
 
     kernels = sub.add_parser("kernels", help="kernels that can be booted: cached and fetchable")

@@ -305,7 +305,7 @@ def identify_command(args: Namespace) -> int:
     # the emulator needs no kernel: only real kernels take the machine's RunLock
     real = any(not isinstance(b, EmulatorBackend) for b in backends)
     with RunLock(timeout=args.wait) if real else nullcontext():
-        rundir = RunDir(getattr(args, "out", None) or "results")
+        rundir = RunDir(args.out)
         rundir.metadata["command"] = ["ksmbench", *sys.argv[1:]]
         rundir.metadata["scenarios"] = [s.name for s in scenarios]
         try:
