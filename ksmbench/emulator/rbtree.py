@@ -187,6 +187,9 @@ class RBRoot:
         return rebalance
 
     def _erase_color(self, parent: RBNode) -> None:
+        # The two halves below mirror each other (left/right swapped), as in
+        # ____rb_erase_color(): kept as two explicit halves, not folded into
+        # one with a direction flag, so each line can be read against the C.
         node: Optional[RBNode] = None
         while True:
             sibling = parent.rb_right
