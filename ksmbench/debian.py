@@ -26,7 +26,6 @@ Used by the VM backend (kernels) and by the selftest and page-types helpers
 
 from __future__ import annotations
 
-import fcntl
 import hashlib
 import json
 import os
@@ -43,6 +42,7 @@ from pathlib import Path
 from typing import Callable, Iterable, Iterator, Sequence
 
 from .errors import KernelNotFound, KsmbenchError, os_boundary
+from .waiting import flock_exclusive
 
 #: catalogue data, kept in the repository's vm/ directory
 CATALOGUE_FILE = Path(__file__).resolve().parents[1] / "vm" / "catalogue.toml"
@@ -355,16 +355,9 @@ class DebianArchive:
             self.cache.mkdir(parents=True, exist_ok=True)
         fd = os.open(self.cache / ".lock", os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
         try:
-            deadline = time.monotonic() + timeout
-            while True:
-                try:
-                    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-                    break
-                except BlockingIOError:
-                    if time.monotonic() > deadline:
-                        raise ArchiveError(f"timed out after {timeout:.0f} s waiting for another "
-                                           f"ksmbench process to finish with {self.cache} ({what})")
-                    time.sleep(0.5)
+            flock_exclusive(fd, timeout=timeout, on_timeout=lambda: ArchiveError(
+                f"timed out after {timeout:.0f} s waiting for another ksmbench process to "
+                f"finish with {self.cache} ({what})"))
             yield
         finally:
             os.close(fd)

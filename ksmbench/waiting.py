@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import fcntl
 import time
 from typing import Callable, TypeVar
 
@@ -29,3 +30,24 @@ def wait_until(predicate: Callable[[], T], *, timeout: float, what: str,
             raise WaitTimeout(f"timed out after {timeout:.1f} s waiting for {what}", hint=hint)
         time.sleep(min(delay, max(deadline - now, 0)))
         delay = min(delay * 2, max_delay)
+
+
+def flock_exclusive(fd: int, *, timeout: float, on_timeout: Callable[[], Exception],
+                    max_delay: float = 1.0) -> None:
+    """Take an exclusive ``flock`` on ``fd`` within ``timeout`` seconds.
+
+    Polls with LOCK_NB (a blocking flock could wait forever); the kernel drops
+    the lock when its holder dies, so a killed holder never leaves it stuck.
+    Raises ``on_timeout()``, which names the lock and its holder.
+    """
+    deadline = time.monotonic() + timeout
+    delay = 0.05
+    while True:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            return
+        except BlockingIOError:
+            if time.monotonic() >= deadline:
+                raise on_timeout() from None
+            time.sleep(delay)
+            delay = min(delay * 2, max_delay)

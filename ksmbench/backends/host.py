@@ -61,7 +61,7 @@ class AgentHandle:
         popen = subprocess.Popen(
             [sys.executable, "-m", "ksmbench.backends.agent", str(theirs.fileno()), name],
             pass_fds=[theirs.fileno()], stdin=subprocess.DEVNULL,
-            preexec_fn=_die_with_parent)
+            preexec_fn=syscalls.die_with_parent)
         theirs.close()
         handle = cls(name, popen.pid, mine, popen)
         handle.call("ping", timeout=30)
@@ -140,11 +140,7 @@ class AgentHandle:
             self.pidfd = None
 
 
-def _die_with_parent() -> None:
-    syscalls.prctl_set_pdeathsig(9)
-
-
-def _reap_orphans() -> None:
+def reap_orphans() -> None:
     """Reap grandchildren reparented to us (we are their subreaper)."""
     while True:
         try:
@@ -208,7 +204,7 @@ class HostSession:
             if handle is not None:
                 handle.kill()
                 setattr(self, name, None)
-        _reap_orphans()
+        reap_orphans()
         try:
             if self.changes.changed:
                 self.changes.set("run", 2)  # drop our KSM pages before restoring
@@ -242,7 +238,7 @@ class HostSession:
             for agent in list(self.agents.values()):
                 agent.kill()
             self.agents.clear()
-            _reap_orphans()
+            reap_orphans()
 
     def _apply_settings(self, ksm: m.KsmSettings) -> None:
         self.changes.set("run", 2)
@@ -335,7 +331,7 @@ class HostSession:
                 agent.wait_gone(timeout=budget)  # exit_mmap() has run when it is gone
                 agent.close()
                 del self.agents[step.proc]
-                _reap_orphans()
+                reap_orphans()
             elif isinstance(step, m.Expect):
                 pass  # checked by the runner against this step's observation
             yield observe(step, None)

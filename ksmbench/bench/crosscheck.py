@@ -33,7 +33,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from ..errors import Busy, KsmbenchError, os_boundary
-from ..kernel.features import kernel_release, parse_version
+from ..kernel_tools import closest_series
 from ..kernel.stepping import time_scale
 from .probes import read_tlb_shootdowns
 from .session import BenchSession, FreeRunTunables, fill_region, new_region
@@ -51,11 +51,6 @@ _TIME = re.compile(r"Total time:\s+([0-9]+\.[0-9]+)\s+s")
 
 
 # -- building ------------------------------------------------------------------------
-
-def closest_series(release: str) -> str:
-    major, minor, _ = parse_version(release)
-    return f"{major}.{minor}"
-
 
 def ksm_tests_binary(series: str, say: Callable[[str], None] = lambda _m: None,
                      console=None) -> tuple[Path, dict[str, Any]]:
@@ -281,7 +276,7 @@ def run_ours_once(session: BenchSession, size_mib: int, tun: FreeRunTunables,
             status = 1
             try:
                 os.close(rfd)
-                syscalls.prctl_set_pdeathsig(9)
+                syscalls.die_with_parent()
                 if cpu is not None:
                     os.sched_setaffinity(0, {cpu})
                 region = new_region(npages, thp_advice=None)
@@ -392,7 +387,7 @@ def run_crosscheck(session: BenchSession, store, label: str, args, tun: FreeRunT
             if not binary.exists():
                 raise KsmbenchError(f"--ksm-tests {binary}: no such file")
         else:
-            series = args.source_series or closest_series(kernel_release())
+            series = args.source_series or closest_series()
             binary, info = ksm_tests_binary(series, say, console)
     except KsmbenchError as exc:
         for _ in range(args.repeats + pairs):

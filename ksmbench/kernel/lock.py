@@ -8,15 +8,14 @@ the holder's pid and command line.
 
 from __future__ import annotations
 
-import fcntl
 import json
 import os
 import sys
-import time
 from pathlib import Path
 
 from ..errors import Busy, os_boundary
 from .tunables import state_dir
+from ..waiting import flock_exclusive
 
 
 class RunLock:
@@ -37,21 +36,16 @@ class RunLock:
             self.path.parent.mkdir(parents=True, exist_ok=True)
         with os_boundary(f"opening {self.path}"):
             fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
-        deadline = time.monotonic() + self.timeout
-        delay = 0.05
-        while True:
-            try:
-                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-                break
-            except BlockingIOError:
-                if time.monotonic() >= deadline:
-                    holder = self.holder()
-                    os.close(fd)
-                    waited = f" after waiting {self.timeout:.0f} s" if self.timeout else ""
-                    raise Busy(f"another ksmbench run holds {self.path}{waited} ({holder})",
-                               hint="wait for it to finish, or pass --wait SECONDS") from None
-                time.sleep(delay)
-                delay = min(delay * 2, 1.0)
+        def busy() -> Busy:
+            waited = f" after waiting {self.timeout:.0f} s" if self.timeout else ""
+            return Busy(f"another ksmbench run holds {self.path}{waited} ({self.holder()})",
+                        hint="wait for it to finish, or pass --wait SECONDS")
+
+        try:
+            flock_exclusive(fd, timeout=self.timeout, on_timeout=busy)
+        except Busy:
+            os.close(fd)
+            raise
         os.ftruncate(fd, 0)
         os.write(fd, json.dumps({"pid": os.getpid(), "argv": " ".join(sys.argv)}).encode())
         self._fd = fd

@@ -131,24 +131,42 @@ class ProcFS:
     def pids(self) -> list[int]:
         return sorted(int(p.name) for p in self.root.iterdir() if p.name.isdigit())
 
-    def task_state(self, pid: int | str) -> str | None:
-        """The one-letter state from /proc/<pid>/stat (R, S, D, I, ...)."""
+    def stat_fields(self, pid: int | str) -> list[str] | None:
+        """/proc/<pid>/stat from its third field (state, ppid, pgrp, ...) on;
+        None when the process is gone.  comm may hold spaces and ')', so the
+        fields start after the last ')'."""
         text = self._read(pid, "stat")
         if text is None:
             return None
-        return text[text.rindex(")") + 2]
+        return text[text.rindex(")") + 2:].split()
+
+    def task_state(self, pid: int | str) -> str | None:
+        """The one-letter state from /proc/<pid>/stat (R, S, D, I, Z, ...)."""
+        fields = self.stat_fields(pid)
+        return fields[0] if fields else None
 
     def find_kthread(self, name: str) -> int | None:
         for pid in self.pids():
             try:
                 if self.comm(pid) == name:
-                    stat = self._read(pid, "stat") or ""
-                    ppid = int(stat[stat.rindex(")") + 2:].split()[1])
-                    if ppid == 2:  # children of kthreadd
+                    fields = self.stat_fields(pid) or ["", "0"]
+                    if int(fields[1]) == 2:  # children of kthreadd
                         return pid
             except (KernelIOError, PermissionNeeded, ValueError):
                 continue
         return None
+
+    def live_group_members(self, pgid: int) -> list[int]:
+        """Pids of process group ``pgid`` that are not zombies (or dying)."""
+        live = []
+        for pid in self.pids():
+            try:
+                fields = self.stat_fields(pid)
+            except (KernelIOError, PermissionNeeded):
+                continue  # exited meanwhile
+            if fields and len(fields) > 2 and int(fields[2]) == pgid and fields[0] not in ("Z", "X"):
+                live.append(pid)
+        return live
 
     def is_mergeable_process(self, pid: int) -> bool:
         """Whether the process has any VM_MERGEABLE mapping or KSM state."""

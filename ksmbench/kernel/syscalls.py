@@ -173,6 +173,12 @@ def prctl_set_pdeathsig(signum: int) -> None:
         raise _fail(f"prctl(PR_SET_PDEATHSIG, {signum})")
 
 
+def die_with_parent() -> None:
+    """PR_SET_PDEATHSIG(SIGKILL): for ``preexec_fn`` and forked children, so
+    that nothing ksmbench starts outlives it."""
+    prctl_set_pdeathsig(9)
+
+
 def prctl_set_child_subreaper() -> None:
     if _libc.prctl(PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0) != 0:
         raise _fail("prctl(PR_SET_CHILD_SUBREAPER, 1)")

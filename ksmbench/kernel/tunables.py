@@ -33,6 +33,7 @@ from pathlib import Path
 from typing import Iterator
 
 from ..errors import KsmbenchError, KernelIOError, os_boundary
+from .procfs import ProcFS
 from .sysfs import KsmSysfs
 
 #: journal files: tunables.<pid>.<n>.journal.json, one per undo stack
@@ -90,11 +91,10 @@ def pid_alive(pid: int) -> bool:
     # A killed run whose parent never reaps it (a container's init) stays a
     # zombie: it answers kill(0) but will never undo its journal.
     try:
-        with open(f"/proc/{pid}/stat", "rb") as f:
-            stat = f.read()
-    except OSError:
+        state = ProcFS().task_state(pid)
+    except KsmbenchError:
         return True
-    return stat[stat.rfind(b")") + 2:][:1] not in (b"Z", b"X")
+    return state not in ("Z", "X")
 
 
 class Journal:

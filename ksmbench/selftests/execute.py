@@ -43,6 +43,7 @@ from ..errors import Busy, KsmbenchError
 from ..kernel.procfs import ProcFS
 from ..kernel.stepping import time_scale
 from ..kernel.sysfs import KsmSysfs
+from ..kernel.syscalls import die_with_parent
 from ..kernel.tunables import TunableChanges, repair
 
 #: seconds one selftest program may run (times KSMBENCH_TIME_SCALE: 10 under TCG): 60x
@@ -190,7 +191,7 @@ class ProgramGroup:
         argv = [sleep, "infinity"] if sleep else [sys.executable, "-c",
                                                   "import time\nwhile True: time.sleep(3600)"]
         self.leader = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
-                                       process_group=0, preexec_fn=_die_with_parent)
+                                       process_group=0, preexec_fn=die_with_parent)
         try:
             from ..backends.vm.guard import start_guard
 
@@ -204,7 +205,7 @@ class ProgramGroup:
         assert self.leader is not None
         proc = subprocess.Popen(list(argv), cwd=cwd, stdin=subprocess.DEVNULL, stdout=stdout,
                                 stderr=subprocess.STDOUT, process_group=self.leader.pid,
-                                preexec_fn=_die_with_parent)
+                                preexec_fn=die_with_parent)
         self.members.append(proc)
         return proc
 
@@ -222,12 +223,6 @@ class ProgramGroup:
             self._guard = None
 
 
-def _die_with_parent() -> None:
-    from ..kernel.syscalls import prctl_set_pdeathsig
-
-    prctl_set_pdeathsig(signal.SIGKILL)
-
-
 def kill_group(pgid: int, members: Sequence[subprocess.Popen] = (), timeout: float = 30.0) -> None:
     """SIGKILL process group ``pgid`` and wait until every member is gone."""
     try:
@@ -239,9 +234,11 @@ def kill_group(pgid: int, members: Sequence[subprocess.Popen] = (), timeout: flo
             member.wait(timeout=timeout)
         except subprocess.TimeoutExpired:
             pass
+    from ..backends.host import reap_orphans  # we may be their subreaper
+
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
-        _reap_adopted()
+        reap_orphans()
         try:
             os.killpg(pgid, signal.SIGKILL)
         except (ProcessLookupError, PermissionError):
@@ -250,39 +247,10 @@ def kill_group(pgid: int, members: Sequence[subprocess.Popen] = (), timeout: flo
         # is not us).  Once dead they are zombies that still carry the group
         # id, and an init that never reaps (a container's, CI's) keeps them
         # forever: they hold no memory and run nothing, so they do not count.
-        if not _live_group_members(pgid):
+        if not ProcFS().live_group_members(pgid):
             return
         time.sleep(0.02)
     raise KsmbenchError(f"processes of selftest group {pgid} survived SIGKILL for {timeout:.0f} s")
-
-
-def _live_group_members(pgid: int, proc_root: str = "/proc") -> list[int]:
-    """Pids in process group ``pgid`` that are not zombies (from /proc/<pid>/stat)."""
-    live = []
-    for entry in os.scandir(proc_root):
-        if not entry.name.isdigit():
-            continue
-        try:
-            with open(f"{entry.path}/stat", "rb") as f:
-                stat = f.read()
-        except OSError:  # exited meanwhile
-            continue
-        # comm may contain spaces and parentheses: fields start after the last ')'
-        fields = stat[stat.rfind(b")") + 2:].split()
-        if len(fields) > 2 and int(fields[2]) == pgid and fields[0] not in (b"Z", b"X"):
-            live.append(int(entry.name))
-    return live
-
-
-def _reap_adopted() -> None:
-    """Reap orphans reparented to us (a child subreaper, see backends.host)."""
-    while True:
-        try:
-            pid, _ = os.waitpid(-1, os.WNOHANG)
-        except ChildProcessError:
-            return
-        if pid == 0:
-            return
 
 
 # -- in a guest -----------------------------------------------------------------------

@@ -19,17 +19,16 @@ ksmbench can use, so no KSM code lives in a module.
 
 from __future__ import annotations
 
-import fcntl
 import hashlib
 import os
 import re
 import shutil
 import subprocess
-import time
 from dataclasses import dataclass
 from pathlib import Path
 
 from ...errors import KernelNotFound, VMError, os_boundary
+from ...waiting import flock_exclusive
 
 #: module aliases the guest needs (virtme-ng's own list: 9p and virtiofs root,
 #: virtio console/9p devices, virtio-pci/mmio transports) plus the overlay
@@ -172,16 +171,8 @@ def _boot_root(image: Path, release: str, moddir: Path | None, root: Path) -> tu
     # a selftest): one builds, the others wait for it (flock, dropped on death)
     lock_fd = os.open(root.with_name(root.name + ".lock"), os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
     try:
-        deadline = time.monotonic() + 300
-        while True:
-            try:
-                fcntl.flock(lock_fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-                break
-            except BlockingIOError:
-                if time.monotonic() > deadline:
-                    raise VMError(f"timed out after 300 s waiting for another ksmbench process "
-                                  f"to prepare {root}") from None
-                time.sleep(0.2)
+        flock_exclusive(lock_fd, timeout=300, on_timeout=lambda: VMError(
+            f"timed out after 300 s waiting for another ksmbench process to prepare {root}"))
         if stamp.exists() and boot_image.exists():
             return boot_image, int(stamp.read_text().strip() or 0)
         return _build_boot_root(image, release, moddir, root)
