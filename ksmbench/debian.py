@@ -463,11 +463,6 @@ class DebianArchive:
         return index
 
     # -- kernels ---------------------------------------------------------------------
-    def kernel_packages(self) -> list[DebPackage]:
-        """Every generic amd64 kernel image package in the catalogue's suites."""
-        regex = re.compile(self.catalogue.kernel_image_pattern)
-        return [p for p in self.packages() if regex.match(p.name)]
-
     def kernel_series(self) -> dict[str, DebPackage]:
         """``{"6.1": package, "6.12": package, ...}``: what ``debian:<series>`` resolves to."""
         return kernel_series(self.packages(), self.catalogue.kernel_image_pattern, self.is_complete)
@@ -554,10 +549,6 @@ class DebianArchive:
             return _describe_kernel(pkg, root)
 
     # -- sources ---------------------------------------------------------------------
-    def source_packages(self) -> list[DebPackage]:
-        regex = re.compile(self.catalogue.source_pattern)
-        return [p for p in self.packages() if regex.match(p.name)]
-
     def resolve_source(self, series: str) -> DebPackage:
         """The closest ``linux-source-X.Y`` package to ``series`` (newest version of it)."""
         _check_series(series)

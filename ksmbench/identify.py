@@ -238,26 +238,6 @@ def analyse(observed: Mapping[str, Sequence[ObservationPoint]], scenarios: Seque
                           len(observed), npoints)
 
 
-def collect(backend, scenarios: Sequence[m.Scenario], progress=lambda msg: None
-            ) -> tuple[dict[str, list[ObservationPoint]], str | None, list[str]]:
-    """Run scenarios on a backend: observed points per scenario, release, errors."""
-    observed: dict[str, list[ObservationPoint]] = {}
-    release = None
-    errors = []
-    for event in backend.events(scenarios):
-        if isinstance(event, BackendInfo):
-            release = event.info.get("kernel_release", release)
-            if event.info.get("status"):
-                progress(str(event.info["status"]))
-        elif isinstance(event, PointObserved):
-            observed.setdefault(event.scenario, []).append(event.point)
-        elif isinstance(event, ScenarioFinished):
-            progress(f"{event.scenario}: {'done' if not event.error else 'error'}")
-            if event.error:
-                errors.append(f"{event.scenario}: {event.error}")
-    return observed, release, errors
-
-
 class _Recording:
     """A backend wrapper that keeps the points while the Runner writes them."""
 

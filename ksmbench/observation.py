@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import json
 from dataclasses import dataclass, field
-from typing import Any, Iterable, Iterator, Mapping, Union
+from typing import Any, Mapping, Union
 
 Value = Union[int, None]
 
@@ -44,11 +44,6 @@ class Observation:
     scan: int | None
     metric: str
     value: Value
-
-
-def explode(scenario: str, kernel: str, point: ObservationPoint) -> Iterator[Observation]:
-    for metric, value in point.values.items():
-        yield Observation(scenario, kernel, point.step, point.op, point.scan, metric, value)
 
 
 # -- events -------------------------------------------------------------------
@@ -112,10 +107,3 @@ def event_from_json(line: str) -> Event:
         return BackendInfo(data["info"])
     cls = _EVENT_TYPES[kind]
     return cls(**data)
-
-
-def events_from_lines(lines: Iterable[str]) -> Iterator[Event]:
-    for line in lines:
-        line = line.strip()
-        if line:
-            yield event_from_json(line)

@@ -282,7 +282,3 @@ def merged_pages(counters: dict) -> int:
     KSM page (pages_shared + pages_sharing) plus KSM zero pages (6.6+)."""
     return ((counters.get("pages_shared") or 0) + (counters.get("pages_sharing") or 0)
             + (counters.get("ksm_zero_pages") or 0))
-
-
-def mib_of(npages: int) -> float:
-    return npages * PAGE_SIZE / MIB

@@ -175,8 +175,3 @@ def read_bench(path: str | os.PathLike):
     """bench.csv of a run directory as a pandas DataFrame (None if absent)."""
     return _read_table(path, "bench.csv", {"kernel": str, "benchmark": str, "case": str,
                                            "metric": str, "unit": str})
-
-
-def read_savings(path: str | os.PathLike):
-    """savings.csv of a run directory as a pandas DataFrame (None if absent)."""
-    return _read_table(path, "savings.csv", {"kernel": str, "point": str, "metric": str})

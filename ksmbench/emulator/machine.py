@@ -172,9 +172,6 @@ class MM:
     def has_items(self) -> bool:
         return any(seg.item.any() for seg in self.segments)
 
-    def any_mergeable(self) -> bool:
-        return any(seg.mapped and seg.merge.any() for seg in self.segments)
-
     def anon_pages(self) -> int:
         return sum(int(np.count_nonzero(seg.pte > 0)) for seg in self.regions.values())
 

@@ -143,10 +143,6 @@ class Region:
         self._check(first, end)
         return int(self._view[first * PAGE_SIZE:end * PAGE_SIZE:PAGE_SIZE].sum())
 
-    def page_bytes(self, index: int) -> bytes:
-        self._check(index, index + 1)
-        return self._view[index * PAGE_SIZE:(index + 1) * PAGE_SIZE].tobytes()
-
     def munmap(self) -> None:
         if self._ptr is None:
             return

@@ -50,9 +50,6 @@ class PeerRow:
     def agreement(self) -> str:
         return agreement(self.selftest.verdict, self.ours)
 
-    def failed_checks(self) -> list[ck.CheckResult]:
-        return [r for r in self.results if r.outcome in (ck.FAIL, ck.MISSING)]
-
     def to_json(self) -> dict:
         return {
             "kernel": self.kernel, "selftest": self.peer.selftest,
