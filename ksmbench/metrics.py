@@ -1,7 +1,7 @@
 """Metric names: defined once, used by every backend, the emulator and reports.
 
-A metric name means the same thing wherever it appears (see
-``shared/scenario-format.md``):
+A metric name means the same thing wherever it appears (the README's
+"Scenario format" section lists them all):
 
 * ``global.<counter>``: a file in ``/sys/kernel/mm/ksm``;
   ``full_scans``, ``pages_scanned`` and ``pages_skipped`` are cumulative in the

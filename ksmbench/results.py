@@ -2,7 +2,8 @@
 
 Rows are written as they are produced (and flushed), so an interrupted run
 keeps everything it measured.  metadata.json is rewritten after every kernel
-and at the end.  Layout and columns follow ``shared/scenario-format.md``.
+and at the end.  The columns are those of the README ("Running scenarios",
+"Scenario format").
 """
 
 from __future__ import annotations

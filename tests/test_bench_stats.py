@@ -138,7 +138,7 @@ def test_plan_puts_repeats_outermost():
 
 
 @pytest.mark.parametrize("n, mps, expected", [
-    (10, 256, (1, 9)),         # ksm-semantics.md example
+    (10, 256, (1, 9)),         # the example in docs/emulator.md
     (256, 256, (1, 255)),
     (257, 256, (1, 255)),      # N mod M == 1: one page left unshared
     (300, 256, (2, 298)),

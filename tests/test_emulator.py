@@ -1,8 +1,9 @@
 """Unit tests of the emulator on small cases checked by hand against mm/ksm.c.
 
 Every expected number here is derived in the comment next to it from the
-kernel code path (or from ksm-semantics.md, which quotes the kernel's own
-selftests), not copied from the emulator.
+kernel code path (or from docs/emulator.md, "Rules of thumb", which gives
+the kernel's own selftest formulas and a table measured on the host), not
+copied from the emulator.
 """
 
 from __future__ import annotations
@@ -52,7 +53,7 @@ def region(name, pages, pattern, merge=True, proc=None, rng=None):
     return steps
 
 
-# -- merging identical pages (ksm-semantics 3.4, ksm_tests assert_ksm_pages_count) ------------
+# -- merging identical pages (docs/emulator.md; ksm_tests assert_ksm_pages_count) -------------
 
 @pytest.mark.parametrize("n,maxs", [(10, 256), (16, 16), (17, 16), (18, 16), (50, 16), (33, 16),
                                     (7, 2), (6, 3), (512, 256)])
@@ -87,7 +88,7 @@ def test_ten_pages_profit_as_in_the_notes():
 
 
 def test_mixed_region_reference_table():
-    """The measured 6.18 table of ksm-semantics.md, scan by scan."""
+    """The table measured on the 6.18 host (docs/emulator.md), scan by scan."""
     pts = predict(builtin_suite()[[s.name for s in builtin_suite()].index("mixed-region")],
                   "linux-6.18")
     want = {  # scan: shared, sharing, unshared, volatile, zero, profit, chains, dups, items

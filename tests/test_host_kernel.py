@@ -1,5 +1,5 @@
-"""Real-kernel tests on this host: the measured per-scan table of
-ksm-semantics.md, exactly, and the zero-page series' behaviours (6.6+)."""
+"""Real-kernel tests on this host: the per-scan table measured on the 6.18
+host (docs/emulator.md), exactly, and the zero-page series' behaviours (6.6+)."""
 
 from __future__ import annotations
 
@@ -42,7 +42,7 @@ def cell(df, scenario, metric, step, scan=None):
 
 
 # after scan: shared, sharing, unshared, volatile, ksm_zero_pages, general_profit, chains, dups,
-#             ksm_stat rmap_items, zero, merging, process_profit   (ksm-semantics.md)
+#             ksm_stat rmap_items, zero, merging, process_profit   (docs/emulator.md)
 MEASURED = {
     1: (0, 0, 0, 3000, 0, -192000, 0, 0, 3000, 0, 0, -192000),
     2: (4, 996, 1000, 1000, 1000, 7983616, 1, 4, 3000, 1000, 1000, 8000000),

@@ -83,7 +83,8 @@ class Workload:
 
 
 def _dup_merge(n: int, mps: int) -> tuple[int, int]:
-    """(pages_shared, pages_sharing) for n identical pages (ksm-semantics.md §3.4)."""
+    """(pages_shared, pages_sharing) for n identical pages (docs/emulator.md,
+    "Rules of thumb"; the formula ksm_tests asserts)."""
     if n < 2:
         return 0, 0
     if n % mps in (0, 1):

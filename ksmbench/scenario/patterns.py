@@ -32,6 +32,10 @@ PAGE_SIZE = _mmap.PAGESIZE
 #: content key of an all-zero page
 ZERO_KEY: tuple = ("zero",)
 
+#: every form the grammar below accepts, as the README's "Scenario format"
+#: section lists them (a test keeps the two in step)
+PATTERN_FORMS: tuple[str, ...] = ("zero", "unique", "tag:<name>", "cycle:<name>:<k>")
+
 _TAG_NAME = r"[^\s:]+"
 _PATTERN_RE = re.compile(
     rf"(?P<zero>zero)\Z|(?P<unique>unique)\Z|tag:(?P<tag>{_TAG_NAME})\Z"
@@ -58,7 +62,7 @@ def parse_pattern(text: str) -> Pattern:
     m = _PATTERN_RE.match(text) if isinstance(text, str) else None
     if not m:
         raise ValueError(f"unknown pattern {text!r} "
-                         "(expected zero, unique, tag:<name> or cycle:<name>:<k>)")
+                         f"(expected {', '.join(PATTERN_FORMS[:-1])} or {PATTERN_FORMS[-1]})")
     if m["zero"]:
         return Pattern("zero")
     if m["unique"]:

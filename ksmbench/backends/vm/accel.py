@@ -3,7 +3,7 @@
 On this kind of machine ``/dev/kvm`` opens and KVM_CREATE_VM succeeds, but
 nested guests do not run: with ``-cpu host`` QEMU aborts ("failed to set MSR
 0x10a"), with other CPU models a 6.1 guest hangs after "Probing EDD" and a
-6.12 guest stops with "KVM internal error" (vm-notes.md).  virtme-ng's own
+6.12 guest stops with "KVM internal error" (docs/vm-boot.md).  virtme-ng's own
 choice (``accel=kvm:tcg`` whenever /dev/kvm can be opened) would hang there.
 
 So the probe boots the very kernel about to be used, the way it will be used

@@ -187,7 +187,7 @@ class GuestRun:
                 # virtiofsd fallback only costs time (none on bookworm)
                 "--force-9p",
                 # a kernel with everything built in (vm/build-kernel) still needs
-                # virtme-ng's initramfs to mount the 9p root (vm-notes.md)
+                # virtme-ng's initramfs to mount the 9p root (docs/vm-boot.md)
                 "--force-initramfs",
                 # the kernel console goes to vng's stderr: the console log
                 "--verbose",
