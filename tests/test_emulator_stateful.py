@@ -167,7 +167,7 @@ class KsmMachine(RuleBasedStateMachine):
                 assert k.zero_pages == sum(int(np.count_nonzero(seg.zdirty))
                                            for mm in mms for seg in mm.regions.values())
             if self.profile.has("ksm_profit"):
-                # sum of process profits = general_profit + pages_shared pages (notes 1.4)
+                # sum of process profits = general_profit + pages_shared pages (docs/emulator.md, Counters)
                 total = sum(((mm.merging_pages + (mm.zero_pages if k.tracking else 0)) * PAGE_SIZE
                              - mm.rmap_items * RMAP_ITEM_SIZE) for mm in mms)
                 assert total == g["general_profit"] + k.pages_shared * PAGE_SIZE

@@ -131,7 +131,7 @@ class Segment:
         # PTEs from read faults are simply faulted again in the child)
         seg.pte[:] = np.where(self.anon, self.pte, -1)
         # copy_present_pte() keeps the dirty bit of a private zero PTE: the
-        # child's KSM zero pages are KSM zero pages too (2.1 of the notes)
+        # child's KSM zero pages are KSM zero pages too (docs/emulator.md, fork)
         seg.zdirty[:] = self.zdirty & self.anon
         seg.merge[:] = self.merge
         seg.anon[:] = self.anon

@@ -119,7 +119,7 @@ FLAGS: tuple[Flag, ...] = (
 FLAG_NAMES: tuple[str, ...] = tuple(f.name for f in FLAGS)
 FLAG_BY_NAME: dict[str, Flag] = {f.name: f for f in FLAGS}
 
-#: the named presets the brief asks for (any linux-X.Y[.Z] is accepted too)
+#: the named presets (any linux-X.Y[.Z] is accepted too)
 PRESETS: tuple[str, ...] = ("linux-6.1", "linux-6.6", "linux-6.7", "linux-6.11", "linux-6.12",
                             "linux-6.18")
 

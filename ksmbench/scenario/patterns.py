@@ -98,7 +98,7 @@ def content_keys(pattern: Pattern, npages: int, fill: FillId) -> list[tuple]:
 @lru_cache(maxsize=4096)
 def _tag_page(name: str, page_size: int) -> bytes:
     data = hashlib.shake_256(b"ksmbench/v1/tag/" + name.encode()).digest(page_size)
-    if not any(data):  # cannot happen in practice; the contract says never all-zero
+    if not any(data):  # cannot happen in practice; the format promises never all-zero
         data = b"\x01" + data[1:]
     return data
 
