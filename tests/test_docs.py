@@ -146,7 +146,8 @@ def test_worked_example_runs_and_matches_on_this_kernel(tmp_path):
 OUTPUT_NAMES = {"summary.md"}
 _MD_TOKEN = re.compile(r"[A-Za-z0-9_./~-]*[A-Za-z0-9_-]\.md\b")
 #: the notes directory outside the repository the project started from
-_OUTSIDE_NOTES = re.compile(r"(?:\.\./)+shared\b|/work/(?:shared)\b|(?<![\w/-])shared/[\w.-]+\.(?:md|txt)\b")
+_OUTSIDE_NOTES = re.compile(r"(?:\.\./)+shared\b|/work/(?:shared)\b|(?<![\w/-])shared/[\w.-]+\.(?:md|txt)\b"
+                            r"|\bof the notes\b|\(notes \d")
 
 
 def tracked_text_files() -> list[Path]:
@@ -199,6 +200,7 @@ def test_the_citation_check_catches_outside_notes(tmp_path):
     outside = "../" + "shared" + "/x.txt"
     assert cited_but_missing(here, f"see {outside}", known)
     assert cited_but_missing(here, "pages_shared/pages_sharing", known) == []
+    assert cited_but_missing(here, "(2.1 of the " + "notes)", known)
 
 
 # -- the README's Layout table matches the tree ------------------------------------------
