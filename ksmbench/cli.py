@@ -219,6 +219,12 @@ def _print_summary(console, outcomes, scenarios) -> None:
         for o in k.scenarios.values():
             if o.skipped:
                 console.print(f"[dim]not applicable[/dim] {o.scenario} [{k.label}]: {o.skipped}")
+    # what a scenario left behind after all its processes exited (teardown point)
+    for k in outcomes:
+        for o in k.scenarios.values():
+            for r in o.residue:
+                colour = "yellow" if r.explained else "bold red"
+                console.print(f"[{colour}]residue[/{colour}] {r.describe()}")
     if problems:
         console.print(f"first mismatching cells ({len(problems)} in all):")
         for mm in problems[:12]:
