@@ -340,14 +340,20 @@ def test_emulator_backend_event_stream():
     assert [f.scenario for f in finished] == [s.name for s in suite]
     assert all(f.error is None for f in finished)
     points = [e for e in events if isinstance(e, PointObserved)]
-    assert len(points) == sum(len(s.steps) - sum(1 for t in s.steps if t.op == "scan") + s.scan_count
-                              for s in suite)
+    # per scenario: baseline, one per non-scan step, one per scan, teardown
+    assert len(points) == sum(2 + len(s.steps) - sum(1 for t in s.steps if t.op == "scan")
+                              + s.scan_count for s in suite)
+    firsts = [p.point.op for p in points if p.point.step == -1]
+    lasts = [p.point for p in points if p.point.op == "teardown"]
+    assert firsts == ["baseline"] * len(suite)
+    assert [p.step for p in lasts] == [len(s.steps) for s in suite]
 
 
 def test_prctl_stops_predictions_on_kernels_without_it():
     s = scen([{"op": "mmap", "region": "a", "pages": 2}, {"op": "prctl", "merge": True},
               {"op": "scan", "count": 1}])
-    assert len(predict(s, "linux-6.1")) == 1
+    # the baseline point and step 0; no teardown (the scenario cannot finish)
+    assert [p.op for p in predict(s, "linux-6.1")] == ["baseline", "mmap"]
     events = list(EmulatorBackend("linux-6.1").events([s]))
     assert "not supported" in events[-1].error
 
