@@ -110,7 +110,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 def _kernel_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--kernel", action="append", metavar="KERNEL",
-                   help="host, debian:<major.minor>, or a path to a bzImage (repeatable; default: host)")
+                   help="host, debian:<major.minor>, debian:all (every Debian series), or a path to "
+                        "a bzImage (repeatable; default: host)")
     add_vm_options(p)
 
 
@@ -138,7 +139,7 @@ def _predictor():
 
 
 def cmd_run(args: argparse.Namespace) -> int:
-    from .backends import resolve_backend
+    from .backends import expand_kernel_specs, resolve_backend
     from .kernel.lock import RunLock
     from .progress import run_kernel_with_progress
     from .results import RunDir
@@ -146,7 +147,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     from .scenario import resolve_scenarios
 
     scenarios = resolve_scenarios(args.scenarios)
-    kernels = args.kernel or ["host"]
+    kernels = expand_kernel_specs(args.kernel)
     backends = [resolve_backend(k, memory=args.memory, cpus=args.cpus, accel=args.accel,
                                 modules=args.modules) for k in kernels]
     for backend in backends:

@@ -317,7 +317,7 @@ def identify_command(args: Namespace) -> int:
     """Run the probes on each kernel (observations go to a run directory under
     ./results, with the release's profile as prediction), then judge the flags."""
 
-    from .backends import resolve_backend
+    from .backends import expand_kernel_specs, resolve_backend
     from .emulator import Predictor
     from .kernel.lock import RunLock
     from .results import RunDir
@@ -327,7 +327,7 @@ def identify_command(args: Namespace) -> int:
     scenarios = builtin_suite() + probe_scenarios()
     status = 0
     backends = [resolve_backend(spec, memory=args.memory, cpus=args.cpus, accel=args.accel,
-                                modules=args.modules) for spec in (args.kernel or ["host"])]
+                                modules=args.modules) for spec in expand_kernel_specs(args.kernel)]
     from contextlib import nullcontext
 
     from .emulator.backend import EmulatorBackend
