@@ -181,6 +181,7 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 
 def _print_summary(console, outcomes, scenarios) -> None:
+    from rich.markup import escape
     from rich.table import Table
 
     table = Table(title="scenarios", show_lines=False)
@@ -225,7 +226,7 @@ def _print_summary(console, outcomes, scenarios) -> None:
         for o in k.scenarios.values():
             for r in o.residue:
                 colour = "yellow" if r.explained else "bold red"
-                console.print(f"[{colour}]residue[/{colour}] {r.describe()}")
+                console.print(f"[{colour}]residue[/{colour}] {escape(r.describe())}")
     if problems:
         console.print(f"first mismatching cells ({len(problems)} in all):")
         for mm in problems[:12]:

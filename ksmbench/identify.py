@@ -428,6 +428,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 def report(console, label: str, r: Identification) -> None:
+    from rich.markup import escape
     from rich.table import Table
 
     from .emulator.profiles import FLAG_BY_NAME
@@ -461,7 +462,7 @@ def report(console, label: str, r: Identification) -> None:
         console.print(f"  [dim]{ex}[/dim]")
     for x in r.residue:
         colour = "yellow" if x.explained else "bold red"
-        console.print(f"[{colour}]residue: {x.describe()}[/{colour}]")
+        console.print(f"[{colour}]residue:[/{colour}] {escape(x.describe())}")
 
 
 if __name__ == "__main__":  # pragma: no cover

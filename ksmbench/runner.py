@@ -78,10 +78,21 @@ class Residue:
         text = (f"scenario {self.scenario} left {counter} at {self.after} "
                 f"(baseline {self.baseline}) [{self.kernel}]")
         if self.explained:
-            return text + f": predicted by {self.profile}"
+            why = _RESIDUE_WHY.get(counter)
+            return text + f": predicted by {self.profile}" + (f" ({why})" if why else "")
         if self.predicted is None:
             return text + ": no prediction"
         return text + f": not explained ({self.profile} predicts {self.predicted})"
+
+
+#: why the model predicts residue in a counter (what the kernel keeps after teardown)
+_RESIDUE_WHY = {
+    "ksm_zero_pages": "without 4d6fc29f3634 fork does not count a child's inherited KSM zero "
+                      "pages, but its exit uncounts them",
+    "general_profit": "it counts ksm_zero_pages",
+    "stable_node_chains": "a chain whose dups are all gone stays in the stable tree until a "
+                          "stable-tree search or insert walks it",
+}
 
 
 def find_residue(scenario: str, kernel: str, baseline: ObservationPoint | None,
