@@ -98,8 +98,10 @@ FLAGS: tuple[Flag, ...] = (
     Flag("merge_any_kept", "590c03ca6a3f", (6, 18),
          "ksmd no longer clears MMF_VM_MERGE_ANY when it drops an mm without mergeable VMAs; "
          "a later mmap re-registers the mm",
-         # identify on Debian 6.12.117 showed the behaviour: backported to 6.12.y
-         stable={(6, 12): 58, (6, 17): 5}, stable_approx=True),
+         # identify on Debian 6.12.117 showed the behaviour: backported to 6.12.y.
+         # Debian 6.17.13 does not have it (33 cells disagree with it on, none
+         # with it off): the 6.17.y backport once listed here did not land by .13
+         stable={(6, 12): 58}, stable_approx=True),
     # A bug, not a feature: present from `since` until its fix.  Measured on
     # Debian 6.12.117 (every anon page reads KPF_KSM) and on this host's
     # 6.18.44 (only KSM pages do).  The fix is "fs/proc: fix KPF_KSM reported
