@@ -3,7 +3,8 @@
 The controller (this module) never maps scenario memory itself.  It starts one
 agent process per scenario process (see :mod:`.agent`), tells agents what to
 do, steps ksmd through :class:`~ksmbench.kernel.stepping.ScanStepper`, and
-collects an observation after every step and every scan: the global counters
+collects an observation after every step and every scan (framed by a baseline
+and a teardown point, see :mod:`ksmbench.observation`): the global counters
 from sysfs here, the per-process and per-region metrics from each agent.
 
 Around every scenario: KSM is cleaned with run=2 (rmap items, stable and
@@ -229,7 +230,8 @@ class HostSession:
 
     # -- scenarios ---------------------------------------------------------------
     def run(self, scenario: m.Scenario) -> Iterator[ObservationPoint]:
-        """Run one scenario; yield an observation after every step and scan."""
+        """Run one scenario; yield its baseline, an observation after every step
+        and scan, and its teardown point (see :mod:`ksmbench.observation`)."""
         try:
             yield from self._run(scenario)
         except BaseException:
