@@ -1,8 +1,9 @@
 """Run a scenario through the model and produce the host backend's observation points.
 
 The points, their keys and their metric names are exactly those of
-:class:`ksmbench.backends.host.HostSession`: one point after every step (scan
-column empty) and one after each scan of a ``scan`` step; per point the
+:class:`ksmbench.backends.host.HostSession`: the baseline point, one point
+after every step (scan column empty) and one after each scan of a ``scan``
+step, and the teardown point (every process exits, one more scan); per point the
 global counters, then for every live process (creation order) its ksm_stat
 fields, RssAnon and the scenario share of it, then each mapped region's
 pagemap metrics.  A value the profile's kernel does not provide is None.

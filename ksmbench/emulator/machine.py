@@ -1,6 +1,6 @@
 """The KSM model: processes, page tables, frames, rmap items, the two trees.
 
-This is a scan-granular re-implementation of mm/ksm.c (6.1 .. 6.18) plus the
+This is a scan-granular re-implementation of mm/ksm.c (6.1 .. 7.3) plus the
 few mm paths KSM interacts with (fault, CoW, zap, fork, exit), driven by
 scenario operations.  Where versions differ, the behaviour follows the
 profile's flags (see :mod:`.profiles`); every such place cites the commit.
