@@ -110,7 +110,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 def _kernel_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--kernel", action="append", metavar="KERNEL",
-                   help="host, debian:<major.minor>, or a path to a bzImage (repeatable; default: host)")
+                   help="host, debian:<major.minor>, debian:all (every Debian series), or a path to "
+                        "a bzImage (repeatable; default: host)")
     add_vm_options(p)
 
 
@@ -138,7 +139,7 @@ def _predictor():
 
 
 def cmd_run(args: argparse.Namespace) -> int:
-    from .backends import resolve_backend
+    from .backends import expand_kernel_specs, resolve_backend
     from .kernel.lock import RunLock
     from .progress import run_kernel_with_progress
     from .results import RunDir
@@ -146,7 +147,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     from .scenario import resolve_scenarios
 
     scenarios = resolve_scenarios(args.scenarios)
-    kernels = args.kernel or ["host"]
+    kernels = expand_kernel_specs(args.kernel)
     backends = [resolve_backend(k, memory=args.memory, cpus=args.cpus, accel=args.accel,
                                 modules=args.modules) for k in kernels]
     for backend in backends:
@@ -180,6 +181,7 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 
 def _print_summary(console, outcomes, scenarios) -> None:
+    from rich.markup import escape
     from rich.table import Table
 
     table = Table(title="scenarios", show_lines=False)
@@ -219,6 +221,12 @@ def _print_summary(console, outcomes, scenarios) -> None:
         for o in k.scenarios.values():
             if o.skipped:
                 console.print(f"[dim]not applicable[/dim] {o.scenario} [{k.label}]: {o.skipped}")
+    # what a scenario left behind after all its processes exited (teardown point)
+    for k in outcomes:
+        for o in k.scenarios.values():
+            for r in o.residue:
+                colour = "yellow" if r.explained else "bold red"
+                console.print(f"[{colour}]residue[/{colour}] {escape(r.describe())}")
     if problems:
         console.print(f"first mismatching cells ({len(problems)} in all):")
         for mm in problems[:12]:

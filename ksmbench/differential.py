@@ -37,8 +37,12 @@ class Cell:
 
 def compare(observed: Sequence[ObservationPoint], predicted: Sequence[ObservationPoint]) -> list[Cell]:
     """Cells where both sides have a value and they differ, plus structural
-    differences (a point or a metric only one side has, shown with None)."""
-    pred = {(p.step, p.scan): p for p in predicted}
+    differences (a point or a metric only one side has, shown with None).
+    Predicted absolute counters start from the observed baseline point."""
+    from .observation import baseline_of, rebase
+
+    base = baseline_of(observed)
+    pred = {(p.step, p.scan): p for p in rebase(predicted, base.values if base else None)}
     out: list[Cell] = []
     for o in observed:
         p = pred.pop((o.step, o.scan), None)

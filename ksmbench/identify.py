@@ -27,7 +27,8 @@ from typing import Mapping, Sequence
 
 from .console import make_console
 from .metrics import RSS_ANON, RSS_ANON_SCENARIO
-from .observation import BackendInfo, ObservationPoint, PointObserved, ScenarioFinished
+from .observation import (BASELINE, TEARDOWN, BackendInfo, ObservationPoint, PointObserved,
+                          ScenarioFinished, baseline_of, rebase)
 from .scenario import builtin_suite
 from .scenario import model as m
 from .scenario.loader import scenario_from_dict
@@ -103,8 +104,10 @@ class Score:
 _PREDICTIONS: dict[tuple[m.Scenario, frozenset], dict] = {}
 
 
-def _predicted(scenario: m.Scenario, profile: str) -> dict:
-    """Predictions by (scenario, flag set): profiles with the same flags behave alike."""
+def _predicted(scenario: m.Scenario, profile: str, observed_baseline=None) -> dict:
+    """Predictions by (scenario, flag set): profiles with the same flags behave
+    alike.  Absolute counters start from ``observed_baseline`` (the scenario's
+    measured baseline point values), when given."""
     from .emulator import predict
     from .emulator.profiles import get_profile
 
@@ -113,8 +116,30 @@ def _predicted(scenario: m.Scenario, profile: str) -> dict:
     if key not in _PREDICTIONS:
         if len(_PREDICTIONS) > 4096:
             _PREDICTIONS.clear()
-        _PREDICTIONS[key] = {(p.step, p.scan): p for p in predict(scenario, prof)}
-    return _PREDICTIONS[key]
+        _PREDICTIONS[key] = predict(scenario, prof)
+    points = _PREDICTIONS[key]
+    if observed_baseline is not None:
+        points = rebase(points, observed_baseline)
+    return {(p.step, p.scan): p for p in points}
+
+
+def residue(observed: Mapping[str, Sequence[ObservationPoint]], scenarios: Sequence[m.Scenario],
+            profile: str, kernel: str = "") -> list:
+    """Every scenario's residue (absolute counters not back at their baseline
+    after teardown), each with whether ``profile`` predicts it."""
+    from .runner import find_residue
+
+    out = []
+    for scenario in scenarios:
+        points = observed.get(scenario.name)
+        if not points:
+            continue
+        base = baseline_of(points)
+        teardown = next((p for p in points if p.op == TEARDOWN), None)
+        pred = _predicted(scenario, profile, base.values if base is not None else None)
+        predicted_teardown = pred.get((teardown.step, teardown.scan)) if teardown else None
+        out += find_residue(scenario.name, kernel, base, teardown, predicted_teardown, profile)
+    return out
 
 
 def score(observed: Mapping[str, Sequence[ObservationPoint]], scenarios: Sequence[m.Scenario],
@@ -124,8 +149,11 @@ def score(observed: Mapping[str, Sequence[ObservationPoint]], scenarios: Sequenc
         points = observed.get(scenario.name)
         if not points:
             continue
-        pred = _predicted(scenario, profile)
+        base = baseline_of(points)
+        pred = _predicted(scenario, profile, base.values if base is not None else None)
         for o in points:
+            if o.op == BASELINE:
+                continue  # the measured start the predictions were moved to
             p = pred.get((o.step, o.scan))
             if p is None:
                 # the kernel got further than the profile allows (e.g. it ran a
@@ -196,10 +224,12 @@ class Identification:
     presets: list[tuple[str, Score]]
     scenarios: int
     points: int
+    #: the fitted profile's view of each scenario's residue (runner.Residue)
+    residue: list = field(default_factory=list)
 
 
 def analyse(observed: Mapping[str, Sequence[ObservationPoint]], scenarios: Sequence[m.Scenario],
-            release: str | None, *, base: str | None = None) -> Identification:
+            release: str | None, *, base: str | None = None, kernel: str = "") -> Identification:
     from .emulator.profiles import FLAG_NAMES, PRESETS, get_profile, profile_for_release
 
     base = base or profile_for_release(release or "") or "linux-6.18"
@@ -235,7 +265,7 @@ def analyse(observed: Mapping[str, Sequence[ObservationPoint]], scenarios: Seque
     presets = [(p, score(observed, scenarios, p)) for p in (*PRESETS, base) if p]
     npoints = sum(len(v) for v in observed.values())
     return Identification(release, base, fitted, sc(setting), verdicts, presets,
-                          len(observed), npoints)
+                          len(observed), npoints, residue(observed, scenarios, fitted, kernel))
 
 
 class _Recording:
@@ -267,7 +297,7 @@ def identify_command(args: Namespace) -> int:
     """Run the probes on each kernel (observations go to a run directory under
     ./results, with the release's profile as prediction), then judge the flags."""
 
-    from .backends import resolve_backend
+    from .backends import expand_kernel_specs, resolve_backend
     from .emulator import Predictor
     from .kernel.lock import RunLock
     from .results import RunDir
@@ -277,7 +307,7 @@ def identify_command(args: Namespace) -> int:
     scenarios = builtin_suite() + probe_scenarios()
     status = 0
     backends = [resolve_backend(spec, memory=args.memory, cpus=args.cpus, accel=args.accel,
-                                modules=args.modules) for spec in (args.kernel or ["host"])]
+                                modules=args.modules) for spec in expand_kernel_specs(args.kernel)]
     from contextlib import nullcontext
 
     from .emulator.backend import EmulatorBackend
@@ -302,7 +332,7 @@ def identify_command(args: Namespace) -> int:
                 if not rec.observed:
                     status = 2
                     continue
-                result = analyse(rec.observed, scenarios, rec.release)
+                result = analyse(rec.observed, scenarios, rec.release, kernel=backend.label)
                 entry = rundir.kernel_entry(backend.label)
                 entry["identify"] = result_dict(result)
                 rundir.write_metadata()
@@ -324,6 +354,7 @@ def result_dict(r: Identification) -> dict:
                            "bad_on": v.bad_on, "bad_off": v.bad_off} for v in r.flags},
         "profiles": {name: {"compared": sc.compared, "disagree": sc.differ,
                             "presence_differs": sc.presence} for name, sc in r.presets},
+        "residue": [x.describe() for x in r.residue],
     }
 
 
@@ -370,13 +401,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     status = 0
     for kernel, obs in observed.items():
         known = [s for s in scenarios if s.name in obs]
-        result = analyse(obs, known, releases.get(kernel), base=args.base)
+        result = analyse(obs, known, releases.get(kernel), base=args.base, kernel=kernel)
         report(console, kernel, result)
         status = max(status, 1 if result.fitted_score.bad else 0)
     return status
 
 
 def report(console, label: str, r: Identification) -> None:
+    from rich.markup import escape
     from rich.table import Table
 
     from .emulator.profiles import FLAG_BY_NAME
@@ -408,6 +440,9 @@ def report(console, label: str, r: Identification) -> None:
                   f"profile: {r.fitted} ({r.fitted_score.bad})")
     for ex in r.fitted_score.examples:
         console.print(f"  [dim]{ex}[/dim]")
+    for x in r.residue:
+        colour = "yellow" if x.explained else "bold red"
+        console.print(f"[{colour}]residue:[/{colour}] {escape(x.describe())}")
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -13,9 +13,29 @@ from __future__ import annotations
 
 import json
 from dataclasses import dataclass, field
-from typing import Any, Mapping, Union
+from typing import Any, Iterable, Mapping, Sequence, Union
+
+from .metrics import GLOBAL_LEVELS, global_metric
 
 Value = Union[int, None]
+
+#: Two points frame every scenario, besides one per step and one per scan:
+#:
+#: * ``baseline`` (step -1, before step 0): the absolute global counters
+#:   (:data:`ABSOLUTE_METRICS`) once the scenario's tunables are set and KSM is
+#:   clean (run=2), before any scenario process exists.  Not a prediction
+#:   target: predictions of absolute counters start from it (:func:`rebase`),
+#:   so what an earlier scenario left behind never fails the next one.
+#: * ``teardown`` (step = number of steps): the global counters after every
+#:   scenario process has exited and ksmd has done one more full scan.  On a
+#:   correct kernel the absolute counters are back at the baseline; what is
+#:   not is the scenario's *residue* (e.g. ksm_zero_pages going negative on a
+#:   kernel without 4d6fc29f3634).  The emulator predicts this point too.
+BASELINE = "baseline"
+TEARDOWN = "teardown"
+BASELINE_STEP = -1
+#: global counters reported as they are (levels), not as deltas
+ABSOLUTE_METRICS: tuple[str, ...] = tuple(global_metric(n) for n in GLOBAL_LEVELS)
 
 
 @dataclass(frozen=True)
@@ -44,6 +64,50 @@ class Observation:
     scan: int | None
     metric: str
     value: Value
+
+
+def teardown_step(steps: int) -> int:
+    """The step index of a scenario's teardown point (one past its last step)."""
+    return steps
+
+
+def expected_points(scenario) -> int:
+    """Points a scenario that runs to its end produces: baseline, one per
+    non-scan step, one per scan, teardown."""
+    steps = scenario.steps
+    return 2 + len(steps) - sum(1 for st in steps if st.op == "scan") + scenario.scan_count
+
+
+def baseline_of(points: Iterable[ObservationPoint]) -> ObservationPoint | None:
+    return next((p for p in points if p.op == BASELINE), None)
+
+
+def rebase(predicted: Sequence[ObservationPoint], observed_baseline: Mapping[str, Value] | None
+           ) -> list[ObservationPoint]:
+    """Predictions whose absolute global counters start from the measured baseline.
+
+    The model starts every scenario from a clean KSM (its own baseline point);
+    a real kernel may start elsewhere, e.g. ksm_zero_pages already negative
+    from an earlier scenario's fork-and-exit on a kernel without 4d6fc29f3634.
+    Every absolute counter is a sum the scenario adds to, so the prediction is
+    moved by (measured baseline - model baseline).  A counter either side
+    lacks is not moved (it stays absent where it is absent).
+    """
+    pred = list(predicted)
+    model = baseline_of(pred)
+    if observed_baseline is None or model is None:
+        return pred
+    offset: dict[str, int] = {}
+    for metric in ABSOLUTE_METRICS:
+        o, p = observed_baseline.get(metric), model.values.get(metric)
+        if o is not None and p is not None and o != p:
+            offset[metric] = o - p
+    if not offset:
+        return pred
+    return [ObservationPoint(p.step, p.op, p.scan,
+                             {k: (v + offset[k] if v is not None and k in offset else v)
+                              for k, v in p.values.items()})
+            for p in pred]
 
 
 # -- events -------------------------------------------------------------------

@@ -10,10 +10,10 @@ def run_kernel_with_progress(console, rundir, backend, scenarios, predictor, pro
     points (steps and scans) and the kernel's error or journal repair printed."""
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
 
+    from .observation import expected_points
     from .runner import Runner
 
-    expected = {s.name: len(s.steps) - sum(1 for st in s.steps if st.op == "scan") + s.scan_count
-                for s in scenarios}
+    expected = {s.name: expected_points(s) for s in scenarios}
     seen: dict[str, int] = {}
     with Progress(SpinnerColumn(), TextColumn("[bold]{task.fields[kernel]}"), BarColumn(),
                   MofNCompleteColumn(), TextColumn("{task.description}"), TimeElapsedColumn(),

@@ -257,9 +257,22 @@ class ScenarioResult:
 
     @property
     def final(self) -> Mapping[str, int | None]:
-        if not self.points:
+        """Every metric after the scenario's last step (before its teardown)."""
+        steps = [p for p in self.points if p.op not in ("baseline", "teardown")]
+        if not steps:
             raise KeyError(f"{self.scenario} [{self.kernel}] made no observation: {self.error}")
-        return self.points[-1].values
+        return steps[-1].values
+
+    @property
+    def baseline(self) -> Mapping[str, int | None] | None:
+        """The absolute global counters where the scenario started."""
+        return next((p.values for p in self.points if p.op == "baseline"), None)
+
+    @property
+    def teardown(self) -> Mapping[str, int | None] | None:
+        """The global counters after every scenario process exited and ksmd
+        scanned once more (None if the scenario did not get there)."""
+        return next((p.values for p in self.points if p.op == "teardown"), None)
 
     def __getitem__(self, metric: str) -> int | None:
         """A metric's value at the last point."""
@@ -395,10 +408,18 @@ def ksm_emulator(request) -> KsmEmulator:
 
 def comparable(observed: ScenarioResult, predicted: ScenarioResult,
                metrics: Iterable[str] | None = None) -> list[tuple[int, int | None, str, Any, Any]]:
-    """Cells where both have a value and they differ: (step, scan, metric, observed, predicted)."""
-    predicted_at = {(p.step, p.scan): p.values for p in predicted.points}
+    """Cells where both have a value and they differ: (step, scan, metric, observed, predicted).
+
+    Predicted absolute counters start from the observed baseline; the baseline
+    point itself is not compared."""
+    from .observation import BASELINE, rebase
+
+    points = rebase(predicted.points, observed.baseline)
+    predicted_at = {(p.step, p.scan): p.values for p in points}
     diffs = []
     for p in observed.points:
+        if p.op == BASELINE:
+            continue
         other = predicted_at.get((p.step, p.scan), {})
         for metric in (metrics or p.values):
             a, b = p.values.get(metric), other.get(metric)

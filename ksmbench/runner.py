@@ -13,8 +13,9 @@ from typing import Callable, Iterable, Protocol, Sequence
 
 from .errors import KsmbenchError
 from .metrics import metric_sort_key
-from .observation import (BackendInfo, Event, ObservationPoint, PointObserved,
-                          ScenarioFinished, ScenarioStarted)
+from .observation import (ABSOLUTE_METRICS, BASELINE, TEARDOWN, BackendInfo, Event,
+                          ObservationPoint, PointObserved, ScenarioFinished, ScenarioStarted,
+                          rebase)
 from .results import RunDir, now_iso
 from .scenario import model as m
 
@@ -56,6 +57,62 @@ def _show(value: int | None) -> str:
 
 
 @dataclass
+class Residue:
+    """An absolute global counter that a scenario did not bring back to its
+    baseline (read at the teardown point), and whether the profile predicted it."""
+
+    scenario: str
+    kernel: str
+    metric: str
+    baseline: int
+    after: int
+    predicted: int | None
+    profile: str | None
+
+    @property
+    def explained(self) -> bool:
+        return self.predicted is not None and self.predicted == self.after
+
+    def describe(self) -> str:
+        counter = self.metric.removeprefix("global.")
+        text = (f"scenario {self.scenario} left {counter} at {self.after} "
+                f"(baseline {self.baseline}) [{self.kernel}]")
+        if self.explained:
+            why = _RESIDUE_WHY.get(counter)
+            return text + f": predicted by {self.profile}" + (f" ({why})" if why else "")
+        if self.predicted is None:
+            return text + ": no prediction"
+        return text + f": not explained ({self.profile} predicts {self.predicted})"
+
+
+#: why the model predicts residue in a counter (what the kernel keeps after teardown)
+_RESIDUE_WHY = {
+    "ksm_zero_pages": "without 4d6fc29f3634 fork does not count a child's inherited KSM zero "
+                      "pages, but its exit uncounts them",
+    "general_profit": "it counts ksm_zero_pages",
+    "stable_node_chains": "a chain whose dups are all gone stays in the stable tree until a "
+                          "stable-tree search or insert walks it",
+}
+
+
+def find_residue(scenario: str, kernel: str, baseline: ObservationPoint | None,
+                 teardown: ObservationPoint | None, predicted_teardown: ObservationPoint | None,
+                 profile: str | None) -> list[Residue]:
+    """Residue of one scenario: teardown values of absolute counters that differ
+    from the baseline.  ``predicted_teardown`` must already be rebased."""
+    if baseline is None or teardown is None:
+        return []
+    out = []
+    pvalues = predicted_teardown.values if predicted_teardown is not None else {}
+    for metric in ABSOLUTE_METRICS:
+        before, after = baseline.values.get(metric), teardown.values.get(metric)
+        if before is None or after is None or before == after:
+            continue
+        out.append(Residue(scenario, kernel, metric, before, after, pvalues.get(metric), profile))
+    return out
+
+
+@dataclass
 class ScenarioOutcome:
     scenario: str
     kernel: str
@@ -68,6 +125,8 @@ class ScenarioOutcome:
     skipped: str | None = None
     seconds: float = 0.0
     finished: bool = False
+    baseline: ObservationPoint | None = None
+    residue: list[Residue] = field(default_factory=list)
 
     @property
     def verdict(self) -> str:
@@ -111,6 +170,10 @@ def _safe_label(label: str) -> str:
     return re.sub(r"[^A-Za-z0-9._-]+", "_", label).strip("_.")[-80:] or "kernel"
 
 
+def _by_key(points) -> dict[tuple[int, int | None], ObservationPoint]:
+    return {(p.step, p.scan): p for p in points}
+
+
 class Runner:
     def __init__(self, rundir: RunDir, *, predictor: Predictor | None = None,
                  profile: str = "auto", progress: ProgressFn | None = None):
@@ -124,6 +187,7 @@ class Runner:
         outcome = KernelOutcome(backend.label, None)
         by_name = {s.name: s for s in scenarios}
         predictions: dict[str, dict[tuple[int, int | None], ObservationPoint]] = {}
+        predicted_lists: dict[str, list[ObservationPoint]] = {}
         current: ScenarioOutcome | None = None
         if hasattr(backend, "artifacts_dir"):
             # VM backends keep the guest console log and raw event stream here
@@ -148,15 +212,20 @@ class Runner:
                     current = ScenarioOutcome(event.scenario, backend.label)
                     outcome.scenarios[event.scenario] = current
                     if outcome.profile and self.predictor is not None:
-                        predictions[event.scenario] = self._predict(by_name[event.scenario],
-                                                                    outcome.profile)
+                        predicted_lists[event.scenario] = self.predictor.predict(
+                            by_name[event.scenario], outcome.profile)
+                        predictions[event.scenario] = _by_key(predicted_lists[event.scenario])
                     self.progress(backend.label, f"{event.scenario}: started")
                 elif isinstance(event, PointObserved):
                     if current is None or current.scenario != event.scenario:
                         current = outcome.scenarios.setdefault(
                             event.scenario, ScenarioOutcome(event.scenario, backend.label))
+                    if event.point.op == BASELINE and event.scenario in predicted_lists:
+                        # predictions of absolute counters start from the measured baseline
+                        predictions[event.scenario] = _by_key(rebase(
+                            predicted_lists[event.scenario], event.point.values))
                     self._record(current, by_name.get(event.scenario), event.point,
-                                 predictions.get(event.scenario, {}))
+                                 predictions.get(event.scenario, {}), outcome.profile)
                     self.progress(backend.label, f"{event.scenario}: step {event.point.step}")
                 elif isinstance(event, ScenarioFinished):
                     done = outcome.scenarios.setdefault(
@@ -176,6 +245,9 @@ class Runner:
                 close()
             entry["ended_at"] = now_iso()
             entry["verdicts"] = {name: o.verdict for name, o in outcome.scenarios.items()}
+            residue = [r.describe() for o in outcome.scenarios.values() for r in o.residue]
+            if residue:
+                entry["residue"] = residue
             self.rundir.write_metadata()
         return outcome
 
@@ -184,13 +256,17 @@ class Runner:
             return None
         return self.predictor.profile_for(release, self.profile)
 
-    def _predict(self, scenario: m.Scenario, profile: str):
-        points = self.predictor.predict(scenario, profile)
-        return {(p.step, p.scan): p for p in points}
-
     def _record(self, outcome: ScenarioOutcome, scenario: m.Scenario | None,
-                point: ObservationPoint, predicted: dict) -> None:
+                point: ObservationPoint, predicted: dict, profile: str | None = None) -> None:
         outcome.points += 1
+        if point.op == BASELINE:
+            # the starting point predictions are rebased on: measured, not predicted
+            outcome.baseline = point
+            self.rundir.add_observations(
+                (outcome.scenario, outcome.kernel, point.step, point.op, point.scan, metric,
+                 point.values[metric], None, None)
+                for metric in sorted(point.values, key=metric_sort_key))
+            return
         expected_point = predicted.get((point.step, point.scan))
         pvalues = expected_point.values if expected_point is not None else {}
         rows = []
@@ -207,7 +283,11 @@ class Runner:
             rows.append((outcome.scenario, outcome.kernel, point.step, point.op, point.scan,
                          metric, obs, pred, match))
         self.rundir.add_observations(rows)
-        if scenario is not None and point.scan is None:
+        if point.op == TEARDOWN:
+            outcome.residue = find_residue(outcome.scenario, outcome.kernel, outcome.baseline,
+                                           point, expected_point, profile)
+            return
+        if scenario is not None and point.scan is None and 0 <= point.step < len(scenario.steps):
             step = scenario.steps[point.step]
             if isinstance(step, m.Expect):
                 self._check_expect(outcome, step, point)

@@ -22,7 +22,7 @@ class KsmMachine(RuleBasedStateMachine):
     """Two models fed the same operations: one scans with the numpy fast path,
     one with the per-page reference path; they must agree exactly."""
 
-    @initialize(profile=st.sampled_from(["linux-6.18", "linux-6.6", "linux-6.1", "linux-6.11"]),
+    @initialize(profile=st.sampled_from(["linux-6.18", "linux-6.6", "linux-6.1", "linux-6.11", "linux-7.3"]),
                 use_zero=st.booleans(), max_sharing=st.sampled_from([2, 3, 5, 256]),
                 smart=st.booleans())
     def setup(self, profile, use_zero, max_sharing, smart):

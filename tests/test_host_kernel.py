@@ -171,3 +171,24 @@ def test_metadata(observed):
     assert meta["ksm_tunables_before"] == meta["ksm_tunables_after"]
     assert meta["started_at"] and meta["ended_at"]
     assert set(df.kernel) == {"host"}
+
+
+def test_every_scenario_has_a_baseline_and_a_teardown(observed):
+    _, df = observed
+    for scenario in SCENARIOS:
+        rows = df[df.scenario == scenario]
+        base = rows[rows.op == "baseline"]
+        # the absolute counters only, at step -1, measured and not predicted
+        assert set(base.step) == {-1} and len(base) == 8, scenario
+        assert base.predicted.isna().all() and base.match.isna().all()
+        down = rows[rows.op == "teardown"]
+        assert len(down) == 11 and down.step.nunique() == 1, scenario  # every global counter
+        assert int(down.step.iloc[0]) == rows[~rows.op.isin(["baseline", "teardown"])].step.max() + 1
+        assert (down.match.astype(str).str.lower() == "true").all(), down
+        # every process has exited and ksmd has scanned: no rmap item, no KSM page,
+        # no KSM zero page is left (this kernel counts fork-inherited zero pages)
+        for metric in ("global.pages_shared", "global.pages_sharing", "global.pages_unshared",
+                       "global.pages_volatile", "global.ksm_zero_pages", "global.general_profit",
+                       "global.stable_node_dups"):
+            after = cell(df, scenario, metric, int(down.step.iloc[0]))
+            assert after == cell(df, scenario, metric, -1), (scenario, metric)

@@ -284,3 +284,30 @@ def test_fragment_checks(tmp_path):
 def test_build_refuses_a_non_kernel_tree(tmp_path):
     with pytest.raises(build.BuildError, match="not a kernel source tree"):
         build.build(tmp_path, tmp_path / "out")
+
+
+def test_unknown_debian_series_is_refused_with_the_available_ones(monkeypatch):
+    # the archive's series (what the package lists say), read once per process
+    monkeypatch.setattr(kernels, "_available", ["6.1", "6.12", "7.3"])
+    with pytest.raises(KernelNotFound) as info:
+        kernels.check_spec("debian:9.9")
+    line = info.value.one_line()
+    assert "debian:9.9" in line and "debian:6.1, debian:6.12, debian:7.3, debian:all" in line
+    assert "\n" not in line
+    kernels.check_spec("debian:6.12")  # a series the archive has passes
+
+
+def test_debian_all_expands_to_every_series_once(monkeypatch):
+    from ksmbench.backends import expand_kernel_specs
+
+    monkeypatch.setattr(kernels, "_available", ["6.1", "6.12", "7.3"])
+    assert expand_kernel_specs(["host", "debian:6.12", "debian:all"]) == \
+        ["host", "debian:6.12", "debian:6.1", "debian:7.3"]
+    assert expand_kernel_specs(None) == ["host"]
+
+
+def test_debian_all_without_the_archive_is_one_line(monkeypatch):
+    monkeypatch.setattr(kernels, "_available", None)
+    monkeypatch.setattr(kernels, "debian_series", lambda: None)
+    with pytest.raises(KernelNotFound, match="debian:all: the Debian archive"):
+        kernels.expand_specs(["debian:all"])

@@ -20,6 +20,17 @@ def add_vm_options(p) -> None:
     p.add_argument("--modules", metavar="DIR", help="modules directory for a --kernel PATH image")
 
 
+def expand_kernel_specs(specs: list[str] | None) -> list[str]:
+    """The ``--kernel`` values to run (default: host), with ``debian:all``
+    expanded to every Debian series in the archive."""
+    specs = list(specs or ["host"])
+    if not any(s.startswith("debian:") for s in specs):
+        return specs
+    from .vm.kernels import expand_specs
+
+    return expand_specs(specs)
+
+
 def resolve_backend(spec: str, **options):
     """A backend for one ``--kernel`` value."""
     if spec == "host":

@@ -3,7 +3,8 @@
 The controller (this module) never maps scenario memory itself.  It starts one
 agent process per scenario process (see :mod:`.agent`), tells agents what to
 do, steps ksmd through :class:`~ksmbench.kernel.stepping.ScanStepper`, and
-collects an observation after every step and every scan: the global counters
+collects an observation after every step and every scan (framed by a baseline
+and a teardown point, see :mod:`ksmbench.observation`): the global counters
 from sysfs here, the per-process and per-region metrics from each agent.
 
 Around every scenario: KSM is cleaned with run=2 (rmap items, stable and
@@ -35,8 +36,9 @@ from ..kernel.sysfs import KsmSysfs
 from ..kernel.tunables import TunableChanges, repair
 from ..metrics import (GLOBAL_CUMULATIVE, GLOBAL_LEVELS, KSM_STAT_FIELDS, RSS_ANON,
                        RSS_ANON_SCENARIO, global_metric, proc_metric, region_metric)
-from ..observation import (BackendInfo, Event, ObservationPoint, PointObserved,
-                           ScenarioFinished, ScenarioStarted)
+from ..observation import (BASELINE, BASELINE_STEP, TEARDOWN, BackendInfo, Event,
+                           ObservationPoint, PointObserved, ScenarioFinished, ScenarioStarted,
+                           teardown_step)
 from ..scenario import model as m
 from .agent import recv_msg, recv_msg_with_fds, send_msg
 
@@ -228,7 +230,8 @@ class HostSession:
 
     # -- scenarios ---------------------------------------------------------------
     def run(self, scenario: m.Scenario) -> Iterator[ObservationPoint]:
-        """Run one scenario; yield an observation after every step and scan."""
+        """Run one scenario; yield its baseline, an observation after every step
+        and scan, and its teardown point (see :mod:`ksmbench.observation`)."""
         try:
             yield from self._run(scenario)
         except BaseException:
@@ -264,12 +267,19 @@ class HostSession:
         self._apply_settings(scenario.ksm)
         baseline = {name: self.sysfs.read_int(name) for name in GLOBAL_CUMULATIVE}
         scans_at_start = self.stepper.scans_done
+        # where this scenario starts: KSM clean (run=2) and no scenario process
+        # yet; absolute counters need not be 0 (a leaked ksm_zero_pages stays)
+        yield ObservationPoint(BASELINE_STEP, BASELINE, None,
+                               {global_metric(n): self.sysfs.read_int(n) for n in GLOBAL_LEVELS})
         self.agents[m.MAIN] = self.new_agent(m.MAIN)
         order = [m.MAIN]  # processes in creation order (for stable output)
         regions: dict[str, dict[str, int]] = {m.MAIN: {}}
         budget = _call_timeout(scenario)
 
         def observe(step: m.Step, scan: int | None) -> ObservationPoint:
+            return observe_at(step.index, step.op, scan)
+
+        def observe_at(index: int, op: str, scan: int | None) -> ObservationPoint:
             values: dict[str, int | None] = {}
             for name in GLOBAL_LEVELS:
                 values[global_metric(name)] = self.sysfs.read_int(name)
@@ -294,7 +304,7 @@ class HostSession:
                 for region, metrics in seen["regions"].items():
                     for key, value in metrics.items():
                         values[region_metric(proc, region, key)] = value
-            return ObservationPoint(step.index, step.op, scan, values)
+            return ObservationPoint(index, op, scan, values)
 
         for step in scenario.steps:
             agent = self.agents.get(step.proc)
@@ -327,14 +337,25 @@ class HostSession:
                 order.append(step.child)
                 regions[step.child] = dict(regions[step.proc])
             elif isinstance(step, m.Exit):
-                agent.call("exit", timeout=budget)
-                agent.wait_gone(timeout=budget)  # exit_mmap() has run when it is gone
-                agent.close()
-                del self.agents[step.proc]
-                reap_orphans()
+                self._exit_agent(step.proc, budget)
             elif isinstance(step, m.Expect):
                 pass  # checked by the runner against this step's observation
             yield observe(step, None)
+        # teardown: every scenario process exits (creation order), ksmd scans
+        # once more (freeing the exited mms' rmap items), globals are read
+        for proc in order:
+            if proc in self.agents:
+                self._exit_agent(proc, budget)
+        self.stepper.scan(pages_hint=scenario.max_pages, label=f"{scenario.name} teardown")
+        yield observe_at(teardown_step(len(scenario.steps)), TEARDOWN, None)
+
+    def _exit_agent(self, proc: str, budget: float) -> None:
+        agent = self.agents[proc]
+        agent.call("exit", timeout=budget)
+        agent.wait_gone(timeout=budget)  # exit_mmap() has run when it is gone
+        agent.close()
+        del self.agents[proc]
+        reap_orphans()
 
 
 def _call_timeout(scenario: m.Scenario) -> float:

@@ -1,8 +1,9 @@
 """Run a scenario through the model and produce the host backend's observation points.
 
 The points, their keys and their metric names are exactly those of
-:class:`ksmbench.backends.host.HostSession`: one point after every step (scan
-column empty) and one after each scan of a ``scan`` step; per point the
+:class:`ksmbench.backends.host.HostSession`: the baseline point, one point
+after every step (scan column empty) and one after each scan of a ``scan``
+step, and the teardown point (every process exits, one more scan); per point the
 global counters, then for every live process (creation order) its ksm_stat
 fields, RssAnon and the scenario share of it, then each mapped region's
 pagemap metrics.  A value the profile's kernel does not provide is None.
@@ -14,7 +15,8 @@ from typing import Iterator
 
 from ..metrics import (GLOBAL_COUNTERS, KSM_STAT_FIELDS, RSS_ANON, RSS_ANON_SCENARIO,
                        global_metric, proc_metric, region_metric)
-from ..observation import ObservationPoint
+from ..observation import (ABSOLUTE_METRICS, BASELINE, BASELINE_STEP, TEARDOWN, ObservationPoint,
+                           teardown_step)
 from ..scenario import model as m
 from ..scenario.patterns import FillId
 from .machine import Ksm, Settings
@@ -74,6 +76,9 @@ class ScenarioRun:
             raise TypeError(f"unknown step {step!r}")
 
     def observe(self, step: m.Step, scan: int | None) -> ObservationPoint:
+        return self.observe_at(step.index, step.op, scan)
+
+    def observe_at(self, index: int, op: str, scan: int | None) -> ObservationPoint:
         k = self.ksm
         values: dict[str, int | None] = {}
         for name, value in k.global_values().items():
@@ -90,9 +95,29 @@ class ScenarioRun:
         if self.thp:
             keep = global_metric("full_scans")
             values = {key: (v if key == keep else None) for key, v in values.items()}
-        return ObservationPoint(step.index, step.op, scan, values)
+        return ObservationPoint(index, op, scan, values)
+
+    def baseline(self) -> ObservationPoint:
+        """The model's starting point: a clean KSM (what run=2 leaves)."""
+        point = self.observe_at(BASELINE_STEP, BASELINE, None)
+        return ObservationPoint(point.step, point.op, None,
+                                {k: v for k, v in point.values.items() if k in ABSOLUTE_METRICS})
+
+    def teardown(self) -> ObservationPoint:
+        """Every live process exits (creation order, as the host backend ends
+        them), then ksmd does one full scan, which frees the exited mms' rmap
+        items and prunes what they left in the stable tree.  Exit accounting
+        follows the profile: without fork_counter_fix (4d6fc29f3634) a child's
+        inherited KSM zero pages are subtracted from the global counter on
+        exit although fork never added them, so it ends below its baseline."""
+        for mm in list(self.ksm.mms.values()):
+            if mm.alive:
+                self.ksm.exit(mm)
+        self.ksm.scan(fast=self.fast)
+        return self.observe_at(teardown_step(len(self.scenario.steps)), TEARDOWN, None)
 
     def points(self) -> Iterator[ObservationPoint]:
+        yield self.baseline()
         for step in self.scenario.steps:
             if not self.supported(step):
                 return
@@ -103,6 +128,7 @@ class ScenarioRun:
                 continue
             self.apply(step)
             yield self.observe(step, None)
+        yield self.teardown()
 
 
 def predict(scenario: m.Scenario, profile: Profile | str, *, fast: bool = True) -> list[ObservationPoint]:

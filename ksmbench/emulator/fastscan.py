@@ -33,7 +33,9 @@ Why a window is exact (the kernel behaviour each condition rests on):
   is full, and goes to the head).  Otherwise walking visits are hard.
 * Frees of stable items, and visits of items on the stable tree whose page
   is no longer the KSM page (CoW, unshare) change dup lengths and may prune
-  stale nodes: hard.
+  stale nodes: hard.  They are also where 7.3's ``stable_item_reset`` acts
+  (no smart_scan ageing of a STABLE item; checksum and age zeroed when it
+  leaves the tree), so both paths share that code in :class:`Ksm`.
 """
 
 from __future__ import annotations

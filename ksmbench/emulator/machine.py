@@ -1,6 +1,6 @@
 """The KSM model: processes, page tables, frames, rmap items, the two trees.
 
-This is a scan-granular re-implementation of mm/ksm.c (6.1 .. 6.18) plus the
+This is a scan-granular re-implementation of mm/ksm.c (6.1 .. 7.3) plus the
 few mm paths KSM interacts with (fault, CoW, zap, fork, exit), driven by
 scenario operations.  Where versions differ, the behaviour follows the
 profile's flags (see :mod:`.profiles`); every such place cites the commit.
@@ -230,6 +230,7 @@ class Ksm:
         self.checksum_first = profile.has("checksum_first")
         self.smart = profile.has("smart_scan") and settings.smart_scan
         self.count_scanned = profile.has("pages_scanned_fix")
+        self.stable_reset = profile.has("stable_item_reset")
 
     # -- helpers ---------------------------------------------------------------------
     def stale(self, node: SNode) -> bool:
@@ -498,6 +499,7 @@ class Ksm:
         for seg, idx in self._node_items(node):
             seg.ist[idx] = NONE
             seg.inode[idx] = -1
+            self._left_stable_tree(seg, idx)
             seg.mm.merging_pages -= int(idx.size)
             total += int(idx.size)
         assert total == node.len, "stable node length out of step with its items"
@@ -662,12 +664,24 @@ class Ksm:
             seg.mm.merging_pages -= 1
             seg.ist[idx] = NONE
             seg.inode[idx] = -1
+            self._left_stable_tree(seg, idx)
         elif st == UNSTABLE:
             self.pages_unshared -= 1
             seg.ist[idx] = NONE
             key = self._unstable_key.pop((seg.sid, idx), None)
             if key is not None and self.unstable.get(key) == (seg, idx):
                 del self.unstable[key]  # inserted by this scan: rb_erase()
+
+    def _left_stable_tree(self, seg: Segment, idx) -> None:
+        """An rmap item (or items) just left the stable tree.  Since 7.3
+        (stable_item_reset) oldchecksum/age/remaining_skips share a union with
+        linear_page_index, which is zeroed here: the item starts over (checksum
+        0 matches no page, age 0).  Before, the values from its unstable days
+        were kept."""
+        if self.stable_reset:
+            seg.ick[idx] = NO_CHECKSUM
+            seg.iage[idx] = 0
+            seg.iskip[idx] = 0
 
     def _free_item(self, seg: Segment, idx: int) -> None:
         """remove_rmap_item_from_tree() + free_rmap_item()."""
@@ -793,8 +807,11 @@ class Ksm:
         frame = int(seg.pte[idx])
         if not seg.item[idx]:
             self._alloc_item(seg, idx)
-        if self.smart and self.frames.node[frame] < 0:
-            # should_skip_rmap_item() (6.7, 5e924ff54d08); KSM pages are never skipped
+        if self.smart and self.frames.node[frame] < 0 and not (
+                self.stable_reset and seg.ist[idx] == STABLE):
+            # should_skip_rmap_item() (6.7, 5e924ff54d08); KSM pages are never
+            # skipped, and since 7.3 (stable_item_reset) neither is an item still
+            # on the stable tree (a CoW-broken page): it has no age to read
             age = int(seg.iage[idx])
             if age != U8_MAX:
                 seg.iage[idx] = age + 1

@@ -98,8 +98,10 @@ FLAGS: tuple[Flag, ...] = (
     Flag("merge_any_kept", "590c03ca6a3f", (6, 18),
          "ksmd no longer clears MMF_VM_MERGE_ANY when it drops an mm without mergeable VMAs; "
          "a later mmap re-registers the mm",
-         # identify on Debian 6.12.117 showed the behaviour: backported to 6.12.y
-         stable={(6, 12): 58, (6, 17): 5}, stable_approx=True),
+         # identify on Debian 6.12.117 showed the behaviour: backported to 6.12.y.
+         # Debian 6.17.13 does not have it (33 cells disagree with it on, none
+         # with it off): the 6.17.y backport once listed here did not land by .13
+         stable={(6, 12): 58}, stable_approx=True),
     # A bug, not a feature: present from `since` until its fix.  Measured on
     # Debian 6.12.117 (every anon page reads KPF_KSM) and on this host's
     # 6.18.44 (only KSM pages do).  The fix is "fs/proc: fix KPF_KSM reported
@@ -115,13 +117,26 @@ FLAGS: tuple[Flag, ...] = (
          "zero pages to the global ksm_zero_pages (before: the child inherits the parent's "
          "counters and the global counter is not raised)",
          stable={(6, 6): 112, (6, 12): 54, (6, 17): 4}, stable_approx=True),
+    # Found by diffing Debian's linux-source-7.2 (7.2.13) and linux-source-7.3
+    # (7.3.4) mm/ksm.c; the upstream commit id was not found, so the flag cites
+    # the release and the code.  struct ksm_rmap_item puts the new
+    # linear_page_index (remembered for rmap_walk_ksm()) in a union with
+    # oldchecksum/age/remaining_skips; remove_rmap_item_from_tree(),
+    # remove_node_from_stable_tree() and break_cow() zero it when an item
+    # leaves the stable tree, and should_skip_rmap_item() returns false for an
+    # item that still has STABLE_FLAG.
+    Flag("stable_item_reset", "7.3:ksm_rmap_item.linear_page_index", (7, 3),
+         "an rmap item leaving the stable tree (its KSM page CoW-broken, unshared or freed) "
+         "starts over: oldchecksum, age and remaining_skips read 0, so the page needs two "
+         "visits with unchanged content to merge again and smart_scan ages it from 0; an item "
+         "still on the stable tree is neither aged nor skipped"),
 )
 FLAG_NAMES: tuple[str, ...] = tuple(f.name for f in FLAGS)
 FLAG_BY_NAME: dict[str, Flag] = {f.name: f for f in FLAGS}
 
 #: the named presets (any linux-X.Y[.Z] is accepted too)
 PRESETS: tuple[str, ...] = ("linux-6.1", "linux-6.6", "linux-6.7", "linux-6.11", "linux-6.12",
-                            "linux-6.18")
+                            "linux-6.18", "linux-7.3")
 
 _NAME_RE = re.compile(r"linux-(\d+)\.(\d+)(?:\.(\d+))?\Z")
 

@@ -80,11 +80,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.list:
         print_catalogue(console, peers)
         return 0
-    from ..backends import resolve_backend
+    from ..backends import expand_kernel_specs, resolve_backend
     from ..kernel.lock import RunLock
     from ..results import RunDir
 
-    kernels = args.kernel or ["host"]
+    kernels = expand_kernel_specs(args.kernel)
     if len(set(kernels)) != len(kernels):
         raise UsageError("a --kernel is given twice")
     sources = parse_sources(args.source, kernels)

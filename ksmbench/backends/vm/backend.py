@@ -177,5 +177,5 @@ def _run_budget(scenarios: Sequence[m.Scenario], accelerator: str) -> float:
     """An upper bound for the whole guest run: generous, only a dead guest hits it."""
     scale = 10 if accelerator == "tcg" else 1
     per_point = 30.0 * scale
-    points = sum(len(s.steps) + s.scan_count for s in scenarios)
+    points = sum(len(s.steps) + s.scan_count + 2 for s in scenarios)  # + baseline, teardown
     return 300.0 * scale + per_point * points

@@ -40,6 +40,8 @@ GUEST_MODULE_ALIASES = (
 )
 
 _SERIES = re.compile(r"^debian:(\d+\.\d+)$")
+#: ``--kernel debian:all``: every series the archive has today
+ALL_DEBIAN = "debian:all"
 
 
 @dataclass(frozen=True)
@@ -74,12 +76,59 @@ def safe_name(label: str) -> str:
     return name or "kernel"
 
 
+_available: list[str] | None = None
+
+
+def debian_series() -> list[str] | None:
+    """The Debian kernel series ``debian:<series>`` can name today, oldest first
+    (the archive's package lists, refreshed when older than the catalogue says;
+    read once per process).  None when the archive cannot be consulted."""
+    global _available
+    if _available is None:
+        from ...debian import DebianArchive, _series_key
+        from ...errors import KsmbenchError
+
+        try:
+            archive = DebianArchive()
+            archive.update()
+            _available = sorted(archive.kernel_series(), key=_series_key)
+        except KsmbenchError:
+            return None
+    return list(_available)
+
+
+def expand_specs(specs: list[str]) -> list[str]:
+    """``--kernel`` values with ``debian:all`` replaced by every series in the
+    archive (oldest first); duplicates dropped, order otherwise kept."""
+    out: list[str] = []
+    for spec in specs:
+        if spec == ALL_DEBIAN:
+            series = debian_series()
+            if not series:
+                raise KernelNotFound(f"--kernel {ALL_DEBIAN}: the Debian archive's package lists "
+                                     "could not be read",
+                                     hint="check the network, then see: ksmbench kernels")
+            names = [f"debian:{s}" for s in series]
+        else:
+            names = [spec]
+        out += [n for n in names if n not in out]
+    return out
+
+
 def check_spec(spec: str, modules: str | None = None) -> None:
     """Refuse a ``--kernel`` value early (before anything is downloaded or booted)."""
     if spec.startswith("debian:"):
-        if not _SERIES.match(spec):
+        m = _SERIES.match(spec)
+        if not m:
             raise KernelNotFound(f"--kernel {spec}: not a Debian kernel series",
-                                 hint="use debian:<major.minor>, e.g. debian:6.12 (see: ksmbench kernels)")
+                                 hint="use debian:<major.minor>, e.g. debian:6.12, or debian:all "
+                                      "(see: ksmbench kernels)")
+        series = debian_series()
+        # an archive that cannot be reached is not the user's mistake: resolve()
+        # says what failed when it really needs the package
+        if series is not None and m[1] not in series:
+            raise KernelNotFound(f"--kernel {spec}: Debian has no {m[1]} kernel; available: "
+                                 + ", ".join(f"debian:{s}" for s in series) + ", debian:all")
         return
     path = Path(spec).expanduser()
     if not path.is_file():
