@@ -214,9 +214,7 @@ class Runner:
 
     def _check_expect(self, outcome: ScenarioOutcome, step: m.Expect, point: ObservationPoint) -> None:
         rows = []
-        for metric, expected in step.values:
-            observed = point.values.get(metric)
-            holds = observed == expected
+        for metric, expected, observed, holds in step.check(point.values):
             outcome.expect_checked += 1
             if not holds:
                 outcome.expect_failures.append(Mismatch(outcome.scenario, outcome.kernel, step.index,

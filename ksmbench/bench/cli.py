@@ -42,7 +42,18 @@ HEADLINES = {
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="ksmbench bench", description=__doc__.splitlines()[0])
+    p = argparse.ArgumentParser(
+        prog="ksmbench bench", formatter_class=argparse.RawDescriptionHelpFormatter,
+        description="""\
+Benchmark KSM: how fast ksmd merges, what unmerging and copy-on-write breaks
+cost, how much CPU ksmd spends per page, and how much memory is saved, seen
+three ways. Also cross-checks the merge speed with the kernel's ksm_tests -P.
+For a VM kernel the same benchmarks run inside the guest.""",
+        epilog="""\
+exit status:
+  0  everything was measured (and the ksm_tests cross-check, where judged, agrees)
+  1  the cross-check disagrees
+  2  something could not be measured (one line on stderr says what)""")
     p.add_argument("--kernel", action="append", metavar="KERNEL",
                    help="host, debian:<major.minor>, or a kernel image path (repeatable; default: host)")
     p.add_argument("--out", default="results", help="parent of the run directory (default: results)")

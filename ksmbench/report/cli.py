@@ -21,7 +21,19 @@ from ..errors import os_boundary
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="ksmbench report", description=__doc__.splitlines()[0])
+    p = argparse.ArgumentParser(
+        prog="ksmbench report", formatter_class=argparse.RawDescriptionHelpFormatter,
+        description="""\
+Turn run directories of 'ksmbench run' and 'ksmbench bench' into figures, one
+self-contained HTML file (it opens offline) and a markdown summary. A run that
+was interrupted or failed is flagged as incomplete at the top.""",
+        epilog="""\
+writes:
+  OUT/report.html, OUT/summary.md, OUT/figures/*.png
+
+exit status:
+  0  the report was written
+  2  it could not be (one line on stderr says why)""")
     p.add_argument("rundirs", nargs="+", metavar="RUNDIR", help="run directories to report on")
     p.add_argument("--out", help="output directory (default: <first RUNDIR>/report)")
     p.add_argument("--title", default="ksmbench report", help="report title")

@@ -47,9 +47,17 @@ PEER_COLUMNS = ("kernel", "selftest", "source", "selftest_verdict", "scenario", 
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="ksmbench selftest",
-                                description="Run the kernel's KSM selftests (ksm_tests, "
-                                            "ksm_functional_tests) beside ksmbench's own verdicts.")
+    p = argparse.ArgumentParser(
+        prog="ksmbench selftest", formatter_class=argparse.RawDescriptionHelpFormatter,
+        description="""\
+Run the kernel's own KSM selftests (ksm_tests, ksm_functional_tests, built
+from the closest Debian linux-source) on each kernel, and print their verdicts
+beside ksmbench's verdicts for the same behaviours.""",
+        epilog="""\
+exit status:
+  0  every selftest and ksmbench agree
+  1  some disagree (listed at the end)
+  2  a kernel's selftests or scenarios could not be run""")
     p.add_argument("--kernel", action="append", metavar="KERNEL",
                    help="host, debian:<major.minor>, or a bzImage path (repeatable; default: host)")
     p.add_argument("--source", action="append", default=[], metavar="[KERNEL=]SERIES",

@@ -15,14 +15,14 @@ from ...errors import KsmbenchError
 
 
 def kernels_command(args: argparse.Namespace) -> int:
-    from rich.console import Console
     from rich.table import Table
 
+    from ...console import esc, make_console
     from ...debian import DebianArchive, cache_root
     from .accel import host_key, kvm_device_usable, read_verdicts
 
-    console = Console(highlight=False)
-    archive = DebianArchive(console=Console(stderr=True, highlight=False))
+    console = make_console()
+    archive = DebianArchive(console=make_console(stderr=True))
     cached_dirs = {p.name: p for p in archive.cached_kernels()}
     archive.update()
     series = archive.kernel_series()
