@@ -239,6 +239,12 @@ def cmd_run(args: argparse.Namespace) -> int:
             for backend in backends:
                 outcomes.append(run_kernel_with_progress(console, rundir, backend, scenarios, predictor,
                                                 args.profile))
+        except KeyboardInterrupt:
+            # metadata.json says where (the runner wrote it); say where the results are
+            rundir.metadata["kernels_not_run"] = [b.label for b in backends[len(outcomes) + 1:]]
+            console.print(f"[yellow]interrupted[/yellow]: the results so far are in {esc(rundir.path)} "
+                          "(metadata.json: interrupted)")
+            raise
         finally:
             rundir.close()
     _print_summary(console, outcomes, scenarios)

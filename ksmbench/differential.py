@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Iterable, Sequence
 
-from .console import make_console
+from .console import esc, make_console
 from .observation import ObservationPoint, PointObserved, ScenarioFinished
 from .scenario import model as m
 from .scenario.generate import Spec, random_scenario, shrink, to_scenario, to_toml
@@ -251,7 +251,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         runner = HostRunner() if args.kernel == "host" else BackendRunner(args.kernel)
 
         def progress(msg: str) -> None:
-            status.update(msg)
+            status.update(esc(msg))
             err.log(msg)
 
         checked, findings, errors = run_differential(

@@ -105,6 +105,26 @@ def exit_status(kernels: Iterable[KernelOutcome]) -> int:
 ProgressFn = Callable[[str, str], None]  # (kernel label, message) after each point
 
 
+def _where_interrupted(exc: KeyboardInterrupt, current: ScenarioOutcome | None,
+                       last: tuple[str, int, int | None] | None,
+                       by_name: dict[str, m.Scenario]) -> dict:
+    """What an interrupt cut short: the signal, the scenario under way and the
+    last point measured in it (None: it had measured nothing yet)."""
+    import signal
+
+    signum = getattr(exc, "signum", signal.SIGINT)
+    where: dict = {"signal": signal.Signals(signum).name, "at": now_iso(),
+                   "scenario": None, "after_step": None, "after_scan": None}
+    if current is not None and not current.finished:
+        where["scenario"] = current.scenario
+        if last is not None and last[0] == current.scenario:
+            where["after_step"], where["after_scan"] = last[1], last[2]
+            step = by_name[current.scenario].steps[last[1]] if current.scenario in by_name else None
+            if isinstance(step, m.Scan):
+                where["scans_in_step"] = step.count
+    return where
+
+
 def _safe_label(label: str) -> str:
     import re
 
@@ -125,6 +145,9 @@ class Runner:
         by_name = {s.name: s for s in scenarios}
         predictions: dict[str, dict[tuple[int, int | None], ObservationPoint]] = {}
         current: ScenarioOutcome | None = None
+        #: the last observation point: (scenario, step, scan), to say where an interrupt hit
+        last: tuple[str, int, int | None] | None = None
+        interrupted: dict | None = None
         if hasattr(backend, "artifacts_dir"):
             # VM backends keep the guest console log and raw event stream here
             backend.artifacts_dir = self.rundir.path / _safe_label(backend.label)
@@ -157,6 +180,7 @@ class Runner:
                             event.scenario, ScenarioOutcome(event.scenario, backend.label))
                     self._record(current, by_name.get(event.scenario), event.point,
                                  predictions.get(event.scenario, {}))
+                    last = (event.scenario, event.point.step, event.point.scan)
                     self.progress(backend.label, f"{event.scenario}: step {event.point.step}")
                 elif isinstance(event, ScenarioFinished):
                     done = outcome.scenarios.setdefault(
@@ -169,6 +193,9 @@ class Runner:
         except KsmbenchError as exc:
             outcome.error = exc.one_line()
             entry["error"] = outcome.error
+        except KeyboardInterrupt as exc:  # Ctrl-C, or SIGTERM as Terminated
+            interrupted = _where_interrupted(exc, current, last, by_name)
+            raise
         finally:
             # end the backend now (a VM is killed), not whenever the generator is collected
             close = getattr(stream, "close", None)
@@ -176,6 +203,16 @@ class Runner:
                 close()
             entry["ended_at"] = now_iso()
             entry["verdicts"] = {name: o.verdict for name, o in outcome.scenarios.items()}
+            after = getattr(backend, "tunables_after", None)
+            if after and "ksm_tunables_after" not in entry:
+                entry["ksm_tunables_after"] = after  # restored, though the stream was cut short
+            if interrupted is not None:
+                if current is not None and not current.finished and not current.skipped:
+                    entry["verdicts"][current.scenario] = "interrupted"
+                entry["interrupted"] = True
+                entry["interrupted_at"] = interrupted
+                self.rundir.metadata["interrupted"] = True
+                self.rundir.metadata["interrupted_at"] = {"kernel": backend.label, **interrupted}
             self.rundir.write_metadata()
         return outcome
 

@@ -16,7 +16,7 @@ import sys
 from pathlib import Path
 from typing import Sequence
 
-from ..console import make_console
+from ..console import esc, make_console
 from ..errors import os_boundary
 
 
@@ -48,7 +48,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     out = Path(args.out) if args.out else Path(args.rundirs[0]) / "report"
     paths = generate(args.rundirs, out, title=args.title, dpi=args.dpi, console=console)
     for name, path in paths.items():
-        console.print(f"{name}: {path}")
+        console.print(f"{name}: {esc(path)}")
     return 0
 
 
@@ -60,14 +60,17 @@ def generate(rundirs: Sequence[str | os.PathLike], out: Path, *, title: str = "k
 
     from .document import build_sections, render_html, render_markdown
     from .figures import all_figures
-    from .load import load_runs
+    from .load import incomplete, load_runs
 
     data = load_runs(list(rundirs))
+    if console is not None:  # first, and again at the top of the report
+        for warning in incomplete(data):
+            console.print(f"[bold yellow]warning:[/bold yellow] {esc(warning)}")
     fig_dir = out / "figures"
     with os_boundary(f"creating {fig_dir}"):
         fig_dir.mkdir(parents=True, exist_ok=True)
     with Progress(TextColumn("[bold]report"), BarColumn(), MofNCompleteColumn(),
-                  TextColumn("{task.description}"), TimeElapsedColumn(),
+                  TextColumn("{task.description}", markup=False), TimeElapsedColumn(),
                   console=console, transient=False, disable=console is None) as progress:
         task = progress.add_task("loading", total=None)
         # one figure per scenario: more than matplotlib's warning threshold of
