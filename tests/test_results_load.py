@@ -70,3 +70,17 @@ def test_the_v1_csv_is_unchanged(tmp_path):
     assert df.loc[0, "predicted"] is pd.NA and df.loc[0, "match"] is pd.NA
     assert bool(df.loc[1, "match"]) is True
     assert (REFERENCE / "observations.csv").read_text().splitlines()[0] == ",".join(OBSERVATION_COLUMNS)
+
+
+def test_the_report_fills_the_profile_column_from_metadata():
+    from ksmbench.report.document import _runs_section
+    from ksmbench.report.load import load_runs
+
+    section = _runs_section(load_runs([REFERENCE]))
+    (table,) = section.tables
+    profile = table.header.index("profile")
+    assert {row[0]: row[profile] for row in table.rows} == {
+        "host": "linux-6.18.44", "debian:6.1": "linux-6.1", "debian:6.12": "linux-6.12.117"}
+    assert section.warnings == []  # a complete run: nothing flagged
+    shipped = (REFERENCE.parent / "report" / "summary.md").read_text()
+    assert "| host | 6.18.44-fc-v657 | host |  | linux-6.18.44 |  |" in shipped
