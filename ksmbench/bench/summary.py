@@ -46,7 +46,7 @@ def print_summary(console, store: BenchStore, tolerance: float) -> int:
             console.print(f"[yellow]WARNING: {len(unstable)} results on {esc(kernel)} may be unstable:[/yellow]")
             for s in unstable[:5]:
                 console.print(f"  {s['benchmark']} {s['case']} uzp={s['use_zero_pages']} "
-                              f"{s['size_mib']} MiB {s['metric']}: " + "; ".join(s["summary"]["warnings"]))
+                              f"{s['size_mib']} MiB {s['metric']}: " + esc("; ".join(s["summary"]["warnings"])))
             if len(unstable) > 5:
                 console.print(f"  ... and {len(unstable) - 5} more (bench.json has every warning)")
             console.print("  rerun with more --repeats, or on a quieter machine")
@@ -87,7 +87,7 @@ def _print_savings(console, kernel: str, savings: dict) -> None:
             rng = ""
             if v.get("residual_min_bytes") is not None and n > 1:
                 rng = f"{v['residual_min_bytes'] / MIB:+.1f}..{v['residual_max_bytes'] / MIB:+.1f}"
-            table.add_row(v["view"], "absent" if v["saved_bytes"] is None else f"{v['saved_bytes'] / MIB:.1f}",
+            table.add_row(esc(v["view"]), "absent" if v["saved_bytes"] is None else f"{v['saved_bytes'] / MIB:.1f}",
                           "" if exp is None else f"{exp / MIB:.1f}",
                           "" if res is None else f"{res / MIB:+.1f}", rng)
         console.print(table)
