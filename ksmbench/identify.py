@@ -270,6 +270,12 @@ class _Recording:
         if hasattr(backend, "artifacts_dir"):
             self.artifacts_dir = None
 
+    @property
+    def tunables_after(self):
+        """The wrapped backend's tunables as restored (the Runner records them
+        when a run is interrupted)."""
+        return getattr(self.backend, "tunables_after", None)
+
     def events(self, scenarios):
         if hasattr(self, "artifacts_dir") and self.artifacts_dir is not None:
             self.backend.artifacts_dir = self.artifacts_dir
