@@ -133,6 +133,7 @@ class BackendRunner:
         from .backends import resolve_backend
 
         self.backend = resolve_backend(spec, **options)
+        getattr(self.backend, "preflight", lambda: None)()  # an unknown series: one line, now
         self.release: str | None = None
         self.profile: str | None = None
 
@@ -252,7 +253,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
         def progress(msg: str) -> None:
             status.update(esc(msg))
-            err.log(msg)
+            err.log(esc(msg))
 
         checked, findings, errors = run_differential(
             range(args.seed, args.seed + args.count), Path(args.out), profile=args.profile,
