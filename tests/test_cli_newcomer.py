@@ -178,6 +178,24 @@ def test_selftest_disagreements_with_a_path_kernel_print(capsys):
     assert "boom [/red]" in out
 
 
+@pytest.mark.parametrize("name", ["k/[bzImage]", "k[/bzImage]"])
+def test_a_markup_like_kernel_path_goes_through_run(tmp_path, name):
+    """``run --kernel /path/to/[bzImage]``: the label reaches the progress
+    display, the kernel's error line and the summary tables, printed as given
+    (``.../k[/bzImage]`` holds a closing tag, as in the crash of the issue)."""
+    image = tmp_path / name
+    image.parent.mkdir()
+    image.write_bytes(b"not a kernel image" * 64)
+    res = ksmbench("run", "--kernel", str(image), "--kernel", "emulator:linux-6.6", "zero-pages",
+                   "--out", str(tmp_path / "out"))
+    assert res.returncode == 2, (res.stdout, res.stderr)
+    assert "Traceback" not in res.stderr and "MarkupError" not in res.stderr
+    assert f"{image}: --kernel {image}: not an x86 boot image" in res.stdout
+    matrix = [line for line in res.stdout.splitlines() if "zero-pages" in line and "│" in line]
+    assert any(str(image) in line for line in res.stdout.splitlines() if "┃" in line)  # header
+    assert any("match" in line for line in matrix)  # the emulator kernel still ran
+
+
 def test_scenario_files_in_markup_like_directories(tmp_path):
     d = tmp_path / "[bold]" / "[/x]"
     d.mkdir(parents=True)
@@ -203,6 +221,12 @@ def test_unknown_debian_series_is_refused_before_anything_starts(tmp_path):
     except Exception as exc:  # noqa: BLE001 - no archive: nothing to compare with
         pytest.skip(f"Debian archive not reachable here: {exc}")
     assert available
+    listing = ksmbench("kernels", env={"COLUMNS": "40"})  # piped: nothing cut
+    assert listing.returncode == 0, listing.stderr
+    assert "…" not in listing.stdout
+    for series, pkg in DebianArchive().kernel_series().items():
+        line = next(line for line in listing.stdout.splitlines() if f"debian:{series} " in line)
+        assert pkg.name in line and pkg.version in line and pkg.suite in line
     for command in ("run", "identify", "selftest", "bench"):
         out = tmp_path / command
         res = ksmbench(command, "--kernel", "debian:9.9", "--out", str(out))
