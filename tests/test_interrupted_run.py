@@ -52,7 +52,9 @@ def test_a_stopped_run_is_marked_interrupted_and_the_report_says_so(tmp_path, si
     scenario = tmp_path / "many.toml"
     scenario.write_text(MANY_SCANS)
     out = tmp_path / "out"
-    proc = subprocess.Popen([*KSMBENCH, "run", "--wait", "900", "--out", str(out), str(scenario)],
+    # a second kernel, which the interrupt keeps from running
+    proc = subprocess.Popen([*KSMBENCH, "run", "--kernel", "host", "--kernel", "emulator:linux-6.6",
+                             "--wait", "900", "--out", str(out), str(scenario)],
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                             preexec_fn=_sigint_default)
     deadline = time.monotonic() + 900
@@ -80,6 +82,7 @@ def test_a_stopped_run_is_marked_interrupted_and_the_report_says_so(tmp_path, si
     assert where["signal"] == signal.Signals(signum).name and where["kernel"] == "host"
     assert where["scenario"] == "many-scans" and where["after_step"] == 3
     assert where["scans_in_step"] == 2000 and 5 <= where["after_scan"] < 2000
+    assert meta["kernels_not_run"] == ["emulator:linux-6.6"]
     (entry,) = meta["kernels"]
     assert entry["interrupted"] is True
     assert entry["verdicts"] == {"many-scans": "interrupted"}
@@ -100,6 +103,7 @@ def test_a_stopped_run_is_marked_interrupted_and_the_report_says_so(tmp_path, si
     warning = next(line for line in summary.splitlines() if "INCOMPLETE" in line)
     assert summary.index(warning) < summary.index("| kernel |")  # before any table
     assert f"step 3 scan {where['after_scan']} of 2000" in warning and "SIGINT" in warning
+    assert "kernels not run: emulator:linux-6.6" in warning
     matrix = next(line for line in summary.splitlines() if line.startswith("| many-scans |"))
     assert "interrupted" in matrix and "match" not in matrix
     assert "interrupted" in (tmp_path / "report" / "report.html").read_text()
