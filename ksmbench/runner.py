@@ -105,7 +105,7 @@ def exit_status(kernels: Iterable[KernelOutcome]) -> int:
 ProgressFn = Callable[[str, str], None]  # (kernel label, message) after each point
 
 
-def _where_interrupted(exc: KeyboardInterrupt, current: ScenarioOutcome | None,
+def _where_interrupted(exc: KeyboardInterrupt, running: str | None,
                        last: tuple[str, int, int | None] | None,
                        by_name: dict[str, m.Scenario]) -> dict:
     """What an interrupt cut short: the signal, the scenario under way and the
@@ -115,11 +115,11 @@ def _where_interrupted(exc: KeyboardInterrupt, current: ScenarioOutcome | None,
     signum = getattr(exc, "signum", signal.SIGINT)
     where: dict = {"signal": signal.Signals(signum).name, "at": now_iso(),
                    "scenario": None, "after_step": None, "after_scan": None}
-    if current is not None and not current.finished:
-        where["scenario"] = current.scenario
-        if last is not None and last[0] == current.scenario:
+    if running is not None:
+        where["scenario"] = running
+        if last is not None and last[0] == running:
             where["after_step"], where["after_scan"] = last[1], last[2]
-            step = by_name[current.scenario].steps[last[1]] if current.scenario in by_name else None
+            step = by_name[running].steps[last[1]] if running in by_name else None
             if isinstance(step, m.Scan):
                 where["scans_in_step"] = step.count
     return where
@@ -148,6 +148,7 @@ class Runner:
         #: the last observation point: (scenario, step, scan), to say where an interrupt hit
         last: tuple[str, int, int | None] | None = None
         interrupted: dict | None = None
+        running: str | None = None  # the scenario started and not finished yet
         if hasattr(backend, "artifacts_dir"):
             # VM backends keep the guest console log and raw event stream here
             backend.artifacts_dir = self.rundir.path / _safe_label(backend.label)
@@ -170,6 +171,7 @@ class Runner:
                 elif isinstance(event, ScenarioStarted):
                     current = ScenarioOutcome(event.scenario, backend.label)
                     outcome.scenarios[event.scenario] = current
+                    running = event.scenario
                     if outcome.profile and self.predictor is not None:
                         predictions[event.scenario] = self._predict(by_name[event.scenario],
                                                                     outcome.profile)
@@ -189,12 +191,13 @@ class Runner:
                     done.skipped = event.skipped
                     done.seconds = event.seconds
                     done.finished = event.error is None
+                    running = None
                     self.progress(backend.label, f"{event.scenario}: {done.verdict}")
         except KsmbenchError as exc:
             outcome.error = exc.one_line()
             entry["error"] = outcome.error
         except KeyboardInterrupt as exc:  # Ctrl-C, or SIGTERM as Terminated
-            interrupted = _where_interrupted(exc, current, last, by_name)
+            interrupted = _where_interrupted(exc, running, last, by_name)
             raise
         finally:
             # end the backend now (a VM is killed), not whenever the generator is collected
@@ -207,8 +210,8 @@ class Runner:
             if after and "ksm_tunables_after" not in entry:
                 entry["ksm_tunables_after"] = after  # restored, though the stream was cut short
             if interrupted is not None:
-                if current is not None and not current.finished and not current.skipped:
-                    entry["verdicts"][current.scenario] = "interrupted"
+                if running is not None:
+                    entry["verdicts"][running] = "interrupted"
                 entry["interrupted"] = True
                 entry["interrupted_at"] = interrupted
                 self.rundir.metadata["interrupted"] = True

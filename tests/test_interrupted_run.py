@@ -14,7 +14,9 @@ from pathlib import Path
 import pytest
 
 from conftest import host_ksm_usable
+from ksmbench.kernel.lock import RunLock
 from ksmbench.kernel.sysfs import KsmSysfs
+from ksmbench.kernel.tunables import state_dir
 
 pytestmark = [pytest.mark.root, pytest.mark.slow,
               pytest.mark.skipif(not host_ksm_usable(), reason="needs root and a writable KSM sysfs")]
@@ -40,6 +42,13 @@ count = 2000
 """
 
 
+def settled_tunables() -> dict[str, str]:
+    """The tunables while no run changes them: other sessions on this machine
+    step ksmd too, so read under the run lock."""
+    with RunLock(timeout=3600, directory=state_dir()):
+        return KsmSysfs().tunables()
+
+
 def _sigint_default() -> None:
     # CI may start the tests with SIGINT ignored, which a child inherits:
     # Python then installs no KeyboardInterrupt handler, and SIGINT does nothing
@@ -48,7 +57,8 @@ def _sigint_default() -> None:
 
 @pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM])
 def test_a_stopped_run_is_marked_interrupted_and_the_report_says_so(tmp_path, signum):
-    before = KsmSysfs().tunables()
+    # read under the run lock: other sessions on this machine step ksmd too
+    before = settled_tunables()
     scenario = tmp_path / "many.toml"
     scenario.write_text(MANY_SCANS)
     out = tmp_path / "out"
@@ -86,8 +96,8 @@ def test_a_stopped_run_is_marked_interrupted_and_the_report_says_so(tmp_path, si
     (entry,) = meta["kernels"]
     assert entry["interrupted"] is True
     assert entry["verdicts"] == {"many-scans": "interrupted"}
-    assert entry["ksm_tunables_after"] == before == KsmSysfs().tunables()
     assert entry["ksm_tunables_after"] == entry["ksm_tunables_before"]
+    assert entry["ksm_tunables_after"] == before == settled_tunables()
     # the last scan written is the one metadata.json names
     scans = [int(line.split(",")[4]) for line in
              (rundir / "observations.csv").read_text().splitlines()[1:] if ",3,scan," in line]
