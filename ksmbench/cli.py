@@ -13,7 +13,7 @@ from typing import Sequence
 
 from . import __version__
 from .backends import add_vm_options
-from .console import make_console
+from .console import esc, make_console
 from .errors import KsmbenchError, UsageError
 
 
@@ -62,12 +62,52 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
 
 
-def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="ksmbench", description=__doc__.splitlines()[0])
-    p.add_argument("--version", action="version", version=f"ksmbench {__version__}")
-    sub = p.add_subparsers(metavar="COMMAND")
+DESCRIPTION = """\
+Test and measure Linux KSM (kernel samepage merging). ksmbench runs small
+memory scenarios on real kernels (this machine's, or Debian's and your own
+booted in QEMU), reads every KSM counter after every step and every scan of
+ksmd, and compares each value with a model of KSM that predicts it."""
 
-    run = sub.add_parser("run", help="run scenarios on kernels and record observations")
+EPILOG = """\
+common tasks:
+  ksmbench run --kernel host                  run the built-in suite on this kernel (root)
+  ksmbench run --kernel debian:6.12 my.toml   run your scenario on a Debian kernel in QEMU
+  ksmbench emulate zero-pages                 predict a scenario's counters (no root)
+  ksmbench identify --kernel host             which KSM patches this kernel behaves as having
+  ksmbench report results/<run-id>            figures, an HTML report and a summary
+
+exit status:
+  0  done: every compared value matched and every expect step held
+  1  done, but some value or expect did not match (see the list printed)
+  2  could not be done: one line on stderr says what failed and what to do
+
+See 'ksmbench COMMAND --help' for what a command does and its options."""
+
+#: the exit status paragraph of commands that compare with the model
+COMPARE_EPILOG = """\
+exit status:
+  0  every compared value matched and every expect step held
+  1  some value or expect step did not match
+  2  the command could not complete (one line on stderr says why)"""
+
+
+def _command(sub, name: str, summary: str, description: str, epilog: str | None = COMPARE_EPILOG):
+    return sub.add_parser(name, help=summary, description=description, epilog=epilog,
+                          formatter_class=argparse.RawDescriptionHelpFormatter)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="ksmbench", description=DESCRIPTION, epilog=EPILOG,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--version", action="version", version=f"ksmbench {__version__}",
+                   help="print the version and exit")
+    sub = p.add_subparsers(metavar="COMMAND", title="commands")
+
+    run = _command(sub, "run", "run scenarios on kernels and record observations", """\
+Run scenarios on one or more kernels. After every step and every scan of ksmd,
+each KSM counter is read and compared with the emulator's prediction for the
+kernel's version. Everything lands in a new run directory under --out:
+metadata.json, observations.csv and expectations.csv, written as measured.""")
     run.add_argument("scenarios", nargs="*", metavar="SCENARIO",
                      help="scenario files, directories or built-in names (default: the built-in suite)")
     _kernel_options(run)
@@ -78,15 +118,35 @@ def build_parser() -> argparse.ArgumentParser:
                      help="wait this long for another run to finish instead of refusing")
     run.set_defaults(func=cmd_run)
 
-    emulate = sub.add_parser("emulate", help="predict a scenario's observations (no root, no kernel)")
-    emulate.add_argument("scenarios", nargs="*", metavar="SCENARIO")
-    emulate.add_argument("--profile", default="linux-6.18",
-                         help="kernel behaviour profile: linux-X.Y[.Z][,+flag|,-flag...] "
-                              "(default linux-6.18; python -m ksmbench.emulator lists the flags)")
-    emulate.add_argument("--format", choices=("table", "csv"), default="table")
+    emulate = _command(sub, "emulate", "predict a scenario's observations (no root, no kernel)", """\
+Print what the model of KSM predicts for each counter after every step and
+scan, without running anything: no root and no KSM needed. 'expect' steps
+are judged against the prediction.""", epilog="""\
+exit status:
+  0  every expect step holds in the prediction
+  1  some expect step does not hold
+  2  the command could not complete, or a step needs an interface the
+     profile's kernels lack (one line on stderr says which)""")
+    emulate.add_argument("scenarios", nargs="*", metavar="SCENARIO",
+                         help="scenario files, directories or built-in names (default: the built-in suite)")
+    emulate.add_argument("--profile", default="auto",
+                         help="kernel behaviour profile: auto (this machine's kernel, as run picks it) "
+                              "or linux-X.Y[.Z][,+flag|,-flag...] (default: auto; "
+                              "python -m ksmbench.emulator lists the flags)")
+    emulate.add_argument("--format", choices=("table", "csv"), default="table",
+                         help="table: one table per scenario, points as columns; csv: the columns "
+                              "of observations.csv (default: table)")
     emulate.set_defaults(func=cmd_emulate)
 
-    identify = sub.add_parser("identify", help="which KSM behaviours a kernel has")
+    identify = _command(sub, "identify", "which KSM behaviours a kernel has", """\
+Run the built-in suite and extra probe scenarios on each kernel, then tell,
+behaviour by behaviour (each tied to a kernel commit), whether the kernel
+has it, and which emulator profile fits it best. The observations are kept
+in a run directory under --out.""", epilog="""\
+exit status:
+  0  the fitted profile predicts every observed value
+  1  some values disagree even with the fitted profile
+  2  the command could not complete (one line on stderr says why)""")
     _kernel_options(identify)
     identify.add_argument("--out", default="results",
                           help="parent of the run directory of the observations (default: results)")
@@ -94,11 +154,19 @@ def build_parser() -> argparse.ArgumentParser:
                           help="wait this long for another run to finish instead of refusing")
     identify.set_defaults(func=cmd_identify)
 
-    kernels = sub.add_parser("kernels", help="kernels that can be booted: cached and fetchable")
+    kernels = _command(sub, "kernels", "kernels that can be booted: cached and fetchable", """\
+List the kernels --kernel can name: every Debian series the archive has today
+(debian:<series>, with the package it resolves to and whether it is cached),
+your own images already prepared, and whether VMs here use KVM or TCG.""",
+                       epilog="exit status: 0 listed; 2 the archive could not be read")
     kernels.set_defaults(func=cmd_kernels)
 
-    scen = sub.add_parser("scenarios", help="list the built-in suite, or validate scenario files")
-    scen.add_argument("files", nargs="*", metavar="FILE")
+    scen = _command(sub, "scenarios", "list the built-in suite, or validate scenario files", """\
+Without arguments, list the built-in scenarios. With files or directories,
+validate each scenario file and report every invalid one, not only the first.""",
+                    epilog="exit status: 0 all valid; 2 some file is invalid (one line each on stderr)")
+    scen.add_argument("files", nargs="*", metavar="FILE",
+                      help="scenario files, directories of *.toml files, or built-in names to validate")
     scen.set_defaults(func=cmd_scenarios)
 
     for name, (module, helptext) in DELEGATED_HELP.items():
@@ -165,23 +233,28 @@ def cmd_run(args: argparse.Namespace) -> int:
         rundir = RunDir(args.out)
         rundir.metadata["command"] = ["ksmbench", *sys.argv[1:]]
         rundir.metadata["scenarios"] = [s.name for s in scenarios]
-        console.print(f"run {rundir.run_id}: {len(scenarios)} scenarios on "
-                      f"{', '.join(b.label for b in backends)} -> {rundir.path}")
+        console.print(f"run {rundir.run_id}: {_count(len(scenarios), 'scenario')} on "
+                      f"{esc(', '.join(b.label for b in backends))} -> {esc(rundir.path)}")
         outcomes = []
         try:
             for backend in backends:
                 outcomes.append(run_kernel_with_progress(console, rundir, backend, scenarios, predictor,
                                                 args.profile))
+        except KeyboardInterrupt:
+            # metadata.json says where (the runner wrote it); say where the results are
+            rundir.metadata["kernels_not_run"] = [b.label for b in backends[len(outcomes) + 1:]]
+            console.print(f"[yellow]interrupted[/yellow]: the results so far are in {esc(rundir.path)} "
+                          "(metadata.json: interrupted)")
+            raise
         finally:
             rundir.close()
     _print_summary(console, outcomes, scenarios)
     status = exit_status(outcomes)
-    console.print(f"results: {rundir.path}  (exit {status})")
+    console.print(f"results: {esc(rundir.path)}  (exit {status})")
     return status
 
 
 def _print_summary(console, outcomes, scenarios) -> None:
-    from rich.markup import escape
     from rich.table import Table
 
     table = Table(title="scenarios", show_lines=False)
@@ -193,44 +266,45 @@ def _print_summary(console, outcomes, scenarios) -> None:
         for s in scenarios:
             o = k.scenarios.get(s.name)
             if o is None:
-                table.add_row(s.name, k.label, "", "", "", "", "[dim]not run[/dim]", "")
+                table.add_row(esc(s.name), esc(k.label), "", "", "", "", "[dim]not run[/dim]", "")
                 continue
             exp = f"{o.expect_checked - len(o.expect_failures)}/{o.expect_checked}" if o.expect_checked else ""
-            table.add_row(s.name, k.label, str(o.points), str(o.compared), str(len(o.mismatches)),
+            table.add_row(esc(s.name), esc(k.label), str(o.points), str(o.compared), str(len(o.mismatches)),
                           exp, f"[{colours[o.verdict]}]{o.verdict}[/]", f"{o.seconds:.1f}")
     console.print(table)
     if len(outcomes) > 1:
         matrix = Table(title="matrix: scenarios x kernels")
         matrix.add_column("scenario")
         for k in outcomes:
-            matrix.add_column(k.label)
+            matrix.add_column(esc(k.label))
         for s in scenarios:
             cells = []
             for k in outcomes:
                 o = k.scenarios.get(s.name)
                 v = o.verdict if o else "not run"
                 cells.append(f"[{colours.get(v, 'dim')}]{v}[/]")
-            matrix.add_row(s.name, *cells)
+            matrix.add_row(esc(s.name), *cells)
         console.print(matrix)
     problems = [mm for k in outcomes for o in k.scenarios.values()
                 for mm in (o.expect_failures + o.mismatches)]
     errors = [(k.label, o.scenario, o.error) for k in outcomes for o in k.scenarios.values() if o.error]
     for label, name, err in errors:
-        console.print(f"[red]error[/red] {name} [{label}]: {err}")
+        console.print(f"[red]error[/red] {esc(name)} {esc(f'[{label}]')}: {esc(err)}")
     for k in outcomes:
         for o in k.scenarios.values():
             if o.skipped:
-                console.print(f"[dim]not applicable[/dim] {o.scenario} [{k.label}]: {o.skipped}")
+                console.print(f"[dim]not applicable[/dim] {esc(o.scenario)} {esc(f'[{k.label}]')}: "
+                              f"{esc(o.skipped)}")
     # what a scenario left behind after all its processes exited (teardown point)
     for k in outcomes:
         for o in k.scenarios.values():
             for r in o.residue:
                 colour = "yellow" if r.explained else "bold red"
-                console.print(f"[{colour}]residue[/{colour}] {escape(r.describe())}")
+                console.print(f"[{colour}]residue[/{colour}] {esc(r.describe())}")
     if problems:
         console.print(f"first mismatching cells ({len(problems)} in all):")
         for mm in problems[:12]:
-            console.print(f"  {mm.describe()}")
+            console.print(f"  {esc(mm.describe())}")
 
 
 # -- other commands ----------------------------------------------------------------
@@ -260,17 +334,43 @@ def cmd_kernels(args: argparse.Namespace) -> int:
 
 
 def cmd_scenarios(args: argparse.Namespace) -> int:
-    from .scenario import builtin_suite, load_scenario
+    from .errors import ScenarioError
+    from .scenario import builtin_suite, load_source, scenario_sources
 
     console = _console()
     if args.files:
-        for f in args.files:
-            s = load_scenario(f)
-            console.print(f"{f}: ok ({s.name}: {len(s.steps)} steps, {s.scan_count} scans)")
+        # validate every file, like a compiler: report each bad one, go on with the rest
+        bad = good = 0
+        for arg in args.files:
+            try:
+                sources = scenario_sources(arg)
+            except ScenarioError as exc:
+                print(f"ksmbench: error: {exc.one_line()}", file=sys.stderr)
+                bad += 1
+                continue
+            for source in sources:
+                try:
+                    s = load_source(source)
+                except ScenarioError as exc:
+                    print(f"ksmbench: error: {exc.one_line()}", file=sys.stderr)
+                    bad += 1
+                    continue
+                good += 1
+                console.print(f"{esc(source)}: ok ({esc(s.name)}: {_count(len(s.steps), 'step')}, "
+                              f"{_count(s.scan_count, 'scan')})")
+        if bad:
+            print(f"ksmbench: {_count(bad, 'scenario file')} invalid, {good} valid", file=sys.stderr)
+            return 2
         return 0
     for s in builtin_suite():
-        console.print(f"[bold]{s.name}[/bold]: {s.description.splitlines()[0] if s.description else ''}")
+        first = s.description.splitlines()[0] if s.description else ""
+        console.print(f"[bold]{esc(s.name)}[/bold]: {esc(first)}")
     return 0
+
+
+def _count(n: int, noun: str) -> str:
+    """``1 scenario``, ``2 scenarios``."""
+    return f"{n} {noun}" if n == 1 else f"{n} {noun}s"
 
 
 if __name__ == "__main__":

@@ -41,6 +41,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Iterable, Iterator, Sequence
 
+from .console import esc
 from .errors import KernelNotFound, KsmbenchError, os_boundary
 from .waiting import flock_exclusive
 
@@ -734,9 +735,9 @@ def _write_if_changed(path: Path, text: str) -> None:
 def _stderr_console(console):
     if console is not None:
         return console
-    from rich.console import Console
+    from .console import make_console
 
-    return Console(stderr=True, highlight=False)
+    return make_console(stderr=True)
 
 
 @contextmanager
@@ -744,12 +745,12 @@ def _status(console, message: str) -> Iterator[None]:
     """A spinner on a terminal; one line otherwise (long work shows progress)."""
     con = _stderr_console(console)
     if con.is_terminal:
-        with con.status(message):
+        with con.status(esc(message)):
             yield
     else:
         started = time.monotonic()
         yield
-        con.print(f"{message}: done in {time.monotonic() - started:.1f} s")
+        con.print(f"{esc(message)}: done in {time.monotonic() - started:.1f} s")
 
 
 @contextmanager
@@ -759,17 +760,17 @@ def _download_progress(console, name: str, total: int):
 
     con = _stderr_console(console)
     started = time.monotonic()
-    with Progress(TextColumn("{task.description}"), BarColumn(), DownloadColumn(),
+    with Progress(TextColumn("{task.description}", markup=False), BarColumn(), DownloadColumn(),
                   TransferSpeedColumn(), TimeRemainingColumn(), console=con,
                   transient=True, disable=not con.is_terminal) as progress:
         task = progress.add_task(f"downloading {name}", total=total)
         yield lambda n: progress.update(task, advance=n)
     if not con.is_terminal:
-        con.print(f"downloaded {name} ({total / 1e6:.1f} MB) in {time.monotonic() - started:.1f} s")
+        con.print(f"downloaded {esc(name)} ({total / 1e6:.1f} MB) in {time.monotonic() - started:.1f} s")
 
 
 def _warn(console, message: str) -> None:
-    _stderr_console(console).print(f"[yellow]warning:[/yellow] {message}")
+    _stderr_console(console).print(f"[yellow]warning:[/yellow] {esc(message)}")
 
 
 def main(argv: Sequence[str] | None = None) -> int:

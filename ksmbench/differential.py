@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Iterable, Sequence
 
-from .console import make_console
+from .console import esc, make_console
 from .observation import ObservationPoint, PointObserved, ScenarioFinished
 from .scenario import model as m
 from .scenario.generate import Spec, random_scenario, shrink, to_scenario, to_toml
@@ -137,6 +137,7 @@ class BackendRunner:
         from .backends import resolve_backend
 
         self.backend = resolve_backend(spec, **options)
+        getattr(self.backend, "preflight", lambda: None)()  # an unknown series: one line, now
         self.release: str | None = None
         self.profile: str | None = None
 
@@ -255,8 +256,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         runner = HostRunner() if args.kernel == "host" else BackendRunner(args.kernel)
 
         def progress(msg: str) -> None:
-            status.update(msg)
-            err.log(msg)
+            status.update(esc(msg))
+            err.log(esc(msg))
 
         checked, findings, errors = run_differential(
             range(args.seed, args.seed + args.count), Path(args.out), profile=args.profile,

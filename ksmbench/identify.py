@@ -25,7 +25,7 @@ from argparse import Namespace
 from dataclasses import dataclass, field
 from typing import Mapping, Sequence
 
-from .console import make_console
+from .console import esc, make_console
 from .metrics import RSS_ANON, RSS_ANON_SCENARIO
 from .observation import (BASELINE, TEARDOWN, BackendInfo, ObservationPoint, PointObserved,
                           ScenarioFinished, baseline_of, rebase)
@@ -280,6 +280,12 @@ class _Recording:
         if hasattr(backend, "artifacts_dir"):
             self.artifacts_dir = None
 
+    @property
+    def tunables_after(self):
+        """The wrapped backend's tunables as restored (the Runner records them
+        when a run is interrupted)."""
+        return getattr(self.backend, "tunables_after", None)
+
     def events(self, scenarios):
         if hasattr(self, "artifacts_dir") and self.artifacts_dir is not None:
             self.backend.artifacts_dir = self.artifacts_dir
@@ -308,6 +314,10 @@ def identify_command(args: Namespace) -> int:
     status = 0
     backends = [resolve_backend(spec, memory=args.memory, cpus=args.cpus, accel=args.accel,
                                 modules=args.modules) for spec in expand_kernel_specs(args.kernel)]
+    for backend in backends:
+        # before the lock: no root gives run's "needs root ... or use a VM kernel",
+        # an unknown Debian series the list of available ones
+        getattr(backend, "preflight", lambda: None)()
     from contextlib import nullcontext
 
     from .emulator.backend import EmulatorBackend
@@ -318,17 +328,19 @@ def identify_command(args: Namespace) -> int:
         rundir = RunDir(args.out)
         rundir.metadata["command"] = ["ksmbench", *sys.argv[1:]]
         rundir.metadata["scenarios"] = [s.name for s in scenarios]
+        console.print(f"identify {rundir.run_id}: {len(scenarios)} scenarios on "
+                      f"{esc(', '.join(b.label for b in backends))}; observations -> {esc(rundir.path)}")
         try:
             for backend in backends:
                 rec = _Recording(backend)
-                with console.status(f"{backend.label}: running {len(scenarios)} scenarios") as st:
+                with console.status(f"{esc(backend.label)}: running {len(scenarios)} scenarios") as st:
                     runner = Runner(rundir, predictor=Predictor(), profile="auto",
-                                    progress=lambda k, msg: st.update(f"{k}: {msg}"))
+                                    progress=lambda k, msg: st.update(esc(f"{k}: {msg}")))
                     outcome = runner.run_kernel(rec, scenarios)
                 if outcome.error:
-                    console.print(f"[red]{backend.label}: {outcome.error}[/red]")
+                    console.print(f"[red]{esc(backend.label)}: {esc(outcome.error)}[/red]")
                 for err in rec.errors:
-                    console.print(f"[yellow]{backend.label}: {err}[/yellow]")
+                    console.print(f"[yellow]{esc(backend.label)}: {esc(err)}[/yellow]")
                 if not rec.observed:
                     status = 2
                     continue
@@ -341,8 +353,8 @@ def identify_command(args: Namespace) -> int:
                     status = max(status, 1)
         finally:
             rundir.close()
-    console.print(f"observations: {rundir.path}  (re-analyse: python -m ksmbench.identify "
-                  f"{rundir.path})")
+    console.print(f"observations: {esc(rundir.path)}  (re-analyse: python -m ksmbench.identify "
+                  f"{esc(rundir.path)})")
     return status
 
 
@@ -408,12 +420,11 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 def report(console, label: str, r: Identification) -> None:
-    from rich.markup import escape
     from rich.table import Table
 
     from .emulator.profiles import FLAG_BY_NAME
 
-    console.print(f"[bold]{label}[/bold]: kernel {r.release or '?'}; {r.scenarios} scenarios, "
+    console.print(f"[bold]{esc(label)}[/bold]: kernel {esc(r.release or '?')}; {r.scenarios} scenarios, "
                   f"{r.points} observation points; release suggests profile {r.base}")
     t = Table(title="behaviour flags (cells that disagree with the flag on / off)")
     for col in ("flag", "commit", "since", "release suggests", "observations support",
@@ -431,18 +442,18 @@ def report(console, label: str, r: Identification) -> None:
     for col in ("profile", "cells compared", "disagree", "presence differs"):
         p.add_column(col, justify="left" if col == "profile" else "right")
     for name, s in r.presets:
-        p.add_row(name, str(s.compared), str(s.differ), str(s.presence))
-    p.add_row(f"[bold]fitted: {r.fitted}[/bold]", str(r.fitted_score.compared),
+        p.add_row(esc(name), str(s.compared), str(s.differ), str(s.presence))
+    p.add_row(f"[bold]fitted: {esc(r.fitted)}[/bold]", str(r.fitted_score.compared),
               str(r.fitted_score.differ), str(r.fitted_score.presence))
     console.print(p)
     best = min(r.presets, key=lambda ps: ps[1].bad)
     console.print(f"best named profile: {best[0]} ({best[1].bad} disagreeing cells); fitted "
                   f"profile: {r.fitted} ({r.fitted_score.bad})")
     for ex in r.fitted_score.examples:
-        console.print(f"  [dim]{ex}[/dim]")
+        console.print(f"  [dim]{esc(ex)}[/dim]")
     for x in r.residue:
         colour = "yellow" if x.explained else "bold red"
-        console.print(f"[{colour}]residue:[/{colour}] {escape(x.describe())}")
+        console.print(f"[{colour}]residue:[/{colour}] {esc(x.describe())}")
 
 
 if __name__ == "__main__":  # pragma: no cover

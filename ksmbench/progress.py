@@ -10,14 +10,15 @@ def run_kernel_with_progress(console, rundir, backend, scenarios, predictor, pro
     points (steps and scans) and the kernel's error or journal repair printed."""
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
 
+    from .console import esc
     from .observation import expected_points
     from .runner import Runner
 
     expected = {s.name: expected_points(s) for s in scenarios}
     seen: dict[str, int] = {}
-    with Progress(SpinnerColumn(), TextColumn("[bold]{task.fields[kernel]}"), BarColumn(),
-                  MofNCompleteColumn(), TextColumn("{task.description}"), TimeElapsedColumn(),
-                  console=console, transient=False) as progress:
+    with Progress(SpinnerColumn(), TextColumn("{task.fields[kernel]}", style="bold", markup=False), BarColumn(),
+                  MofNCompleteColumn(), TextColumn("{task.description}", markup=False),
+                  TimeElapsedColumn(), console=console, transient=False) as progress:
         task = progress.add_task("starting", total=sum(expected.values()), kernel=backend.label)
 
         def tick(kernel: str, message: str) -> None:
@@ -35,7 +36,7 @@ def run_kernel_with_progress(console, rundir, backend, scenarios, predictor, pro
         outcome = runner.run_kernel(backend, scenarios)
         progress.update(task, description="done" if not outcome.error else "failed")
     if outcome.error:
-        console.print(f"[red]{backend.label}: {outcome.error}[/red]")
+        console.print(f"[red]{esc(backend.label)}: {esc(outcome.error)}[/red]")
     if outcome.info.get("repaired"):
-        console.print(f"[yellow]{outcome.info['repaired']}[/yellow]")
+        console.print(f"[yellow]{esc(outcome.info['repaired'])}[/yellow]")
     return outcome

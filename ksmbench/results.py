@@ -116,3 +116,35 @@ def read_observations(path: str | os.PathLike):
     return pd.read_csv(path, dtype={"scenario": str, "kernel": str, "op": str, "metric": str,
                                     "match": "string"},
                        keep_default_na=True)
+
+
+def load(rundir: str | os.PathLike):
+    """A run directory's observations.csv as a pandas DataFrame ready to analyse.
+
+    The columns of observations.csv (unchanged: the file stays the v1
+    format), typed: ``step``, ``scan``, ``observed`` and ``predicted`` are
+    nullable integers (``Int64``: an empty cell, such as a counter the kernel
+    lacks or a step that is not a scan, is ``<NA>``, never 0 or NaN), ``match``
+    is a nullable ``boolean``, the text columns are ``string``.  Added: the
+    metric split into ``proc``, ``region`` and ``counter``
+    (``region.main.a.ksm`` -> ``main``, ``a``, ``ksm``; ``global.full_scans``
+    -> ``<NA>``, ``<NA>``, ``full_scans``).
+    """
+    import pandas as pd
+
+    path = Path(rundir)
+    csv_path = path / "observations.csv" if path.is_dir() else path
+    with os_boundary(f"reading {csv_path}"):
+        df = pd.read_csv(csv_path, keep_default_na=False, na_values=[""],
+                         dtype={"scenario": "string", "kernel": "string", "op": "string",
+                                "metric": "string", "step": "Int64", "scan": "Int64",
+                                "observed": "Int64", "predicted": "Int64", "match": "string"})
+    df["match"] = df["match"].str.lower().map({"true": True, "false": False}).astype("boolean")
+    parts = df["metric"].str.split(".", n=3, expand=True).reindex(columns=range(4))
+    kind = parts[0]
+    df["proc"] = parts[1].where(kind.isin(["proc", "region"])).astype("string")
+    df["region"] = parts[2].where(kind == "region").astype("string")
+    df["counter"] = parts[1].where(kind == "global",
+                                   parts[2].where(kind == "proc", parts[3])).astype("string")
+    return df
+

@@ -164,6 +164,26 @@ def exit_status(kernels: Iterable[KernelOutcome]) -> int:
 ProgressFn = Callable[[str, str], None]  # (kernel label, message) after each point
 
 
+def _where_interrupted(exc: KeyboardInterrupt, running: str | None,
+                       last: tuple[str, int, int | None] | None,
+                       by_name: dict[str, m.Scenario]) -> dict:
+    """What an interrupt cut short: the signal, the scenario under way and the
+    last point measured in it (None: it had measured nothing yet)."""
+    import signal
+
+    signum = getattr(exc, "signum", signal.SIGINT)
+    where: dict = {"signal": signal.Signals(signum).name, "at": now_iso(),
+                   "scenario": None, "after_step": None, "after_scan": None}
+    if running is not None:
+        where["scenario"] = running
+        if last is not None and last[0] == running:
+            where["after_step"], where["after_scan"] = last[1], last[2]
+            step = by_name[running].steps[last[1]] if running in by_name else None
+            if isinstance(step, m.Scan):
+                where["scans_in_step"] = step.count
+    return where
+
+
 def _safe_label(label: str) -> str:
     import re
 
@@ -189,6 +209,10 @@ class Runner:
         predictions: dict[str, dict[tuple[int, int | None], ObservationPoint]] = {}
         predicted_lists: dict[str, list[ObservationPoint]] = {}
         current: ScenarioOutcome | None = None
+        #: the last observation point: (scenario, step, scan), to say where an interrupt hit
+        last: tuple[str, int, int | None] | None = None
+        interrupted: dict | None = None
+        running: str | None = None  # the scenario started and not finished yet
         if hasattr(backend, "artifacts_dir"):
             # VM backends keep the guest console log and raw event stream here
             backend.artifacts_dir = self.rundir.path / _safe_label(backend.label)
@@ -211,6 +235,7 @@ class Runner:
                 elif isinstance(event, ScenarioStarted):
                     current = ScenarioOutcome(event.scenario, backend.label)
                     outcome.scenarios[event.scenario] = current
+                    running = event.scenario
                     if outcome.profile and self.predictor is not None:
                         predicted_lists[event.scenario] = self.predictor.predict(
                             by_name[event.scenario], outcome.profile)
@@ -226,6 +251,7 @@ class Runner:
                             predicted_lists[event.scenario], event.point.values))
                     self._record(current, by_name.get(event.scenario), event.point,
                                  predictions.get(event.scenario, {}), outcome.profile)
+                    last = (event.scenario, event.point.step, event.point.scan)
                     self.progress(backend.label, f"{event.scenario}: step {event.point.step}")
                 elif isinstance(event, ScenarioFinished):
                     done = outcome.scenarios.setdefault(
@@ -234,10 +260,14 @@ class Runner:
                     done.skipped = event.skipped
                     done.seconds = event.seconds
                     done.finished = event.error is None
+                    running = None
                     self.progress(backend.label, f"{event.scenario}: {done.verdict}")
         except KsmbenchError as exc:
             outcome.error = exc.one_line()
             entry["error"] = outcome.error
+        except KeyboardInterrupt as exc:  # Ctrl-C, or SIGTERM as Terminated
+            interrupted = _where_interrupted(exc, running, last, by_name)
+            raise
         finally:
             # end the backend now (a VM is killed), not whenever the generator is collected
             close = getattr(stream, "close", None)
@@ -248,6 +278,16 @@ class Runner:
             residue = [r.describe() for o in outcome.scenarios.values() for r in o.residue]
             if residue:
                 entry["residue"] = residue
+            after = getattr(backend, "tunables_after", None)
+            if after and "ksm_tunables_after" not in entry:
+                entry["ksm_tunables_after"] = after  # restored, though the stream was cut short
+            if interrupted is not None:
+                if running is not None:
+                    entry["verdicts"][running] = "interrupted"
+                entry["interrupted"] = True
+                entry["interrupted_at"] = interrupted
+                self.rundir.metadata["interrupted"] = True
+                self.rundir.metadata["interrupted_at"] = {"kernel": backend.label, **interrupted}
             self.rundir.write_metadata()
         return outcome
 
@@ -294,9 +334,7 @@ class Runner:
 
     def _check_expect(self, outcome: ScenarioOutcome, step: m.Expect, point: ObservationPoint) -> None:
         rows = []
-        for metric, expected in step.values:
-            observed = point.values.get(metric)
-            holds = observed == expected
+        for metric, expected, observed, holds in step.check(point.values):
             outcome.expect_checked += 1
             if not holds:
                 outcome.expect_failures.append(Mismatch(outcome.scenario, outcome.kernel, step.index,

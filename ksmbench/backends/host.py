@@ -382,6 +382,8 @@ class HostBackend:
 
     def __init__(self, label: str = "host"):
         self.label = label
+        #: the KSM tunables after the session restored them ({} before that)
+        self.tunables_after: dict[str, str] = {}
 
     def preflight(self) -> None:
         """Fail fast (before locks and run directories) when the host cannot be used."""
@@ -390,8 +392,18 @@ class HostBackend:
     def events(self, scenarios: Sequence[m.Scenario]) -> Iterator[Event]:
         from ..kernel.features import kernel_release
 
-        with HostSession() as session:
-            info: dict[str, Any] = {"backend": "host", "kernel_release": kernel_release(),
+        session = HostSession()
+        try:
+            yield from self._events(session, scenarios, kernel_release())
+        finally:
+            # also when interrupted (Ctrl-C, SIGTERM, the consumer closing the
+            # stream): the tunables as restored, for the run's metadata
+            self.tunables_after = session.tunables_after
+
+    def _events(self, session: "HostSession", scenarios: Sequence[m.Scenario],
+                release: str) -> Iterator[Event]:
+        with session:
+            info: dict[str, Any] = {"backend": "host", "kernel_release": release,
                                     "ksm_tunables_before": session.tunables_before}
             if session.repair_message:
                 info["repaired"] = session.repair_message

@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Sequence
 
 from ..backends import add_vm_options
-from ..console import make_console
+from ..console import esc, make_console
 from ..errors import KsmbenchError, UsageError, os_boundary
 
 PARTS = ("timings", "savings", "crosscheck")
@@ -42,7 +42,18 @@ HEADLINES = {
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="ksmbench bench", description=__doc__.splitlines()[0])
+    p = argparse.ArgumentParser(
+        prog="ksmbench bench", formatter_class=argparse.RawDescriptionHelpFormatter,
+        description="""\
+Benchmark KSM: how fast ksmd merges, what unmerging and copy-on-write breaks
+cost, how much CPU ksmd spends per page, and how much memory is saved, seen
+three ways. Also cross-checks the merge speed with the kernel's ksm_tests -P.
+For a VM kernel the same benchmarks run inside the guest.""",
+        epilog="""\
+exit status:
+  0  everything was measured (and the ksm_tests cross-check, where judged, agrees)
+  1  the cross-check disagrees
+  2  something could not be measured (one line on stderr says what)""")
     p.add_argument("--kernel", action="append", metavar="KERNEL",
                    help="host, debian:<major.minor>, or a kernel image path (repeatable; default: host)")
     p.add_argument("--out", default="results", help="parent of the run directory (default: results)")
@@ -108,6 +119,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         raise UsageError("--repeats must be at least 1")
     parts = parse_parts(args.only)
     kernels = args.kernel or ["host"]
+    if not args.in_guest:
+        from ..backends import resolve_backend
+
+        for spec in kernels:  # refuse what cannot run before the run directory exists
+            backend = resolve_backend(spec, memory=args.memory, cpus=args.cpus, accel=args.accel,
+                                      modules=args.modules)
+            getattr(backend, "preflight", lambda: None)()
 
     from .store import BenchStore
 
@@ -115,7 +133,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     store = BenchStore(args.out, args.run_id)
     store.metadata["command"] = ["ksmbench", "bench", *(argv if argv is not None else sys.argv[2:])]
     store.metadata["parts"] = list(parts)
-    console.print(f"bench {store.rundir.run_id}: {', '.join(kernels)} -> {store.path}")
+    console.print(f"bench {store.rundir.run_id}: {esc(', '.join(kernels))} -> {esc(store.path)}")
     failures: list[str] = []
     from ..kernel.lock import RunLock
 
@@ -136,7 +154,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                 # one kernel failing does not lose the others' results
                 store.rundir.kernel_entry(args.label or spec)["error"] = exc.one_line()
                 if len(kernels) > 1:
-                    console.print(f"[red]{spec}: {exc.one_line()}[/red]")
+                    console.print(f"[red]{esc(spec)}: {esc(exc.one_line())}[/red]")
                 failures.append(f"{spec}: {exc.one_line()}")
     finally:
         lock.release()
@@ -147,7 +165,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         status = print_summary(console, store, args.tolerance)
     else:
         status = 0
-    console.print(f"results: {store.path}")
+    console.print(f"results: {esc(store.path)}")
     if failures:
         if len(kernels) == 1:
             raise KsmbenchError(failures[0])
@@ -199,12 +217,12 @@ def run_guest(store, spec: str, args: argparse.Namespace, parts: tuple[str, ...]
 
             series = guest_series(spec, args) or "6.12"
             try:
-                path, _info = ksm_tests_binary(series, lambda m: console.print(f"{label}: {m}"),
+                path, _info = ksm_tests_binary(series, lambda m: console.print(f"{esc(label)}: {esc(m)}"),
                                                console)
                 binary = str(path)
             except KsmbenchError as exc:
-                console.print(f"[yellow]{label}: no ksm_tests for the cross-check: "
-                              f"{exc.one_line()}[/yellow]")
+                console.print(f"[yellow]{esc(label)}: no ksm_tests for the cross-check: "
+                              f"{esc(exc.one_line())}[/yellow]")
         if binary:
             argv += ["--ksm-tests", str(Path(binary).resolve())]
     slug = "".join(c if c.isalnum() else "-" for c in label)
@@ -221,13 +239,13 @@ def run_guest(store, spec: str, args: argparse.Namespace, parts: tuple[str, ...]
     run = GuestRun(kernel, argv, shared_dir=shared, accelerator=decision.accelerator,
                    memory=args.memory, cpus=args.cpus, timeout=args.guest_timeout,
                    console_log=shared / "console.log")
-    console.print(f"{label}: booting {kernel.release or kernel.image} ({decision.accelerator}) "
+    console.print(f"{esc(label)}: booting {esc(kernel.release or kernel.image)} ({decision.accelerator}) "
                   f"to run the benchmarks inside")
     bench_csv = shared / "guest" / "bench.csv"
-    with run, Progress(SpinnerColumn(), TextColumn(f"[bold]{label}"),
-                       TextColumn("{task.description}"), TimeElapsedColumn(),
+    with run, Progress(SpinnerColumn(), TextColumn("{task.fields[kernel]}", style="bold", markup=False),
+                       TextColumn("{task.description}", markup=False), TimeElapsedColumn(),
                        console=console) as progress:
-        task = progress.add_task("starting QEMU")
+        task = progress.add_task("starting QEMU", kernel=label)
         while run.poll() is None:
             rows = _count_lines(bench_csv) - 1
             what = run.phase if rows < 1 else f"running: {rows} results written"

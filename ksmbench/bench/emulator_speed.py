@@ -30,7 +30,7 @@ import time
 from pathlib import Path
 from typing import Any, Sequence
 
-from ..console import make_console
+from ..console import esc, make_console
 from ..scenario.loader import scenario_from_dict
 from ..emulator.emulate import ScenarioRun
 
@@ -234,12 +234,12 @@ def main(argv: Sequence[str] | None = None) -> int:
                     session_cm.__exit__(None, None, None)
                     lock.release()
     except KsmbenchError as exc:
-        console.print(f"[red]ksmbench: error: {exc.one_line()}[/red]")
+        console.print(f"[red]ksmbench: error: {esc(exc.one_line())}[/red]")
         return 2
     finally:
         rundir.close()
     _report(console, results, sizes, args.scans)
-    console.print(f"results: {csv_path}")
+    console.print(f"results: {esc(csv_path)}")
     bad = [r for r in results if r["counters_agree"] is False]
     slow = [r for r in results if r["ratio_emulator_to_kernel_cpu"] is not None
             and r["ratio_emulator_to_kernel_cpu"] > 1.0]

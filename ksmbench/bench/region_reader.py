@@ -70,14 +70,15 @@ def measure(pages: int, repeat: int, console) -> list[dict]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from rich.console import Console
     from rich.table import Table
+
+    from ..console import make_console
 
     p = argparse.ArgumentParser(prog="ksmbench.bench.region_reader", description=__doc__.splitlines()[0])
     p.add_argument("--pages", type=int, default=262144)
     p.add_argument("--repeat", type=int, default=7)
     args = p.parse_args(argv)
-    console = Console()
+    console = make_console()
     with console.status("building page-types, preparing a region, measuring"):
         rows = measure(args.pages, args.repeat, console)
     table = Table(title=f"region metrics of {args.pages} pages ({args.pages * PAGE_SIZE >> 20} MiB): "

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 
+from ..console import esc
 from ..errors import Busy, UsageError
 from ..kernel.features import detect, kernel_release
 from ..results import now_iso
@@ -29,7 +30,8 @@ def exclusively(session: BenchSession, what: str, measure, *, wait: float, conso
         intruder = session.still_exclusive()
         if intruder is None:
             return result
-        console.print(f"[yellow]{what}: discarded and repeated ({attempt}/{ATTEMPTS}): {intruder}[/yellow]")
+        console.print(f"[yellow]{esc(what)}: discarded and repeated ({attempt}/{ATTEMPTS}): "
+                      f"{esc(intruder)}[/yellow]")
     raise Busy(f"{what}: other processes kept using KSM during {ATTEMPTS} attempts",
                hint="stop them (QEMU registers guest RAM with KSM unless -machine mem-merge=off)")
 
@@ -72,16 +74,17 @@ def run_host(store: BenchStore, label: str, args: argparse.Namespace, parts: tup
                   "cases": [f"{c}/use_zero_pages={u}" for c, u in CASES]})
     # the caller holds the run lock (ksmbench.bench.cli.main)
     with BenchSession(wait=args.wait) as session, Progress(
-            SpinnerColumn(), TextColumn(f"[bold]{label}"), BarColumn(), MofNCompleteColumn(),
-            TextColumn("{task.description}"), TimeElapsedColumn(), console=console,
+            SpinnerColumn(), TextColumn("{task.fields[kernel]}", style="bold", markup=False),
+            BarColumn(), MofNCompleteColumn(), TextColumn("{task.description}", markup=False),
+            TimeElapsedColumn(), console=console,
             transient=False) as progress:
         entry["ksm_tunables_before"] = session.host.tunables_before
         for message in (session.host.repair_message, session.repair_message):
             if message:
                 entry.setdefault("repaired", []).append(message)
-                console.print(f"[yellow]{message}[/yellow]")
+                console.print(f"[yellow]{esc(message)}[/yellow]")
         store.rundir.write_metadata()
-        task = progress.add_task("starting", total=total)
+        task = progress.add_task("starting", total=total, kernel=label)
 
         def record(benchmark, case, size, uzp, repeat, metrics):
             store.add_sample(label, benchmark, case, size, uzp, repeat, metrics)

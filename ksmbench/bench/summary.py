@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from ..console import esc
 from .stats import format_value
 from .store import BenchStore
 
@@ -25,7 +26,7 @@ def print_summary(console, store: BenchStore, tolerance: float) -> int:
     status = 0
     kernels = sorted(set(store._samples) | set(store.sections))
     for kernel in kernels:
-        table = Table(title=f"benchmarks on {kernel}: median ± MAD of the repeats")
+        table = Table(title=f"benchmarks on {esc(kernel)}: median ± MAD of the repeats")
         table.add_column("benchmark, case, size: metric")
         table.add_column("median ± MAD", justify="right")
         table.add_column("sd%", justify="right")
@@ -42,10 +43,10 @@ def print_summary(console, store: BenchStore, tolerance: float) -> int:
         unstable = [s for s in store.summaries(kernel) if s["summary"]["unstable"]
                     and s["metric"] in _all_headlines()]
         if unstable:
-            console.print(f"[yellow]WARNING: {len(unstable)} results on {kernel} may be unstable:[/yellow]")
+            console.print(f"[yellow]WARNING: {len(unstable)} results on {esc(kernel)} may be unstable:[/yellow]")
             for s in unstable[:5]:
                 console.print(f"  {s['benchmark']} {s['case']} uzp={s['use_zero_pages']} "
-                              f"{s['size_mib']} MiB {s['metric']}: " + "; ".join(s["summary"]["warnings"]))
+                              f"{s['size_mib']} MiB {s['metric']}: " + esc("; ".join(s["summary"]["warnings"])))
             if len(unstable) > 5:
                 console.print(f"  ... and {len(unstable) - 5} more (bench.json has every warning)")
             console.print("  rerun with more --repeats, or on a quieter machine")
@@ -75,7 +76,7 @@ def _print_savings(console, kernel: str, savings: dict) -> None:
     for uzp, rec in sorted(savings.items()):
         w = rec.get("workload", {})
         n = rec.get("repeats_done", 1)
-        table = Table(title=f"memory saved on {kernel}, use_zero_pages={uzp} "
+        table = Table(title=f"memory saved on {esc(kernel)}, use_zero_pages={uzp} "
                             f"({w.get('processes')} processes x {w.get('mib_per_process')} MiB, "
                             f"median of {n})")
         for col in ("view", "saved MiB", "expected", "residual", "range"):
@@ -86,7 +87,7 @@ def _print_savings(console, kernel: str, savings: dict) -> None:
             rng = ""
             if v.get("residual_min_bytes") is not None and n > 1:
                 rng = f"{v['residual_min_bytes'] / MIB:+.1f}..{v['residual_max_bytes'] / MIB:+.1f}"
-            table.add_row(v["view"], "absent" if v["saved_bytes"] is None else f"{v['saved_bytes'] / MIB:.1f}",
+            table.add_row(esc(v["view"]), "absent" if v["saved_bytes"] is None else f"{v['saved_bytes'] / MIB:.1f}",
                           "" if exp is None else f"{exp / MIB:.1f}",
                           "" if res is None else f"{res / MIB:+.1f}", rng)
         console.print(table)
@@ -105,7 +106,8 @@ def _print_savings(console, kernel: str, savings: dict) -> None:
 
 def _print_crosscheck(console, kernel: str, cc: dict, tolerance: float) -> int:
     if cc.get("error"):
-        console.print(f"[yellow]cross-check with ksm_tests -P on {kernel}: not done: {cc['error']}[/yellow]")
+        console.print(f"[yellow]cross-check with ksm_tests -P on {esc(kernel)}: not done: "
+                      f"{esc(cc['error'])}[/yellow]")
         return 0
     ours, theirs = cc["ours_mib_per_s"], cc["ksm_tests_mib_per_s"]
     diff = cc["relative_difference"]
@@ -113,8 +115,8 @@ def _print_crosscheck(console, kernel: str, cc: dict, tolerance: float) -> int:
     verdict = "agrees" if diff <= tolerance else "DISAGREES"
     colour = "green" if diff <= tolerance else "red"
     if not judged:
-        verdict, colour = f"not judged: {cc.get('not_judged_because', '')}", "yellow"
-    console.print(f"cross-check on {kernel}, ksmd and the spinning process on one CPU "
+        verdict, colour = f"not judged: {esc(cc.get('not_judged_because', ''))}", "yellow"
+    console.print(f"cross-check on {esc(kernel)}, ksmd and the spinning process on one CPU "
                   f"({cc['size_mib']} MiB, pages_to_scan "
                   f"{cc['tunables']['pages_to_scan']}, sleep_millisecs {cc['tunables']['sleep_millisecs']}): "
                   f"ksmbench {ours['median']:.1f} MiB/s (sd {ours['rel_stdev'] * 100:.1f}%), "
@@ -125,7 +127,7 @@ def _print_crosscheck(console, kernel: str, cc: dict, tolerance: float) -> int:
                   f"(tolerance {tolerance * 100:.0f}%)")
     for f in cc.get("failures") or []:
         console.print(f"  [yellow]{f['case']} #{f['repeat'] + 1} failed (load {f['loadavg']}): "
-                      f"{f['error']}[/yellow]")
+                      f"{esc(f['error'])}[/yellow]")
     names = {"ksm_tests": "ksm_tests -P, ksmd on the spinner's CPU",
              "ksmbench": "ksmbench the ksm_tests way, ksmd on the spinner's CPU",
              "ksm_tests-other-cpu": "ksm_tests -P, ksmd on another CPU",

@@ -140,6 +140,10 @@ PRESETS: tuple[str, ...] = ("linux-6.1", "linux-6.6", "linux-6.7", "linux-6.11",
 
 _NAME_RE = re.compile(r"linux-(\d+)\.(\d+)(?:\.(\d+))?\Z")
 
+#: the oldest kernel a profile describes: /proc/<pid>/ksm_stat (cb4df4cae4f2)
+#: arrived in 6.1, and no flag models what came before it
+OLDEST = (6, 1)
+
 
 @dataclass(frozen=True)
 class Profile:
@@ -180,6 +184,10 @@ def get_profile(name: str) -> Profile:
     if not m:
         raise UsageError(f"unknown emulator profile '{name}'", hint=f"known: {_known()}")
     version = (int(m[1]), int(m[2]), int(m[3] or 0))
+    if version[:2] < OLDEST:
+        raise UsageError(f"emulator profile '{name}': no profile describes kernels before "
+                         f"{OLDEST[0]}.{OLDEST[1]}",
+                         hint=f"use linux-{OLDEST[0]}.{OLDEST[1]} or later; known: {', '.join(PRESETS)}")
     flags = set(flags_for_version(version))
     for mod in parts[1:]:
         if len(mod) < 2 or mod[0] not in "+-" or mod[1:] not in FLAG_BY_NAME:
@@ -195,10 +203,26 @@ def get_profile(name: str) -> Profile:
 def profile_for_release(release: str | None) -> str | None:
     """The profile that fits a kernel release string, e.g. '6.12.57+deb13-amd64'."""
     version = parse_release(release or "")
-    if version is None:
-        return None
+    if version is None or version[:2] < OLDEST:
+        return None  # no profile describes it: observations are not compared
     major, minor, patch = version
     return f"linux-{major}.{minor}.{patch}" if patch else f"linux-{major}.{minor}"
+
+
+def resolve_profile(name: str, release: str | None = None) -> Profile:
+    """A ``--profile`` value as given to a command: ``auto`` is the profile of
+    ``release`` (default: this machine's running kernel), as ``run`` picks it."""
+    if name != "auto":
+        return get_profile(name)
+    if release is None:
+        from ..kernel.features import kernel_release
+
+        release = kernel_release()
+    chosen = profile_for_release(release)
+    if chosen is None:
+        raise UsageError(f"--profile auto: no profile describes kernel {release}",
+                         hint=f"give one, e.g. --profile linux-6.18 (known: {', '.join(PRESETS)})")
+    return get_profile(chosen)
 
 
 def describe_flags(profile: Profile) -> list[tuple[str, bool, str]]:

@@ -16,12 +16,24 @@ import sys
 from pathlib import Path
 from typing import Sequence
 
-from ..console import make_console
+from ..console import esc, make_console
 from ..errors import os_boundary
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="ksmbench report", description=__doc__.splitlines()[0])
+    p = argparse.ArgumentParser(
+        prog="ksmbench report", formatter_class=argparse.RawDescriptionHelpFormatter,
+        description="""\
+Turn run directories of 'ksmbench run' and 'ksmbench bench' into figures, one
+self-contained HTML file (it opens offline) and a markdown summary. A run that
+was interrupted or failed is flagged as incomplete at the top.""",
+        epilog="""\
+writes:
+  OUT/report.html, OUT/summary.md, OUT/figures/*.png
+
+exit status:
+  0  the report was written
+  2  it could not be (one line on stderr says why)""")
     p.add_argument("rundirs", nargs="+", metavar="RUNDIR", help="run directories to report on")
     p.add_argument("--out", help="output directory (default: <first RUNDIR>/report)")
     p.add_argument("--title", default="ksmbench report", help="report title")
@@ -36,7 +48,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     out = Path(args.out) if args.out else Path(args.rundirs[0]) / "report"
     paths = generate(args.rundirs, out, title=args.title, dpi=args.dpi, console=console)
     for name, path in paths.items():
-        console.print(f"{name}: {path}")
+        console.print(f"{name}: {esc(path)}")
     return 0
 
 
@@ -48,14 +60,17 @@ def generate(rundirs: Sequence[str | os.PathLike], out: Path, *, title: str = "k
 
     from .document import build_sections, render_html, render_markdown
     from .figures import all_figures
-    from .load import load_runs
+    from .load import incomplete, load_runs
 
     data = load_runs(list(rundirs))
+    if console is not None:  # first, and again at the top of the report
+        for warning in incomplete(data):
+            console.print(f"[bold yellow]warning:[/bold yellow] {esc(warning)}")
     fig_dir = out / "figures"
     with os_boundary(f"creating {fig_dir}"):
         fig_dir.mkdir(parents=True, exist_ok=True)
     with Progress(TextColumn("[bold]report"), BarColumn(), MofNCompleteColumn(),
-                  TextColumn("{task.description}"), TimeElapsedColumn(),
+                  TextColumn("{task.description}", markup=False), TimeElapsedColumn(),
                   console=console, transient=False, disable=console is None) as progress:
         task = progress.add_task("loading", total=None)
         # one figure per scenario: more than matplotlib's warning threshold of

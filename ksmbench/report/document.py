@@ -11,7 +11,7 @@ from typing import Any
 
 from ..bench.stats import format_value
 from .figures import Figure
-from .load import RunData, verdicts
+from .load import RunData, incomplete, verdicts
 
 MIB = 1 << 20
 
@@ -28,6 +28,8 @@ class Section:
     paragraphs: list[str] = field(default_factory=list)
     tables: list[Table] = field(default_factory=list)
     figures: list[Figure] = field(default_factory=list)
+    #: shown before everything else in the section, marked as warnings
+    warnings: list[str] = field(default_factory=list)
 
 
 def build_sections(data: RunData, figures: list[Figure]) -> list[Section]:
@@ -57,7 +59,8 @@ def _runs_section(data: RunData) -> Section:
         info = data.kernel_info(label)
         rows.append([label, str(info.get("kernel_release", "")), str(info.get("backend", "")),
                      str(info.get("accelerator", info.get("accel", "")) or ""),
-                     str(info.get("profile", "") or ""), str(info.get("error", "") or "")])
+                     str(info.get("emulator_profile", "") or ""),
+                     "interrupted" if info.get("interrupted") else str(info.get("error", "") or "")])
     paras = [f"Run directories: {', '.join(str(m.get('run_id', m.get('_path'))) for m in data.runs)}."]
     tvms = [r[0] for r in rows if r[3] == "tcg"]
     if tvms:
@@ -65,7 +68,8 @@ def _runs_section(data: RunData) -> Section:
                      "work on this machine): their times compare kernels with each other, not with "
                      "the host.")
     return Section("Runs and kernels", paras,
-                   [Table(["kernel", "release", "backend", "accelerator", "profile", "error"], rows)])
+                   [Table(["kernel", "release", "backend", "accelerator", "profile", "error"], rows)],
+                   warnings=incomplete(data))
 
 
 def _matrix_section(data: RunData, figs: dict[str, Figure]) -> Section | None:
@@ -227,6 +231,8 @@ def render_markdown(title: str, sections: list[Section], figure_dir: str = "figu
     out = [f"# {title}", ""]
     for s in sections:
         out += [f"## {s.title}", ""]
+        for w in s.warnings:
+            out += [f"> **Warning:** {w}", ""]
         for p in s.paragraphs:
             out += [p, ""]
         for t in s.tables:
@@ -254,6 +260,8 @@ def render_html(title: str, sections: list[Section], pngs: dict[str, bytes]) -> 
     parts.append("</ul></nav>")
     for i, s in enumerate(sections):
         parts.append(f"<section id=\"s{i}\"><h2>{esc(s.title)}</h2>")
+        for w in s.warnings:
+            parts.append(f"<p class=\"warn\"><b>Warning:</b> {esc(w)}</p>")
         for p in s.paragraphs:
             parts.append(f"<p>{esc(p)}</p>")
         for t in s.tables:
@@ -278,7 +286,7 @@ def render_html(title: str, sections: list[Section], pngs: dict[str, bytes]) -> 
 def _cell_class(text: str) -> str:
     if text.startswith("match"):
         return " class=\"ok\""
-    if text.startswith(("mismatch", "UNSTABLE", "DISAGREE")):
+    if text.startswith(("mismatch", "UNSTABLE", "DISAGREE", "interrupted", "error")):
         return " class=\"bad\""
     return ""
 
@@ -289,6 +297,7 @@ table { border-collapse: collapse; margin: 1em 0; font-size: 0.85em; }
 th, td { border: 1px solid #ccc; padding: 3px 6px; text-align: left; vertical-align: top; }
 th { background: #f3f3f3; }
 td.ok { background: #e8f5e9; } td.bad { background: #ffebee; }
+p.warn { background: #ffebee; border-left: 4px solid #c62828; padding: 0.5em; }
 figure { margin: 1.5em 0; } figure img { max-width: 100%; }
 figcaption { font-size: 0.85em; color: #444; }
 nav ul { columns: 2; }

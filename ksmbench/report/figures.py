@@ -23,7 +23,7 @@ MIB = 1 << 20
 COUNTERS = ("global.pages_shared", "global.pages_sharing", "global.pages_unshared",
             "global.pages_volatile", "global.ksm_zero_pages")
 VERDICT_COLOURS = {"match": "#4caf50", "mismatch": "#e53935", "observed": "#90caf9",
-                   "not run": "#eeeeee"}
+                   "not run": "#eeeeee", "interrupted": "#ffb300", "error": "#b71c1c"}
 
 
 @dataclass

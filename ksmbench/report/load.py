@@ -119,15 +119,71 @@ def load_runs(paths: list[str | os.PathLike]) -> RunData:
     return data
 
 
+def incomplete(data: RunData) -> list[str]:
+    """One sentence per run that did not run to its end (interrupted, or a
+    kernel that failed): the report puts these first, so that the verdicts of
+    a partial run are not read as a whole run's."""
+    out = []
+    for meta in data.runs:
+        run_id = meta.get("run_id", meta.get("_path"))
+        where = meta.get("interrupted_at") or {}
+        if meta.get("interrupted"):
+            text = f"Run {run_id} is INCOMPLETE: it was interrupted"
+            if where.get("signal"):
+                text += f" by {where['signal']}"
+            if where.get("kernel"):
+                text += f" on {where['kernel']}"
+            if where.get("scenario"):
+                text += f" during {where['scenario']}"
+                if where.get("after_step") is not None:
+                    text += f", after step {where['after_step']}"
+                    if where.get("after_scan") is not None:
+                        text += f" scan {where['after_scan']}"
+                        if where.get("scans_in_step"):
+                            text += f" of {where['scans_in_step']}"
+                else:
+                    text += ", before its first observation"
+            elif where:
+                text += " between two scenarios"
+            planned = list(meta.get("scenarios") or [])
+            for entry in meta.get("kernels", []):
+                done = [n for n, v in (entry.get("verdicts") or {}).items() if v != "interrupted"]
+                missing = [n for n in planned if n not in done]
+                if missing:
+                    text += (f"; on {entry.get('kernel')}, {len(missing)} of {len(planned)} scenarios "
+                             "did not finish")
+            if meta.get("kernels_not_run"):
+                text += f"; kernels not run: {', '.join(meta['kernels_not_run'])}"
+            out.append(text + ". Its verdicts cover only what was measured before that.")
+        for entry in meta.get("kernels", []):
+            if entry.get("error"):
+                out.append(f"Run {run_id} is INCOMPLETE on {entry.get('kernel')}: {entry['error']}.")
+    return out
+
+
+def _recorded_verdicts(data: RunData) -> dict[tuple[str, str], str]:
+    """(scenario, kernel) -> the verdict metadata.json records, where the run
+    itself knew better than its rows: interrupted, error."""
+    out = {}
+    for meta in data.runs:
+        for entry in meta.get("kernels", []):
+            for scenario, verdict in (entry.get("verdicts") or {}).items():
+                if verdict in ("interrupted", "error"):
+                    out[(scenario, entry.get("kernel"))] = verdict
+    return out
+
+
 def verdicts(data: RunData) -> pd.DataFrame | None:
     """(scenario, kernel) -> verdict, as ``ksmbench run`` decides it.
 
     match: every compared cell matched and every expect held; mismatch: some
-    did not; observed: nothing to compare (no prediction, no expect).
+    did not; observed: nothing to compare (no prediction, no expect);
+    interrupted / error: the scenario did not run to its end (from metadata.json).
     """
     if data.observations is None or data.observations.empty:
         return None
     obs = data.observations
+    recorded = _recorded_verdicts(data)
     rows = []
     for (scenario, kernel), g in obs.groupby(["scenario", "kernel"], sort=False):
         m = g["match"].dropna().str.lower()
@@ -146,6 +202,7 @@ def verdicts(data: RunData) -> pd.DataFrame | None:
             verdict = "match"
         else:
             verdict = "observed"
+        verdict = recorded.get((scenario, kernel), verdict)
         rows.append({"scenario": scenario, "kernel": kernel, "verdict": verdict,
                      "compared": compared, "mismatches": mismatches,
                      "expects": exp_checked, "expects_failed": exp_failed})

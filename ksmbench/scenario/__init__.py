@@ -43,23 +43,7 @@ def resolve_scenarios(args: list[str]) -> list[Scenario]:
     """
     if not args:
         return builtin_suite()
-    out: list[Scenario] = []
-    for arg in args:
-        path = Path(arg)
-        if path.is_dir():
-            files = sorted(path.glob("*.toml"))
-            if not files:
-                raise ScenarioError(arg, "directory holds no *.toml scenario files")
-            out.extend(load_scenario(f) for f in files)
-        elif path.exists():
-            out.append(load_scenario(path))
-        elif path.suffix == ".toml" and path.stem in builtin_names():
-            out.append(builtin(path.stem))
-        elif path.suffix != ".toml" and arg in builtin_names():
-            out.append(builtin(arg))
-        else:
-            raise ScenarioError(arg, "no such file, and no built-in scenario of that name "
-                                f"(built-in: {', '.join(builtin_names())})")
+    out: list[Scenario] = [load_source(source) for arg in args for source in scenario_sources(arg)]
     seen: set[str] = set()
     for s in out:
         if s.name in seen:
@@ -67,3 +51,28 @@ def resolve_scenarios(args: list[str]) -> list[Scenario]:
                                 field="name")
         seen.add(s.name)
     return out
+
+
+def scenario_sources(arg: str) -> list[Path | str]:
+    """What one scenario argument names: scenario files (a directory's
+    ``*.toml`` in name order, or the file itself) or a built-in name."""
+    path = Path(arg)
+    if path.is_dir():
+        files = sorted(path.glob("*.toml"))
+        if not files:
+            raise ScenarioError(arg, "directory holds no *.toml scenario files")
+        return list(files)
+    if path.exists():
+        return [path]
+    if path.suffix == ".toml" and path.stem in builtin_names():
+        return [path.stem]
+    if path.suffix != ".toml" and arg in builtin_names():
+        return [arg]
+    raise ScenarioError(arg, "no such file, and no built-in scenario of that name "
+                        f"(built-in: {', '.join(builtin_names())})")
+
+
+def load_source(source: Path | str) -> Scenario:
+    """Load what :func:`scenario_sources` returned: a file path or a built-in name."""
+    return load_scenario(source) if isinstance(source, Path) else builtin(source)
+

@@ -102,6 +102,13 @@ class Expect(Step):
     #: metric name -> expected value (None: the kernel must lack the counter)
     values: tuple[tuple[str, int | None], ...]
 
+    def check(self, observed: dict[str, int | None]) -> list[tuple[str, int | None, int | None, bool]]:
+        """(metric, expected, observed, holds) for each value, against this
+        step's observation; a counter the kernel lacks is None, and holds only
+        where None is expected."""
+        return [(metric, expected, observed.get(metric), observed.get(metric) == expected)
+                for metric, expected in self.values]
+
 
 AnyStep = Union[Mmap, Fill, Read, Madvise, Prctl, Scan, UnmergeAll, Fork, Exit, Munmap, Expect]
 

@@ -33,7 +33,7 @@ from pathlib import Path
 from typing import Sequence
 
 from ..backends import add_vm_options
-from ..console import make_console
+from ..console import esc, make_console
 from ..errors import KsmbenchError, UsageError
 from ..kernel_tools import SelftestBuild, closest_series, ksm_selftests
 from . import catalogue
@@ -47,9 +47,17 @@ PEER_COLUMNS = ("kernel", "selftest", "source", "selftest_verdict", "scenario", 
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="ksmbench selftest",
-                                description="Run the kernel's KSM selftests (ksm_tests, "
-                                            "ksm_functional_tests) beside ksmbench's own verdicts.")
+    p = argparse.ArgumentParser(
+        prog="ksmbench selftest", formatter_class=argparse.RawDescriptionHelpFormatter,
+        description="""\
+Run the kernel's own KSM selftests (ksm_tests, ksm_functional_tests, built
+from the closest Debian linux-source) on each kernel, and print their verdicts
+beside ksmbench's verdicts for the same behaviours.""",
+        epilog="""\
+exit status:
+  0  every selftest and ksmbench agree
+  1  some disagree (listed at the end)
+  2  a kernel's selftests or scenarios could not be run""")
     p.add_argument("--kernel", action="append", metavar="KERNEL",
                    help="host, debian:<major.minor>, or a bzImage path (repeatable; default: host)")
     p.add_argument("--source", action="append", default=[], metavar="[KERNEL=]SERIES",
@@ -98,7 +106,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     rundir.metadata["scenarios"] = [s.name for s in scenarios]
     rundir.metadata["selftests"] = {}
     console.print(f"selftest run {rundir.run_id}: {len(peers)} selftest/scenario pairs on "
-                  f"{', '.join(b.label for b in backends)} -> {rundir.path}")
+                  f"{esc(', '.join(b.label for b in backends))} -> {esc(rundir.path)}")
     reports: list[KernelReport] = []
     peers_file = open(rundir.path / "peers.csv", "w", newline="")
     writer = csv.writer(peers_file)
@@ -125,7 +133,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         rundir.close()
     status = exit_status(reports)
     print_disagreements(console, reports)
-    console.print(f"results: {rundir.path}  (exit {status})")
+    console.print(f"results: {esc(rundir.path)}  (exit {status})")
     return status
 
 
@@ -217,16 +225,16 @@ def build_selftests(console, report: KernelReport, source: str | None) -> None:
     """The selftests from the linux-source closest to the kernel (or ``--source``)."""
     try:
         series = source or kernel_series(report.spec)
-        with console.status(f"{report.label}: building the KSM selftests from linux-source "
-                            f"closest to {series}"):
+        with console.status(esc(f"{report.label}: building the KSM selftests from linux-source "
+                                f"closest to {series}")):
             report.build = ksm_selftests(series)
-        console.print(f"{report.label}: selftests from {report.build.source}"
-                      + (f" (closest to {series})"
-                         if report.build.package != f"linux-source-{series}" else "")
-                      + "".join(f"; {why}" for why in report.build.missing.values()))
+        console.print(esc(f"{report.label}: selftests from {report.build.source}"
+                          + (f" (closest to {series})"
+                             if report.build.package != f"linux-source-{series}" else "")
+                          + "".join(f"; {why}" for why in report.build.missing.values())))
     except KsmbenchError as exc:
         report.build_error = exc.one_line()
-        console.print(f"[red]{report.label}: {report.build_error}[/red]")
+        console.print(f"[red]{esc(report.label)}: {esc(report.build_error)}[/red]")
 
 
 def run_kernel(console, rundir, report: KernelReport, backend, peers: list[Peer], scenarios,
@@ -247,11 +255,11 @@ def run_kernel(console, rundir, report: KernelReport, backend, peers: list[Peer]
                 run_in_vm(console, report, spec, commands, kdir, args)
         except KsmbenchError as exc:
             report.selftest_error = exc.one_line()
-            console.print(f"[red]{backend.label}: selftests: {report.selftest_error}[/red]")
+            console.print(f"[red]{esc(backend.label)}: selftests: {esc(report.selftest_error)}[/red]")
         for e in report.executions:
             if e.left_changed:
                 shown = ", ".join(f"{k}={v[1]} (was {v[0]})" for k, v in e.left_changed.items())
-                console.print(f"  {e.id} left {shown}: restored")
+                console.print(f"  {esc(e.id)} left {esc(shown)}: restored")
     # 2. ksmbench's scenarios on the same kernel, through the Runner
     from ..progress import run_kernel_with_progress
 
@@ -294,11 +302,11 @@ def run_on_host(console, report: KernelReport, commands: list[Command], timeout:
     report.accelerator = "none (host)"
     report.repaired = preflight(sysfs, procfs)
     if report.repaired:
-        console.print(f"[yellow]{report.repaired}[/yellow]")
-    with console.status(f"{report.label}: selftests") as status:
+        console.print(f"[yellow]{esc(report.repaired)}[/yellow]")
+    with console.status(f"{esc(report.label)}: selftests") as status:
         report.executions = run_commands(
             commands, timeout=timeout, sysfs=sysfs, procfs=procfs,
-            progress=lambda msg: status.update(f"{report.label}: {msg}"))
+            progress=lambda msg: status.update(esc(f"{report.label}: {msg}")))
 
 
 def run_in_vm(console, report: KernelReport, spec: str, commands: list[Command], kdir: Path,
@@ -312,7 +320,7 @@ def run_in_vm(console, report: KernelReport, spec: str, commands: list[Command],
     # the guest's own per-program limits (scaled under TCG) come first; this one
     # only catches a guest that stopped making progress altogether
     budget = 120.0 + len(commands) * args.timeout * TCG_TIME_SCALE
-    with console.status(f"{report.label}: booting and running the selftests in the guest"):
+    with console.status(f"{esc(report.label)}: booting and running the selftests in the guest"):
         guest = run_in_guest(spec, [sys.executable, "-m", "ksmbench.selftests.execute",
                                     str(plan), str(result_file)],
                              shared_dir=kdir, memory=args.memory, cpus=args.cpus, accel=args.accel,
@@ -343,7 +351,7 @@ _COLOURS = {"pass": "green", "agree": "green", "fail": "red", "DISAGREE": "bold 
 
 def _c(text: str) -> str:
     colour = _COLOURS.get(text)
-    return f"[{colour}]{text}[/]" if colour else text
+    return f"[{colour}]{esc(text)}[/]" if colour else esc(text)
 
 
 def print_kernel(console, report: KernelReport) -> None:
@@ -351,16 +359,16 @@ def print_kernel(console, report: KernelReport) -> None:
 
     title = (f"{report.label}: kernel {report.kernel_release or '?'}, accelerator "
              f"{report.accelerator or '?'}, selftests from {report.source}")
-    table = Table(title=title, title_justify="left")
+    table = Table(title=esc(title), title_justify="left")
     for col in ("selftest", "verdict", "ksmbench scenario", "verdict", "agreement"):
         table.add_column(col)
     for row in report.rows:
-        table.add_row(row.peer.selftest, _c(row.selftest.verdict), row.peer.scenario or "-",
+        table.add_row(esc(row.peer.selftest), _c(row.selftest.verdict), esc(row.peer.scenario or "-"),
                       _c(row.ours), _c(row.agreement))
     console.print(table)
     for e in (report.build_error, report.selftest_error, report.scenario_error):
         if e:
-            console.print(f"[red]{report.label}: {e}[/red]")
+            console.print(f"[red]{esc(report.label)}: {esc(e)}[/red]")
 
 
 def print_disagreements(console, reports: list[KernelReport]) -> None:
@@ -370,22 +378,22 @@ def print_disagreements(console, reports: list[KernelReport]) -> None:
         return
     console.print(f"[bold red]{len(rows)} disagreement(s):[/]")
     for r in rows:
-        console.print(f"  [{r.kernel}] {r.peer.selftest} ({r.selftest.verdict}: "
-                      f"{r.selftest.detail or '-'}) vs {r.peer.scenario} ({r.ours}: "
-                      f"{r.ours_detail})")
+        console.print("  " + esc(f"[{r.kernel}] {r.peer.selftest} ({r.selftest.verdict}: "
+                                 f"{r.selftest.detail or '-'}) vs {r.peer.scenario} ({r.ours}: "
+                                 f"{r.ours_detail})"))
         if r.peer.note:
-            console.print(f"    note: {r.peer.note}")
+            console.print(f"    note: {esc(r.peer.note)}")
 
 
 def print_catalogue(console, peers: list[Peer]) -> None:
     for p in peers:
-        console.print(f"[bold]{p.selftest}[/bold]"
-                      + (f"  ({p.command_id})" if p.test else "") + f": {p.behaviour}")
-        console.print(f"  ksmbench scenario: {p.scenario or 'none'}")
+        console.print(f"[bold]{esc(p.selftest)}[/bold]"
+                      + esc((f"  ({p.command_id})" if p.test else "") + f": {p.behaviour}"))
+        console.print(f"  ksmbench scenario: {esc(p.scenario or 'none')}")
         for c in p.checks:
-            console.print(f"    - {c.describe()}")
+            console.print(f"    - {esc(c.describe())}")
         if p.note:
-            console.print(f"  note: {p.note}")
+            console.print(f"  note: {esc(p.note)}")
 
 
 def _csv_row(row: PeerRow, report: KernelReport) -> list[str]:

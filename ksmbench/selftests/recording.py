@@ -29,6 +29,12 @@ class RecordingBackend:
     def artifacts_dir(self, value) -> None:
         self.backend.artifacts_dir = value
 
+    @property
+    def tunables_after(self):
+        """The wrapped backend's tunables as restored (the Runner records them
+        when a run is interrupted)."""
+        return getattr(self.backend, "tunables_after", None)
+
     def events(self, scenarios):
         stream = self.backend.events(scenarios)
         try:

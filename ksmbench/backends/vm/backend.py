@@ -55,6 +55,13 @@ class VMBackend:
         #: set by the Runner: where the console log and guest files are kept
         self.artifacts_dir: Path | None = None
 
+    def preflight(self) -> None:
+        """Fail fast (before locks, run directories and progress bars) when
+        the kernel cannot be had: an unknown Debian series, a missing image."""
+        from ...console import make_console
+
+        _kernels.check_available(self.spec, self.modules, console=make_console(stderr=True))
+
     def _shared_dir(self) -> Path:
         if self.artifacts_dir is not None:
             path = Path(self.artifacts_dir).resolve()

@@ -28,6 +28,7 @@ import time
 from pathlib import Path
 from typing import Sequence
 
+from ...console import esc, make_console
 from ...errors import KsmbenchError
 
 FRAGMENT = Path(__file__).resolve().parents[3] / "vm" / "ksmbench.config"
@@ -134,7 +135,7 @@ def _run_logged(argv: list[str], log, what: str, *, status=None, timeout: float 
             if line.strip():
                 last = line.strip()
                 if status is not None:
-                    status.update(f"{what} ({time.monotonic() - started:.0f} s): {last[:90]}")
+                    status.update(esc(f"{what} ({time.monotonic() - started:.0f} s): {last[:90]}"))
             if time.monotonic() - started > timeout:
                 proc.kill()
                 raise BuildError(f"{what} took longer than {timeout:.0f} s")
@@ -151,9 +152,7 @@ def _run_logged(argv: list[str], log, what: str, *, status=None, timeout: float 
 
 def build(src: Path, out: Path, *, patches: Path | None = None, jobs: int | None = None,
           mrproper: bool = False, fragment: Path = FRAGMENT, console=None) -> Path:
-    from rich.console import Console
-
-    console = console or Console(stderr=True, highlight=False)
+    console = console or make_console(stderr=True)
     src = src.expanduser().resolve()
     out = out.expanduser().resolve()
     if not (src / "Makefile").is_file() or not (src / "Kconfig").is_file():
@@ -172,10 +171,10 @@ def build(src: Path, out: Path, *, patches: Path | None = None, jobs: int | None
         applied: list[str] = []
         if patches is not None:
             t = time.monotonic()
-            status.update(f"applying patches from {patches}")
+            status.update(f"applying patches from {esc(patches)}")
             applied = apply_patches(src, patch_files(patches.expanduser()), log)
             for line in applied:
-                console.print(f"  {line}")
+                console.print(f"  {esc(line)}")
             timings["patch"] = time.monotonic() - t
         if (src / ".config").exists() or (src / "include" / "config").is_dir():
             if not mrproper:
@@ -197,7 +196,7 @@ def build(src: Path, out: Path, *, patches: Path | None = None, jobs: int | None
             raise BuildError("CONFIG_KSM=y did not survive configuration (a dependency is off)",
                              hint=f"see {builddir / '.config'}")
         for d in dropped:
-            console.print(f"[yellow]note:[/yellow] {d} from the fragment is not in the final "
+            console.print(f"[yellow]note:[/yellow] {esc(d)} from the fragment is not in the final "
                           "config (unmet dependency or gone in this version)")
         t = time.monotonic()
         _run_logged([*make, f"-j{jobs}", "bzImage"], log, f"make -j{jobs} bzImage", status=status)

@@ -15,14 +15,14 @@ from ...errors import KsmbenchError
 
 
 def kernels_command(args: argparse.Namespace) -> int:
-    from rich.console import Console
     from rich.table import Table
 
+    from ...console import esc, make_console
     from ...debian import DebianArchive, cache_root
     from .accel import host_key, kvm_device_usable, read_verdicts
 
-    console = Console(highlight=False)
-    archive = DebianArchive(console=Console(stderr=True, highlight=False))
+    console = make_console()
+    archive = DebianArchive(console=make_console(stderr=True))
     cached_dirs = {p.name: p for p in archive.cached_kernels()}
     archive.update()
     series = archive.kernel_series()
@@ -36,7 +36,7 @@ def kernels_command(args: argparse.Namespace) -> int:
         listed.add(dir_name)
         size = sum(p.size for p in archive.kernel_parts(pkg))
         cached = "yes" if dir_name in cached_dirs else f"no ({size / 1e6:.0f} MB to fetch)"
-        table.add_row(f"debian:{name}", pkg.name, pkg.version, pkg.suite, cached)
+        table.add_row(*(esc(c) for c in (f"debian:{name}", pkg.name, pkg.version, pkg.suite, cached)))
     console.print(table)
 
     older = [p for name, p in cached_dirs.items() if name not in listed]
@@ -52,10 +52,10 @@ def kernels_command(args: argparse.Namespace) -> int:
                 what = f"{meta['name']} {meta['version']} ({meta['suite']})"
             except (OSError, ValueError, KeyError):
                 what = p.name
-            extra.add_row(what, str(p))
+            extra.add_row(esc(what), esc(p))
         for stamp in images:
             boot = sorted((stamp.parent / "boot").glob("*"))
-            extra.add_row("own image (--kernel PATH)", str(boot[0]) if boot else str(stamp.parent))
+            extra.add_row("own image (--kernel PATH)", esc(boot[0] if boot else stamp.parent))
         console.print(extra)
 
     console.print("own kernels: --kernel PATH/TO/bzImage [--modules DIR]; "
@@ -63,7 +63,7 @@ def kernels_command(args: argparse.Namespace) -> int:
     try:
         key = host_key()
     except KsmbenchError as exc:
-        console.print(f"accelerator: unknown ({exc.one_line()})")
+        console.print(f"accelerator: unknown ({esc(exc.one_line())})")
         return 0
     verdict = read_verdicts().get(key)
     if not kvm_device_usable():
@@ -73,6 +73,6 @@ def kernels_command(args: argparse.Namespace) -> int:
     else:
         accel = "kvm" if verdict.get("kvm_works") else "tcg"
         console.print(f"accelerator: {accel} (KVM probe of {verdict.get('checked_at')}: "
-                      f"{verdict.get('detail')})")
-    console.print(f"cache: {cache_root()} (KSMBENCH_CACHE)")
+                      f"{esc(verdict.get('detail'))})")
+    console.print(f"cache: {esc(cache_root())} (KSMBENCH_CACHE)")
     return 0
