@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 from typing import Callable, Iterable, Protocol, Sequence
 
 from .errors import KsmbenchError
-from .metrics import metric_sort_key
+from .metrics import judge, metric_sort_key
 from .observation import (BackendInfo, Event, ObservationPoint, PointObserved,
                           ScenarioFinished, ScenarioStarted)
 from .results import RunDir, now_iso
@@ -31,6 +31,11 @@ class Predictor(Protocol):
     def profile_for(self, release: str | None, requested: str) -> str | None: ...
 
     def predict(self, scenario: m.Scenario, profile: str) -> list[ObservationPoint]: ...
+
+    def unmodelled(self, scenario: m.Scenario, profile: str) -> Callable[[str], bool]:
+        """metric -> True where the prediction is empty on purpose
+        (:data:`ksmbench.metrics.UNMODELLED`)."""
+        ...
 
 
 @dataclass
@@ -124,6 +129,7 @@ class Runner:
         outcome = KernelOutcome(backend.label, None)
         by_name = {s.name: s for s in scenarios}
         predictions: dict[str, dict[tuple[int, int | None], ObservationPoint]] = {}
+        excused: dict[str, Callable[[str], bool]] = {}
         current: ScenarioOutcome | None = None
         if hasattr(backend, "artifacts_dir"):
             # VM backends keep the guest console log and raw event stream here
@@ -148,15 +154,18 @@ class Runner:
                     current = ScenarioOutcome(event.scenario, backend.label)
                     outcome.scenarios[event.scenario] = current
                     if outcome.profile and self.predictor is not None:
-                        predictions[event.scenario] = self._predict(by_name[event.scenario],
-                                                                    outcome.profile)
+                        scenario = by_name[event.scenario]
+                        predictions[event.scenario] = self._predict(scenario, outcome.profile)
+                        excused[event.scenario] = self.predictor.unmodelled(scenario,
+                                                                            outcome.profile)
                     self.progress(backend.label, f"{event.scenario}: started")
                 elif isinstance(event, PointObserved):
                     if current is None or current.scenario != event.scenario:
                         current = outcome.scenarios.setdefault(
                             event.scenario, ScenarioOutcome(event.scenario, backend.label))
                     self._record(current, by_name.get(event.scenario), event.point,
-                                 predictions.get(event.scenario, {}))
+                                 predictions.get(event.scenario),
+                                 excused.get(event.scenario, lambda metric: False))
                     self.progress(backend.label, f"{event.scenario}: step {event.point.step}")
                 elif isinstance(event, ScenarioFinished):
                     done = outcome.scenarios.setdefault(
@@ -185,21 +194,32 @@ class Runner:
         return self.predictor.profile_for(release, self.profile)
 
     def _predict(self, scenario: m.Scenario, profile: str):
-        points = self.predictor.predict(scenario, profile)
+        try:
+            points = self.predictor.predict(scenario, profile)
+        except KsmbenchError:
+            raise
+        except Exception as exc:  # a broken emulator must not turn into "nothing compared"
+            raise KsmbenchError(f"the emulator failed on {scenario.name} with profile {profile}: "
+                                f"{type(exc).__name__}: {exc}".splitlines()[0]) from exc
         return {(p.step, p.scan): p for p in points}
 
     def _record(self, outcome: ScenarioOutcome, scenario: m.Scenario | None,
-                point: ObservationPoint, predicted: dict) -> None:
+                point: ObservationPoint, predicted: dict | None,
+                excused: Callable[[str], bool]) -> None:
+        """One point's rows.  With predictions, every cell is judged: a value on
+        one side only is a mismatch unless the metric is on the documented
+        unmodelled list (a point the model never reaches counts too)."""
         outcome.points += 1
-        expected_point = predicted.get((point.step, point.scan))
+        expected_point = predicted.get((point.step, point.scan)) if predicted is not None else None
         pvalues = expected_point.values if expected_point is not None else {}
         rows = []
         for metric in sorted(set(point.values) | set(pvalues), key=metric_sort_key):
             obs = point.values.get(metric)
             pred = pvalues.get(metric)
             match = None
-            if obs is not None and pred is not None:
-                match = obs == pred
+            if predicted is not None:
+                match = judge(obs, pred, excused=excused(metric))
+            if match is not None:
                 outcome.compared += 1
                 if not match:
                     outcome.mismatches.append(Mismatch(outcome.scenario, outcome.kernel, point.step,
