@@ -214,3 +214,34 @@ def test_a_prediction_that_crashes_mid_run_is_an_error_not_a_match(tmp_path):
     rundir.close()
     assert exit_status([outcome]) == 2
     assert "ZeroDivisionError" in outcome.error
+
+
+# -- the host-kernel checks hold on the recorded 6.1 and 6.12 kernels too -------------------------
+
+@pytest.fixture(scope="module")
+def reference_frames(reference):
+    from kernel_expectations import fitted_flags, load
+
+    _, releases, _ = reference
+    df = load(REFERENCE / "observations.csv")
+    return {k: (df[df.kernel == k], fitted_flags(df[df.kernel == k], releases[k]))
+            for k in releases}
+
+
+@pytest.mark.parametrize("kernel", ["host", "debian:6.1", "debian:6.12"])
+def test_host_kernel_checks_hold_on_every_recorded_kernel(reference_frames, kernel):
+    """tests/test_host_kernel.py's expectations come from the fitted profile:
+    applied to what 6.1 and 6.12 really did, they hold there too."""
+    from kernel_expectations import CHECKS, Cells, assert_every_cell_matches
+
+    df, flags = reference_frames[kernel]
+    expected = {"host": {"zero_page_tracking", "smart_scan", "rss_exact"},
+                "debian:6.1": {"ksm_stat"},
+                "debian:6.12": {"zero_page_tracking", "kpf_ksm_all_anon", "fork_counter_fix"}}
+    assert expected[kernel] <= flags
+    if kernel == "debian:6.1":
+        assert "zero_page_tracking" not in flags and "ksm_profit" not in flags
+    for check in CHECKS:
+        check(Cells(df), flags)
+    assert assert_every_cell_matches(df, {"host": "linux-6.18.44", "debian:6.1": "linux-6.1",
+                                          "debian:6.12": "linux-6.12.117"}[kernel]) > 2000
