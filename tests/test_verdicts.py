@@ -245,3 +245,26 @@ def test_host_kernel_checks_hold_on_every_recorded_kernel(reference_frames, kern
         check(Cells(df), flags)
     assert assert_every_cell_matches(df, {"host": "linux-6.18.44", "debian:6.1": "linux-6.1",
                                           "debian:6.12": "linux-6.12.117"}[kernel]) > 2000
+
+
+def test_run_reports_one_sided_cells_and_exits_1(capsys, tmp_path):
+    """`ksmbench run` itself: a kernel with ksm_zero_pages (here the emulator's
+    6.18 standing in as a backend) judged against a forced linux-6.1."""
+    import csv
+
+    from ksmbench import cli
+
+    status = cli.main(["run", "--kernel", "emulator:linux-6.18", "zero-pages", "--profile",
+                       "linux-6.1", "--out", str(tmp_path)])
+    out = capsys.readouterr().out
+    assert status == 1, out
+    assert "mismatch" in out and "global.ksm_zero_pages: observed 0, predicted absent" in out
+    (rundir,) = tmp_path.iterdir()
+    rows = list(csv.DictReader(open(rundir / "observations.csv")))
+    zero = [r for r in rows if r["metric"] == "global.ksm_zero_pages"]
+    assert zero and all(r["observed"] != "" and r["predicted"] == "" and r["match"] == "false"
+                        for r in zero)
+    # not modelled without rss_exact (linux-6.1): the value is recorded, not judged
+    rss = [r for r in rows if r["metric"].endswith(".rss_anon_scenario_pages")]
+    assert rss and all(r["observed"] != "" and r["predicted"] == "" and r["match"] == ""
+                       for r in rss)
