@@ -199,11 +199,16 @@ def _delegate(module: str):
 # -- run ---------------------------------------------------------------------------
 
 def _predictor():
+    """The emulator's predictor; without one, `run` would compare nothing and
+    exit 0, so a missing or broken emulator ends the command (exit 2)."""
     try:
         from .emulator import Predictor
-    except ImportError:
-        return None
-    return Predictor()
+
+        return Predictor()
+    except Exception as exc:  # ImportError, or any failure building it
+        what = f"{type(exc).__name__}: {exc}".splitlines()[0]
+        raise KsmbenchError(f"the emulator cannot be loaded ({what}); nothing to compare with",
+                            hint="reinstall ksmbench with `make setup`") from None
 
 
 def cmd_run(args: argparse.Namespace) -> int:
@@ -214,15 +219,15 @@ def cmd_run(args: argparse.Namespace) -> int:
     from .runner import exit_status
     from .scenario import resolve_scenarios
 
+    predictor = _predictor()  # first: without it there is nothing to judge
+    if args.profile != "auto":
+        predictor.check_profile(args.profile)
     scenarios = resolve_scenarios(args.scenarios)
     kernels = expand_kernel_specs(args.kernel)
     backends = [resolve_backend(k, memory=args.memory, cpus=args.cpus, accel=args.accel,
                                 modules=args.modules) for k in kernels]
     for backend in backends:
         getattr(backend, "preflight", lambda: None)()
-    predictor = _predictor()
-    if predictor is not None and args.profile != "auto":
-        predictor.check_profile(args.profile)
     console = _console()
     # the lock guards the host's KSM; VM kernels have their own, so a run of VM
     # kernels only does not wait for (or block) host runs

@@ -17,7 +17,9 @@ from pathlib import Path
 from typing import Callable, Iterable, Sequence
 
 from .console import esc, make_console
-from .observation import ObservationPoint, PointObserved, ScenarioFinished
+from .metrics import judge
+from .observation import (BASELINE, ObservationPoint, PointObserved, ScenarioFinished,
+                          baseline_of, rebase)
 from .scenario import model as m
 from .scenario.generate import Spec, random_scenario, shrink, to_scenario, to_toml
 
@@ -35,30 +37,31 @@ class Cell:
         return f"{where} {self.metric}: observed {self.observed}, predicted {self.predicted}"
 
 
-def compare(observed: Sequence[ObservationPoint], predicted: Sequence[ObservationPoint]) -> list[Cell]:
-    """Cells where both sides have a value and they differ, plus structural
-    differences (a point or a metric only one side has, shown with None).
-    Predicted absolute counters start from the observed baseline point."""
-    from .observation import baseline_of, rebase
-
+def compare(observed: Sequence[ObservationPoint], predicted: Sequence[ObservationPoint],
+            unmodelled: Callable[[str], bool] = lambda metric: False) -> list[Cell]:
+    """Every cell that does not match: both sides have a value and they differ,
+    or only one side has a value (shown with None) and ``unmodelled`` (the
+    documented list, :func:`ksmbench.emulator.unmodelled_for`) does not excuse
+    the metric; a point only one side has is a ``<point>`` cell.  Predicted
+    absolute counters start from the observed baseline point, which is itself
+    measured, not compared."""
     base = baseline_of(observed)
-    pred = {(p.step, p.scan): p for p in rebase(predicted, base.values if base else None)}
+    pred = {(p.step, p.scan): p for p in rebase(predicted, base.values if base else None)
+            if p.op != BASELINE}
     out: list[Cell] = []
     for o in observed:
+        if o.op == BASELINE:
+            continue
         p = pred.pop((o.step, o.scan), None)
         if p is None:
             out.append(Cell(o.step, o.scan, "<point>", 1, None))
             continue
-        for metric, ov in o.values.items():
-            if metric not in p.values:
-                out.append(Cell(o.step, o.scan, metric, ov, None))
-                continue
-            pv = p.values[metric]
-            if ov is not None and pv is not None and ov != pv:
+        for metric in {**o.values, **p.values}:
+            ov, pv = o.values.get(metric), p.values.get(metric)
+            if judge(ov, pv, excused=unmodelled(metric)) is False:
                 out.append(Cell(o.step, o.scan, metric, ov, pv))
-        for metric in p.values:
-            if metric not in o.values:
-                out.append(Cell(o.step, o.scan, metric, None, p.values[metric]))
+    for p in pred.values():
+        out.append(Cell(p.step, p.scan, "<point>", None, 1))
     return out
 
 
@@ -180,7 +183,7 @@ def check_specs(specs: Sequence[Spec], runner, profile: str | None
         predicted = list(run.points())
         if error is not None and any(not run.supported(s) for s in scenario.steps) and points:
             error = None  # the kernel refused an op its profile lacks (prctl before 6.4)
-        cells = compare(points, predicted) if error is None else []
+        cells = compare(points, predicted, run.unmodelled) if error is None else []
         out.append((spec, cells, error))
     return out
 

@@ -14,8 +14,8 @@ This is how a user checks whether a kernel carries a patch, e.g. a Debian
 
 A cell counts as disagreeing when both sides have a value and they differ,
 or when exactly one side lacks the counter (a missing sysfs file or ksm_stat
-line is evidence too).  RssAnon cells are left out of the presence test: an
-approximate RssAnon is still printed, the model just cannot predict it.
+line is evidence too), unless the metric is on the documented unmodelled list
+(:data:`ksmbench.metrics.UNMODELLED`), the same rule as ``ksmbench run``.
 """
 
 from __future__ import annotations
@@ -26,7 +26,7 @@ from dataclasses import dataclass, field
 from typing import Mapping, Sequence
 
 from .console import esc, make_console
-from .metrics import RSS_ANON, RSS_ANON_SCENARIO
+from .metrics import judge
 from .observation import (BASELINE, TEARDOWN, BackendInfo, ObservationPoint, PointObserved,
                           ScenarioFinished, baseline_of, rebase)
 from .scenario import builtin_suite
@@ -144,6 +144,8 @@ def residue(observed: Mapping[str, Sequence[ObservationPoint]], scenarios: Seque
 
 def score(observed: Mapping[str, Sequence[ObservationPoint]], scenarios: Sequence[m.Scenario],
           profile: str) -> Score:
+    from .emulator import unmodelled_for
+
     out = Score()
     for scenario in scenarios:
         points = observed.get(scenario.name)
@@ -151,6 +153,7 @@ def score(observed: Mapping[str, Sequence[ObservationPoint]], scenarios: Sequenc
             continue
         base = baseline_of(points)
         pred = _predicted(scenario, profile, base.values if base is not None else None)
+        excused = unmodelled_for(scenario, profile)
         for o in points:
             if o.op == BASELINE:
                 continue  # the measured start the predictions were moved to
@@ -164,18 +167,20 @@ def score(observed: Mapping[str, Sequence[ObservationPoint]], scenarios: Sequenc
                 if missing and len(out.examples) < 3:
                     out.examples.append(f"{scenario.name} step {o.step}: observed, not predicted")
                 continue
-            for metric, ov in o.values.items():
-                pv = p.values.get(metric)
+            for metric in {**o.values, **p.values}:
+                ov, pv = o.values.get(metric), p.values.get(metric)
+                verdict = judge(ov, pv, excused=excused(metric))
+                if verdict is None:
+                    continue
                 if ov is not None and pv is not None:
                     out.compared += 1
-                    if ov != pv:
+                    if not verdict:
                         out.differ += 1
                         if len(out.examples) < 3:
                             out.examples.append(f"{scenario.name} step {o.step}"
                                                 f"{' scan ' + str(o.scan) if o.scan else ''} "
                                                 f"{metric}: observed {ov}, predicted {pv}")
-                elif (ov is None) != (pv is None) and not metric.endswith(
-                        (RSS_ANON, RSS_ANON_SCENARIO)):
+                else:  # one side only, and not on the unmodelled list
                     out.presence += 1
                     if len(out.examples) < 3:
                         out.examples.append(f"{scenario.name} step {o.step} {metric}: observed "

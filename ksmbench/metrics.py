@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass
+from functools import lru_cache
 
 #: level counters read from /sys/kernel/mm/ksm and reported as they are
 GLOBAL_LEVELS: tuple[str, ...] = (
@@ -123,3 +124,99 @@ def metric_sort_key(name: str) -> tuple:
     if parsed.kind == "proc":
         return (1, parsed.proc, "", PROC_FIELDS.index(parsed.field))
     return (2, parsed.proc, parsed.region, REGION_METRICS.index(parsed.field))
+
+
+# -- what the emulator does not model --------------------------------------------------------
+
+@dataclass(frozen=True)
+class Unmodelled:
+    """Metrics the emulator leaves without a prediction on purpose.
+
+    A cell where only one side (the kernel or the emulator) has a value is a
+    mismatch, except for the cells covered by one of these entries: there the
+    emulator says nothing and the kernel's value is only recorded.  The README
+    ("Not modelled") shows this list as :func:`unmodelled_markdown` renders it.
+    """
+
+    #: the metrics covered, as the README shows them
+    metrics: str
+    #: when they are not modelled, as the README shows it
+    when: str
+    #: why, with the kernel commit the behaviour depends on
+    why: str
+    #: the metric field covered (None: every field but ``except_field``)
+    field: str | None = None
+    except_field: str | None = None
+    #: only on kernels whose profile lacks this behaviour flag
+    without_flag: str | None = None
+    #: only in a scenario that maps a THP region
+    thp_only: bool = False
+
+    def covers(self, metric: str, *, flags: frozenset[str] | set[str] = frozenset(),
+               thp: bool = False) -> bool:
+        if self.thp_only and not thp:
+            return False
+        if self.without_flag is not None and self.without_flag in flags:
+            return False
+        name = parse_metric(metric)
+        if self.field is not None:
+            return name.kind == "proc" and name.field == self.field
+        return str(name) != self.except_field
+
+
+UNMODELLED: tuple[Unmodelled, ...] = (
+    Unmodelled(
+        f"proc.<p>.{RSS_ANON}", "always",
+        "RssAnon includes the agent's own Python interpreter, which no model can know",
+        field=RSS_ANON),
+    Unmodelled(
+        f"proc.<p>.{RSS_ANON_SCENARIO}", "on kernels without `rss_exact`",
+        "before 82241a83cd15 (6.16; stable 6.12.y, 6.15.y) /proc/<pid>/status reads the per-cpu "
+        "RSS counters approximately: measured off by a few pages on Debian 6.1",
+        field=RSS_ANON_SCENARIO, without_flag="rss_exact"),
+    Unmodelled(
+        "every metric but `global.full_scans`", "in a scenario with a THP region (`thp = true`)",
+        "KSM splitting huge pages, khugepaged and the THP shrinker's zero-page remapping "
+        "(b1f202060afe) depend on timing and memory state",
+        except_field="global.full_scans", thp_only=True),
+)
+
+
+def unmodelled(metric: str, *, flags: frozenset[str] | set[str] = frozenset(),
+               thp: bool = False) -> Unmodelled | None:
+    """The entry of :data:`UNMODELLED` that covers this metric, or None.
+
+    ``flags`` are the behaviour flags of the kernel's emulator profile.
+    """
+    return _unmodelled(metric, frozenset(flags), thp)
+
+
+@lru_cache(maxsize=65536)
+def _unmodelled(metric: str, flags: frozenset[str], thp: bool) -> Unmodelled | None:
+    for entry in UNMODELLED:
+        if entry.covers(metric, flags=flags, thp=thp):
+            return entry
+    return None
+
+
+def unmodelled_markdown() -> list[str]:
+    """The README's "Not modelled" bullets, one per entry of :data:`UNMODELLED`."""
+    out = []
+    for e in UNMODELLED:
+        metrics = e.metrics if "`" in e.metrics else f"`{e.metrics}`"
+        out.append(f"- {metrics}, {e.when}: {e.why}.")
+    return out
+
+
+def judge(observed: int | None, predicted: int | None, *, excused: bool = False) -> bool | None:
+    """One cell's verdict: True (match), False (mismatch) or None (nothing to compare).
+
+    Both sides absent: nothing to compare (the kernel lacks the counter and the
+    model knows it).  Exactly one side absent: a mismatch, unless ``excused``
+    (the metric is on the :data:`UNMODELLED` list for this scenario and kernel).
+    """
+    if observed is None and predicted is None:
+        return None
+    if observed is None or predicted is None:
+        return None if excused else False
+    return observed == predicted

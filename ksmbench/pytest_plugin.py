@@ -241,6 +241,9 @@ class ScenarioResult:
     error: str | None = None
     info: dict = field(default_factory=dict)
     rundir: Path | None = None
+    #: for a prediction: metric -> True where the emulator predicts nothing on
+    #: purpose (the documented list, ksmbench.metrics.UNMODELLED)
+    unmodelled: Any = None
 
     @property
     def kernel_release(self) -> str | None:
@@ -395,7 +398,8 @@ class KsmEmulator:
         self.predictor.check_profile(name)
         points = self.predictor.predict(s, name)
         return ScenarioResult(s.name, f"emulator:{name}", list(points), None,
-                              {"emulator_profile": name})
+                              {"emulator_profile": name},
+                              unmodelled=self.predictor.unmodelled(s, name))
 
 
 @pytest.fixture
@@ -408,23 +412,29 @@ def ksm_emulator(request) -> KsmEmulator:
 
 def comparable(observed: ScenarioResult, predicted: ScenarioResult,
                metrics: Iterable[str] | None = None) -> list[tuple[int, int | None, str, Any, Any]]:
-    """Cells where both have a value and they differ: (step, scan, metric, observed, predicted).
+    """Every cell that does not match: (step, scan, metric, observed, predicted).
 
-    Predicted absolute counters start from the observed baseline; the baseline
-    point itself is not compared."""
+    A cell differs when both sides have a value and they differ, or when only
+    one side has a value and the metric is not on the emulator's documented
+    unmodelled list for this scenario and profile (``ksmbench run``'s rule).
+    A point only one side reached counts with all its values.  Predicted
+    absolute counters start from the observed baseline; the baseline point
+    itself is measured, not compared.
+    """
+    from .metrics import judge
     from .observation import BASELINE, rebase
 
-    points = rebase(predicted.points, observed.baseline)
-    predicted_at = {(p.step, p.scan): p.values for p in points}
+    excused = predicted.unmodelled or observed.unmodelled or (lambda metric: False)
+    predicted_at = {(p.step, p.scan): p.values for p in rebase(predicted.points, observed.baseline)
+                    if p.op != BASELINE}
+    observed_at = {(p.step, p.scan): p.values for p in observed.points if p.op != BASELINE}
     diffs = []
-    for p in observed.points:
-        if p.op == BASELINE:
-            continue
-        other = predicted_at.get((p.step, p.scan), {})
-        for metric in (metrics or p.values):
-            a, b = p.values.get(metric), other.get(metric)
-            if a is not None and b is not None and a != b:
-                diffs.append((p.step, p.scan, metric, a, b))
+    for key in list(observed_at) + [k for k in predicted_at if k not in observed_at]:
+        mine, other = observed_at.get(key, {}), predicted_at.get(key, {})
+        for metric in (metrics or {**mine, **other}):
+            a, b = mine.get(metric), other.get(metric)
+            if judge(a, b, excused=excused(metric)) is False:
+                diffs.append((key[0], key[1], metric, a, b))
     return diffs
 
 

@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 from typing import Callable, Iterable, Protocol, Sequence
 
 from .errors import KsmbenchError
-from .metrics import metric_sort_key
+from .metrics import judge, metric_sort_key
 from .observation import (ABSOLUTE_METRICS, BASELINE, TEARDOWN, BackendInfo, Event,
                           ObservationPoint, PointObserved, ScenarioFinished, ScenarioStarted,
                           rebase)
@@ -32,6 +32,11 @@ class Predictor(Protocol):
     def profile_for(self, release: str | None, requested: str) -> str | None: ...
 
     def predict(self, scenario: m.Scenario, profile: str) -> list[ObservationPoint]: ...
+
+    def unmodelled(self, scenario: m.Scenario, profile: str) -> Callable[[str], bool]:
+        """metric -> True where the prediction is empty on purpose
+        (:data:`ksmbench.metrics.UNMODELLED`)."""
+        ...
 
 
 @dataclass
@@ -208,6 +213,7 @@ class Runner:
         by_name = {s.name: s for s in scenarios}
         predictions: dict[str, dict[tuple[int, int | None], ObservationPoint]] = {}
         predicted_lists: dict[str, list[ObservationPoint]] = {}
+        excused: dict[str, Callable[[str], bool]] = {}
         current: ScenarioOutcome | None = None
         #: the last observation point: (scenario, step, scan), to say where an interrupt hit
         last: tuple[str, int, int | None] | None = None
@@ -237,9 +243,11 @@ class Runner:
                     outcome.scenarios[event.scenario] = current
                     running = event.scenario
                     if outcome.profile and self.predictor is not None:
-                        predicted_lists[event.scenario] = self.predictor.predict(
-                            by_name[event.scenario], outcome.profile)
+                        scenario = by_name[event.scenario]
+                        predicted_lists[event.scenario] = self._predict(scenario, outcome.profile)
                         predictions[event.scenario] = _by_key(predicted_lists[event.scenario])
+                        excused[event.scenario] = self.predictor.unmodelled(scenario,
+                                                                            outcome.profile)
                     self.progress(backend.label, f"{event.scenario}: started")
                 elif isinstance(event, PointObserved):
                     if current is None or current.scenario != event.scenario:
@@ -250,7 +258,9 @@ class Runner:
                         predictions[event.scenario] = _by_key(rebase(
                             predicted_lists[event.scenario], event.point.values))
                     self._record(current, by_name.get(event.scenario), event.point,
-                                 predictions.get(event.scenario, {}), outcome.profile)
+                                 predictions.get(event.scenario),
+                                 excused.get(event.scenario, lambda metric: False),
+                                 outcome.profile)
                     last = (event.scenario, event.point.step, event.point.scan)
                     self.progress(backend.label, f"{event.scenario}: step {event.point.step}")
                 elif isinstance(event, ScenarioFinished):
@@ -296,8 +306,22 @@ class Runner:
             return None
         return self.predictor.profile_for(release, self.profile)
 
+    def _predict(self, scenario: m.Scenario, profile: str) -> list[ObservationPoint]:
+        try:
+            points = self.predictor.predict(scenario, profile)
+        except KsmbenchError:
+            raise
+        except Exception as exc:  # a broken emulator must not turn into "nothing compared"
+            raise KsmbenchError(f"the emulator failed on {scenario.name} with profile {profile}: "
+                                f"{type(exc).__name__}: {exc}".splitlines()[0]) from exc
+        return list(points)
+
     def _record(self, outcome: ScenarioOutcome, scenario: m.Scenario | None,
-                point: ObservationPoint, predicted: dict, profile: str | None = None) -> None:
+                point: ObservationPoint, predicted: dict | None,
+                excused: Callable[[str], bool], profile: str | None = None) -> None:
+        """One point's rows.  With predictions, every cell is judged: a value on
+        one side only is a mismatch unless the metric is on the documented
+        unmodelled list (a point the model never reaches counts too)."""
         outcome.points += 1
         if point.op == BASELINE:
             # the starting point predictions are rebased on: measured, not predicted
@@ -307,15 +331,16 @@ class Runner:
                  point.values[metric], None, None)
                 for metric in sorted(point.values, key=metric_sort_key))
             return
-        expected_point = predicted.get((point.step, point.scan))
+        expected_point = predicted.get((point.step, point.scan)) if predicted is not None else None
         pvalues = expected_point.values if expected_point is not None else {}
         rows = []
         for metric in sorted(set(point.values) | set(pvalues), key=metric_sort_key):
             obs = point.values.get(metric)
             pred = pvalues.get(metric)
             match = None
-            if obs is not None and pred is not None:
-                match = obs == pred
+            if predicted is not None:
+                match = judge(obs, pred, excused=excused(metric))
+            if match is not None:
                 outcome.compared += 1
                 if not match:
                     outcome.mismatches.append(Mismatch(outcome.scenario, outcome.kernel, point.step,

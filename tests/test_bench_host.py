@@ -58,12 +58,16 @@ def test_every_page_merges_and_is_timed(bench_run, case, uzp):
 @pytest.mark.parametrize("case, uzp", [("dup", 0), ("zero", 0), ("zero", 1)])
 def test_unmerge_leaves_nothing_merged(bench_run, case, uzp):
     """MADV_UNMERGEABLE and run=2 unshare KSM pages, and since 6.6
-    (79271476b336) KSM zero pages too: this host is 6.6+."""
+    (79271476b336) KSM zero pages too; before it, KSM zero pages stay mapped.
+    Which one this kernel is comes from its own features, not its version."""
     _, bench, _, meta, _ = bench_run
-    assert meta["kernels"][0]["features"]["ksm_zero_pages"], "the host predates the zero-page series"
+    series = meta["kernels"][0]["features"]["ksm_zero_pages"]  # the counter came with the series
+    kept = case == "zero" and uzp == 1 and not series
     for how in ("madvise", "run2"):
-        assert values(bench, "unmerge", f"{case}/{how}", "pages_left_merged", uzp) == [0, 0]
-        assert values(bench, "unmerge", f"{case}/{how}", "pages_unshared", uzp) == [PAGES, PAGES]
+        assert values(bench, "unmerge", f"{case}/{how}", "pages_left_merged", uzp) == \
+            ([PAGES, PAGES] if kept else [0, 0])
+        assert values(bench, "unmerge", f"{case}/{how}", "pages_unshared", uzp) == \
+            ([0, 0] if kept else [PAGES, PAGES])
 
 
 @pytest.mark.parametrize("uzp", ["0", "1"])
@@ -114,17 +118,40 @@ def crosscheck_run(tmp_path_factory):
                            "--only", "crosscheck", "--crosscheck-mib", "16", "--repeats", "2",
                            "--pages-to-scan", "500", "--crosscheck-pairs", "3"],
                           capture_output=True, text=True, timeout=1800)
-    # 1 is a disagreement beyond 5 %, which a busy shared machine can cause;
-    # what must hold is checked below
+    # 1 is a disagreement beyond 5 %, which a busy shared machine can cause
+    # (README: what the tests show); the verdict must match the exit status
     assert proc.returncode in (0, 1), proc.stderr + proc.stdout
     rundir = next(out.iterdir())
-    return json.loads((rundir / "bench.json").read_text())["kernels"]["host"]["crosscheck"]
+    cc = json.loads((rundir / "bench.json").read_text())["kernels"]["host"]["crosscheck"]
+    if not cc.get("error"):
+        assert cc["agrees"] == (cc["relative_difference"] <= cc["tolerance"])
+        assert proc.returncode == (0 if cc["agrees"] else 1), (proc.returncode, cc["agrees"])
+        assert ("agrees" if cc["agrees"] else "DISAGREES") in proc.stdout
+    return cc
+
+
+def _missing_build_prerequisites() -> list[str]:
+    """What building ksm_tests needs and this machine lacks (vm/install-host-deps --build)."""
+    import shutil
+    from pathlib import Path
+
+    missing = [tool for tool in ("make", "gcc") if shutil.which(tool) is None]
+    if not Path("/usr/include/numa.h").exists():
+        missing.append("libnuma-dev (numa.h)")
+    return missing
 
 
 def test_crosscheck_runs_ksm_tests_under_our_tunables(crosscheck_run):
     cc = crosscheck_run
-    if cc.get("error") and "linux-source" in cc["error"]:
-        pytest.skip(f"ksm_tests could not be built here: {cc['error']}")
+    if cc.get("error"):
+        # a skip names a missing prerequisite; any other error (a compile
+        # failure, a crash) fails the test
+        missing = _missing_build_prerequisites()
+        if missing:
+            pytest.skip(f"building ksm_tests needs {', '.join(missing)}: run "
+                        "vm/install-host-deps --build")
+        if cc.get("error_kind") in ("ArchiveError", "KernelNotFound"):
+            pytest.skip(f"no linux-source package from the Debian archive: {cc['error']}")
     assert not cc.get("error"), cc.get("error")
     assert cc["argv"][1:] == ["-P", "-s", "16", "-p", "500"]
     # the tunables seen while each side ran are the same, and are ours

@@ -50,10 +50,17 @@ def test_shrink_finds_a_small_failing_scenario():
 def test_compare_reports_differences_and_missing_metrics():
     from ksmbench.observation import ObservationPoint
 
-    a = [ObservationPoint(0, "mmap", None, {"x": 1, "y": None, "z": 3})]
-    b = [ObservationPoint(0, "mmap", None, {"x": 2, "y": 5})]
+    a = [ObservationPoint(0, "mmap", None, {"x": 1, "y": None, "z": 3, "w": None, "u": 7})]
+    b = [ObservationPoint(0, "mmap", None, {"x": 2, "y": 5, "w": None, "u": None}),
+         ObservationPoint(1, "fill", None, {"x": 2})]
     cells = compare(a, b)
-    assert [(c.metric, c.observed, c.predicted) for c in cells] == [("x", 1, 2), ("z", 3, None)]
+    # one side only is a mismatch too (y, z, u); both absent (w) is not; a point
+    # only the prediction has is reported
+    assert [(c.metric, c.observed, c.predicted) for c in cells] == [
+        ("x", 1, 2), ("y", None, 5), ("z", 3, None), ("u", 7, None), ("<point>", None, 1)]
+    # unless the metric is on the documented unmodelled list
+    excused = compare(a, b, unmodelled=lambda metric: metric == "u")
+    assert "u" not in {c.metric for c in excused} and len(excused) == 4
 
 
 @pytest.mark.root

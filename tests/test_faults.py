@@ -95,6 +95,9 @@ def test_signal_during_scans_restores_and_keeps_results(tmp_path, signum):
     assert KsmSysfs().tunables() == before
     rows = (rundir / "observations.csv").read_text().splitlines()
     assert any(",scan,3," in line for line in rows)
+    # what was kept was judged, and it matches the emulator
+    assert rows[1:] and not any(line.endswith(",false") for line in rows)
+    assert any(line.endswith(",true") for line in rows)
     wait_agents_gone()
 
 
@@ -108,6 +111,6 @@ def test_sigkill_is_repaired_by_the_next_run(tmp_path):
     assert left != before  # stepping tunables are still in place
     again = subprocess.run([*KSMBENCH, "run", "--wait", "900", "--out", str(tmp_path / "again"),
                             "dup-below-max"], capture_output=True, text=True, timeout=900)
-    assert again.returncode in (0, 1), again.stderr
+    assert again.returncode == 0, again.stdout + again.stderr  # and it matches the emulator
     assert "restored KSM tunables" in again.stdout and f"pid {proc.pid}" in again.stdout
     assert KsmSysfs().tunables() == before

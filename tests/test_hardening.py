@@ -272,8 +272,9 @@ def test_two_real_runs_at_once_wait_or_refuse_and_never_mix(tmp_path):
     assert refused.returncode == 2 and "Traceback" not in refused.stderr
     assert f"another ksmbench run holds" in refused.stderr and f"pid {first.pid}" in refused.stderr
     assert not (tmp_path / "refused").exists()
-    assert first.returncode in (0, 1), first_err
-    assert waiting.returncode == first.returncode, second_err
+    # every compared cell matches the emulator (exit 1 would be a mismatch)
+    assert first.returncode == 0, first_out + first_err
+    assert waiting.returncode == 0, second_out + second_err
     (run1,) = (tmp_path / "first").iterdir()
     (run2,) = (tmp_path / "second").iterdir()
     meta1 = json.loads((run1 / "metadata.json").read_text())
@@ -282,7 +283,7 @@ def test_two_real_runs_at_once_wait_or_refuse_and_never_mix(tmp_path):
     assert meta2["started_at"] >= meta1["ended_at"], "the second run overlapped the first"
     for meta in (meta1, meta2):
         assert meta["verdicts"] == {"two-runs": meta1["verdicts"]["two-runs"]}
-        assert meta["verdicts"]["two-runs"] != "error"
+        assert meta["verdicts"]["two-runs"] == "match"
     rows1, rows2 = _rows(run1), _rows(run2)
     assert len(rows1) > 1000 and rows1 == rows2  # same kernel, same scenario: same table
     assert settled_tunables() == before

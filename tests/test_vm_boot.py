@@ -1,12 +1,12 @@
-"""Real boots under QEMU (marker ``vm``): a Debian kernel runs a scenario; failures end in bounded time.
+"""Real boots under QEMU (marker ``vm``): Debian 6.1 and 6.12 run the whole built-in
+suite, every cell judged against the emulator; failures end in bounded time.
 
-Downloads the Debian 6.12 kernel package once (cached in $KSMBENCH_CACHE).
+Downloads the Debian 6.1 and 6.12 kernel packages once (cached in $KSMBENCH_CACHE).
 Under TCG a boot takes 15-40 s on a 2-core machine.
 """
 
 from __future__ import annotations
 
-import csv
 import json
 import os
 import shutil
@@ -52,55 +52,59 @@ def _qemu_processes_mentioning(text: str) -> list[int]:
     return found
 
 
-def test_scenario_runs_in_a_debian_guest(kernel, tmp_path):
-    """One boot runs a scenario through the guest's host backend; observations stream back."""
+@pytest.mark.parametrize("spec", ["debian:6.12", "debian:6.1"])
+def test_the_whole_suite_in_one_boot_matches_the_emulator(spec, tmp_path):
+    """One boot per kernel runs every built-in scenario through the guest's host
+    backend; the observations stream back and every cell is judged against the
+    emulator's profile for that kernel: all must match.  Then the host-kernel
+    checks (kernel_expectations.py) run on the guest's observations, with the
+    flags fitted to them: 6.1 predates the zero-page series, 6.12 has it."""
+    from kernel_expectations import CHECKS, Cells, assert_every_cell_matches, fitted_flags, load
     from ksmbench.backends.vm import VMBackend
+    from ksmbench.emulator import Predictor
     from ksmbench.results import RunDir
-    from ksmbench.runner import Runner
-    from ksmbench.scenario import resolve_scenarios
+    from ksmbench.runner import Runner, exit_status
+    from ksmbench.scenario import builtin_suite
 
-    scenarios = resolve_scenarios(["zero-pages"])
+    _need_vm_tools()
+    series = spec.split(":", 1)[1]
+    scenarios = builtin_suite()
     rundir = RunDir(tmp_path)
     statuses = []
-    runner = Runner(rundir, predictor=None, progress=lambda k, msg: statuses.append(msg))
-    backend = VMBackend(KERNEL, memory="1G", cpus=2, accel="auto")
+    runner = Runner(rundir, predictor=Predictor(), progress=lambda k, msg: statuses.append(msg))
+    backend = VMBackend(spec, memory="2G", cpus=2, accel="auto")
     outcome = runner.run_kernel(backend, scenarios)
     rundir.close()
     assert outcome.error is None, outcome.error
-    result = outcome.scenarios["zero-pages"]
-    assert result.finished and result.expect_checked == 2 and not result.expect_failures
 
     meta = json.loads((rundir.path / "metadata.json").read_text())
-    assert meta["backend"] == "vm" and meta["kernel"] == KERNEL
-    assert meta["kernel_release"].startswith("6.12.")
+    assert meta["backend"] == "vm" and meta["kernel"] == spec
+    assert meta["kernel_release"].startswith(series + ".")
     assert meta["accelerator"] in ("kvm", "tcg")
     assert meta["qemu_version"] and Path(meta["kernel_image"]).exists()
     assert meta["ksm_tunables_after"]["run"] == "0"
     assert any(s.startswith("booting") for s in statuses)
     # the console log and the raw event stream are kept in the run directory
-    artifacts = rundir.path / "debian_6.12"
-    assert "Linux version 6.12" in (artifacts / "console.log").read_text(errors="replace")
+    artifacts = rundir.path / spec.replace(":", "_")
+    assert f"Linux version {series}" in (artifacts / "console.log").read_text(errors="replace")
     assert (artifacts / "events.jsonl").stat().st_size > 0
 
-    rows = list(csv.DictReader(open(rundir.path / "observations.csv")))
-    assert {r["kernel"] for r in rows} == {KERNEL}
-    def value(step, scan, metric):
-        hits = [r["observed"] for r in rows
-                if r["step"] == str(step) and r["scan"] == (str(scan) if scan else "")
-                and r["metric"] == metric]
-        assert len(hits) == 1, (step, scan, metric)
-        return int(hits[0]) if hits[0] else None
-    # 6.12 has the zero-page series: 512 zero-filled pages become KSM zero pages
-    # on the first scan with use_zero_pages=1, and none of them is a KSM page
-    assert value(3, 1, "global.full_scans") == 1
-    # scan 1 only records checksums; scan 2 merges the zero-filled pages
-    assert value(3, 1, "global.ksm_zero_pages") == 0
-    assert value(3, 2, "global.ksm_zero_pages") == 512
-    assert value(3, 3, "global.full_scans") == 3
-    assert value(3, 3, "global.ksm_zero_pages") == 512
-    assert value(3, 3, "global.pages_shared") == 0
-    assert value(3, 3, "region.main.a.zero_pfn") == 512
-    assert value(0, None, "global.ksm_zero_pages") == 0
+    df = load(rundir.path / "observations.csv")
+    assert set(df.kernel) == {spec}
+    flags = fitted_flags(df, meta["kernel_release"])
+    na = set() if "prctl_memory_merge" in flags else {"prctl-merge"}  # PR_SET_MEMORY_MERGE: 6.4
+    verdicts = {name: o.verdict for name, o in outcome.scenarios.items()}
+    assert verdicts == {s.name: "n/a" if s.name in na else "match" for s in scenarios}, \
+        [mm.describe() for o in outcome.scenarios.values() for mm in o.mismatches][:12]
+    assert exit_status([outcome]) == 0
+    assert all(o.finished and not o.expect_failures for name, o in outcome.scenarios.items()
+               if name not in na)
+    compared = assert_every_cell_matches(df, outcome.profile)
+    assert compared > 0.45 * len(df), (compared, len(df))
+    for check in CHECKS:
+        check(Cells(df), flags)
+    # the series is in 6.12, not in 6.1
+    assert ("zero_page_tracking" in flags) == (series != "6.1")
 
 
 def test_a_panicking_kernel_ends_in_bounded_time(kernel, tmp_path):

@@ -392,7 +392,8 @@ def run_crosscheck(session: BenchSession, store, label: str, args, tun: FreeRunT
     except KsmbenchError as exc:
         for _ in range(args.repeats + pairs):
             step()
-        return {"error": exc.one_line(), "size_mib": size}
+        # the kind lets a caller tell "no source package reachable" from a failed build
+        return {"error": exc.one_line(), "error_kind": type(exc).__name__, "size_mib": size}
     cpu = spin_cpu()
     ksmd = session.stepper.ksmd_pid
     same = {cpu} if cpu is not None else None

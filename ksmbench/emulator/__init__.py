@@ -13,15 +13,11 @@
   (``ksmbench.identify``, ``ksmbench.differential``,
   ``ksmbench.bench.emulator_speed``).
 
-Not modelled (predicted as None, or outside the scenario format):
+Not modelled: the metrics of ``ksmbench.metrics.UNMODELLED`` (the one list,
+shown in the README) get no prediction, and every comparison excuses exactly
+those; a cell where only one side has a value is otherwise a mismatch.
+Outside the scenario format:
 
-* THP regions (``thp = true``): KSM splitting huge pages, khugepaged and the
-  THP shrinker's zero-page remapping (b1f202060afe) depend on timing and
-  memory state; a scenario with a THP region gets only ``global.full_scans``.
-* ``proc.<p>.rss_anon_pages`` (the interpreter's memory is in it), and
-  ``rss_anon_scenario_pages`` where /proc/<pid>/status reads the per-cpu RSS
-  counters approximately (before 82241a83cd15; measured off by a few pages
-  on Debian 6.1).
 * merge_across_nodes=0 / several NUMA nodes, the 6.8 advisor, partial
   batches (a scan step is always whole full scans), swap, migration,
   compaction, races (e.g. 6.6-6.9's non-atomic ksm_zero_pages).
@@ -31,10 +27,10 @@ from __future__ import annotations
 
 from ..observation import ObservationPoint
 from ..scenario.model import Scenario
-from .emulate import ScenarioRun, predict
+from .emulate import ScenarioRun, predict, unmodelled_for
 from .profiles import PRESETS, get_profile, profile_for_release
 
-__all__ = ["Predictor", "EmulatorBackend", "predict", "ScenarioRun", "get_profile", "PRESETS"]
+__all__ = ["Predictor", "EmulatorBackend", "predict", "unmodelled_for", "ScenarioRun", "get_profile", "PRESETS"]
 
 
 class Predictor:
@@ -51,6 +47,10 @@ class Predictor:
 
     def predict(self, scenario: Scenario, profile: str) -> list[ObservationPoint]:
         return predict(scenario, profile)
+
+    def unmodelled(self, scenario: Scenario, profile: str):
+        """metric -> True where the emulator predicts nothing on purpose."""
+        return unmodelled_for(scenario, profile)
 
 
 def __getattr__(name: str):

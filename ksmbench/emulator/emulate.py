@@ -14,7 +14,7 @@ from __future__ import annotations
 from typing import Iterator
 
 from ..metrics import (GLOBAL_COUNTERS, KSM_STAT_FIELDS, RSS_ANON, RSS_ANON_SCENARIO,
-                       global_metric, proc_metric, region_metric)
+                       global_metric, proc_metric, region_metric, unmodelled)
 from ..observation import (ABSOLUTE_METRICS, BASELINE, BASELINE_STEP, TEARDOWN, ObservationPoint,
                            teardown_step)
 from ..scenario import model as m
@@ -41,6 +41,10 @@ class ScenarioRun:
         # THP regions: khugepaged, THP splitting on merge and the deferred
         # split shrinker are not modelled; predict only what cannot depend on them
         self.thp = any(isinstance(s, m.Mmap) and s.thp for s in scenario.steps)
+
+    def unmodelled(self, metric: str) -> bool:
+        """True where this run predicts no value on purpose (ksmbench.metrics.UNMODELLED)."""
+        return unmodelled(metric, flags=self.profile.flags, thp=self.thp) is not None
 
     def supported(self, step: m.Step) -> bool:
         """False for an op the profile's kernel refuses (the host run errors there)."""
@@ -92,9 +96,9 @@ class ScenarioRun:
             for region, seg in mm.regions.items():
                 for key, value in k.region_values(seg).items():
                     values[region_metric(mm.name, region, key)] = value
-        if self.thp:
-            keep = global_metric("full_scans")
-            values = {key: (v if key == keep else None) for key, v in values.items()}
+        # what the documented list leaves unmodelled gets no prediction (THP
+        # regions: khugepaged and splitting; RssAnon: the interpreter's memory)
+        values = {key: (None if self.unmodelled(key) else v) for key, v in values.items()}
         return ObservationPoint(index, op, scan, values)
 
     def baseline(self) -> ObservationPoint:
@@ -129,6 +133,13 @@ class ScenarioRun:
             self.apply(step)
             yield self.observe(step, None)
         yield self.teardown()
+
+
+def unmodelled_for(scenario: m.Scenario, profile: Profile | str):
+    """The predicate "this metric is not modelled" for a scenario under a profile."""
+    prof = get_profile(profile) if isinstance(profile, str) else profile
+    thp = any(isinstance(s, m.Mmap) and s.thp for s in scenario.steps)
+    return lambda metric: unmodelled(metric, flags=prof.flags, thp=thp) is not None
 
 
 def predict(scenario: m.Scenario, profile: Profile | str, *, fast: bool = True) -> list[ObservationPoint]:
