@@ -75,6 +75,17 @@ class ContentTable:
         self._unique_blocks.append((first, npages, fill.scenario, fill.step))
         return np.arange(first, first + npages, dtype=np.int64)
 
+    def add_keys(self, hi: np.ndarray, lo: np.ndarray) -> np.ndarray:
+        """New contents known only by a 128-bit key each (``ksmbench savings``
+        hashes real pages): ids for them, in the order given.  The key stands
+        in for the page's first 16 bytes as its memcmp order; that order only
+        shapes the trees, and two contents with the same key are one content
+        (a 2^-128 event for xxh3-128 digests)."""
+        first = self._reserve(int(hi.size))
+        self._hi[first:first + hi.size] = hi
+        self._lo[first:first + lo.size] = lo
+        return np.arange(first, first + hi.size, dtype=np.int64)
+
     # -- ordering --------------------------------------------------------------------
     def key(self, cid: int) -> tuple[int, int]:
         return int(self._hi[cid]), int(self._lo[cid])

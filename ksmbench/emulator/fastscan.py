@@ -38,6 +38,7 @@ Why a window is exact (the kernel behaviour each condition rests on):
 
 from __future__ import annotations
 
+import heapq
 from collections import Counter
 
 import numpy as np
@@ -58,6 +59,11 @@ class FastScan:
         self.k = ksm
         self.counts: Counter[int] = Counter()
         self._index: dict[int, SNode] | None = None
+        #: tree_quiet() of the current tree: windows keep it (see the module
+        #: doc), so only a hard event, which may change anything, drops it.
+        #: Without the cache every segment walked the whole tree: quadratic
+        #: for processes with hundreds of VMAs and many KSM pages
+        self._quiet: bool | None = None
 
     # -- the whole scan ------------------------------------------------------------
     def run(self) -> None:
@@ -184,7 +190,9 @@ class FastScan:
         pos = 0
         n = ev.size
         while pos < n:
-            quiet = self.tree_quiet()
+            if self._quiet is None:
+                self._quiet = self.tree_quiet()
+            quiet = self._quiet
             h = np.searchsorted(hard_pos, pos)
             q = int(hard_pos[h]) if h < hard_pos.size else n
             if not quiet:
@@ -201,6 +209,7 @@ class FastScan:
                 else:
                     k._free_item(seg, idx)
                 self._index = None
+                self._quiet = None
             pos = q + 1
 
     def window(self, seg: Segment, sel: "_Sel", kind: np.ndarray, content: np.ndarray,
@@ -297,18 +306,25 @@ class FastScan:
         for a, b in zip(starts.tolist(), ends.tolist()):
             sel = order[a:b]
             machines.append(_Group(self, seg, int(cs[a]), gi[sel], gframe[sel], gck[sel]))
-        pending = [mach for mach in machines if not mach.done()]
-        while pending:
-            # advance every machine up to its next node creation, then create
-            # the earliest one (tree shape = creation order)
-            for mach in pending:
-                mach.advance()
-            creators = [mach for mach in pending if not mach.done()]
-            if not creators:
-                break
-            first = min(creators, key=lambda mm_: mm_.next_position())
+        # advance every machine up to its next node creation, then create the
+        # earliest one (tree shape = creation order).  A machine stopped at a
+        # creation stays there until it creates, and machines of different
+        # contents do not interact, so a heap of stopped machines keyed by
+        # position gives the same order in O(log n) per creation (many
+        # duplicated contents, as in real processes, made a linear pick
+        # quadratic)
+        heap: list[tuple[int, int, _Group]] = []
+        for n, mach in enumerate(machines):
+            mach.advance()
+            if not mach.done():
+                heap.append((mach.next_position(), n, mach))
+        heapq.heapify(heap)
+        while heap:
+            _pos, n, first = heapq.heappop(heap)
             first.create()
-            pending = [mach for mach in pending if not mach.done()]
+            first.advance()
+            if not first.done():
+                heapq.heappush(heap, (first.next_position(), n, first))
 
 
 class _Group:

@@ -1,0 +1,262 @@
+"""Predicting what KSM will save for process images, with the emulator.
+
+The snapshot (:mod:`.snapshot`) gives, per process, its candidate pages in
+address order with a digest and a frame number each.  They become the
+emulator's state (:mod:`ksmbench.emulator.machine`): one mm per process, in
+the order given (ksmd's mm list order: the order in which the processes
+registered), one segment per VMA holding its candidate pages, one frame per
+distinct physical frame (pages shared by fork map one frame), and one
+content id per distinct digest (the zero page is content 0).  The emulator
+then runs full scans, exactly as it does for scenarios, with the profile of
+the running kernel and the chosen tunables.
+
+What the prediction assumes: the pages do not change from the snapshot on
+(what changes is measured as churn, not modelled), and ksmd starts from
+nothing (no rmap item, no KSM page: run=2 or a fresh boot).  A segment holds
+only the present candidate pages: ksmd skips holes, swap entries and zero
+PTEs without any effect on the counters.
+
+Wall time to converge at ``pages_to_scan`` / ``sleep_millisecs``: ksmd takes
+``pages_to_scan`` rmap items per batch and then sleeps ``sleep_millisecs``;
+a batch ends early when a full scan completes, and items that smart_scan
+skips do not count against the batch (ksm_do_scan(), 6.7).  So a full scan
+takes ceil(visits / pages_to_scan) batches, each followed by a sleep, plus
+ksmd's CPU time, estimated per visited page and per merged page with costs
+measured on the reference machine (``CPU_PER_VISIT``, ``CPU_PER_MERGE``).
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from dataclasses import dataclass, field
+from typing import Sequence
+
+import numpy as np
+
+from ..emulator.content import ZERO
+from ..emulator.machine import PAGE_SIZE, Ksm, Segment, Settings
+from ..emulator.profiles import get_profile, profile_for_release
+from .snapshot import ProcessImage, is_zero
+
+#: ksmd CPU per page it visits (checksum, tree lookups) and per page it
+#: merges (write-protect, memcmp, replace_page, TLB flush), from the stepped
+#: scans of `python -m ksmbench.bench.emulator_speed` on the reference 2-core
+#: host (6.18): 1 GiB, scan 1 0.27 s (checksums only), scan 2 2.07 s with
+#: 174,762 merges.  An estimate: the measurement reports ksmd's real CPU.
+CPU_PER_VISIT = 1.0e-6
+CPU_PER_MERGE = 10.0e-6
+#: the counters whose stillness defines convergence
+SAVINGS_COUNTERS = ("pages_shared", "pages_sharing", "ksm_zero_pages", "general_profit")
+
+
+@dataclass(frozen=True)
+class Tunables:
+    use_zero_pages: bool = False
+    max_page_sharing: int = 256
+    pages_to_scan: int = 100
+    sleep_millisecs: int = 20
+    smart_scan: bool = True
+
+    @classmethod
+    def from_host(cls, sysfs, **overrides) -> "Tunables":
+        """The host's current values, overridden where the user chose."""
+        def val(name, default):
+            text = sysfs.tunable(name)
+            return default if text is None else int(text)
+
+        current = dict(use_zero_pages=bool(val("use_zero_pages", 0)),
+                       max_page_sharing=val("max_page_sharing", 256),
+                       pages_to_scan=val("pages_to_scan", 100),
+                       sleep_millisecs=val("sleep_millisecs", 20),
+                       smart_scan=bool(val("smart_scan", 1)))
+        current.update({k: v for k, v in overrides.items() if v is not None})
+        return cls(**current)
+
+    def to_dict(self) -> dict:
+        return {"use_zero_pages": int(self.use_zero_pages), "max_page_sharing": self.max_page_sharing,
+                "pages_to_scan": self.pages_to_scan, "sleep_millisecs": self.sleep_millisecs,
+                "smart_scan": int(self.smart_scan)}
+
+
+@dataclass
+class ScanPrediction:
+    scan: int
+    globals: dict[str, int | None]
+    procs: dict[int, dict[str, int | None]]
+    visits: int          # rmap items handed to cmp_and_merge_page (not skipped)
+    merges: int          # pages newly saved in this scan
+    seconds: float       # estimated wall time of this full scan at the tunables
+    cpu_seconds: float   # estimated ksmd CPU time of this full scan
+
+    def saved_pages(self) -> int:
+        g = self.globals
+        return (g.get("pages_sharing") or 0) + (g.get("ksm_zero_pages") or 0)
+
+
+@dataclass
+class Prediction:
+    profile: str
+    tunables: Tunables
+    pids: list[int]
+    pages: int
+    distinct_contents: int
+    zero_content_pages: int
+    shared_frames: int
+    scans: list[ScanPrediction] = field(default_factory=list)
+    converged_scan: int | None = None
+    build_seconds: float = 0.0
+    scan_seconds: float = 0.0
+
+    def at(self, scan: int) -> ScanPrediction:
+        return self.scans[scan - 1]
+
+    @property
+    def final(self) -> ScanPrediction:
+        return self.at(self.converged_scan or len(self.scans))
+
+    def seconds_to_converge(self) -> float:
+        last = self.converged_scan or len(self.scans)
+        return sum(s.seconds for s in self.scans[:last])
+
+    def summary(self) -> dict:
+        f = self.final
+        return {"profile": self.profile, "tunables": self.tunables.to_dict(), "pids": self.pids,
+                "candidate_pages": self.pages, "distinct_contents": self.distinct_contents,
+                "zero_content_pages": self.zero_content_pages,
+                "frames_mapped_more_than_once": self.shared_frames,
+                "converged_scan": self.converged_scan,
+                "seconds_to_converge_estimate": self.seconds_to_converge(),
+                "final": {**f.globals, "saved_pages": f.saved_pages(),
+                          "saved_bytes": f.saved_pages() * PAGE_SIZE},
+                "final_per_process": {str(p): v for p, v in f.procs.items()},
+                "emulator_build_seconds": self.build_seconds,
+                "emulator_scan_seconds": self.scan_seconds}
+
+
+def profile_name(requested: str = "auto", release: str | None = None) -> str:
+    if requested and requested != "auto":
+        get_profile(requested)
+        return requested
+    name = profile_for_release(release or os.uname().release)
+    return name or "linux-6.18"
+
+
+class Predictor:
+    """The emulator loaded with process images; scans on demand."""
+
+    def __init__(self, images: Sequence[ProcessImage], tunables: Tunables, profile: str):
+        import time
+
+        t0 = time.perf_counter()
+        self.images = list(images)
+        self.tunables = tunables
+        self.profile = get_profile(profile)
+        self.ksm = Ksm(self.profile, Settings(use_zero_pages=tunables.use_zero_pages,
+                                              max_page_sharing=tunables.max_page_sharing,
+                                              smart_scan=tunables.smart_scan))
+        self.mms: dict[int, object] = {}
+        stats = self._load()
+        self.prediction = Prediction(profile, tunables, [im.pid for im in self.images], *stats)
+        self.prediction.build_seconds = time.perf_counter() - t0
+
+    def _load(self) -> tuple[int, int, int, int]:
+        k = self.ksm
+        areas = [a for im in self.images for a in im.areas]
+        if areas:
+            digests = np.concatenate([a.digests for a in areas])
+            pfns = np.concatenate([a.pfns for a in areas])
+        else:
+            digests = np.zeros((0, 2), dtype=np.uint64)
+            pfns = np.zeros(0, dtype=np.int64)
+        n = digests.shape[0]
+        # content ids: one per distinct digest, 0 for the zero page
+        zero = is_zero(digests)
+        keyed = np.ascontiguousarray(digests).view([("hi", "<u8"), ("lo", "<u8")]).ravel()
+        uniq, inverse = np.unique(keyed, return_inverse=True)
+        ids = k.contents.add_keys(uniq["hi"], uniq["lo"])
+        content = ids[inverse.ravel()] if n else np.zeros(0, dtype=np.int64)
+        content[zero] = ZERO
+        # frames: one per physical frame when frame numbers are known (root)
+        fr = k.frames
+        shared = 0
+        if n and (pfns > 0).all():
+            upfn, first, counts = np.unique(pfns, return_index=True, return_counts=True)
+            frames_u = fr.alloc(content[first])
+            fr.mapcount[frames_u] = counts
+            frame_of = frames_u[np.searchsorted(upfn, pfns)]
+            shared = int(np.count_nonzero(counts > 1))
+        else:
+            frame_of = fr.alloc(content) if n else np.zeros(0, dtype=np.int64)
+        pos = 0
+        for im in self.images:
+            mm = k.spawn(str(im.pid))
+            self.mms[im.pid] = mm
+            # PR_SET_MEMORY_MERGE sets MMF_VM_MERGE_ANY; either way the mm
+            # registers with ksmd (__ksm_enter) at the list tail
+            mm.merge_any = im.scope == "merge-any"
+            k._ksm_enter(mm)
+            for a in im.areas:
+                seg = Segment(mm, f"{a.start:x}", a.start // PAGE_SIZE, a.pages, False)
+                seg.pte[:] = frame_of[pos:pos + a.pages]
+                seg.merge[:] = True
+                seg.anon[:] = True  # it has anonymous pages, so it has an anon_vma
+                pos += a.pages
+                mm.segments.append(seg)
+                mm.regions[seg.name] = seg
+        distinct = int(np.unique(content).size) if n else 0
+        return n, distinct, int(np.count_nonzero(zero)), shared
+
+    def _candidates(self) -> int:
+        total = 0
+        for mm in self.ksm.slots:
+            for seg in mm.segments:
+                if seg.mapped:
+                    total += int(np.count_nonzero(seg.merge & (seg.pte > 0)))
+        return total
+
+    def scan(self) -> ScanPrediction:
+        import time
+
+        k = self.ksm
+        t = self.tunables
+        before = self.prediction.scans[-1].saved_pages() if self.prediction.scans else 0
+        candidates = self._candidates()
+        skipped0 = k.pages_skipped
+        t0 = time.perf_counter()
+        k.scan()
+        self.prediction.scan_seconds += time.perf_counter() - t0
+        visits = candidates - (k.pages_skipped - skipped0)
+        g = k.global_values()
+        procs = {pid: k.proc_values(mm) for pid, mm in self.mms.items()}
+        saved = (g.get("pages_sharing") or 0) + (g.get("ksm_zero_pages") or 0)
+        merges = max(0, saved - before)
+        cpu = visits * CPU_PER_VISIT + merges * CPU_PER_MERGE
+        batches = max(1, math.ceil(visits / max(1, t.pages_to_scan)))
+        seconds = batches * t.sleep_millisecs / 1000.0 + cpu
+        sp = ScanPrediction(len(self.prediction.scans) + 1, g, procs, visits, merges, seconds, cpu)
+        self.prediction.scans.append(sp)
+        return sp
+
+    def run(self, max_scans: int = 20, min_scans: int = 3) -> Prediction:
+        """Scan until the savings counters stay still for a whole scan."""
+        p = self.prediction
+        while len(p.scans) < max_scans:
+            self.scan()
+            if len(p.scans) >= max(2, min_scans) and p.converged_scan is None:
+                a, b = p.scans[-2].globals, p.scans[-1].globals
+                if all(a.get(c) == b.get(c) for c in SAVINGS_COUNTERS):
+                    p.converged_scan = len(p.scans) - 1
+                    break
+        return p
+
+    def ensure(self, scans: int) -> None:
+        while len(self.prediction.scans) < scans:
+            self.scan()
+
+
+def predict(images: Sequence[ProcessImage], tunables: Tunables, profile: str,
+            max_scans: int = 20) -> Predictor:
+    predictor = Predictor(images, tunables, profile)
+    predictor.run(max_scans=max_scans)
+    return predictor
