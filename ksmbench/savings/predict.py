@@ -16,6 +16,19 @@ nothing (no rmap item, no KSM page: run=2 or a fresh boot).  A segment holds
 only the present candidate pages: ksmd skips holes, swap entries and zero
 PTEs without any effect on the counters.
 
+Transparent huge pages (not in the emulator, modelled here): ksmd merges
+4 KiB pages, so try_to_merge_one_page() first splits a THP it tries to merge
+a subpage of.  Since b1f202060afe (6.12) the split maps every zero-filled
+subpage to the shared zero page with a *clean* PTE: memory is saved (RSS,
+PSS, AnonPages drop) but no counter shows it, it is not a KSM zero page
+(measured here: 16 MiB of zeros in THPs gave ksm_zero_pages only for the
+pages outside THPs).  ksmd tries to merge a page in the first scan in which
+its checksum is unchanged (scan 2 for a static page) if its content is zero
+(use_zero_pages=1) or occurs more than once (a stable or unstable tree hit);
+zero-filled subpages come after the trigger in address order or are it, so
+the whole effect is applied before scan 2: the zero-filled subpages of every
+THP with a triggering subpage become clean zero PTEs.
+
 Wall time to converge at ``pages_to_scan`` / ``sleep_millisecs``: ksmd takes
 ``pages_to_scan`` rmap items per batch and then sleeps ``sleep_millisecs``;
 a batch ends early when a full scan completes, and items that smart_scan
@@ -46,6 +59,9 @@ from .snapshot import ProcessImage, is_zero
 #: 174,762 merges.  An estimate: the measurement reports ksmd's real CPU.
 CPU_PER_VISIT = 1.0e-6
 CPU_PER_MERGE = 10.0e-6
+#: b1f202060afe "mm: remap unused subpages to shared zeropage when splitting
+#: isolated thp" (6.12)
+THP_SPLIT_REMAPS_ZERO = (6, 12)
 #: the counters whose stillness defines convergence
 SAVINGS_COUNTERS = ("pages_shared", "pages_sharing", "ksm_zero_pages", "general_profit")
 
@@ -88,6 +104,7 @@ class ScanPrediction:
     merges: int          # pages newly saved in this scan
     seconds: float       # estimated wall time of this full scan at the tunables
     cpu_seconds: float   # estimated ksmd CPU time of this full scan
+    thp_split_zero_pages: int = 0  # zero PTEs a THP split left (not counted by KSM)
 
     def saved_pages(self) -> int:
         g = self.globals
@@ -103,6 +120,9 @@ class Prediction:
     distinct_contents: int
     zero_content_pages: int
     shared_frames: int
+    thp_pages: int = 0
+    #: zero-filled THP subpages that a split maps to the zero page (clean PTE)
+    thp_split_zero_pages: int = 0
     scans: list[ScanPrediction] = field(default_factory=list)
     converged_scan: int | None = None
     build_seconds: float = 0.0
@@ -125,6 +145,8 @@ class Prediction:
                 "candidate_pages": self.pages, "distinct_contents": self.distinct_contents,
                 "zero_content_pages": self.zero_content_pages,
                 "frames_mapped_more_than_once": self.shared_frames,
+                "thp_pages": self.thp_pages,
+                "thp_split_zero_pages": self.thp_split_zero_pages,
                 "converged_scan": self.converged_scan,
                 "seconds_to_converge_estimate": self.seconds_to_converge(),
                 "final": {**f.globals, "saved_pages": f.saved_pages(),
@@ -156,8 +178,12 @@ class Predictor:
                                               max_page_sharing=tunables.max_page_sharing,
                                               smart_scan=tunables.smart_scan))
         self.mms: dict[int, object] = {}
+        self._split: list[tuple[Segment, np.ndarray]] = []
         stats = self._load()
         self.prediction = Prediction(profile, tunables, [im.pid for im in self.images], *stats)
+        self.prediction.thp_pages = sum(int(np.count_nonzero(a.thp)) for im in self.images
+                                        for a in im.areas if a.thp.size)
+        self.prediction.thp_split_zero_pages = sum(int(i.size) for _s, i in self._split)
         self.prediction.build_seconds = time.perf_counter() - t0
 
     def _load(self) -> tuple[int, int, int, int]:
@@ -188,6 +214,7 @@ class Predictor:
             shared = int(np.count_nonzero(counts > 1))
         else:
             frame_of = fr.alloc(content) if n else np.zeros(0, dtype=np.int64)
+        split = self._thp_split_pages(areas, content, pfns)
         pos = 0
         for im in self.images:
             mm = k.spawn(str(im.pid))
@@ -201,11 +228,42 @@ class Predictor:
                 seg.pte[:] = frame_of[pos:pos + a.pages]
                 seg.merge[:] = True
                 seg.anon[:] = True  # it has anonymous pages, so it has an anon_vma
+                idx = np.flatnonzero(split[pos:pos + a.pages])
+                if idx.size:
+                    self._split.append((seg, idx))
                 pos += a.pages
                 mm.segments.append(seg)
                 mm.regions[seg.name] = seg
         distinct = int(np.unique(content).size) if n else 0
         return n, distinct, int(np.count_nonzero(zero)), shared
+
+    def _thp_split_pages(self, areas, content: np.ndarray, pfns: np.ndarray) -> np.ndarray:
+        """Which pages a THP split will map to the zero page (see the module doc)."""
+        n = content.size
+        out = np.zeros(n, dtype=bool)
+        if n == 0 or self.profile.version[:2] < THP_SPLIT_REMAPS_ZERO:
+            return out
+        thp = np.concatenate([a.thp if a.thp.size == a.pages else np.zeros(a.pages, dtype=bool)
+                              for a in areas])
+        if not thp.any():
+            return out
+        counts = np.bincount(content)
+        zero = content == ZERO
+        trigger = counts[content] >= 2
+        if self.tunables.use_zero_pages:
+            trigger |= zero
+        # a PMD-mapped THP is 512 frames aligned to 512 (x86-64, 4 KiB pages)
+        folio = np.where(thp, pfns >> 9, -1)
+        hit = np.unique(folio[thp & trigger])
+        out = thp & zero & np.isin(folio, hit)
+        return out
+
+    def _apply_thp_split(self) -> None:
+        fr = self.ksm.frames
+        for seg, idx in self._split:
+            fr.unmap(seg.pte[idx])
+            seg.pte[idx] = 0          # the shared zero page, clean: not a KSM zero page
+            seg.zdirty[idx] = False
 
     def _candidates(self) -> int:
         total = 0
@@ -221,6 +279,8 @@ class Predictor:
         k = self.ksm
         t = self.tunables
         before = self.prediction.scans[-1].saved_pages() if self.prediction.scans else 0
+        if len(self.prediction.scans) == 1:
+            self._apply_thp_split()
         candidates = self._candidates()
         skipped0 = k.pages_skipped
         t0 = time.perf_counter()
@@ -234,7 +294,9 @@ class Predictor:
         cpu = visits * CPU_PER_VISIT + merges * CPU_PER_MERGE
         batches = max(1, math.ceil(visits / max(1, t.pages_to_scan)))
         seconds = batches * t.sleep_millisecs / 1000.0 + cpu
-        sp = ScanPrediction(len(self.prediction.scans) + 1, g, procs, visits, merges, seconds, cpu)
+        sp = ScanPrediction(len(self.prediction.scans) + 1, g, procs, visits, merges, seconds, cpu,
+                            self.prediction.thp_split_zero_pages
+                            if len(self.prediction.scans) >= 1 else 0)
         self.prediction.scans.append(sp)
         return sp
 

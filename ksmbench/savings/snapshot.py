@@ -41,7 +41,7 @@ import numpy as np
 import xxhash
 
 from ..errors import KsmbenchError, PermissionNeeded, UsageError
-from ..kernel.procfs import KPF_ZERO_PAGE, PM_PFN_MASK, PM_PRESENT, ProcFS
+from ..kernel.procfs import KPF_THP, KPF_ZERO_PAGE, PM_PFN_MASK, PM_PRESENT, ProcFS
 from ..kernel.syscalls import PAGE_SIZE
 
 PM_FILE = np.uint64(1 << 61)
@@ -88,6 +88,8 @@ class Area:
     addrs: np.ndarray    # int64 page addresses
     pfns: np.ndarray     # int64 frame numbers (0: unknown, not root)
     digests: np.ndarray  # (n, 2) uint64: xxh3-128 of each page
+    #: the page is part of a transparent huge page (kpageflags KPF_THP; root only)
+    thp: np.ndarray = field(default_factory=lambda: np.zeros(0, dtype=bool))
 
     @property
     def pages(self) -> int:
@@ -101,6 +103,8 @@ class ProcessImage:
     scope: str
     areas: list[Area] = field(default_factory=list)
     zero_pfn_ptes: int = 0       # zero-page PTEs in the chosen VMAs (not candidates)
+    #: their addresses: after merging, KSM zero pages are among them
+    zero_pte_addrs: np.ndarray = field(default_factory=lambda: np.zeros(0, dtype=np.int64))
     seconds: float = 0.0
 
     @property
@@ -162,17 +166,21 @@ class Snapshotter:
         self.root = os.geteuid() == 0
         self.zero_pfn: int | None = None
         self._kpf: int | None = None
+        self._frames = None
         if self.root:
             from ..kernel.procfs import FrameReader
 
-            with FrameReader(self.procfs, "self") as reader:
-                self.zero_pfn = reader.discover_zero_pfn()
+            self._frames = FrameReader(self.procfs, "self")
+            self.zero_pfn = self._frames.discover_zero_pfn()
             self._kpf = os.open(self.procfs.root / "kpageflags", os.O_RDONLY | os.O_CLOEXEC)
 
     def close(self) -> None:
         if self._kpf is not None:
             os.close(self._kpf)
             self._kpf = None
+        if self._frames is not None:
+            self._frames.close()
+            self._frames = None
 
     def __enter__(self) -> "Snapshotter":
         return self
@@ -221,12 +229,16 @@ class Snapshotter:
             except PermissionError:
                 raise PermissionNeeded(f"reading /proc/{pid}/mem: permission denied",
                                        hint="run as root") from None
+            zero_parts = []
             try:
                 for vma in vmas:
-                    area, zero_ptes = self._area(pid, pm, mem, vma)
-                    image.zero_pfn_ptes += zero_ptes
+                    area, zero_addrs = self._area(pid, pm, mem, vma)
+                    zero_parts.append(zero_addrs)
                     if area.pages:
                         image.areas.append(area)
+                if zero_parts:
+                    image.zero_pte_addrs = np.concatenate(zero_parts)
+                image.zero_pfn_ptes = int(image.zero_pte_addrs.size)
             finally:
                 os.close(mem)
         finally:
@@ -237,10 +249,10 @@ class Snapshotter:
     def _gone(self, pid: int) -> ProcessGone:
         return ProcessGone(f"process {pid} exited during the snapshot")
 
-    def _area(self, pid: int, pm: int, mem: int, vma: Vma) -> tuple[Area, int]:
+    def _area(self, pid: int, pm: int, mem: int, vma: Vma) -> tuple[Area, np.ndarray]:
         first = vma.start // PAGE_SIZE
         count = (vma.end - vma.start) // PAGE_SIZE
-        addrs_parts, pfn_parts, zero_ptes = [], [], 0
+        addrs_parts, pfn_parts, zero_parts = [], [], []
         for off in range(0, count, _PAGEMAP_CHUNK):
             n = min(_PAGEMAP_CHUNK, count - off)
             try:
@@ -267,14 +279,19 @@ class Snapshotter:
                 others = shared & ~zero
                 if others.any():
                     zero[others] = self._zero_flag(pfn[others])
-                zero_ptes += int(np.count_nonzero(zero))
+                zero_parts.append((first + off + idx[zero]).astype(np.int64) * PAGE_SIZE)
                 keep = ~zero
             addrs_parts.append((first + off + idx[keep]).astype(np.int64) * PAGE_SIZE)
             pfn_parts.append(pfn[keep])
         addrs = np.concatenate(addrs_parts) if addrs_parts else np.zeros(0, dtype=np.int64)
         pfns = np.concatenate(pfn_parts) if pfn_parts else np.zeros(0, dtype=np.int64)
         digests = self._read_hash(pid, mem, addrs)
-        return Area(vma.start, vma.end, vma.path, addrs, pfns, digests), zero_ptes
+        thp = np.zeros(addrs.size, dtype=bool)
+        if self._frames is not None and addrs.size:
+            flags = self._frames.kpageflags(pfns)
+            thp = (flags & np.uint64(1 << KPF_THP)) != 0
+        zero_addrs = np.concatenate(zero_parts) if zero_parts else np.zeros(0, dtype=np.int64)
+        return Area(vma.start, vma.end, vma.path, addrs, pfns, digests, thp), zero_addrs
 
     def _zero_flag(self, pfns: np.ndarray) -> np.ndarray:
         """KPF_ZERO_PAGE of each frame (the huge zero page has its own frames)."""
