@@ -59,6 +59,9 @@ class FastScan:
         self.k = ksm
         self.counts: Counter[int] = Counter()
         self._index: dict[int, SNode] | None = None
+        #: the contents of ``index()`` as an array, for np.isin (None: stale)
+        self._index_keys: np.ndarray | None = None
+        self._count_keys = np.zeros(0, dtype=np.int64)
         #: tree_quiet() of the current tree: windows keep it (see the module
         #: doc), so only a hard event, which may change anything, drops it.
         #: Without the cache every segment walked the whole tree: quadratic
@@ -68,6 +71,7 @@ class FastScan:
     # -- the whole scan ------------------------------------------------------------
     def run(self) -> None:
         self.counts = self._candidate_counts()
+        self._count_keys = np.fromiter(self.counts, dtype=np.int64)
         self.k.scan_slots(self.scan_mm)
 
     def _candidate_counts(self) -> Counter[int]:
@@ -106,7 +110,14 @@ class FastScan:
         """content -> the stable tree node (regular or chain) holding it."""
         if self._index is None:
             self._index = {n.cid: n for n in self.k.root.inorder()}
+            self._index_keys = None
         return self._index
+
+    def index_keys(self) -> np.ndarray:
+        index = self.index()
+        if self._index_keys is None:
+            self._index_keys = np.fromiter(index, dtype=np.int64, count=len(index))
+        return self._index_keys
 
     def tree_quiet(self) -> bool:
         """True when no stable-tree walk can change anything (see module doc)."""
@@ -166,10 +177,10 @@ class FastScan:
         index = self.index()
         in_tree = np.zeros(ev.size, dtype=bool)
         if index and rest.any():
-            in_tree[rest] = np.isin(content[rest], np.fromiter(index, dtype=np.int64))
+            in_tree[rest] = np.isin(content[rest], self.index_keys())
         multi = np.zeros(ev.size, dtype=bool)
         if self.counts and rest.any():
-            keys = np.fromiter(self.counts, dtype=np.int64)
+            keys = self._count_keys
             multi[rest] = np.isin(content[rest], keys)
         group = rest & (in_tree | multi)
         zero_merge = k.settings.use_zero_pages & (content == ZERO)
@@ -407,7 +418,11 @@ class _Group:
         k._remove_from_tree(tseg, tidx)
         k._replace(tseg, tidx, frame)
         node = k._stable_tree_insert(frame, quiet=True)
-        self.fs._index = None
+        # the index follows the tree: the content now has this dup, or the
+        # chain that took the place of its full node (stable_tree_insert())
+        if self.fs._index is not None:
+            self.fs._index[self.cid] = node.chain if node.chain is not None else node
+            self.fs._index_keys = None
         k._append(tseg, tidx, node)
         k._append(seg, i, node)
         self.p += 1

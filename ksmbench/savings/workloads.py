@@ -1,12 +1,18 @@
 """Real programs nobody here wrote, predicted and measured with ``ksmbench savings``:
 
-    python -m ksmbench.savings.workloads [python] [redis] [--copies N] [--out DIR]
+    python -m ksmbench.savings.workloads [python] [redis] [qemu] [--copies N] [--out DIR]
 
 * ``python``: N idle Python interpreters that imported numpy, pandas and
   matplotlib (the PyPI packages ksmbench itself depends on).
 * ``redis``: N ``redis-server`` (Debian package: ``vm/install-host-deps
   --workloads``), each on 127.0.0.1 with its own port and directory, each
   loading the same dump (100,000 keys written once by a seed server here).
+
+* ``qemu``: N QEMU guests (TCG, 256 MiB, one vCPU) of the same Debian kernel
+  (debian:6.12, fetched like ``--kernel debian:6.12``), booted into a
+  busybox initramfs that prints a line and sleeps.  QEMU marks guest RAM
+  mergeable itself (``-machine mem-merge=on``, the classic KSM case), so the
+  run uses ``--no-merge-any`` and only guest RAM counts.
 
 Each workload is one ``ksmbench savings`` run (the command line, so exactly
 what a user runs), with use_zero_pages=1 and the host's other tunables; its
@@ -121,21 +127,61 @@ def redis_command(workdir: Path, copies: int) -> tuple[list[str], str]:
         "line:Ready to accept connections"
 
 
+GUEST_READY = "KSMBENCH-GUEST-READY"
+GUEST_INIT = f"""#!/bin/busybox sh
+/bin/busybox mkdir -p /proc
+/bin/busybox mount -t proc proc /proc
+/bin/busybox echo {GUEST_READY}
+exec /bin/busybox sleep 1000000
+"""
+
+
+def qemu_command(workdir: Path, kernel: str = "debian:6.12") -> tuple[list[str], str, list[str]]:
+    """QEMU argv for one guest, the readiness, and extra ksmbench savings options."""
+    from ..backends.vm.kernels import resolve
+
+    qemu = shutil.which("qemu-system-x86_64")
+    busybox = shutil.which("busybox")
+    cpio = shutil.which("cpio")
+    if not (qemu and busybox and cpio):
+        raise UsageError("the qemu workload needs qemu-system-x86_64, busybox and cpio",
+                         hint="run vm/install-host-deps --build")
+    image = resolve(kernel).image
+    root = workdir / "initramfs"
+    (root / "bin").mkdir(parents=True)
+    shutil.copy(busybox, root / "bin" / "busybox")
+    (root / "init").write_text(GUEST_INIT)
+    os.chmod(root / "init", 0o755)
+    names = "\n".join(["init", "bin", "bin/busybox"]) + "\n"
+    initrd = workdir / "initrd.cpio"
+    with open(initrd, "wb") as f:
+        subprocess.run([cpio, "-o", "-H", "newc", "--quiet"], cwd=root, input=names.encode(),
+                       stdout=f, check=True, timeout=60)
+    argv = [qemu, "-machine", "pc,accel=tcg,mem-merge=on", "-cpu", "max", "-m", "256", "-smp", "1",
+            "-kernel", str(image), "-initrd", str(initrd),
+            "-append", "console=ttyS0 rdinit=/init panic=-1 quiet",
+            "-nodefaults", "-display", "none", "-serial", "stdio", "-no-reboot"]
+    return argv, f"line:{GUEST_READY}", ["--no-merge-any", "--ready-timeout", "600"]
+
+
 def run_workload(name: str, copies: int, out: Path, wait: float) -> Path:
     with tempfile.TemporaryDirectory(prefix=f"ksmbench-{name}-") as tmp:
         workdir = Path(tmp)
+        extra: list[str] = []
         if name == "python":
             argv, ready = [sys.executable, "-c", PY_IDLE], "line:ready"
         elif name == "redis":
             argv, ready = redis_command(workdir, copies)
+        elif name == "qemu":
+            argv, ready, extra = qemu_command(workdir)
         else:
-            raise UsageError(f"unknown workload '{name}' (python, redis)")
+            raise UsageError(f"unknown workload '{name}' (python, redis, qemu)")
         parent = out / name
         parent.mkdir(parents=True, exist_ok=True)
         before = set(parent.iterdir())
         cmd = [sys.executable, "-m", "ksmbench.cli", "savings", "--copies", str(copies),
                "--ready", ready, "--ready-timeout", "300", "--use-zero-pages", "1",
-               "--wait", str(wait), "--out", str(parent), "--", *argv]
+               "--wait", str(wait), "--out", str(parent), *extra, "--", *argv]
         print(f"== {name}: {' '.join(cmd)}", flush=True)
         proc = subprocess.run(cmd, timeout=wait + 1800)
         new = sorted(set(parent.iterdir()) - before)
