@@ -31,6 +31,8 @@ class ContentTable:
         self._hi = np.zeros(1024, dtype=np.uint64)
         self._lo = np.zeros(1024, dtype=np.uint64)
         self._n = 1  # id 0: the zero page, key (0, 0)
+        #: key() of ids already asked for (ids never change once assigned)
+        self._pykeys: list[tuple[int, int]] = []
         self._tags: dict[str, int] = {}
         #: id -> content key (patterns.key_bytes) for the rare full comparison
         self._unique_blocks: list[tuple[int, int, str, int]] = []  # (first id, count, scenario, step)
@@ -88,7 +90,13 @@ class ContentTable:
 
     # -- ordering --------------------------------------------------------------------
     def key(self, cid: int) -> tuple[int, int]:
-        return int(self._hi[cid]), int(self._lo[cid])
+        # Python ints, converted once per id: tree walks compare millions of
+        # times, and a numpy scalar read costs several times a list index
+        keys = self._pykeys
+        if cid >= len(keys):
+            done = len(keys)
+            keys.extend(zip(self._hi[done:self._n].tolist(), self._lo[done:self._n].tolist()))
+        return keys[cid]
 
     def keys(self, cids: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         return self._hi[cids], self._lo[cids]

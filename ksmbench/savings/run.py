@@ -94,10 +94,13 @@ def predict_pids(args, overrides: dict, console) -> int:
     table = SavingsTable(rundir.path / "savings.csv")
     console.print(f"savings {rundir.run_id}: predicting {len(args.pid)} processes -> {rundir.path}")
     try:
+        t0, c0 = time.perf_counter(), time.process_time()
         with Snapshotter() as snap:
             images, snap_s = _snapshot(snap, args.pid, args.scope, console)
         predictor = _predict(images, tunables, profile, args.max_scans, console)
         p = predictor.prediction
+        meta["snapshot_and_prediction_seconds"] = time.perf_counter() - t0
+        meta["snapshot_and_prediction_cpu_seconds"] = time.process_time() - c0
         meta["snapshot_seconds"] = snap_s
         meta["prediction"] = p.summary()
         for sp in p.scans:
@@ -186,13 +189,14 @@ def _measure(args, command, tunables, profile, ready, merge_any, session, rundir
         session.check_no_other_ksm_users(also_mine=pids)
         _check_merge_any(session, pids, merge_any)
         with Snapshotter() as snap:
-            t0 = time.perf_counter()
+            t0, c0 = time.perf_counter(), time.process_time()
             images, snap_s = _snapshot(snap, pids, args.scope, console)
             base = read_system(session, pids, ksmd)
             base_cpu, base.ksmd_cpu = base.ksmd_cpu, 0.0
             predictor = _predict(images, tunables, profile, args.max_scans, console)
             meta["snapshot_seconds"] = snap_s
             meta["snapshot_and_prediction_seconds"] = time.perf_counter() - t0
+            meta["snapshot_and_prediction_cpu_seconds"] = time.process_time() - c0
             p = predictor.prediction
             meta["prediction"] = p.summary()
             rundir.write_metadata()
