@@ -235,22 +235,37 @@ def table(rows: list[dict]) -> str:
 def main(argv: Sequence[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m ksmbench.savings.workloads",
                                 description=__doc__.splitlines()[0])
-    p.add_argument("workloads", nargs="*", default=["python", "redis"], metavar="WORKLOAD")
+    p.add_argument("workloads", nargs="*", default=["python", "redis", "qemu"], metavar="WORKLOAD")
     p.add_argument("--copies", type=int, default=4)
     p.add_argument("--out", default="results/workloads")
     p.add_argument("--wait", type=float, default=3600.0,
                    help="wait this long for another run's lock (default 3600)")
+    p.add_argument("--summarize", action="store_true",
+                   help="only rebuild workloads.md/json from the newest run of each workload")
     args = p.parse_args(argv)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    rows = []
-    for name in args.workloads:
-        rundir = run_workload(name, args.copies, out, args.wait)
-        rows.append(row(name, rundir))
-        (out / "workloads.json").write_text(json.dumps(rows, indent=2) + "\n")
-        (out / "workloads.md").write_text(table(rows))
+    if not args.summarize:
+        for name in args.workloads:
+            run_workload(name, args.copies, out, args.wait)
+    rows = summarize(out)
     print(table(rows))
     return 0
+
+
+def summarize(out: Path) -> list[dict]:
+    """workloads.md/json from the newest complete run of each workload under ``out``."""
+    rows = []
+    for name in ("python", "redis", "qemu"):
+        runs = sorted(d for d in (out / name).glob("*") if (d / "metadata.json").exists()) \
+            if (out / name).is_dir() else []
+        done = [d for d in runs if json.loads((d / "metadata.json").read_text())
+                .get("error_at_convergence")]
+        if done:
+            rows.append(row(name, done[-1]))
+    (out / "workloads.json").write_text(json.dumps(rows, indent=2) + "\n")
+    (out / "workloads.md").write_text(table(rows))
+    return rows
 
 
 if __name__ == "__main__":
