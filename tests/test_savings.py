@@ -263,3 +263,59 @@ def test_three_interpreters_with_a_shared_array_end_to_end(tmp_path):
     for metric in ("global.pages_sharing", "global.ksm_zero_pages", "global.general_profit",
                    "rss", "pss", "uss", *(f"proc.{p}.ksm_process_profit" for p in meta["pids"])):
         assert metric in finals and all(finals[metric]), metric
+
+
+def test_kernels_without_exec_inheritance_are_refused_in_one_line():
+    from ksmbench.errors import KsmUnavailable
+    from ksmbench.kernel.features import detect
+    from ksmbench.savings.workload import check_exec_inheritance
+
+    if not detect()["prctl_memory_merge"]:
+        with pytest.raises(KsmUnavailable, match="no PR_SET_MEMORY_MERGE"):
+            check_exec_inheritance("6.18.0")
+        return
+    for release in ("6.6.30", "6.9.12"):
+        with pytest.raises(KsmUnavailable, match="does not keep PR_SET_MEMORY_MERGE across exec"):
+            check_exec_inheritance(release)
+    check_exec_inheritance("6.10.0")
+
+
+def test_a_command_that_cannot_start_is_one_line(tmp_path):
+    out = subprocess.run([sys.executable, "-m", "ksmbench.cli", "savings", "--out", str(tmp_path),
+                          "--", "/nonexistent/program"], capture_output=True, text=True, timeout=60)
+    assert out.returncode == 2
+    if os.geteuid() == 0:
+        assert out.stderr.count("\n") == 1 and "cannot start '/nonexistent/program'" in out.stderr
+    else:
+        assert "needs root" in out.stderr
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="drops root to check the refusal")
+def test_not_root_is_one_line():
+    def drop():
+        os.setgid(65534)
+        os.setuid(65534)
+
+    try:
+        out = subprocess.run([sys.executable, "-m", "ksmbench.cli", "savings", "--pid", "1"],
+                             capture_output=True, text=True, timeout=60, preexec_fn=drop, cwd="/",
+                             env={**os.environ, "PYTHONPATH": str(Path(__file__).parents[1])})
+    except PermissionError:
+        pytest.skip("this interpreter is not executable by nobody")
+    if "ksmbench: error" not in out.stderr:
+        pytest.skip(f"this checkout is not usable by nobody ({out.stderr.strip()[-120:]})")
+    assert out.returncode == 2
+    assert out.stderr.count("\n") == 1 and "needs root" in out.stderr, out.stderr
+
+
+def test_report_has_a_savings_section(tmp_path):
+    """The reference runs in results/reference/workloads render as a section."""
+    from ksmbench.report.cli import generate
+
+    runs = sorted(Path(__file__).parents[1].glob("results/reference/workloads/*/2*"))
+    if not runs:
+        pytest.skip("no reference savings runs in this checkout")
+    paths = generate(runs[:2], tmp_path / "report")
+    md = paths["markdown"].read_text()
+    assert "## What KSM saves for a real program" in md
+    assert any(p.name.startswith("workload-savings-") for p in paths["figures"].iterdir())
