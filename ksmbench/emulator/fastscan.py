@@ -314,6 +314,16 @@ class FastScan:
         ends = np.concatenate((bounds, [cs.size]))
         # run the groups interleaved by the position of their next tree change
         machines = []
+        singles = (ends - starts) == 1
+        if self.k.checksum_first and singles.any():
+            # a content with one candidate here that needs no new dup: an
+            # append to its node or an insert into the unstable tree, done
+            # for all of them at once (real processes have many such contents)
+            rest = self._singles(seg, gi[order[starts[singles]]], cs[starts[singles]],
+                                 gframe[order[starts[singles]]])
+            keep = np.ones(starts.size, dtype=bool)
+            keep[np.flatnonzero(singles)[~rest]] = False
+            starts, ends = starts[keep], ends[keep]
         for a, b in zip(starts.tolist(), ends.tolist()):
             sel = order[a:b]
             machines.append(_Group(self, seg, int(cs[a]), gi[sel], gframe[sel], gck[sel]))
@@ -336,6 +346,55 @@ class FastScan:
             first.advance()
             if not first.done():
                 heapq.heappush(heap, (first.next_position(), n, first))
+
+
+    def _singles(self, seg: Segment, idx: np.ndarray, cids: np.ndarray,
+                 frames: np.ndarray) -> np.ndarray:
+        """_Group.advance() for contents with a single candidate in this window
+        (6.11+ order: the checksum was unchanged and it is not a zero-page
+        merge, else it would not be a group).  Handles an append to a regular
+        node with room, and an insert into the unstable tree; returns True
+        where the content still needs a machine (a chain, a full node, or a
+        merge with an unstable-tree page, which creates a dup)."""
+        k = self.k
+        index = self.index()
+        mps = k.settings.max_page_sharing
+        rest = np.ones(idx.size, dtype=bool)
+        app_i, app_node = [], []
+        ins = []
+        for j, (i, cid) in enumerate(zip(idx.tolist(), cids.tolist())):
+            node = index.get(cid)
+            if node is not None:
+                if not node.is_chain and 0 < node.len < mps:
+                    app_i.append(j)
+                    app_node.append(node)
+                    node.len += 1  # one candidate each: room for it
+                    rest[j] = False
+                continue
+            if cid not in k.unstable:
+                ins.append(j)
+                rest[j] = False
+        if app_i:
+            sel = np.array(app_i, dtype=np.int64)
+            pages = idx[sel]
+            kpfn = np.fromiter((n.kpfn for n in app_node), dtype=np.int64, count=len(app_node))
+            nid = np.fromiter((n.nid for n in app_node), dtype=np.int64, count=len(app_node))
+            k.frames.unmap(seg.pte[pages])
+            np.add.at(k.frames.mapcount, kpfn, 1)
+            seg.pte[pages] = kpfn
+            seg.ist[pages] = STABLE
+            seg.inode[pages] = nid
+            k.pages_sharing += len(app_i)  # each node already had a mapping
+            seg.mm.merging_pages += len(app_i)
+        if ins:
+            sel = np.array(ins, dtype=np.int64)
+            pages = idx[sel].tolist()
+            seg.ist[idx[sel]] = UNSTABLE
+            k.pages_unshared += len(ins)
+            for i, cid in zip(pages, cids[sel].tolist()):
+                k.unstable[cid] = (seg, i)
+                k._unstable_key[(seg.sid, i)] = cid
+        return rest
 
 
 class _Group:
