@@ -319,3 +319,39 @@ def test_report_has_a_savings_section(tmp_path):
     md = paths["markdown"].read_text()
     assert "## What KSM saves for a real program" in md
     assert any(p.name.startswith("workload-savings-") for p in paths["figures"].iterdir())
+
+
+@pytest.mark.root
+@pytest.mark.slow
+@pytest.mark.skipif(not host_ksm_usable(), reason="needs root and a writable KSM sysfs")
+def test_sigterm_while_waiting_for_readiness_leaves_no_copy(tmp_path):
+    """SIGTERM during the readiness wait: one line, exit 2, every copy gone,
+    the run directory says it was interrupted (tunables: the session fixture)."""
+    import signal
+    import time
+
+    out = tmp_path / "out"
+    proc = subprocess.Popen([sys.executable, "-m", "ksmbench.cli", "savings", "--copies", "2",
+                             "--ready", "file:/nonexistent/never", "--ready-timeout", "600",
+                             "--wait", "1800", "--out", str(out), "--", "sleep", "1000"],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 1800
+    meta_path = None
+    while time.monotonic() < deadline and meta_path is None:
+        runs = list(out.glob("*/metadata.json")) if out.exists() else []
+        stdout_files = list(out.glob("*/copy1.stdout")) if out.exists() else []
+        if runs and stdout_files:
+            meta_path = runs[0]
+        time.sleep(0.2)
+    assert meta_path is not None, "the copies never started"
+    time.sleep(1.0)
+    pids = [int(p) for p in subprocess.run(["pgrep", "-f", "^sleep 1000$"], capture_output=True,
+                                           text=True).stdout.split()]
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 2
+    assert err.count("\n") == 1 and "stopped; KSM tunables restored" in err, err
+    for pid in pids:
+        stat = Path(f"/proc/{pid}/stat")
+        assert not stat.exists() or stat.read_text().split()[2] == "Z", f"copy {pid} outlived the run"
+    assert "interrupted" in json.loads(meta_path.read_text())
