@@ -95,14 +95,16 @@ def read_system(session, pids: Sequence[int], ksmd) -> Reading:
     return Reading(counters, procs, rss, pss, uss, read_meminfo(), cpu)
 
 
-def row_values(pred, reading: Reading | None, base: Reading | None, pids: Sequence[int]
-               ) -> dict[str, tuple[Any, Any]]:
+def row_values(pred, reading: Reading | None, base: Reading | None, pids: Sequence[int],
+               template=None) -> dict[str, tuple[Any, Any]]:
     """metric -> (predicted, measured) for one scan; ``pred`` None: nothing merged yet
-    (scan 0), ``reading`` None: not measured (--pid)."""
+    (scan 0: every counter the kernel has is 0, the others None as in
+    ``template``, a scan's prediction), ``reading`` None: not measured (--pid)."""
     out: dict[str, tuple[Any, Any]] = {}
     g = pred.globals if pred is not None else {}
+    absent = {k for k, v in (template.globals if template is not None else {}).items() if v is None}
     for name in GLOBALS:
-        p = g.get(name) if pred is not None else 0  # scan 0: KSM holds nothing (run=2)
+        p = g.get(name) if pred is not None else (None if name in absent else 0)
         out[f"global.{name}"] = (p, reading.counters.get(name) if reading else None)
     saved = None if pred is None else pred.saved_pages()
     msaved = None
@@ -113,8 +115,9 @@ def row_values(pred, reading: Reading | None, base: Reading | None, pids: Sequen
                           None if msaved is None else msaved * PAGE_SIZE)
     for pid in pids:
         pp = pred.procs.get(pid, {}) if pred is not None else {}
+        tp = template.procs.get(pid, {}) if template is not None else {}
         for f in PROC_FIELDS:
-            pv = pp.get(f) if pred is not None else 0
+            pv = pp.get(f) if pred is not None else (None if f in tp and tp[f] is None else 0)
             out[f"proc.{pid}.{f}"] = (pv, reading.procs.get(pid, {}).get(f) if reading else None)
     # psutil sums: predicted from the snapshot's values and the predicted counters.
     # RSS loses only KSM zero pages (replace_page() dec_mm_counter); PSS loses

@@ -200,7 +200,7 @@ def _measure(args, command, tunables, profile, ready, merge_any, session, rundir
             p = predictor.prediction
             meta["prediction"] = p.summary()
             rundir.write_metadata()
-            table.add(0, row_values(None, base, base, pids))
+            table.add(0, row_values(None, base, base, pids, template=p.at(1)))
             readings = [base]
             pages = sum(im.pages for im in images)
             want = max(p.converged_scan or 0, 2) + 1
