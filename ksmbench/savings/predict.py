@@ -34,8 +34,8 @@ Wall time to converge at ``pages_to_scan`` / ``sleep_millisecs``: ksmd takes
 a batch ends early when a full scan completes, and items that smart_scan
 skips do not count against the batch (ksm_do_scan(), 6.7).  So a full scan
 takes ceil(visits / pages_to_scan) batches, each followed by a sleep, plus
-ksmd's CPU time, estimated per visited page and per merged page with costs
-measured on the reference machine (``CPU_PER_VISIT``, ``CPU_PER_MERGE``).
+ksmd's CPU time, estimated per visited page, per unstable-tree page and per
+merged page with costs fitted on the reference machine (``CPU_PER_*``).
 """
 
 from __future__ import annotations
@@ -52,13 +52,16 @@ from ..emulator.machine import PAGE_SIZE, Ksm, Segment, Settings
 from ..emulator.profiles import get_profile, profile_for_release
 from .snapshot import ProcessImage, is_zero
 
-#: ksmd CPU per page it visits (checksum, tree lookups) and per page it
-#: merges (write-protect, memcmp, replace_page, TLB flush), from the stepped
-#: scans of `python -m ksmbench.bench.emulator_speed` on the reference 2-core
-#: host (6.18): 1 GiB, scan 1 0.27 s (checksums only), scan 2 2.07 s with
-#: 174,762 merges.  An estimate: the measurement reports ksmd's real CPU.
-CPU_PER_VISIT = 1.0e-6
-CPU_PER_MERGE = 10.0e-6
+#: ksmd CPU time per page it visits (checksum), per page it puts into or
+#: looks up in the unstable tree (memcmp() down the tree), and per page it
+#: merges (write-protect, replace_page(), TLB flush): least squares over the
+#: 12 stepped scans of the three reference workloads on the reference 2-core
+#: host (6.18; results/reference/workloads), where it predicts each scan's
+#: ksmd CPU to within about 0.06 s.  An estimate: the measurement reports
+#: ksmd's real CPU beside it.
+CPU_PER_VISIT = 0.53e-6
+CPU_PER_UNSTABLE = 7.2e-6
+CPU_PER_MERGE = 3.6e-6
 #: b1f202060afe "mm: remap unused subpages to shared zeropage when splitting
 #: isolated thp" (6.12)
 THP_SPLIT_REMAPS_ZERO = (6, 12)
@@ -303,7 +306,8 @@ class Predictor:
         procs = {pid: k.proc_values(mm) for pid, mm in self.mms.items()}
         saved = (g.get("pages_sharing") or 0) + (g.get("ksm_zero_pages") or 0)
         merges = max(0, saved - before)
-        cpu = visits * CPU_PER_VISIT + merges * CPU_PER_MERGE
+        unstable = g.get("pages_unshared") or 0  # the unstable tree is rebuilt every scan
+        cpu = visits * CPU_PER_VISIT + unstable * CPU_PER_UNSTABLE + merges * CPU_PER_MERGE
         batches = max(1, math.ceil(visits / max(1, t.pages_to_scan)))
         seconds = batches * t.sleep_millisecs / 1000.0 + cpu
         sp = ScanPrediction(len(self.prediction.scans) + 1, g, procs, visits, merges, seconds, cpu,
