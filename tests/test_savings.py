@@ -355,3 +355,19 @@ def test_sigterm_while_waiting_for_readiness_leaves_no_copy(tmp_path):
         stat = Path(f"/proc/{pid}/stat")
         assert not stat.exists() or stat.read_text().split()[2] == "Z", f"copy {pid} outlived the run"
     assert "interrupted" in json.loads(meta_path.read_text())
+
+
+def test_a_process_that_exits_during_the_snapshot_is_named(tmp_path, monkeypatch):
+    """smaps was read, then the process went (its pagemap is gone): one line."""
+    from ksmbench.kernel.procfs import ProcFS
+    from ksmbench.savings.snapshot import ProcessGone
+
+    monkeypatch.setattr(os, "geteuid", lambda: 1000)  # no frame numbers: no kpageflags needed
+    proc = tmp_path / "4242"
+    proc.mkdir()
+    (proc / "smaps").write_text("7f0000000000-7f0000001000 rw-p 00000000 00:00 0\n"
+                                "VmFlags: rd wr mr mw me ac\n")
+    (proc / "comm").write_text("gone\n")
+    with Snapshotter(ProcFS(tmp_path)) as snap:
+        with pytest.raises(ProcessGone, match="process 4242 exited during the snapshot"):
+            snap.snapshot(4242)
