@@ -371,3 +371,16 @@ def test_a_process_that_exits_during_the_snapshot_is_named(tmp_path, monkeypatch
     with Snapshotter(ProcFS(tmp_path)) as snap:
         with pytest.raises(ProcessGone, match="process 4242 exited during the snapshot"):
             snap.snapshot(4242)
+
+
+def test_pages_merged_already_are_predicted_from_scratch():
+    """The same frames seen as KSM pages (a process KSM merged already) count
+    as separate copies: the prediction starts from nothing merged."""
+    pages = [i.to_bytes(4, "little") + bytes(PAGE_SIZE - 4) for i in range(1, 51)]
+    a = image(1, pages, pfn_base=1000)
+    b = image(2, pages, pfn_base=1000)
+    for im in (a, b):
+        im.areas[0].ksm = np.ones(50, dtype=bool)
+    pred = Predictor([a, b], Tunables(), PROFILE).run()
+    assert pred.shared_frames == 0
+    assert (pred.final.globals["pages_shared"], pred.final.globals["pages_sharing"]) == (50, 50)

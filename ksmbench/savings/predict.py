@@ -207,6 +207,13 @@ class Predictor:
         fr = k.frames
         shared = 0
         if n and (pfns > 0).all():
+            # a page KSM has merged already is a copy of its own again: the
+            # prediction starts from nothing merged (as after run=2)
+            ksm = np.concatenate([a.ksm if a.ksm.size == a.pages else np.zeros(a.pages, dtype=bool)
+                                  for a in areas])
+            if ksm.any():
+                pfns = pfns.copy()
+                pfns[ksm] = -1 - np.arange(int(np.count_nonzero(ksm)), dtype=np.int64)
             upfn, first, counts = np.unique(pfns, return_index=True, return_counts=True)
             frames_u = fr.alloc(content[first])
             fr.mapcount[frames_u] = counts

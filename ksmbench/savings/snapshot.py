@@ -41,7 +41,7 @@ import numpy as np
 import xxhash
 
 from ..errors import KsmbenchError, PermissionNeeded, UsageError
-from ..kernel.procfs import KPF_THP, KPF_ZERO_PAGE, PM_PFN_MASK, PM_PRESENT, ProcFS
+from ..kernel.procfs import KPF_KSM, KPF_THP, KPF_ZERO_PAGE, PM_PFN_MASK, PM_PRESENT, ProcFS
 from ..kernel.syscalls import PAGE_SIZE
 
 PM_FILE = np.uint64(1 << 61)
@@ -90,6 +90,8 @@ class Area:
     digests: np.ndarray  # (n, 2) uint64: xxh3-128 of each page
     #: the page is part of a transparent huge page (kpageflags KPF_THP; root only)
     thp: np.ndarray = field(default_factory=lambda: np.zeros(0, dtype=bool))
+    #: the page is a KSM page already (KPF_KSM, mapped more than once; root only)
+    ksm: np.ndarray = field(default_factory=lambda: np.zeros(0, dtype=bool))
 
     @property
     def pages(self) -> int:
@@ -252,7 +254,7 @@ class Snapshotter:
     def _area(self, pid: int, pm: int, mem: int, vma: Vma) -> tuple[Area, np.ndarray]:
         first = vma.start // PAGE_SIZE
         count = (vma.end - vma.start) // PAGE_SIZE
-        addrs_parts, pfn_parts, zero_parts = [], [], []
+        addrs_parts, pfn_parts, zero_parts, excl_parts = [], [], [], []
         for off in range(0, count, _PAGEMAP_CHUNK):
             n = min(_PAGEMAP_CHUNK, count - off)
             try:
@@ -283,15 +285,21 @@ class Snapshotter:
                 keep = ~zero
             addrs_parts.append((first + off + idx[keep]).astype(np.int64) * PAGE_SIZE)
             pfn_parts.append(pfn[keep])
+            excl_parts.append(((ent & PM_EXCLUSIVE) != 0)[keep])
         addrs = np.concatenate(addrs_parts) if addrs_parts else np.zeros(0, dtype=np.int64)
         pfns = np.concatenate(pfn_parts) if pfn_parts else np.zeros(0, dtype=np.int64)
+        exclusive = np.concatenate(excl_parts) if excl_parts else np.zeros(0, dtype=bool)
         digests = self._read_hash(pid, mem, addrs)
         thp = np.zeros(addrs.size, dtype=bool)
+        ksm = np.zeros(addrs.size, dtype=bool)
         if self._frames is not None and addrs.size:
             flags = self._frames.kpageflags(pfns)
             thp = (flags & np.uint64(1 << KPF_THP)) != 0
+            # a KSM page is never mapped exclusively; requiring that keeps the
+            # kpageflags bug of dee3d0bef2b0 (KPF_KSM on every anon page) out
+            ksm = ((flags & np.uint64(1 << KPF_KSM)) != 0) & ~exclusive
         zero_addrs = np.concatenate(zero_parts) if zero_parts else np.zeros(0, dtype=np.int64)
-        return Area(vma.start, vma.end, vma.path, addrs, pfns, digests, thp), zero_addrs
+        return Area(vma.start, vma.end, vma.path, addrs, pfns, digests, thp, ksm), zero_addrs
 
     def _zero_flag(self, pfns: np.ndarray) -> np.ndarray:
         """KPF_ZERO_PAGE of each frame (the huge zero page has its own frames)."""
