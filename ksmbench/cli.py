@@ -26,6 +26,8 @@ DELEGATED_HELP = {
     "bench": ("ksmbench.bench.cli", "benchmark merge/unmerge/CoW speed and ksmd cost"),
     "report": ("ksmbench.report.cli", "figures and an HTML report from run directories"),
     "selftest": ("ksmbench.selftests", "run the kernel's own KSM selftests beside ksmbench"),
+    "savings": ("ksmbench.savings.cli",
+                "what KSM saves for a real program: predicted before merging, then measured"),
 }
 DELEGATED = {name: module for name, (module, _help) in DELEGATED_HELP.items()}
 

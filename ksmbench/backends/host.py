@@ -25,7 +25,7 @@ import subprocess
 import sys
 import time
 from contextlib import ExitStack
-from typing import Any, Iterator, Sequence
+from typing import Any, Iterable, Iterator, Sequence
 
 from .. import errors
 from ..errors import Busy, KsmbenchError, NotApplicable, PermissionNeeded, WaitTimeout
@@ -218,8 +218,9 @@ class HostSession:
         assert self.zygote is not None, "the session is not entered"
         return AgentHandle.fork_from(self.zygote, name, op="spawn")
 
-    def check_no_other_ksm_users(self) -> None:
-        mine = {a.pid for a in self.agents.values()}
+    def check_no_other_ksm_users(self, also_mine: Iterable[int] = ()) -> None:
+        """``also_mine``: pids this run started itself (a measured workload)."""
+        mine = {a.pid for a in self.agents.values()} | set(also_mine)
         mine |= {h.pid for h in (self.sentinel, self.zygote) if h is not None}
         others = self.procfs.mergeable_processes(exclude=mine)
         if others:

@@ -31,6 +31,8 @@ class ContentTable:
         self._hi = np.zeros(1024, dtype=np.uint64)
         self._lo = np.zeros(1024, dtype=np.uint64)
         self._n = 1  # id 0: the zero page, key (0, 0)
+        #: key() of ids already asked for (ids never change once assigned)
+        self._pykeys: list[tuple[int, int]] = []
         self._tags: dict[str, int] = {}
         #: id -> content key (patterns.key_bytes) for the rare full comparison
         self._unique_blocks: list[tuple[int, int, str, int]] = []  # (first id, count, scenario, step)
@@ -75,9 +77,26 @@ class ContentTable:
         self._unique_blocks.append((first, npages, fill.scenario, fill.step))
         return np.arange(first, first + npages, dtype=np.int64)
 
+    def add_keys(self, hi: np.ndarray, lo: np.ndarray) -> np.ndarray:
+        """New contents known only by a 128-bit key each (``ksmbench savings``
+        hashes real pages): ids for them, in the order given.  The key stands
+        in for the page's first 16 bytes as its memcmp order; that order only
+        shapes the trees, and two contents with the same key are one content
+        (a 2^-128 event for xxh3-128 digests)."""
+        first = self._reserve(int(hi.size))
+        self._hi[first:first + hi.size] = hi
+        self._lo[first:first + lo.size] = lo
+        return np.arange(first, first + hi.size, dtype=np.int64)
+
     # -- ordering --------------------------------------------------------------------
     def key(self, cid: int) -> tuple[int, int]:
-        return int(self._hi[cid]), int(self._lo[cid])
+        # Python ints, converted once per id: tree walks compare millions of
+        # times, and a numpy scalar read costs several times a list index
+        keys = self._pykeys
+        if cid >= len(keys):
+            done = len(keys)
+            keys.extend(zip(self._hi[done:self._n].tolist(), self._lo[done:self._n].tolist()))
+        return keys[cid]
 
     def keys(self, cids: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         return self._hi[cids], self._lo[cids]

@@ -40,6 +40,7 @@ Why a window is exact (the kernel behaviour each condition rests on):
 
 from __future__ import annotations
 
+import heapq
 from collections import Counter
 
 import numpy as np
@@ -60,10 +61,19 @@ class FastScan:
         self.k = ksm
         self.counts: Counter[int] = Counter()
         self._index: dict[int, SNode] | None = None
+        #: the contents of ``index()`` as an array, for np.isin (None: stale)
+        self._index_keys: np.ndarray | None = None
+        self._count_keys = np.zeros(0, dtype=np.int64)
+        #: tree_quiet() of the current tree: windows keep it (see the module
+        #: doc), so only a hard event, which may change anything, drops it.
+        #: Without the cache every segment walked the whole tree: quadratic
+        #: for processes with hundreds of VMAs and many KSM pages
+        self._quiet: bool | None = None
 
     # -- the whole scan ------------------------------------------------------------
     def run(self) -> None:
         self.counts = self._candidate_counts()
+        self._count_keys = np.fromiter(self.counts, dtype=np.int64)
         self.k.scan_slots(self.scan_mm)
 
     def _candidate_counts(self) -> Counter[int]:
@@ -102,7 +112,14 @@ class FastScan:
         """content -> the stable tree node (regular or chain) holding it."""
         if self._index is None:
             self._index = {n.cid: n for n in self.k.root.inorder()}
+            self._index_keys = None
         return self._index
+
+    def index_keys(self) -> np.ndarray:
+        index = self.index()
+        if self._index_keys is None:
+            self._index_keys = np.fromiter(index, dtype=np.int64, count=len(index))
+        return self._index_keys
 
     def tree_quiet(self) -> bool:
         """True when no stable-tree walk can change anything (see module doc)."""
@@ -162,10 +179,10 @@ class FastScan:
         index = self.index()
         in_tree = np.zeros(ev.size, dtype=bool)
         if index and rest.any():
-            in_tree[rest] = np.isin(content[rest], np.fromiter(index, dtype=np.int64))
+            in_tree[rest] = np.isin(content[rest], self.index_keys())
         multi = np.zeros(ev.size, dtype=bool)
         if self.counts and rest.any():
-            keys = np.fromiter(self.counts, dtype=np.int64)
+            keys = self._count_keys
             multi[rest] = np.isin(content[rest], keys)
         group = rest & (in_tree | multi)
         zero_merge = k.settings.use_zero_pages & (content == ZERO)
@@ -186,7 +203,9 @@ class FastScan:
         pos = 0
         n = ev.size
         while pos < n:
-            quiet = self.tree_quiet()
+            if self._quiet is None:
+                self._quiet = self.tree_quiet()
+            quiet = self._quiet
             h = np.searchsorted(hard_pos, pos)
             q = int(hard_pos[h]) if h < hard_pos.size else n
             if not quiet:
@@ -203,6 +222,7 @@ class FastScan:
                 else:
                     k._free_item(seg, idx)
                 self._index = None
+                self._quiet = None
             pos = q + 1
 
     def window(self, seg: Segment, sel: "_Sel", kind: np.ndarray, content: np.ndarray,
@@ -296,21 +316,87 @@ class FastScan:
         ends = np.concatenate((bounds, [cs.size]))
         # run the groups interleaved by the position of their next tree change
         machines = []
+        singles = (ends - starts) == 1
+        if self.k.checksum_first and singles.any():
+            # a content with one candidate here that needs no new dup: an
+            # append to its node or an insert into the unstable tree, done
+            # for all of them at once (real processes have many such contents)
+            rest = self._singles(seg, gi[order[starts[singles]]], cs[starts[singles]],
+                                 gframe[order[starts[singles]]])
+            keep = np.ones(starts.size, dtype=bool)
+            keep[np.flatnonzero(singles)[~rest]] = False
+            starts, ends = starts[keep], ends[keep]
         for a, b in zip(starts.tolist(), ends.tolist()):
             sel = order[a:b]
             machines.append(_Group(self, seg, int(cs[a]), gi[sel], gframe[sel], gck[sel]))
-        pending = [mach for mach in machines if not mach.done()]
-        while pending:
-            # advance every machine up to its next node creation, then create
-            # the earliest one (tree shape = creation order)
-            for mach in pending:
-                mach.advance()
-            creators = [mach for mach in pending if not mach.done()]
-            if not creators:
-                break
-            first = min(creators, key=lambda mm_: mm_.next_position())
+        # advance every machine up to its next node creation, then create the
+        # earliest one (tree shape = creation order).  A machine stopped at a
+        # creation stays there until it creates, and machines of different
+        # contents do not interact, so a heap of stopped machines keyed by
+        # position gives the same order in O(log n) per creation (many
+        # duplicated contents, as in real processes, made a linear pick
+        # quadratic)
+        heap: list[tuple[int, int, _Group]] = []
+        for n, mach in enumerate(machines):
+            mach.advance()
+            if not mach.done():
+                heap.append((mach.next_position(), n, mach))
+        heapq.heapify(heap)
+        while heap:
+            _pos, n, first = heapq.heappop(heap)
             first.create()
-            pending = [mach for mach in pending if not mach.done()]
+            first.advance()
+            if not first.done():
+                heapq.heappush(heap, (first.next_position(), n, first))
+
+
+    def _singles(self, seg: Segment, idx: np.ndarray, cids: np.ndarray,
+                 frames: np.ndarray) -> np.ndarray:
+        """_Group.advance() for contents with a single candidate in this window
+        (6.11+ order: the checksum was unchanged and it is not a zero-page
+        merge, else it would not be a group).  Handles an append to a regular
+        node with room, and an insert into the unstable tree; returns True
+        where the content still needs a machine (a chain, a full node, or a
+        merge with an unstable-tree page, which creates a dup)."""
+        k = self.k
+        index = self.index()
+        mps = k.settings.max_page_sharing
+        rest = np.ones(idx.size, dtype=bool)
+        app_i, app_node = [], []
+        ins = []
+        for j, (i, cid) in enumerate(zip(idx.tolist(), cids.tolist())):
+            node = index.get(cid)
+            if node is not None:
+                if not node.is_chain and 0 < node.len < mps:
+                    app_i.append(j)
+                    app_node.append(node)
+                    node.len += 1  # one candidate each: room for it
+                    rest[j] = False
+                continue
+            if cid not in k.unstable:
+                ins.append(j)
+                rest[j] = False
+        if app_i:
+            sel = np.array(app_i, dtype=np.int64)
+            pages = idx[sel]
+            kpfn = np.fromiter((n.kpfn for n in app_node), dtype=np.int64, count=len(app_node))
+            nid = np.fromiter((n.nid for n in app_node), dtype=np.int64, count=len(app_node))
+            k.frames.unmap(seg.pte[pages])
+            np.add.at(k.frames.mapcount, kpfn, 1)
+            seg.pte[pages] = kpfn
+            seg.ist[pages] = STABLE
+            seg.inode[pages] = nid
+            k.pages_sharing += len(app_i)  # each node already had a mapping
+            seg.mm.merging_pages += len(app_i)
+        if ins:
+            sel = np.array(ins, dtype=np.int64)
+            pages = idx[sel].tolist()
+            seg.ist[idx[sel]] = UNSTABLE
+            k.pages_unshared += len(ins)
+            for i, cid in zip(pages, cids[sel].tolist()):
+                k.unstable[cid] = (seg, i)
+                k._unstable_key[(seg.sid, i)] = cid
+        return rest
 
 
 class _Group:
@@ -393,7 +479,11 @@ class _Group:
         k._remove_from_tree(tseg, tidx)
         k._replace(tseg, tidx, frame)
         node = k._stable_tree_insert(frame, quiet=True)
-        self.fs._index = None
+        # the index follows the tree: the content now has this dup, or the
+        # chain that took the place of its full node (stable_tree_insert())
+        if self.fs._index is not None:
+            self.fs._index[self.cid] = node.chain if node.chain is not None else node
+            self.fs._index_keys = None
         k._append(tseg, tidx, node)
         k._append(seg, i, node)
         self.p += 1

@@ -44,6 +44,11 @@ def build_sections(data: RunData, figures: list[Figure]) -> list[Section]:
     savings = _savings_section(data, by_name)
     if savings:
         sections.append(savings)
+    from .workload_savings import workload_savings_section
+
+    workload = workload_savings_section(data, by_name)
+    if workload:
+        sections.append(workload)
     per_scan = [f for f in figures if f.name.startswith("counters-")]
     if per_scan:
         sections.append(Section("Counters per scan: kernel vs emulator",

@@ -382,9 +382,11 @@ def zero_page_savings(data: RunData) -> list[Figure]:
 
 
 def all_figures(data: RunData, progress=lambda name: None) -> list[Figure]:
+    from .workload_savings import workload_savings_figures
+
     out: list[Figure] = []
     for fn in (match_matrix, merge_throughput, costs, savings_over_time, zero_page_savings,
-               counters_per_scan):
+               workload_savings_figures, counters_per_scan):
         progress(fn.__name__)
         out.extend(fn(data))
     return out

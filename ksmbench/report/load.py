@@ -30,6 +30,8 @@ class RunData:
     savings: pd.DataFrame | None = None
     #: kernel -> bench.json body (summaries, savings, crosscheck)
     bench_json: dict[str, dict[str, Any]] = field(default_factory=dict)
+    #: ``ksmbench savings`` runs: (metadata, savings.csv as a DataFrame)
+    workload_savings: list[tuple[dict[str, Any], pd.DataFrame]] = field(default_factory=list)
 
     @property
     def kernels(self) -> list[str]:
@@ -99,7 +101,11 @@ def load_runs(paths: list[str | os.PathLike]) -> RunData:
                                                         "case": str, "metric": str, "unit": str})
             df["run_id"] = run_id
             bench.append(df)
-        if (path / "savings.csv").exists():
+        if (path / "savings.csv").exists() and meta.get("command") == "savings":
+            # ksmbench savings: scan, metric, predicted, measured
+            df = pd.read_csv(path / "savings.csv", dtype={"scan": str, "metric": str})
+            data.workload_savings.append((meta, df))
+        elif (path / "savings.csv").exists():
             df = pd.read_csv(path / "savings.csv", dtype={"kernel": str, "point": str, "metric": str})
             df["run_id"] = run_id
             savings.append(df)

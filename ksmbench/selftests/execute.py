@@ -201,11 +201,14 @@ class ProgramGroup:
             raise
         return self
 
-    def start(self, argv: Sequence[str], *, cwd: str, stdout) -> subprocess.Popen:
+    def start(self, argv: Sequence[str], *, cwd: str | None, stdout, stderr=subprocess.STDOUT,
+              preexec_fn=die_with_parent) -> subprocess.Popen:
+        """``preexec_fn`` runs in the child before exec; it must call
+        die_with_parent itself when it replaces the default."""
         assert self.leader is not None
         proc = subprocess.Popen(list(argv), cwd=cwd, stdin=subprocess.DEVNULL, stdout=stdout,
-                                stderr=subprocess.STDOUT, process_group=self.leader.pid,
-                                preexec_fn=die_with_parent)
+                                stderr=stderr, process_group=self.leader.pid,
+                                preexec_fn=preexec_fn)
         self.members.append(proc)
         return proc
 
