@@ -143,7 +143,7 @@ def test_worked_example_runs_and_matches_on_this_kernel(tmp_path):
 # -- the repository cites only itself ---------------------------------------------------
 
 #: file names the code writes (outputs), not documents it cites
-OUTPUT_NAMES = {"summary.md"}
+OUTPUT_NAMES = {"summary.md", "workloads.md"}
 _MD_TOKEN = re.compile(r"[A-Za-z0-9_./~-]*[A-Za-z0-9_-]\.md\b")
 #: the notes directory outside the repository the project started from
 _OUTSIDE_NOTES = re.compile(r"(?:\.\./)+shared\b|/work/(?:shared)\b|(?<![\w/-])shared/[\w.-]+\.(?:md|txt)\b"
