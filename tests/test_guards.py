@@ -85,6 +85,7 @@ def test_read_only_ksm_sysfs_is_reported(monkeypatch, fake_ksm):
         check_host_access(KsmSysfs(fake_ksm))
 
 
+@pytest.mark.root
 def test_second_cli_run_refuses_while_the_first_holds_the_lock(state_dir):
     if not host_ksm_usable():
         pytest.skip("needs root and KSM (the host preflight runs first)")
