@@ -12,7 +12,7 @@ from .savings import SavingsRun, Workload, combine, savings_metrics, series_rows
 from .crosscheck import crosscheck_pairs
 from .session import BenchSession, FreeRunTunables
 from .store import BenchStore
-from .timings import CASES, DEFAULT_SIZES_MIB, FrameView, cycle_bytes, plan, run_cycle
+from .timings import CASES, DEFAULT_SIZES_MIB, FrameView, cycle_bytes, parse_sizes, plan, run_cycle
 
 PHASES_PER_CYCLE = 5
 #: a unit of measurement that another KSM user disturbed is repeated up to this often
@@ -35,8 +35,6 @@ def exclusively(session: BenchSession, what: str, measure, *, wait: float, conso
 
 
 def _sizes(args: argparse.Namespace) -> tuple[int, ...]:
-    from .cli import parse_sizes
-
     return parse_sizes(args.sizes) if args.sizes else DEFAULT_SIZES_MIB
 
 
