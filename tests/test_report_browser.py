@@ -96,13 +96,25 @@ class Chromium:
         self.ws = websocket.create_connection(pages[0]["webSocketDebuggerUrl"],
                                               timeout=BROWSER_WAIT, suppress_origin=True)
 
+    def _recv(self, what: str, deadline: float) -> dict:
+        import websocket
+
+        self.ws.settimeout(max(deadline - time.monotonic(), 0.01))
+        try:
+            return json.loads(self.ws.recv())
+        except websocket.WebSocketTimeoutException:
+            raise DevToolsError(f"timed out after {BROWSER_WAIT:.0f} s waiting for {what}") from None
+        except websocket.WebSocketConnectionClosedException:
+            raise DevToolsError(f"chromium closed the connection while we waited for {what} "
+                                f"(exit status {self.proc.poll()})") from None
+
     def call(self, method: str, **params):
         """Send one command; events that arrive meanwhile are kept in ``events``."""
         ident = next(self._ids)
         self.ws.send(json.dumps({"id": ident, "method": method, "params": params}))
         deadline = time.monotonic() + BROWSER_WAIT
         while time.monotonic() < deadline:
-            message = json.loads(self.ws.recv())
+            message = self._recv(f"the answer to {method}", deadline)
             if message.get("id") == ident:
                 if "error" in message:
                     raise DevToolsError(f"{method}: {message['error']}")
@@ -117,7 +129,7 @@ class Chromium:
                 return event
         deadline = time.monotonic() + BROWSER_WAIT
         while time.monotonic() < deadline:
-            message = json.loads(self.ws.recv())
+            message = self._recv(method, deadline)
             if "method" in message:
                 self.events.append(message)
                 if message["method"] == method:
@@ -151,6 +163,16 @@ class Chromium:
                 self.proc.wait(timeout=15)
             except subprocess.TimeoutExpired:
                 pass
+            # helpers in other process groups of its session (zygotes, renderers)
+            deadline = time.monotonic() + 15
+            while (left := browser_processes(self.profile, self.proc.pid)) and \
+                    time.monotonic() < deadline:
+                for p in left:
+                    try:
+                        p.kill()
+                    except psutil.Error:
+                        pass
+                time.sleep(0.1)
             if self.proc.stderr:
                 self.proc.stderr.close()
 
@@ -165,13 +187,17 @@ def chromium_binary() -> str:
     return binary
 
 
-def browser_processes(profile: Path) -> list[psutil.Process]:
+def browser_processes(profile: Path, session: int) -> list[psutil.Process]:
+    """Live processes of that browser: in its session, or naming its profile."""
     found = []
-    for p in psutil.process_iter(["cmdline"]):
+    for p in psutil.process_iter(["cmdline", "status"]):
         try:
-            if any(str(profile) in arg for arg in p.info["cmdline"] or ()):
+            if p.info["status"] == psutil.STATUS_ZOMBIE:
+                continue  # dead; an init that never reaps keeps these
+            if os.getsid(p.pid) == session or \
+                    any(str(profile) in arg for arg in p.info["cmdline"] or ()):
                 found.append(p)
-        except psutil.Error:
+        except (psutil.Error, OSError):
             continue
     return found
 
@@ -198,6 +224,7 @@ def page(report, tmp_path_factory):
             browser.call(f"{domain}.enable")
         browser.call("Emulation.setDeviceMetricsOverride", width=VIEWPORT[0],
                      height=VIEWPORT[1], deviceScaleFactor=1, mobile=False)
+        browser.events.clear()  # only what the report's own load brings
         browser.call("Page.navigate", url=report.as_uri())
         browser.wait_event("Page.loadEventFired")
         # every image decoded (or the reason it could not be)
@@ -229,7 +256,7 @@ def page(report, tmp_path_factory):
         events = list(browser.events)
     finally:
         browser.close()
-    leftover = browser_processes(profile)
+    leftover = browser_processes(profile, browser.proc.pid)
     return {"images": images, "decode_failures": decode_failures, "painted": painted,
             "events": events, "screenshot": screenshot, "title": title, "leftover": leftover}
 
