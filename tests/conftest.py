@@ -143,6 +143,8 @@ class KernelSkipGuard:
         if self.refused:
             tr.write_line(f"{len(self.refused)} root/vm test(s) skipped although this machine can run "
                           f"them: counted as failures", red=True, bold=True)
+            for line in self.refused:
+                tr.write_line(f"  {line}", red=True)
         elif self.capable and self.allowed and any(k != "other" for k, _ in self.skipped):
             tr.write_line(f"{ALLOW_SKIPS_ENV} is set: root/vm skips were allowed", yellow=True)
 
