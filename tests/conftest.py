@@ -70,19 +70,20 @@ def host_ksm_usable() -> bool:
     return os.geteuid() == 0 and os.access(REAL_KSM / "run", os.W_OK)
 
 
-def settled_tunables() -> dict[str, str]:
+def settled_tunables(read=None) -> dict[str, str]:
     """The host's tunables while no ksmbench run is changing them.
 
     Read under the machine's run lock: another run (or another test session)
     on this machine may be in the middle of stepping ksmd.
     """
+    read = read or _real_tunables
     if not host_ksm_usable():
-        return _real_tunables()
+        return read()
     from ksmbench.kernel.lock import RunLock
     from ksmbench.kernel.tunables import state_dir
 
     with RunLock(timeout=RUN_LOCK_WAIT, directory=state_dir()):
-        return _real_tunables()
+        return read()
 
 
 def kernel_tests_runnable_here() -> dict[str, bool]:

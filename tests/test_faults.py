@@ -14,7 +14,7 @@ from pathlib import Path
 import psutil
 import pytest
 
-from conftest import RUN_LOCK_WAIT, host_ksm_usable, sigint_disposition
+from conftest import RUN_LOCK_WAIT, host_ksm_usable, settled_tunables, sigint_disposition
 from ksmbench.kernel.sysfs import KsmSysfs
 
 pytestmark = [pytest.mark.root, pytest.mark.slow,
@@ -87,22 +87,27 @@ def wait_agents_gone(timeout: float = 30) -> None:
 
 
 @pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM])
+def tunables_of_no_run() -> dict[str, str]:
+    """The host's tunables read while no other ksmbench run holds the lock."""
+    return settled_tunables(lambda: KsmSysfs().tunables())
+
+
 def test_signal_during_scans_restores_and_keeps_results(tmp_path, signum):
-    before = KsmSysfs().tunables()
+    before = tunables_of_no_run()
     proc, rundir = start_long_run(tmp_path)
     proc.send_signal(signum)
     out, err = proc.communicate(timeout=120)
     assert proc.returncode == 2, (out, err)
     assert "Traceback" not in err
     assert "restored" in err and "results so far are kept" in err
-    assert KsmSysfs().tunables() == before
+    assert tunables_of_no_run() == before
     rows = (rundir / "observations.csv").read_text().splitlines()
     assert any(",scan,3," in line for line in rows)
     wait_agents_gone()
 
 
 def test_sigkill_is_repaired_by_the_next_run(tmp_path):
-    before = KsmSysfs().tunables()
+    before = tunables_of_no_run()
     proc, _ = start_long_run(tmp_path)
     proc.kill()
     proc.communicate(timeout=60)
@@ -114,4 +119,4 @@ def test_sigkill_is_repaired_by_the_next_run(tmp_path):
                            text=True, timeout=RUN_LOCK_WAIT + 120)
     assert again.returncode in (0, 1), again.stderr
     assert "restored KSM tunables" in again.stdout and f"pid {proc.pid}" in again.stdout
-    assert KsmSysfs().tunables() == before
+    assert tunables_of_no_run() == before
