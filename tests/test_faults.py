@@ -86,12 +86,12 @@ def wait_agents_gone(timeout: float = 30) -> None:
     assert not agents_of(0), "agent processes outlived their run"
 
 
-@pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM])
 def tunables_of_no_run() -> dict[str, str]:
     """The host's tunables read while no other ksmbench run holds the lock."""
     return settled_tunables(lambda: KsmSysfs().tunables())
 
 
+@pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM])
 def test_signal_during_scans_restores_and_keeps_results(tmp_path, signum):
     before = tunables_of_no_run()
     proc, rundir = start_long_run(tmp_path)
