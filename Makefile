@@ -4,7 +4,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed-stamp
 
-.PHONY: setup host-deps run test clean
+.PHONY: setup host-deps test-deps run test clean
 
 setup: $(STAMP)
 
@@ -19,10 +19,15 @@ $(STAMP): pyproject.toml
 host-deps:
 	vm/install-host-deps
 
+# what `make test` needs beyond that: Debian's chromium, headless, for the
+# HTML report's browser test
+test-deps:
+	vm/install-host-deps --test
+
 run: setup host-deps
 	$(BIN)/ksmbench run --kernel host --out results
 
-test: setup host-deps
+test: setup host-deps test-deps
 	$(BIN)/python -m pytest
 
 clean:

@@ -43,7 +43,6 @@ from typing import Any, Iterable, Mapping, Sequence
 import pytest
 
 DEFAULT_LOCK_WAIT = 900.0
-_STASH_USED: dict[str, dict] = {}
 
 
 def pytest_addoption(parser: pytest.Parser) -> None:
@@ -123,19 +122,20 @@ def _expected_accelerator(requested: str) -> str:
 
 
 def pytest_terminal_summary(terminalreporter, exitstatus, config) -> None:
-    if not _STASH_USED:
+    used = config.stash.get(_KERNELS_USED, None)
+    if not used:
         return
     terminalreporter.section("ksmbench kernels used")
-    for label, info in _STASH_USED.items():
+    for label, info in used.items():
         terminalreporter.write_line(
             f"{label}: release {info.get('kernel_release', '?')}, accelerator "
             f"{info.get('accelerator', 'none (host kernel)' if label == 'host' else '?')}")
 
 
-# -- the run lock, re-entrant within this process ------------------------------------------
+# -- the run lock, re-entrant within this test session ---------------------------------------
 
 class _SharedLock:
-    """The machine's RunLock, held once however many fixtures of this process need it
+    """The machine's RunLock, held once however many fixtures of this session need it
     (a second flock from the same process on a new descriptor would block)."""
 
     def __init__(self):
@@ -158,7 +158,18 @@ class _SharedLock:
             self.lock = None
 
 
-_LOCK = _SharedLock()
+# Per test session, in pytest's own store: kernel label -> what the session saw
+# of it (release, accelerator), and the session's one hold on the run lock.
+_KERNELS_USED = pytest.StashKey[dict[str, dict]]()
+_RUN_LOCK = pytest.StashKey[_SharedLock]()
+
+
+def _kernels_used(config: pytest.Config) -> dict[str, dict]:
+    return config.stash.setdefault(_KERNELS_USED, {})
+
+
+def _run_lock(config: pytest.Config) -> _SharedLock:
+    return config.stash.setdefault(_RUN_LOCK, _SharedLock())
 
 
 def _require_host_ksm() -> None:
@@ -216,7 +227,8 @@ def ksm_tunables(request):
     from .kernel.tunables import TunableChanges
 
     _require_host_ksm()
-    _LOCK.acquire(_lock_wait(request.config))
+    lock = _run_lock(request.config)
+    lock.acquire(_lock_wait(request.config))
     try:
         sysfs = KsmSysfs()
         repair_killed_sessions(sysfs)
@@ -226,7 +238,7 @@ def ksm_tunables(request):
         finally:
             changes.restore()
     finally:
-        _LOCK.release()
+        lock.release()
 
 
 # -- results ---------------------------------------------------------------------------------
@@ -333,7 +345,8 @@ class KsmRunner:
         except (PermissionNeeded, KsmUnavailable) as exc:
             pytest.skip(exc.one_line())
         recorder = RecordingBackend(backend)
-        _LOCK.acquire(_lock_wait(self.config))
+        lock = _run_lock(self.config)
+        lock.acquire(_lock_wait(self.config))
         try:
             if spec == "host":
                 from .kernel.sysfs import KsmSysfs
@@ -345,10 +358,10 @@ class KsmRunner:
             finally:
                 rundir.close()
         finally:
-            _LOCK.release()
+            lock.release()
         if outcome.error and not recorder.points:
             raise KsmbenchError(f"{spec}: {outcome.error}")
-        _STASH_USED[backend.label] = {k: v for k, v in outcome.info.items()
+        _kernels_used(self.config)[backend.label] = {k: v for k, v in outcome.info.items()
                                       if k in ("kernel_release", "accelerator")}
         results = {s.name: ScenarioResult(s.name, backend.label, recorder.points.get(s.name, []),
                                           recorder.errors.get(s.name, outcome.error),

@@ -11,9 +11,11 @@ import sys
 import pandas as pd
 import pytest
 
-from conftest import host_ksm_usable
+from conftest import RUN_LOCK_WAIT, host_ksm_usable
 
-pytestmark = [pytest.mark.root, pytest.mark.slow,
+#: each module fixture (a bench run; a cross-check that builds ksm_tests once)
+LIMIT = 900
+pytestmark = [pytest.mark.root, pytest.mark.slow, pytest.mark.timeout(LIMIT),
               pytest.mark.skipif(not host_ksm_usable(), reason="needs root and a writable KSM sysfs")]
 
 KSMBENCH = [sys.executable, "-m", "ksmbench.cli"]
@@ -25,10 +27,10 @@ MIB = 1 << 20
 @pytest.fixture(scope="module")
 def bench_run(tmp_path_factory):
     out = tmp_path_factory.mktemp("bench")
-    proc = subprocess.run([*KSMBENCH, "bench", "--kernel", "host", "--wait", "900", "--out", str(out),
+    proc = subprocess.run([*KSMBENCH, "bench", "--kernel", "host", "--wait", str(RUN_LOCK_WAIT), "--out", str(out),
                            "--sizes", str(SIZE_MIB), "--repeats", "2", "--only", "timings,savings",
                            "--savings-procs", "3", "--savings-mib", "4", "--savings-repeats", "1"],
-                          capture_output=True, text=True, timeout=1200)
+                          capture_output=True, text=True, timeout=LIMIT - 60)
     assert proc.returncode == 0, proc.stderr + proc.stdout
     rundir = next(out.iterdir())
     bench = pd.read_csv(rundir / "bench.csv")
@@ -114,10 +116,10 @@ def test_report_from_the_real_run(bench_run, tmp_path):
 @pytest.fixture(scope="module")
 def crosscheck_run(tmp_path_factory):
     out = tmp_path_factory.mktemp("crosscheck")
-    proc = subprocess.run([*KSMBENCH, "bench", "--kernel", "host", "--wait", "900", "--out", str(out),
+    proc = subprocess.run([*KSMBENCH, "bench", "--kernel", "host", "--wait", str(RUN_LOCK_WAIT), "--out", str(out),
                            "--only", "crosscheck", "--crosscheck-mib", "16", "--repeats", "2",
                            "--pages-to-scan", "500", "--crosscheck-pairs", "3"],
-                          capture_output=True, text=True, timeout=1800)
+                          capture_output=True, text=True, timeout=LIMIT - 60)
     # 1 is a disagreement beyond 5 %, which a busy shared machine can cause
     # (README: what the tests show); the verdict must match the exit status
     assert proc.returncode in (0, 1), proc.stderr + proc.stdout
@@ -173,7 +175,7 @@ def test_crosscheck_gives_ksmd_its_cpus_back(crosscheck_run):
     import os
     from pathlib import Path
 
-    from ksmbench.bench.crosscheck import KSMD_AFFINITY_MARKER
+    from ksmbench.bench.affinity import KSMD_AFFINITY_MARKER
     from ksmbench.kernel.procfs import ProcFS
     from ksmbench.kernel.tunables import state_dir
 

@@ -266,7 +266,8 @@ def test_merge_guest_folds_a_guest_run_in(tmp_path):
 
 
 def test_cli_rejects_bad_options():
-    from ksmbench.bench.cli import parse_parts, parse_sizes
+    from ksmbench.bench.cli import parse_parts
+    from ksmbench.bench.timings import parse_sizes
     from ksmbench.errors import UsageError
 
     assert parse_sizes("8, 16") == (8, 16)
@@ -338,7 +339,7 @@ def test_ksmd_affinity_is_restored_and_a_killed_run_is_repaired(state_dir):
     by a killed run is repaired.  This process stands in for ksmd."""
     import os
 
-    from ksmbench.bench.crosscheck import KSMD_AFFINITY_MARKER, ksmd_on, repair_ksmd_affinity
+    from ksmbench.bench.affinity import KSMD_AFFINITY_MARKER, ksmd_on, repair_ksmd_affinity
     from ksmbench.kernel.tunables import boot_id
 
     me = os.getpid()
@@ -403,7 +404,7 @@ def test_a_killed_crosscheck_gives_ksmd_its_cpus_back(state_dir):
     import subprocess
     import sys
 
-    from ksmbench.bench.crosscheck import KSMD_AFFINITY_MARKER, repair_ksmd_affinity
+    from ksmbench.bench.affinity import KSMD_AFFINITY_MARKER, repair_ksmd_affinity
     from ksmbench.kernel.tunables import boot_id
 
     cpus = sorted(os.sched_getaffinity(0))

@@ -15,9 +15,11 @@ import sys
 import pandas as pd
 import pytest
 
-from conftest import host_ksm_usable
+from conftest import RUN_LOCK_WAIT, host_ksm_usable
 
-pytestmark = [pytest.mark.vm, pytest.mark.slow,
+#: a Debian kernel fetched (once), booted under TCG, the timings inside it
+LIMIT = 900
+pytestmark = [pytest.mark.vm, pytest.mark.slow, pytest.mark.timeout(LIMIT),
               pytest.mark.skipif(not host_ksm_usable(), reason="needs root (QEMU, KSM lock)")]
 
 SIZE_MIB = 2
@@ -28,9 +30,9 @@ PAGES = SIZE_MIB * 256
 def guest_run(tmp_path_factory):
     out = tmp_path_factory.mktemp("bench-vm")
     proc = subprocess.run([sys.executable, "-m", "ksmbench.cli", "bench", "--kernel", "debian:6.1",
-                           "--wait", "1800", "--out", str(out), "--only", "timings",
+                           "--wait", str(RUN_LOCK_WAIT), "--out", str(out), "--only", "timings",
                            "--sizes", str(SIZE_MIB), "--repeats", "1"],
-                          capture_output=True, text=True, timeout=2400)
+                          capture_output=True, text=True, timeout=LIMIT - 60)
     assert proc.returncode == 0, proc.stderr + proc.stdout
     rundir = next(out.iterdir())
     return rundir, pd.read_csv(rundir / "bench.csv"), json.loads((rundir / "metadata.json").read_text())

@@ -21,7 +21,7 @@ from ksmbench.differential import HostRunner, compare, run_differential
 from ksmbench.scenario.generate import random_scenario, shrink, to_scenario, to_toml, valid
 from ksmbench.scenario.loader import parse_scenario
 
-from conftest import host_ksm_usable
+from conftest import RUN_LOCK_WAIT, host_ksm_usable
 
 
 def test_random_scenarios_are_valid_and_roundtrip_through_toml():
@@ -73,7 +73,7 @@ def test_random_scenarios_match_the_host_kernel(tmp_path):
     first = int(os.environ.get("KSMBENCH_DIFF_SEED", "1000"))
     out = Path(os.environ.get("KSMBENCH_DIFF_OUT", tmp_path))
     try:
-        with RunLock(timeout=900):
+        with RunLock(timeout=RUN_LOCK_WAIT):
             runner = HostRunner()
             checked, findings, errors = run_differential(range(first, first + count), out,
                                                          runner=runner)

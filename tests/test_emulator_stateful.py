@@ -14,6 +14,7 @@ from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, pr
 
 from ksmbench.emulator.machine import PAGE_SIZE, Ksm, Settings
 from ksmbench.emulator.profiles import get_profile
+from ksmbench.emulator.scan import full_scan
 from ksmbench.scenario.patterns import FillId, parse_pattern
 
 PATTERNS = ("zero", "tag:a", "tag:b", "unique", "cycle:c:3")
@@ -154,8 +155,8 @@ class KsmMachine(RuleBasedStateMachine):
     @rule(count=st.integers(1, 3))
     def scan(self, count):
         for _ in range(count):
-            self.fast.scan(fast=True)
-            self.slow.scan(fast=False)
+            full_scan(self.fast, fast=True)
+            full_scan(self.slow, fast=False)
 
     @rule()
     def unmerge_all(self):

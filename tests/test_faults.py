@@ -14,7 +14,7 @@ from pathlib import Path
 import psutil
 import pytest
 
-from conftest import host_ksm_usable
+from conftest import RUN_LOCK_WAIT, host_ksm_usable, settled_tunables, sigint_disposition
 from ksmbench.kernel.sysfs import KsmSysfs
 
 pytestmark = [pytest.mark.root, pytest.mark.slow,
@@ -62,9 +62,12 @@ def start_long_run(tmp_path: Path) -> tuple[subprocess.Popen, Path]:
     scenario = tmp_path / "long.toml"
     scenario.write_text(LONG)
     out = tmp_path / "out"
-    proc = subprocess.Popen([*KSMBENCH, "run", "--wait", "900", "--out", str(out), str(scenario)],
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    deadline = time.monotonic() + 900
+    # SIGINT explicitly at its default: under `make test &` it is inherited ignored
+    proc = subprocess.Popen([*KSMBENCH, "run", "--wait", str(RUN_LOCK_WAIT), "--out", str(out),
+                             str(scenario)], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True, preexec_fn=sigint_disposition())
+    limit = RUN_LOCK_WAIT + 120  # another run may hold the lock first
+    deadline = time.monotonic() + limit
     while time.monotonic() < deadline:  # until some scans have been observed
         csvs = list(out.glob("*/observations.csv"))
         if csvs and ",scan,3," in csvs[0].read_text():
@@ -73,7 +76,7 @@ def start_long_run(tmp_path: Path) -> tuple[subprocess.Popen, Path]:
             raise AssertionError(proc.communicate())
         time.sleep(0.05)
     proc.kill()
-    raise AssertionError("the run never reached scan 3")
+    raise AssertionError(f"the run never reached scan 3 within {limit} s")
 
 
 def wait_agents_gone(timeout: float = 30) -> None:
@@ -83,16 +86,21 @@ def wait_agents_gone(timeout: float = 30) -> None:
     assert not agents_of(0), "agent processes outlived their run"
 
 
+def tunables_of_no_run() -> dict[str, str]:
+    """The host's tunables read while no other ksmbench run holds the lock."""
+    return settled_tunables(lambda: KsmSysfs().tunables())
+
+
 @pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM])
 def test_signal_during_scans_restores_and_keeps_results(tmp_path, signum):
-    before = KsmSysfs().tunables()
+    before = tunables_of_no_run()
     proc, rundir = start_long_run(tmp_path)
     proc.send_signal(signum)
     out, err = proc.communicate(timeout=120)
     assert proc.returncode == 2, (out, err)
     assert "Traceback" not in err
     assert "restored" in err and "results so far are kept" in err
-    assert KsmSysfs().tunables() == before
+    assert tunables_of_no_run() == before
     rows = (rundir / "observations.csv").read_text().splitlines()
     assert any(",scan,3," in line for line in rows)
     # what was kept was judged, and it matches the emulator
@@ -102,15 +110,16 @@ def test_signal_during_scans_restores_and_keeps_results(tmp_path, signum):
 
 
 def test_sigkill_is_repaired_by_the_next_run(tmp_path):
-    before = KsmSysfs().tunables()
+    before = tunables_of_no_run()
     proc, _ = start_long_run(tmp_path)
     proc.kill()
     proc.communicate(timeout=60)
     wait_agents_gone()  # PR_SET_PDEATHSIG and socket EOF take the agents down
     left = KsmSysfs().tunables()
     assert left != before  # stepping tunables are still in place
-    again = subprocess.run([*KSMBENCH, "run", "--wait", "900", "--out", str(tmp_path / "again"),
-                            "dup-below-max"], capture_output=True, text=True, timeout=900)
+    again = subprocess.run([*KSMBENCH, "run", "--wait", str(RUN_LOCK_WAIT), "--out",
+                            str(tmp_path / "again"), "dup-below-max"], capture_output=True,
+                           text=True, timeout=RUN_LOCK_WAIT + 120)
     assert again.returncode == 0, again.stdout + again.stderr  # and it matches the emulator
     assert "restored KSM tunables" in again.stdout and f"pid {proc.pid}" in again.stdout
-    assert KsmSysfs().tunables() == before
+    assert tunables_of_no_run() == before

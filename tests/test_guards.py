@@ -10,7 +10,7 @@ import time
 
 import pytest
 
-from conftest import host_ksm_usable
+from conftest import RUN_LOCK_WAIT, host_ksm_usable
 from ksmbench import cli
 from ksmbench.errors import Busy
 from ksmbench.kernel.lock import RunLock
@@ -85,6 +85,7 @@ def test_read_only_ksm_sysfs_is_reported(monkeypatch, fake_ksm):
         check_host_access(KsmSysfs(fake_ksm))
 
 
+@pytest.mark.root
 def test_second_cli_run_refuses_while_the_first_holds_the_lock(state_dir):
     if not host_ksm_usable():
         pytest.skip("needs root and KSM (the host preflight runs first)")
@@ -111,8 +112,10 @@ def test_refuses_when_another_process_uses_ksm():
     from ksmbench.backends.host import HostSession
     from ksmbench.kernel.sysfs import KsmSysfs
 
-    before = KsmSysfs().tunables()
-    with RunLock(timeout=900):  # the machine's real lock: other runs must not see the blocker
+    # the machine's real lock: other runs must not see the blocker, and the
+    # tunables are read while no other run is stepping them
+    with RunLock(timeout=RUN_LOCK_WAIT):
+        before = KsmSysfs().tunables()
         blocker = subprocess.Popen([sys.executable, "-c", BLOCKER], stdout=subprocess.PIPE, text=True)
         try:
             assert blocker.stdout.readline().strip() == "ready"
@@ -122,6 +125,6 @@ def test_refuses_when_another_process_uses_ksm():
         finally:
             blocker.kill()
             blocker.wait(timeout=30)
+        assert KsmSysfs().tunables() == before
     assert f"pid {blocker.pid}" in str(info.value)
     assert "VM kernel" in info.value.one_line()
-    assert KsmSysfs().tunables() == before

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import DEFAULT_FAKE_KSM, host_ksm_usable, settled_tunables
+from conftest import DEFAULT_FAKE_KSM, RUN_LOCK_WAIT, host_ksm_usable, settled_tunables
 from ksmbench import cli
 from ksmbench.kernel import features
 from ksmbench.kernel.procfs import ProcFS
@@ -257,17 +257,17 @@ def test_two_real_runs_at_once_wait_or_refuse_and_never_mix(tmp_path):
                                  str(scenario)], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                                 text=True)
 
-    first = start("first", "1800")
-    deadline = time.monotonic() + 1800
+    first = start("first", str(RUN_LOCK_WAIT))
+    deadline = time.monotonic() + RUN_LOCK_WAIT
     while _lock_holder() != first.pid:  # it may queue behind someone else's run first
         assert first.poll() is None, first.communicate()
         assert time.monotonic() < deadline, "the first run never got the lock"
         time.sleep(0.02)
     refused = subprocess.run([*KSMBENCH, "run", "--wait", "0", "--out", str(tmp_path / "refused"),
                               str(scenario)], capture_output=True, text=True, timeout=120)
-    waiting = start("second", "1800")
-    first_out, first_err = first.communicate(timeout=1800)
-    second_out, second_err = waiting.communicate(timeout=1800)
+    waiting = start("second", str(RUN_LOCK_WAIT))
+    first_out, first_err = first.communicate(timeout=RUN_LOCK_WAIT)
+    second_out, second_err = waiting.communicate(timeout=RUN_LOCK_WAIT)
 
     assert refused.returncode == 2 and "Traceback" not in refused.stderr
     assert f"another ksmbench run holds" in refused.stderr and f"pid {first.pid}" in refused.stderr

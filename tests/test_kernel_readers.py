@@ -148,6 +148,7 @@ def test_pagemap_without_cap_sys_admin_is_reported(fake_proc):
             fr.frames(0, 4)
 
 
+@pytest.mark.root
 @pytest.mark.skipif(os.geteuid() != 0, reason="frame numbers need CAP_SYS_ADMIN")
 def test_zero_pfn_is_discovered_on_this_kernel():
     with FrameReader() as fr:

@@ -9,7 +9,7 @@ from importlib.metadata import entry_points
 
 import pytest
 
-from conftest import host_ksm_usable, settled_tunables
+from conftest import RUN_LOCK_WAIT, host_ksm_usable, settled_tunables
 
 pytest_plugins = ["pytester"]
 
@@ -85,7 +85,7 @@ def test_tunables_are_restored_after_a_failing_test(pytester):
             assert ksm_tunables.get("pages_to_scan") == "4321"
             raise RuntimeError("the test fails after changing tunables")
     """)
-    result = pytester.runpytest_subprocess("--ksm-wait", "900")
+    result = pytester.runpytest_subprocess("--ksm-wait", str(RUN_LOCK_WAIT))
     result.assert_outcomes(failed=1)
     result.stdout.fnmatch_lines(["*RuntimeError: the test fails after changing tunables*"])
     assert settled_tunables() == before
@@ -110,9 +110,9 @@ def test_a_killed_test_session_is_repaired_by_the_next_one(pytester, tmp_path):
             os.kill(os.getpid(), signal.SIGKILL)
     """)
     proc = subprocess.Popen([sys.executable, "-m", "pytest", "-p", "no:cacheprovider",
-                             "--ksm-wait", "900", str(pytester.path / "test_killed.py")],
+                             "--ksm-wait", str(RUN_LOCK_WAIT), str(pytester.path / "test_killed.py")],
                             cwd=pytester.path, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    assert proc.wait(timeout=1000) == -signal.SIGKILL
+    assert proc.wait(timeout=RUN_LOCK_WAIT + 120) == -signal.SIGKILL
     assert marker.exists()
     from ksmbench.kernel.lock import RunLock
 
@@ -122,6 +122,6 @@ def test_a_killed_test_session_is_repaired_by_the_next_one(pytester, tmp_path):
         def test_next(ksm_tunables):
             assert ksm_tunables.get("pages_to_scan") != "4321"
     """)
-    result = pytester.runpytest_subprocess("--ksm-wait", "900", "test_next.py")
+    result = pytester.runpytest_subprocess("--ksm-wait", str(RUN_LOCK_WAIT), "test_next.py")
     result.assert_outcomes(passed=1)
     assert settled_tunables() == before

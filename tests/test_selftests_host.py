@@ -16,10 +16,12 @@ from pathlib import Path
 
 import pytest
 
-from conftest import host_ksm_usable
+from conftest import RUN_LOCK_WAIT, host_ksm_usable
 from ksmbench.kernel.sysfs import KsmSysfs
 
-pytestmark = [pytest.mark.root, pytest.mark.slow,
+#: linux-source fetched and the selftests built once (cached), then run
+LIMIT = 900
+pytestmark = [pytest.mark.root, pytest.mark.slow, pytest.mark.timeout(LIMIT),
               pytest.mark.skipif(not host_ksm_usable(), reason="needs root and a writable KSM sysfs"),
               pytest.mark.skipif(shutil.which("gcc") is None or
                                  not Path("/usr/include/numa.h").exists(),
@@ -33,7 +35,7 @@ def settled_tunables() -> dict[str, str]:
     other engineers' runs on this machine may be in progress)."""
     from ksmbench.kernel.lock import RunLock
 
-    with RunLock(timeout=3600):
+    with RunLock(timeout=RUN_LOCK_WAIT):
         return KsmSysfs().tunables()
 
 
@@ -41,10 +43,10 @@ def settled_tunables() -> dict[str, str]:
 def selftest_run(tmp_path_factory):
     out = tmp_path_factory.mktemp("selftest")
     before = settled_tunables()
-    proc = subprocess.run([*KSMBENCH, "selftest", "--kernel", "host", "--wait", "1800",
+    proc = subprocess.run([*KSMBENCH, "selftest", "--kernel", "host", "--wait", str(RUN_LOCK_WAIT),
                            "--out", str(out), "--only", "ksm_tests -M", "--only", "ksm_tests -U",
                            "--only", "test_unmerge_zero_pages", "--only", "test_prctl"],
-                          capture_output=True, text=True, timeout=3600)
+                          capture_output=True, text=True, timeout=LIMIT - 60)
     after = settled_tunables()
     if proc.returncode == 2 and "linux-source" in proc.stderr + proc.stdout and \
             ("downloading" in proc.stderr or "reachable" in proc.stderr):

@@ -45,11 +45,12 @@ def _qemu_for(path: Path) -> list[int]:
     return found
 
 
+@pytest.mark.timeout(900)  # linux-source 6.1 fetched and built once, then a TCG boot
 def test_debian_6_1_old_ksm_tests_beside_ksmbench(tmp_path):
     proc = subprocess.run([*KSMBENCH, "selftest", "--kernel", "debian:6.1", "--accel", "tcg",
                            "--memory", "1G", "--out", str(tmp_path),
                            "--only", "ksm_tests -Z -p 10 -z 1", "--only", "test_unmerge_zero_pages"],
-                          capture_output=True, text=True, timeout=3600)
+                          capture_output=True, text=True, timeout=840)
     assert proc.returncode in (0, 1), proc.stdout + proc.stderr
     (rundir,) = tmp_path.iterdir()
     rows = {r["selftest"]: r for r in csv.DictReader(open(rundir / "peers.csv"))}

@@ -13,6 +13,7 @@ import time
 
 import pytest
 
+from conftest import sigint_disposition
 from ksmbench.kernel.sysfs import KsmSysfs
 from ksmbench.kernel.tunables import TunableChanges, journals, repair
 
@@ -77,11 +78,15 @@ CHILD = textwrap.dedent("""
 """)
 
 
+@pytest.mark.parametrize("inherited", [signal.SIG_DFL, signal.SIG_IGN], ids=["default", "ignored"])
 @pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM])
-def test_restore_on_sigint_and_sigterm(fake_ksm, state_dir, signum):
+def test_restore_on_sigint_and_sigterm(fake_ksm, state_dir, signum, inherited):
+    """Also when the child starts with SIGINT ignored, as a background job of a
+    non-interactive shell does: the undo stack still runs on ``kill -INT``."""
     before = read_all(fake_ksm)
     proc = subprocess.Popen([sys.executable, "-c", CHILD, str(fake_ksm)],
-                            stdout=subprocess.PIPE, text=True, env=os.environ.copy())
+                            stdout=subprocess.PIPE, text=True, env=os.environ.copy(),
+                            preexec_fn=sigint_disposition(inherited))
     assert proc.stdout.readline().strip() == "changed"
     assert (fake_ksm / "run").read_text().strip() == "1"
     proc.send_signal(signum)

@@ -30,15 +30,6 @@ GUEST_SAVINGS_MIB = 8
 GUEST_CROSSCHECK_MIB = 32
 #: TCG guests are slow, and their cross-check is not judged (reported only)
 GUEST_CROSSCHECK_PAIRS = 5
-#: headline metric of each benchmark, for the printed summary
-HEADLINES = {
-    "merge": ("mib_per_s", "ksmd_cpu_seconds"),
-    "unmerge": ("seconds", "mib_per_s"),
-    "cow": ("us_per_page", "first_touch_us_per_page"),
-    "scan_cost": ("scan1_cpu_seconds", "scan2_cpu_seconds", "scan3_cpu_seconds",
-                  "cpu_per_merged_page_us"),
-    "crosscheck": ("mib_per_s",),
-}
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -92,16 +83,6 @@ exit status:
     p.add_argument("--run-id", help=argparse.SUPPRESS)
     p.add_argument("--in-guest", action="store_true", help=argparse.SUPPRESS)
     return p
-
-
-def parse_sizes(text: str) -> tuple[int, ...]:
-    try:
-        sizes = tuple(int(s) for s in text.split(",") if s.strip())
-    except ValueError:
-        raise UsageError(f"--sizes {text!r}: expected MiB values separated by commas") from None
-    if not sizes or any(s < 1 for s in sizes):
-        raise UsageError(f"--sizes {text!r}: every size must be at least 1 MiB")
-    return sizes
 
 
 def parse_parts(text: str) -> tuple[str, ...]:

@@ -33,6 +33,7 @@ from typing import Any, Sequence
 from ..console import esc, make_console
 from ..scenario.loader import scenario_from_dict
 from ..emulator.emulate import ScenarioRun
+from ..emulator.scan import full_scan
 
 MIB = 1 << 20
 PAGE = 4096
@@ -81,7 +82,7 @@ def emulate_scans(npages: int, scans: int, profile: str, repeat: int = 1
             # CPU time of this thread, as ksmd's side is its CPU time: other
             # work on the (shared) machine then does not count against either
             t0 = time.thread_time()
-            run.ksm.scan()
+            full_scan(run.ksm)
             times.append(time.thread_time() - t0)
             g = run.ksm.global_values()
             counters.append({k: g[k] for k in COUNTERS})

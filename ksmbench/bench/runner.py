@@ -10,10 +10,10 @@ from ..errors import Busy, UsageError
 from ..kernel.features import detect, kernel_release
 from ..results import now_iso
 from .savings import SavingsRun, Workload, combine, savings_metrics, series_rows
-from .crosscheck import crosscheck_pairs
+from .crosscheck import crosscheck_pairs, run_crosscheck
 from .session import BenchSession, FreeRunTunables
 from .store import BenchStore
-from .timings import CASES, DEFAULT_SIZES_MIB, FrameView, cycle_bytes, plan, run_cycle
+from .timings import CASES, DEFAULT_SIZES_MIB, FrameView, cycle_bytes, parse_sizes, plan, run_cycle
 
 PHASES_PER_CYCLE = 5
 #: a unit of measurement that another KSM user disturbed is repeated up to this often
@@ -37,8 +37,6 @@ def exclusively(session: BenchSession, what: str, measure, *, wait: float, conso
 
 
 def _sizes(args: argparse.Namespace) -> tuple[int, ...]:
-    from .cli import parse_sizes
-
     return parse_sizes(args.sizes) if args.sizes else DEFAULT_SIZES_MIB
 
 
@@ -136,8 +134,6 @@ def run_host(store: BenchStore, label: str, args: argparse.Namespace, parts: tup
                     store.set_section(label, "savings", results)
                     progress.update(task, advance=1)
         if "crosscheck" in parts:
-            from .crosscheck import run_crosscheck
-
             def say(msg):
                 progress.update(task, description=f"cross-check: {msg}")
 

@@ -31,6 +31,7 @@ from ..backends.host import HostSession
 from ..errors import Busy, WaitTimeout
 from ..kernel import syscalls
 from ..kernel.stepping import time_scale
+from .affinity import repair_ksmd_affinity
 from .probes import CpuTime, ThreadCpu, ksmd_cpu, read_tlb_shootdowns
 
 MIB = 1 << 20
@@ -113,8 +114,6 @@ class BenchSession:
             time.sleep(2.0)
         self.host.__enter__()
         try:
-            from .crosscheck import repair_ksmd_affinity
-
             self.repair_message = repair_ksmd_affinity()
             self.cpu = ksmd_cpu(self.host.procfs, self.host.stepper.ksmd_pid)
         except BaseException:

@@ -7,11 +7,18 @@ from .stats import format_value
 from .store import BenchStore
 
 MIB = 1 << 20
+#: headline metric of each benchmark, for the printed summary
+HEADLINES = {
+    "merge": ("mib_per_s", "ksmd_cpu_seconds"),
+    "unmerge": ("seconds", "mib_per_s"),
+    "cow": ("us_per_page", "first_touch_us_per_page"),
+    "scan_cost": ("scan1_cpu_seconds", "scan2_cpu_seconds", "scan3_cpu_seconds",
+                  "cpu_per_merged_page_us"),
+    "crosscheck": ("mib_per_s",),
+}
 
 
 def _headline_rows(summaries: list[dict]):
-    from .cli import HEADLINES
-
     order = {name: i for i, name in enumerate(HEADLINES)}
     rows = [s for s in summaries if s["metric"] in HEADLINES.get(s["benchmark"], ())]
     rows.sort(key=lambda s: (order.get(s["benchmark"], 99), s["case"], s["use_zero_pages"] or 0,
@@ -59,8 +66,6 @@ def print_summary(console, store: BenchStore, tolerance: float) -> int:
 
 
 def _all_headlines() -> set[str]:
-    from .cli import HEADLINES
-
     return {m for ms in HEADLINES.values() for m in ms}
 
 

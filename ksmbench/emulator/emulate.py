@@ -20,6 +20,7 @@ from ..observation import (ABSOLUTE_METRICS, BASELINE, BASELINE_STEP, TEARDOWN, 
 from ..scenario import model as m
 from ..scenario.patterns import FillId
 from .machine import Ksm, Settings
+from .scan import full_scan
 from .profiles import Profile, get_profile
 
 
@@ -127,7 +128,7 @@ class ScenarioRun:
                 return
             if isinstance(step, m.Scan):
                 for n in range(1, step.count + 1):
-                    self.ksm.scan(fast=self.fast)
+                    full_scan(self.ksm, fast=self.fast)
                     yield self.observe(step, n)
                 continue
             self.apply(step)

@@ -26,9 +26,9 @@ State, and where it lives in the kernel:
   dict content -> rmap item (see :meth:`Ksm._unstable_search_insert` for why
   a dict gives the same answers as the kernel's rbtree during one scan).
 
-The per-visit path here (:meth:`Ksm.scan` with ``fast=False``) is the
-reference; :mod:`.fastscan` processes long runs of visits with numpy and is
-checked against it.
+The per-visit path here (:meth:`Ksm.scan_mm_slow`) is the reference;
+:mod:`.fastscan` processes long runs of visits with numpy and is checked
+against it; :func:`.scan.full_scan` runs one full scan by either path.
 """
 
 from __future__ import annotations
@@ -853,17 +853,12 @@ class Ksm:
         self._drop_empty_ghosts(mm)
         return found_mergeable
 
-    def scan(self, *, fast: bool = True) -> None:
-        """One full scan (scan_get_next_rmap_item() from list head to list head)."""
-        self.unstable.clear()  # root_unstable_tree[nid] = RB_ROOT
+    def start_scan(self) -> None:
+        """What a full scan starts with: an empty unstable tree
+        (root_unstable_tree[nid] = RB_ROOT).  The scan itself:
+        :func:`.scan.full_scan`."""
+        self.unstable.clear()
         self._unstable_key.clear()
-        if fast:
-            from .fastscan import FastScan
-
-            FastScan(self).run()
-        else:
-            self.scan_slots(self.scan_mm_slow)
-        self.full_scans += 1
 
     def scan_slots(self, scan_mm) -> None:
         """Visit the mm slots in list order; ``scan_mm(mm)`` False means the

@@ -53,7 +53,14 @@ class Terminated(KeyboardInterrupt):
 
 @contextmanager
 def signals_as_exceptions() -> Iterator[None]:
-    """Raise :class:`Terminated` on SIGTERM (SIGINT already raises)."""
+    """Raise :class:`Terminated` on SIGTERM and KeyboardInterrupt on SIGINT.
+
+    SIGINT gets its handler explicitly: Python installs its own only when
+    SIGINT was not inherited as ignored, and a job started with ``&`` from a
+    non-interactive shell (CI, nohup, a script) inherits it ignored.  A
+    ``kill -INT`` from a supervisor must still stop the run cleanly, with the
+    tunables restored and the results so far kept.
+    """
     import threading
 
     if threading.current_thread() is not threading.main_thread():
@@ -63,11 +70,14 @@ def signals_as_exceptions() -> Iterator[None]:
     def handler(signum, frame):
         raise Terminated(signum)
 
-    previous = signal.signal(signal.SIGTERM, handler)
+    previous_term = signal.signal(signal.SIGTERM, handler)
+    previous_int = signal.signal(signal.SIGINT, signal.default_int_handler)
     try:
         yield
     finally:
-        signal.signal(signal.SIGTERM, previous)
+        # None: a handler installed outside Python, which cannot be put back
+        signal.signal(signal.SIGINT, previous_int if previous_int is not None else signal.SIG_DFL)
+        signal.signal(signal.SIGTERM, previous_term if previous_term is not None else signal.SIG_DFL)
 
 
 def state_dir() -> Path:

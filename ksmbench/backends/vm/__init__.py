@@ -12,7 +12,8 @@
 from __future__ import annotations
 
 from .backend import VMBackend
-from .boot import GuestResult, GuestRun, run_in_guest
+from .boot import GuestResult, GuestRun
+from .command import run_in_guest
 from .kernels import BootableKernel, resolve as resolve_kernel
 
 __all__ = ["VMBackend", "GuestResult", "GuestRun", "run_in_guest", "BootableKernel",

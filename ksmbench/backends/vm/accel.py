@@ -28,6 +28,7 @@ from pathlib import Path
 from typing import Callable
 
 from ...errors import UsageError, VMError
+from .boot import GuestRun, observed_accelerator, qemu_version
 
 PROBE_SECONDS = 30.0
 
@@ -58,8 +59,6 @@ def cpu_model() -> str:
 
 def host_key(qemu: str | None = None) -> str:
     """What the KVM verdict depends on: host kernel, CPU model, QEMU version."""
-    from .boot import qemu_version
-
     return f"{os.uname().release}|{cpu_model()}|qemu {qemu or qemu_version()}"
 
 
@@ -124,7 +123,6 @@ def decide(requested: str, probe: Callable[[], ProbeResult], *, key: str,
 def probe_kvm(kernel, *, memory: str = "2G", seconds: float = PROBE_SECONDS) -> ProbeResult:
     """Boot ``kernel`` under KVM and run a command; works only if it all happens in time."""
     from ...debian import cache_root
-    from .boot import GuestRun, observed_accelerator
 
     base = cache_root() / "probe"
     base.mkdir(parents=True, exist_ok=True)

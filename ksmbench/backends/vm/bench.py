@@ -61,7 +61,7 @@ def _vng_true(image: Path, accelerator: str, memory: str, cpus: int, timeout: fl
 
 def bench_boot(spec: str, repeat: int, accel: str, memory: str, cpus: int, out: Path | None) -> int:
     from .accel import choose_accelerator
-    from .boot import run_in_guest
+    from .command import run_in_guest
     from .kernels import resolve
 
     kernel = resolve(spec)

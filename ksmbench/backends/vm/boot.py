@@ -2,8 +2,8 @@
 
 :class:`GuestRun` starts ``vng`` (which starts QEMU) and lets the caller poll
 it while it runs (the VM backend tails the event file meanwhile);
-:func:`run_in_guest` is the blocking form other tools use (benchmarks and the
-kernel selftests in guests).
+:func:`.command.run_in_guest` is the blocking form other tools use
+(benchmarks and the kernel selftests in guests).
 
 The guest sees the host's filesystem read-only (virtme-ng's copy-on-write
 view: writes to /etc, /usr, /tmp... stay in the guest) and one writable
@@ -441,31 +441,3 @@ def _read_text(path: Path) -> str:
         return path.read_text(errors="replace")
     except OSError:
         return ""
-
-
-def run_in_guest(spec: str, argv: Sequence[str], *, shared_dir: str | os.PathLike,
-                 memory: str = "2G", cpus: int = 2, accel: str = "auto",
-                 timeout: float = 600.0, console_log: str | os.PathLike | None = None,
-                 env: Mapping[str, str] | None = None, cwd: str | None = None,
-                 modules: str | None = None, append: Sequence[str] = (),
-                 boot_timeout: float | None = None, console=None) -> GuestResult:
-    """Boot ``spec`` ("debian:6.12" or an image path), run ``argv`` as root in it.
-
-    ``shared_dir`` is writable in the guest (same path); everything else of the
-    host is read-only.  Returns the command's exit status and output, the
-    accelerator really used, the guest's kernel release and the wall time.
-    Raises :class:`~ksmbench.errors.VMError` (panic, no boot, overrun) or
-    :class:`~ksmbench.errors.KernelNotFound`.
-    """
-    from .accel import choose_accelerator
-    from .kernels import resolve
-
-    kernel = resolve(spec, modules=modules, console=console)
-    decision = choose_accelerator(accel, kernel, memory=memory)
-    shared = Path(shared_dir)
-    run = GuestRun(kernel, argv, shared_dir=shared, accelerator=decision.accelerator,
-                   memory=memory, cpus=cpus, env=env, cwd=cwd,
-                   console_log=Path(console_log) if console_log else None,
-                   append=append, boot_timeout=boot_timeout, timeout=timeout)
-    with run:
-        return run.wait()
