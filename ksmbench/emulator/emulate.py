@@ -118,7 +118,7 @@ class ScenarioRun:
         for mm in list(self.ksm.mms.values()):
             if mm.alive:
                 self.ksm.exit(mm)
-        self.ksm.scan(fast=self.fast)
+        full_scan(self.ksm, fast=self.fast)
         return self.observe_at(teardown_step(len(self.scenario.steps)), TEARDOWN, None)
 
     def points(self) -> Iterator[ObservationPoint]:

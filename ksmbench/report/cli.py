@@ -60,6 +60,7 @@ def generate(rundirs: Sequence[str | os.PathLike], out: Path, *, title: str = "k
 
     from .document import build_sections, render_html, render_markdown
     from .figures import all_figures
+    from .workload_savings import workload_savings_figures, workload_savings_section
     from .load import incomplete, load_runs
 
     data = load_runs(list(rundirs))
@@ -76,7 +77,8 @@ def generate(rundirs: Sequence[str | os.PathLike], out: Path, *, title: str = "k
         # one figure per scenario: more than matplotlib's warning threshold of
         # 20 are open until they are rendered (and closed) just below
         with plt.rc_context({"figure.max_open_warning": 0}):
-            figures = all_figures(data, progress=lambda n: progress.update(task, description=f"drawing {n}"))
+            figures = all_figures(data, progress=lambda n: progress.update(task, description=f"drawing {n}"),
+                                  extra=(workload_savings_figures,))
         progress.update(task, total=len(figures) + 2, completed=0)
         pngs: dict[str, bytes] = {}
         for f in figures:
@@ -88,7 +90,7 @@ def generate(rundirs: Sequence[str | os.PathLike], out: Path, *, title: str = "k
             with os_boundary(f"writing {fig_dir / f.name}.png"):
                 (fig_dir / f"{f.name}.png").write_bytes(pngs[f.name])
             progress.update(task, advance=1)
-        sections = build_sections(data, figures)
+        sections = build_sections(data, figures, extra=(workload_savings_section,))
         progress.update(task, description="writing summary.md")
         md_path = out / "summary.md"
         with os_boundary(f"writing {md_path}"):

@@ -32,7 +32,9 @@ class Section:
     warnings: list[str] = field(default_factory=list)
 
 
-def build_sections(data: RunData, figures: list[Figure]) -> list[Section]:
+def build_sections(data: RunData, figures: list[Figure], extra=()) -> list[Section]:
+    """The report's sections; ``extra`` are section functions (data, figures by
+    name) -> Section | None of modules built on this one, placed after savings."""
     by_name = {f.name: f for f in figures}
     sections = [_runs_section(data)]
     matrix = _matrix_section(data, by_name)
@@ -44,11 +46,10 @@ def build_sections(data: RunData, figures: list[Figure]) -> list[Section]:
     savings = _savings_section(data, by_name)
     if savings:
         sections.append(savings)
-    from .workload_savings import workload_savings_section
-
-    workload = workload_savings_section(data, by_name)
-    if workload:
-        sections.append(workload)
+    for section_of in extra:
+        section = section_of(data, by_name)
+        if section:
+            sections.append(section)
     per_scan = [f for f in figures if f.name.startswith("counters-")]
     if per_scan:
         sections.append(Section("Counters per scan: kernel vs emulator",

@@ -381,12 +381,12 @@ def zero_page_savings(data: RunData) -> list[Figure]:
                    "With 1, the zero pages leave RSS; before 6.6 no counter shows them.")]
 
 
-def all_figures(data: RunData, progress=lambda name: None) -> list[Figure]:
-    from .workload_savings import workload_savings_figures
-
+def all_figures(data: RunData, progress=lambda name: None, extra=()) -> list[Figure]:
+    """Every figure the data allows; ``extra`` are figure functions of report
+    sections built on this module (e.g. :mod:`.workload_savings`)."""
     out: list[Figure] = []
     for fn in (match_matrix, merge_throughput, costs, savings_over_time, zero_page_savings,
-               workload_savings_figures, counters_per_scan):
+               *extra, counters_per_scan):
         progress(fn.__name__)
         out.extend(fn(data))
     return out

@@ -10,6 +10,7 @@ import matplotlib.pyplot as plt
 import numpy as np
 import pandas as pd
 
+from .document import Section, Table
 from .figures import Figure, _slug
 from .load import RunData
 
@@ -90,8 +91,6 @@ def workload_savings_figures(data: RunData) -> list[Figure]:
 
 
 def workload_savings_section(data: RunData, figs: dict[str, Figure]):
-    from .document import Section, Table
-
     if not data.workload_savings:
         return None
     rows = []

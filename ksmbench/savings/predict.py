@@ -50,6 +50,7 @@ import numpy as np
 from ..emulator.content import ZERO
 from ..emulator.machine import PAGE_SIZE, Ksm, Segment, Settings
 from ..emulator.profiles import get_profile, profile_for_release
+from ..emulator.scan import full_scan
 from .snapshot import ProcessImage, is_zero
 
 #: ksmd CPU time per page it visits (checksum), per page it puts into or
@@ -306,7 +307,7 @@ class Predictor:
         candidates = self._candidates()
         skipped0 = k.pages_skipped
         t0 = time.perf_counter()
-        k.scan()
+        full_scan(k)
         self.prediction.scan_seconds += time.perf_counter() - t0
         visits = candidates - (k.pages_skipped - skipped0)
         g = k.global_values()
