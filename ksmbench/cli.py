@@ -366,7 +366,9 @@ def cmd_scenarios(args: argparse.Namespace) -> int:
                 console.print(f"{esc(source)}: ok ({esc(s.name)}: {_count(len(s.steps), 'step')}, "
                               f"{_count(s.scan_count, 'scan')})")
         if bad:
-            print(f"ksmbench: {_count(bad, 'scenario file')} invalid, {good} valid", file=sys.stderr)
+            if bad + good > 1:  # one file: its error line is the whole story
+                print(f"ksmbench: {_count(bad, 'scenario file')} invalid, {good} valid",
+                      file=sys.stderr)
             return 2
         return 0
     for s in builtin_suite():

@@ -66,6 +66,10 @@ def counters_per_scan(data: RunData, scenarios: list[str] | None = None) -> list
                                  squeeze=False, sharey=True)
         for ax, kernel in zip(axes[0], kernels):
             k = s[s["kernel"] == kernel]
+            if "run_id" in k and k["run_id"].nunique() > 1:
+                # the same scenario on the same kernel in several runs: the
+                # newest (run ids start with their start time) is drawn
+                k = k[k["run_id"] == max(k["run_id"].astype(str))]
             pts = point_order(k)
             x = np.arange(len(pts))
             for i, metric in enumerate(COUNTERS):

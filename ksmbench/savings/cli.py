@@ -58,13 +58,16 @@ def build_parser() -> argparse.ArgumentParser:
                    help="which VMAs count: all KSM-compatible ones (merge-any), the ones marked "
                         "mergeable now, or auto: the marked ones if any, else all (default)")
     g = p.add_argument_group("KSM tunables (default: the host's current values)")
-    g.add_argument("--use-zero-pages", type=int, choices=(0, 1))
-    g.add_argument("--max-page-sharing", type=int, metavar="N")
+    g.add_argument("--use-zero-pages", type=int, choices=(0, 1),
+                   help="map all-zero pages to the kernel's zero page (counted in ksm_zero_pages since 6.6)")
+    g.add_argument("--max-page-sharing", type=int, metavar="N",
+                   help="most mappings of one KSM page before a new dup is started")
     g.add_argument("--pages-to-scan", type=int, metavar="N",
                    help="for the time to converge (stepping scans whole full scans)")
     g.add_argument("--sleep-millisecs", type=int, metavar="MS",
                    help="for the time to converge")
-    g.add_argument("--smart-scan", type=int, choices=(0, 1))
+    g.add_argument("--smart-scan", type=int, choices=(0, 1),
+                   help="skip pages that keep failing to merge (6.7+)")
     p.add_argument("--profile", default="auto",
                    help="emulator profile (default: auto, from the kernel release)")
     p.add_argument("--max-scans", type=int, default=10,
