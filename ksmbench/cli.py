@@ -101,6 +101,10 @@ def build_parser() -> argparse.ArgumentParser:
     scen.add_argument("files", nargs="*", metavar="FILE")
     scen.set_defaults(func=cmd_scenarios)
 
+    from .compare.validate import add_parser as add_validate_parser
+
+    add_validate_parser(sub)
+
     for name, (module, helptext) in DELEGATED_HELP.items():
         sp = sub.add_parser(name, help=helptext, add_help=False)
         sp.add_argument("rest", nargs=argparse.REMAINDER)
