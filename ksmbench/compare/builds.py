@@ -172,7 +172,7 @@ def read_patch(path: Path) -> Patch:
                 files.append(name)
     if not files:
         raise ValidateInputError(f"{path}: not a patch (no '--- a/FILE' / '+++ b/FILE' lines)")
-    return Patch(path, _description(text, path), tuple(files), _digest(data))
+    return Patch(path.resolve(), _description(text, path), tuple(files), _digest(data))
 
 
 def _description(text: str, path: Path) -> str:

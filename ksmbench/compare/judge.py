@@ -32,7 +32,7 @@ flags can say.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Mapping, Sequence
 
 from ..errors import UsageError
@@ -248,10 +248,19 @@ def blame_flags(observed: Observed, scenarios: Sequence[m.Scenario], base_profil
     from ..emulator.profiles import get_profile
     from ..identify import analyse
 
+    from ..metrics import RSS_ANON, RSS_ANON_SCENARIO
+
     known = [s for s in scenarios if s.name in observed]
     if not known:
         return [], 0
-    result = analyse(observed, known, None, base=base_profile)
+    # without the RssAnon cells: identify does not count a missing RssAnon
+    # prediction against a profile, so switching rss_exact off would "explain"
+    # any RssAnon change by predicting nothing
+    skip = (RSS_ANON, RSS_ANON_SCENARIO)
+    stripped = {name: [replace(p, values={k: v for k, v in p.values.items()
+                                          if k.rsplit(".", 1)[-1] not in skip})
+                       for p in points] for name, points in observed.items()}
+    result = analyse(stripped, known, None, base=base_profile)
     before = get_profile(base_profile).flags
     after = get_profile(result.fitted).flags
     blamed = [("+" if name in after else "-") + name
