@@ -242,6 +242,23 @@ class WorkTree:
     def ready(self) -> bool:
         return (self.root / "complete").exists()
 
+    @contextmanager
+    def locked(self, timeout: float = 4 * 3600.0) -> Iterator[None]:
+        """The tree to ourselves: another validate run may be applying a patch to it
+        or building from it (the kernel drops the lock if its holder dies)."""
+        from ..waiting import flock_exclusive
+
+        with os_boundary(f"creating {self.root}"):
+            self.root.mkdir(parents=True, exist_ok=True)
+            fd = os.open(self.root / "lock", os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            flock_exclusive(fd, timeout=timeout, on_timeout=lambda: ValidateInputError(
+                f"another ksmbench validate kept {self.src} busy for {timeout / 3600:.0f} h",
+                hint="wait for it to finish"))
+            yield
+        finally:
+            os.close(fd)
+
     def ensure(self, status=None) -> float:
         """Copy the tree once (returns the seconds it took, 0 when it existed) and
         undo a patch left applied by a run that was killed."""
@@ -425,6 +442,14 @@ class ImageCache:
         return need
 
     def base(self, status=None) -> BuiltImage:
+        if not self.cached(self.base_dir):
+            if status:
+                status("waiting for the source tree (another validate run)")
+            with self.tree.locked():
+                return self._base(status)
+        return self._base(status)
+
+    def _base(self, status) -> BuiltImage:
         if self.cached(self.base_dir):
             return BuiltImage(self.base_dir / "bzImage", self.base_dir, None,
                               json.loads((self.base_dir / "done.json").read_text()))
@@ -435,6 +460,14 @@ class ImageCache:
 
     def variant(self, variant: Variant, *, status=None, phase=None) -> BuiltImage:
         """``phase(name)`` is called when applying and when building starts."""
+        if not self.cached(self.variant_dir(variant)):
+            if status:
+                status("waiting for the source tree (another validate run)")
+            with self.tree.locked():
+                return self._variant(variant, status, phase)
+        return self._variant(variant, status, phase)
+
+    def _variant(self, variant: Variant, status, phase) -> BuiltImage:
         directory = self.variant_dir(variant)
         if self.cached(directory):
             return BuiltImage(directory / "bzImage", directory, None,

@@ -232,6 +232,8 @@ class VariantResult:
     label: str
     judgement: Judgement | None = None
     error: str | None = None
+    #: the patch file names (when re-judged, the variant's patches are only names)
+    patch: str | None = None
 
     @property
     def verdict(self) -> str:
@@ -268,7 +270,7 @@ def validate_command(args: argparse.Namespace) -> int:
     tree = WorkTree(source)
     cache = ImageCache(tree, FRAGMENT, jobs=args.jobs)
     check_space(cache_dir(), cache.space_needed(variants))
-    with console.status(f"preparing the source tree ({source.identity})"):
+    with console.status(f"preparing the source tree ({source.identity})"), tree.locked():
         tree.ensure()
         # every patch must apply before anything is built (nothing half-built)
         for v in variants:
@@ -427,11 +429,12 @@ def _run_one(progress, task, label, variant, cache: ImageCache, rundir, scenario
 class _Outputs:
     """validate.csv, validate-cells.csv and validate-timings.csv, written as produced."""
 
-    def __init__(self, path: Path):
+    def __init__(self, path: Path, *, timings: bool = True):
         self.files = []
         self.rows = self._open(path / "validate.csv", VALIDATE_COLUMNS)
         self.cells = self._open(path / "validate-cells.csv", CELL_COLUMNS)
-        self.times = self._open(path / "validate-timings.csv", TIMING_COLUMNS)
+        if timings:
+            self.times = self._open(path / "validate-timings.csv", TIMING_COLUMNS)
 
     def _open(self, path: Path, columns):
         fh = open(path, "w", newline="")
@@ -447,7 +450,7 @@ class _Outputs:
         fh.flush()
 
     def variant(self, r: VariantResult) -> None:
-        patch = r.variant.patch_label if r.variant else ""
+        patch = r.patch if r.patch is not None else (r.variant.patch_label if r.variant else "")
         j = r.judgement
         if j is None:
             self._write(self.rows, (r.label, patch, "error", 0, 0, 0, "", r.error or ""))
@@ -503,3 +506,95 @@ def _print_results(console, results: Sequence[VariantResult], timings, expect) -
         tt.add_row(str(row["kernel"]), Path(row["image"]).parent.name if row["image"] else "",
                    *[str(row[c]) for c in TIMING_COLUMNS[2:-1]])
     console.print(tt)
+
+
+# -- re-judging a run directory ------------------------------------------------------
+
+def rejudge(rundir: Path, expect_text: str | None = None, console=None) -> list[VariantResult]:
+    """Judge the observations of a validate run directory again (e.g. with other
+    ``--expect`` flags); rewrites validate.csv and validate-cells.csv."""
+    from ..identify import load_rundir, probe_scenarios
+    from ..scenario import builtin_suite
+
+    meta_path = rundir / "metadata.json"
+    try:
+        meta = json.loads(meta_path.read_text())
+    except (OSError, ValueError) as exc:
+        raise ValidateInputError(f"{rundir}: not a run directory ({exc})") from None
+    info = meta.get("validate")
+    if not info:
+        raise ValidateInputError(f"{rundir}: not written by ksmbench validate (no 'validate' "
+                                 "in metadata.json)")
+    expect = parse_expect(expect_text if expect_text is not None else info.get("expect"))
+    observed, releases = load_rundir(str(rundir))
+    if "base" not in observed:
+        raise ValidateInputError(f"{rundir}: the base kernel has no observations")
+    scenarios = [s for s in builtin_suite() + probe_scenarios() if s.name in meta["scenarios"]]
+    base_profile, _bad = fitted_profile(observed["base"], scenarios, releases.get("base"))
+    errors = {k["kernel"]: k.get("error") for k in meta.get("kernels", [])}
+    verdicts = {k["kernel"]: k.get("verdicts", {}) for k in meta.get("kernels", [])}
+    results = []
+    out = _Outputs(rundir, timings=False)
+    try:
+        for v in info["variants"]:
+            name = v["variant"]
+            variant = Variant(name, tuple())
+            if name not in observed or errors.get(name):
+                previous = next((r for r in info.get("results", []) if r["variant"] == name), {})
+                res = VariantResult(None, name, error=errors.get(name) or previous.get("error")
+                                    or "no observations")
+            else:
+                failed = [f"{sc}: error" for sc, verdict in verdicts.get(name, {}).items()
+                          if verdict == "error"]
+                res = VariantResult(None, name, judge(name, observed["base"], observed[name],
+                                                      scenarios, base_profile, expect,
+                                                      errors=failed))
+            res.patch = " ".join(v.get("patches", []))
+            results.append(res)
+            out.variant(res)
+    finally:
+        out.close()
+    info["expect"] = format_expect(expect)
+    info["base_profile"] = base_profile
+    info["results"] = [{"variant": r.label, "verdict": r.verdict, "error": r.error,
+                        "flags_blamed": r.judgement.flags_blamed if r.judgement else [],
+                        "changed": r.judgement.changed_by_scenario() if r.judgement else {}}
+                       for r in results]
+    meta_path.write_text(json.dumps(meta, indent=2, sort_keys=True) + "\n")
+    return results
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """``python -m ksmbench.compare.validate RUNDIR [--expect FLAGS]``."""
+    from ..console import make_console
+
+    ap = argparse.ArgumentParser(prog="python -m ksmbench.compare.validate",
+                                 description="judge a validate run directory's observations again")
+    ap.add_argument("rundir", type=Path)
+    ap.add_argument("--expect", default=None, metavar="FLAGS",
+                    help="default: the run's own --expect")
+    import re
+
+    ap._negative_number_matcher = re.compile(r"^-(\d+$|\d*\.\d+$|[a-z_]+(,[+-][a-z_]+)*$)")
+    args = ap.parse_args(argv)
+    console = make_console()
+    try:
+        results = rejudge(args.rundir, args.expect)
+    except KsmbenchError as exc:
+        print(f"ksmbench: error: {exc.one_line()}", file=sys.stderr)
+        return 2
+    timings = []
+    path = args.rundir / "validate-timings.csv"
+    if path.exists():
+        timings = [{c: row.get(c, "") for c in TIMING_COLUMNS}
+                   for row in csv.DictReader(open(path))]
+    expect = parse_expect(args.expect if args.expect is not None else
+                          json.loads((args.rundir / "metadata.json").read_text())["validate"]["expect"])
+    _print_results(console, results, timings, expect)
+    if any(r.verdict == "error" for r in results):
+        return 2
+    return 1 if any(r.verdict == "changed" for r in results) else 0
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())
