@@ -370,9 +370,10 @@ def print_disagreements(console, reports: list[KernelReport]) -> None:
         return
     console.print(f"[bold red]{len(rows)} disagreement(s):[/]")
     for r in rows:
+        # not markup: a kernel label such as [/path/bzImage] reads as a closing tag
         console.print(f"  [{r.kernel}] {r.peer.selftest} ({r.selftest.verdict}: "
                       f"{r.selftest.detail or '-'}) vs {r.peer.scenario} ({r.ours}: "
-                      f"{r.ours_detail})")
+                      f"{r.ours_detail})", markup=False)
         if r.peer.note:
             console.print(f"    note: {r.peer.note}")
 
