@@ -274,3 +274,48 @@ def test_too_little_disk_space(tmp_path, monkeypatch, capsys):
     assert err.count("\n") == 1 and "too little disk space" in err and "GiB" in err
     assert not (tmp_path / "cache" / "validate" / "images").exists()  # nothing half-built
     assert shutil.disk_usage is builds.shutil.disk_usage
+
+
+# -- the recorded reference runs, judged again ------------------------------------------
+
+REFERENCE = REPO / "results" / "reference"
+CAMPAIGN = REFERENCE / "20261201-132232-600e"
+COMMENT_ONLY = REFERENCE / "20261201-134215-7c15"
+
+
+def _copy_run(src: Path, dest: Path) -> Path:
+    import shutil
+
+    dest.mkdir()
+    for name in ("metadata.json", "observations.csv", "validate.csv"):
+        shutil.copy(src / name, dest / name)
+    return dest
+
+
+def test_the_recorded_mutation_campaign_kills_every_mutant_again(tmp_path):
+    from ksmbench.compare.validate import rejudge
+
+    run = _copy_run(CAMPAIGN, tmp_path / "run")
+    recorded = {r["variant"]: r for r in csv.DictReader(open(CAMPAIGN / "validate.csv"))}
+    results = rejudge(run)
+    assert len(results) == len(recorded) >= 8
+    for r in results:
+        assert r.verdict == "changed", r.label
+        assert len(r.judgement.unexplained) == int(recorded[r.label]["unexplained"]) > 0
+    # the profit mutants change their own profit and nothing else
+    by = {r.label: r.judgement.changed_by_scenario() for r in results}
+    assert {m for ms in by["m06-general-profit-no-zero"].values() for m in ms} == {
+        "global.general_profit"}
+    assert {m.rsplit(".", 1)[1] for ms in by["m07-process-profit-no-zero"].values()
+            for m in ms} == {"ksm_process_profit"}
+
+
+def test_the_recorded_comment_only_patch_is_all_equal(tmp_path):
+    from ksmbench.compare.validate import rejudge
+
+    [r] = rejudge(_copy_run(COMMENT_ONLY, tmp_path / "run"))
+    assert r.verdict == "as-expected"
+    assert r.judgement.compared > 5000 and r.judgement.changed == []
+    # and a flag that the patch does not switch is an expected change that is missing
+    [r] = rejudge(_copy_run(COMMENT_ONLY, tmp_path / "run2"), "-zero_page_tracking")
+    assert r.verdict == "changed" and r.judgement.changed == [] and r.judgement.unexplained
