@@ -319,3 +319,16 @@ def test_the_recorded_comment_only_patch_is_all_equal(tmp_path):
     # and a flag that the patch does not switch is an expected change that is missing
     [r] = rejudge(_copy_run(COMMENT_ONLY, tmp_path / "run2"), "-zero_page_tracking")
     assert r.verdict == "changed" and r.judgement.changed == [] and r.judgement.unexplained
+
+
+def test_a_failed_build_is_reported_by_its_first_error_line(tmp_path):
+    from ksmbench.compare.builds import first_error_line
+
+    log = tmp_path / "build.log"
+    log.write_text("  CC      mm/ksm.o\n"
+                   "/src/mm/ksm.c:1400:17: error: 'x' undeclared (first use in this function)\n"
+                   "/src/mm/ksm.c:1401:3: error: expected ';' before '}' token\n"
+                   "make[3]: *** [scripts/Makefile.build:229: mm/ksm.o] Error 1\n")
+    assert first_error_line(log) == "/src/mm/ksm.c:1400:17: error: 'x' undeclared (first use in this function)"
+    log.write_text("  CC      mm/ksm.o\n  LD      vmlinux\n")
+    assert first_error_line(log) is None
