@@ -74,3 +74,33 @@ def test_a_one_line_mutant_of_612_is_killed(tmp_path):
     assert timings["base"]["observations"] == timings["m06-general-profit-no-zero"]["observations"] \
         == "measured"
     assert not _qemu_children_of_test(str(rundir))
+
+
+def test_a_patch_that_does_not_compile_is_an_error_naming_the_log(tmp_path):
+    """Exit 2, one line with the first compiler error and the build log; the
+    private tree is restored (the next run's base is still the base)."""
+    _need_tools()
+    patches = tmp_path / "patches"
+    patches.mkdir()
+    broken = MUTANT.read_text().replace("+\tgeneral_profit = ksm_pages_sharing * PAGE_SIZE -",
+                                        "+\tgeneral_profit = ksm_pages_sharing * no_such_symbol -")
+    assert "no_such_symbol" in broken
+    (patches / "broken.patch").write_text(broken)
+    proc = subprocess.run(
+        [sys.executable, "-m", "ksmbench.cli", "validate", "debian-source:6.12", "--patches",
+         str(patches), "--out", str(tmp_path / "out"), "zero-pages"],
+        capture_output=True, text=True, timeout=3600, env={**os.environ, "COLUMNS": "200"})
+    assert proc.returncode == 2, proc.stdout[-3000:] + proc.stderr[-2000:]
+    errors = [ln for ln in proc.stderr.splitlines() if ln.startswith("ksmbench: error:")]
+    assert len(errors) == 1 and "Traceback" not in proc.stderr
+    assert "no_such_symbol" in errors[0] and "error:" in errors[0]
+    log = errors[0].rsplit("log: ", 1)[1].rstrip(")")
+    assert Path(log).is_file() and "no_such_symbol" in Path(log).read_text()
+    rundir = next((tmp_path / "out").iterdir())
+    [row] = list(csv.DictReader(open(rundir / "validate.csv")))
+    assert row["verdict"] == "error"
+    from ksmbench.compare.builds import WorkTree, resolve_source
+
+    tree = WorkTree(resolve_source("debian-source:6.12"))
+    assert "no_such_symbol" not in (tree.src / "mm" / "ksm.c").read_text()
+    assert not tree.journal.exists()
