@@ -492,7 +492,7 @@ class ImageCache:
                 image = self._build(directory, variant.name, status)
                 build_seconds = time.monotonic() - t
         except subprocess.CalledProcessError as exc:
-            raise VariantError(f"{variant.name}: copying the base object tree failed: "
+            raise VariantError("copying the base object tree failed: "
                                f"{exc.stderr.decode(errors='replace').strip()[:200]}") from None
         finally:
             shutil.rmtree(directory / "build", ignore_errors=True)
@@ -517,7 +517,7 @@ class ImageCache:
         except BuildError as exc:
             log = out / "build.log"
             first = first_error_line(log)
-            raise VariantError(f"{label}: build failed: {first or exc.message}",
+            raise VariantError(f"build failed: {first or exc.message}",
                                hint=f"log: {log}") from None
         finally:
             quiet.file.close()
