@@ -18,8 +18,7 @@ from pathlib import Path
 import pytest
 
 from ksmbench.compare.builds import WorkTree, KernelSource, read_patch, variants_from
-from ksmbench.compare.judge import (EQUAL, EXPLAINED, MISSING, UNEXPLAINED, judge, parse_expect,
-                                    with_flags)
+from ksmbench.compare.judge import EXPLAINED, MISSING, UNEXPLAINED, judge, parse_expect, with_flags
 from ksmbench.emulator import predict
 from ksmbench.errors import UsageError
 from ksmbench.identify import probe_scenarios
@@ -65,6 +64,7 @@ def test_one_changed_cell_is_unexplained_and_named(scenarios):
     assert j.verdict == "changed"
     assert len(j.changed) == 1 and len(j.unexplained) == 1
     cell = j.unexplained[0]
+    assert cell.kind == UNEXPLAINED
     assert (cell.scenario, cell.metric) == ("zero-pages", "global.general_profit")
     assert cell.variant == cell.base + 4096
     assert "zero-pages step" in cell.describe() and "general_profit" in cell.describe()
@@ -81,6 +81,7 @@ def test_the_series_removed_is_explained_by_its_flag_only(scenarios):
     expected = judge("v", base, variant, scenarios, BASE, parse_expect("-zero_page_tracking"))
     assert expected.verdict == "as-expected"
     assert len(expected.explained) == len(expected.changed) == len(without.changed)
+    assert all(c.kind == EXPLAINED for c in expected.changed)
     # the wrong flag explains nothing it does not predict
     wrong = judge("v", base, variant, scenarios, BASE, parse_expect("-smart_scan"))
     assert wrong.verdict == "changed"

@@ -477,7 +477,7 @@ class ImageCache:
         started = time.monotonic()
         try:
             if status:
-                status(f"copying the base object tree")
+                status("copying the base object tree")
             t = time.monotonic()
             subprocess.run(["cp", "-a", "--reflink=auto", str(self.base_dir / "build"),
                             str(directory / "build")], check=True, capture_output=True,

@@ -489,7 +489,7 @@ def _print_results(console, results: Sequence[VariantResult], timings, expect) -
     for r in results:
         j = r.judgement
         if j is None:
-            t.add_row(r.label, f"[red]error[/red]", "", "", "", "", "", r.error or "")
+            t.add_row(r.label, "[red]error[/red]", "", "", "", "", "", r.error or "")
             continue
         by = j.changed_by_scenario()
         first = (j.unexplained or j.changed)
@@ -538,7 +538,6 @@ def rejudge(rundir: Path, expect_text: str | None = None, console=None) -> list[
     try:
         for v in info["variants"]:
             name = v["variant"]
-            variant = Variant(name, tuple())
             if name not in observed or errors.get(name):
                 previous = next((r for r in info.get("results", []) if r["variant"] == name), {})
                 res = VariantResult(None, name, error=errors.get(name) or previous.get("error")
