@@ -48,14 +48,35 @@ TIMING_COLUMNS = ("kernel", "image", "build_seconds", "rebuild_seconds", "boot_s
 PHASES = ("apply", "build", "boot", "suite")
 
 
+class _IntermixedParser(argparse.ArgumentParser):
+    """Scenarios may follow the options (``validate SOURCE --patches DIR zero-pages``):
+    plain argparse binds an empty SCENARIO list right after SOURCE and then rejects
+    the later ones; the intermixed parse collects them wherever they are."""
+
+    _intermixing = False
+
+    def parse_known_args(self, args=None, namespace=None):
+        if self._intermixing:  # parse_known_intermixed_args calls back in here
+            return super().parse_known_args(args, namespace)
+        self._intermixing = True
+        try:
+            return self.parse_known_intermixed_args(args, namespace)
+        finally:
+            self._intermixing = False
+
+
 def add_parser(sub) -> None:
     """Register ``ksmbench validate`` on the CLI's subparsers."""
     from ..backends import add_vm_options
 
-    p = sub.add_parser("validate", help="judge a patch: base and patched kernels, cell by cell",
-                       description="Build SOURCE as is (the base) and with the patches in DIR "
-                                   "(the variants), boot each once, run the scenarios and judge "
-                                   "every variant against the base cell by cell.")
+    kind, sub._parser_class = sub._parser_class, _IntermixedParser
+    try:
+        p = sub.add_parser("validate", help="judge a patch: base and patched kernels, cell by cell",
+                           description="Build SOURCE as is (the base) and with the patches in "
+                                       "DIR (the variants), boot each once, run the scenarios and "
+                                       "judge every variant against the base cell by cell.")
+    finally:
+        sub._parser_class = kind
     p.add_argument("source", metavar="SOURCE",
                    help="kernel source tree, or debian-source:X.Y (Debian's linux-source-X.Y)")
     p.add_argument("--patches", required=True, type=Path, metavar="DIR",
