@@ -34,7 +34,7 @@ from ..errors import KsmbenchError
 from ..observation import BackendInfo, Event, PointObserved, ScenarioFinished, event_from_json, event_to_json
 from .builds import (BuiltImage, ImageCache, ValidateInputError, Variant, VariantError, WorkTree,
                      build_tools_missing, cache_dir, check_space, resolve_source, variants_from)
-from .judge import Judgement, fitted_profile, format_expect, judge, parse_expect
+from .judge import Judgement, fitted_profile, format_expect, judge, parse_expect, with_flags
 
 VALIDATE_COLUMNS = ("variant", "patch", "verdict", "cells_compared", "cells_changed",
                     "unexplained", "flags_blamed", "first_cell")
@@ -195,8 +195,9 @@ def _suite_key(scenarios, args) -> str:
 
 
 def run_kernel(rundir, label: str, image: BuiltImage, scenarios, args, suite_key: str,
-               on_phase) -> KernelRun:
-    """Boot ``image`` and run ``scenarios`` (or replay its cached observations)."""
+               on_phase, profile: str = "auto") -> KernelRun:
+    """Boot ``image`` and run ``scenarios`` (or replay its cached observations);
+    ``profile`` is the emulator profile observations.csv compares them with."""
     from ..backends import resolve_backend
     from ..emulator import Predictor
     from ..runner import Runner
@@ -226,7 +227,7 @@ def run_kernel(rundir, label: str, image: BuiltImage, scenarios, args, suite_key
             on_phase("boot", message)
 
     on_phase("boot", "from the cache" if run.cached else None)
-    runner = Runner(rundir, predictor=Predictor(), profile="auto", progress=progress)
+    runner = Runner(rundir, predictor=Predictor(), profile=profile, progress=progress)
     started = time.monotonic()
     outcome = runner.run_kernel(backend, scenarios)
     elapsed = time.monotonic() - started
@@ -339,11 +340,15 @@ def validate_command(args: argparse.Namespace) -> int:
             base_profile, base_bad = fitted_profile(base_run.observed, scenarios, base_run.release)
             rundir.metadata["validate"]["base_profile"] = base_profile
             rundir.metadata["validate"]["base_unmodelled_cells"] = base_bad
+            # each variant's rows in observations.csv are compared with what it
+            # should do: the base's fitted profile with the --expect flags switched
+            expected_profile = with_flags(base_profile, expect) if expect else base_profile
+            rundir.metadata["validate"]["expected_profile"] = expected_profile
             rundir.write_metadata()
             for v in variants:
                 task = tasks[v.name]
                 run, image, timing = _run_one(progress, task, v.name, v, cache, rundir, scenarios,
-                                              args, suite_key)
+                                              args, suite_key, expected_profile)
                 timings.append(timing)
                 out.timing(timing)
                 if run is None or run.error:
@@ -399,7 +404,7 @@ def _unique_names(variants: Sequence[Variant]) -> None:
 
 
 def _run_one(progress, task, label, variant, cache: ImageCache, rundir, scenarios, args,
-             suite_key) -> tuple[KernelRun | None, BuiltImage | None, dict]:
+             suite_key, profile: str = "auto") -> tuple[KernelRun | None, BuiltImage | None, dict]:
     """Build (or take from the cache) and run one kernel, moving its progress bar."""
     timing = {"kernel": label, "image": "", "build_seconds": "", "rebuild_seconds": "",
               "boot_seconds": "", "vm_seconds": "", "observations": "", "error": None}
@@ -437,7 +442,7 @@ def _run_one(progress, task, label, variant, cache: ImageCache, rundir, scenario
         timing["rebuild_seconds"] = image.info.get("rebuild_seconds", "")
     if state["phase"] == "apply":
         on_phase("build", "cached image")
-    run = run_kernel(rundir, label, image, scenarios, args, suite_key, on_phase)
+    run = run_kernel(rundir, label, image, scenarios, args, suite_key, on_phase, profile)
     timing["boot_seconds"] = run.boot_seconds if run.boot_seconds is not None else ""
     timing["vm_seconds"] = run.suite_seconds if run.suite_seconds is not None else ""
     timing["observations"] = "cached" if run.cached else "measured"
