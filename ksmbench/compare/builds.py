@@ -39,8 +39,9 @@ from ..errors import KsmbenchError, UsageError, os_boundary
 
 #: build steps: bump when the way images are built changes (invalidates the cache)
 RECIPE = "tinyconfig+fragment,bzImage,v1"
-#: free space needed before a base build: the object tree of a tinyconfig
-#: build is ~0.5 GiB (measured on 6.12), the private tree's links need inodes only
+#: free space needed before a base build: the object tree of a 6.12 tinyconfig
+#: build measured 192 MiB; 2 GiB leaves room for a bigger tree or config, and
+#: for the variant's copy of it.  The private tree's hard links need inodes only.
 BASE_BUILD_BYTES = 2 << 30
 #: free space per variant build on top of a copy of the base object tree
 VARIANT_SLACK_BYTES = 256 << 20
