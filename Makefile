@@ -14,10 +14,11 @@ $(STAMP): pyproject.toml
 	$(BIN)/python -m pip install --quiet -e '.[test]'
 	touch $@
 
-# QEMU, udev (for virtme-ng's guest console) and kmod (depmod), from the
+# QEMU, udev (for virtme-ng's guest console), kmod (depmod) and the kernel build tools
+# (ksmbench validate builds kernels in tests), from the
 # machine's own Debian sources; installs only what is missing.
 host-deps:
-	vm/install-host-deps
+	vm/install-host-deps --build
 
 # what `make test` needs beyond that: Debian's chromium, headless, for the
 # HTML report's browser test

@@ -171,6 +171,10 @@ validate each scenario file and report every invalid one, not only the first."""
                       help="scenario files, directories of *.toml files, or built-in names to validate")
     scen.set_defaults(func=cmd_scenarios)
 
+    from .compare.validate import add_parser as add_validate_parser
+
+    add_validate_parser(sub)
+
     for name, (module, helptext) in DELEGATED_HELP.items():
         sp = sub.add_parser(name, help=helptext, add_help=False)
         sp.add_argument("rest", nargs=argparse.REMAINDER)

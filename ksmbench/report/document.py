@@ -37,6 +37,9 @@ def build_sections(data: RunData, figures: list[Figure], extra=()) -> list[Secti
     name) -> Section | None of modules built on this one, placed after savings."""
     by_name = {f.name: f for f in figures}
     sections = [_runs_section(data)]
+    validate = _validate_section(data)
+    if validate:
+        sections.append(validate)
     matrix = _matrix_section(data, by_name)
     if matrix:
         sections.append(matrix)
@@ -76,6 +79,31 @@ def _runs_section(data: RunData) -> Section:
     return Section("Runs and kernels", paras,
                    [Table(["kernel", "release", "backend", "accelerator", "profile", "error"], rows)],
                    warnings=incomplete(data))
+
+
+def _validate_section(data: RunData) -> Section | None:
+    """``ksmbench validate``: each variant's verdict, and which scenarios and
+    metrics it changed (from validate-cells.csv)."""
+    v = data.validate
+    if v is None or v.empty:
+        return None
+    rows = [[r.variant, r.patch, r.verdict, r.cells_compared, r.cells_changed, r.unexplained,
+             r.flags_blamed or "-", r.first_cell] for r in v.itertuples()]
+    tables = [Table(["variant", "patch", "verdict", "cells compared", "changed", "unexplained",
+                     "flags blamed", "first cell"], rows)]
+    cells = data.validate_cells
+    if cells is not None and not cells.empty:
+        changed = []
+        for (variant, scenario), group in cells.groupby(["variant", "scenario"], sort=False):
+            kinds = group["kind"].value_counts().to_dict()
+            changed.append([variant, scenario, ", ".join(dict.fromkeys(group["metric"])),
+                            ", ".join(f"{n} {k}" for k, n in kinds.items())])
+        tables.append(Table(["variant", "scenario", "metrics changed", "cells"], changed))
+    counts = v["verdict"].value_counts().to_dict()
+    return Section("Patch validation: variants against the base",
+                   ["Each variant (a patched kernel) against the base (the same source without "
+                    "the patch), cell by cell. Verdicts: "
+                    + ", ".join(f"{n} {k}" for k, n in counts.items()) + "."], tables)
 
 
 def _matrix_section(data: RunData, figs: dict[str, Figure]) -> Section | None:

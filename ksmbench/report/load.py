@@ -32,6 +32,9 @@ class RunData:
     bench_json: dict[str, dict[str, Any]] = field(default_factory=dict)
     #: ``ksmbench savings`` runs: (metadata, savings.csv as a DataFrame)
     workload_savings: list[tuple[dict[str, Any], pd.DataFrame]] = field(default_factory=list)
+    #: ``ksmbench validate``: one row per variant, and every changed cell
+    validate: pd.DataFrame | None = None
+    validate_cells: pd.DataFrame | None = None
 
     @property
     def kernels(self) -> list[str]:
@@ -68,7 +71,7 @@ def load_runs(paths: list[str | os.PathLike]) -> RunData:
     if not paths:
         raise UsageError("give at least one run directory", hint="e.g. ksmbench report results/<run-id>")
     data = RunData()
-    obs, exp, bench, savings = [], [], [], []
+    obs, exp, bench, savings, vrows, vcells = [], [], [], [], [], []
     for p in paths:
         path = Path(p)
         meta_path = path / "metadata.json"
@@ -109,6 +112,14 @@ def load_runs(paths: list[str | os.PathLike]) -> RunData:
             df = pd.read_csv(path / "savings.csv", dtype={"kernel": str, "point": str, "metric": str})
             df["run_id"] = run_id
             savings.append(df)
+        if (path / "validate.csv").exists():
+            df = pd.read_csv(path / "validate.csv", dtype=str, keep_default_na=False)
+            df["run_id"] = run_id
+            vrows.append(df)
+        if (path / "validate-cells.csv").exists():
+            df = pd.read_csv(path / "validate-cells.csv", dtype=str, keep_default_na=False)
+            df["run_id"] = run_id
+            vcells.append(df)
         if (path / "bench.json").exists():
             doc = json.loads((path / "bench.json").read_text())
             for kernel, body in doc.get("kernels", {}).items():
@@ -122,6 +133,8 @@ def load_runs(paths: list[str | os.PathLike]) -> RunData:
     data.expectations = _concat(exp)
     data.bench = _concat(bench)
     data.savings = _concat(savings)
+    data.validate = _concat(vrows)
+    data.validate_cells = _concat(vcells)
     return data
 
 

@@ -151,7 +151,11 @@ def _run_logged(argv: list[str], log, what: str, *, status=None, timeout: float 
 
 
 def build(src: Path, out: Path, *, patches: Path | None = None, jobs: int | None = None,
-          mrproper: bool = False, fragment: Path = FRAGMENT, console=None) -> Path:
+          mrproper: bool = False, fragment: Path = FRAGMENT, console=None, status=None) -> Path:
+    """``status``: an object with ``update(text)`` for the progress line (default: a
+    spinner on ``console``; a caller with its own progress display passes one)."""
+    from contextlib import nullcontext
+
     console = console or make_console(stderr=True)
     src = src.expanduser().resolve()
     out = out.expanduser().resolve()
@@ -167,7 +171,8 @@ def build(src: Path, out: Path, *, patches: Path | None = None, jobs: int | None
     jobs = jobs or os.cpu_count() or 1
     started = time.monotonic()
     timings: dict[str, float] = {}
-    with open(out / "build.log", "w") as log, console.status("build-kernel") as status:
+    shown = nullcontext(status) if status is not None else console.status("build-kernel")
+    with open(out / "build.log", "w") as log, shown as status:
         applied: list[str] = []
         if patches is not None:
             t = time.monotonic()

@@ -1,0 +1,625 @@
+"""``ksmbench validate SOURCE --patches DIR``: what a patch changes, judged cell by cell.
+
+1. SOURCE (a kernel tree, or ``debian-source:X.Y``) is copied once into the
+   cache; every patch is checked to apply before anything is built.
+2. The base (SOURCE as is) and each variant (the series in DIR, or with
+   ``--each`` every patch alone) are built with the project's build path
+   (:mod:`ksmbench.backends.vm.build`); images are cached (:mod:`.builds`).
+3. Each kernel boots once and runs the scenarios (default: the built-in
+   suite) plus identify's probes; the observations go to one run directory,
+   each kernel under its own label (``base`` and the variant names), and are
+   kept in the cache so an unchanged variant is not booted again.
+4. Each variant is judged against the base (:mod:`.judge`); validate.csv gets
+   one row per variant as soon as it is judged, validate-cells.csv every
+   changed cell, validate-timings.csv the build/boot/suite seconds.
+
+Exit status: 0 every variant as expected; 1 some variant changed behaviour
+beyond ``--expect``; 2 a variant (or the base) could not be judged.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import hashlib
+import json
+import os
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Iterator, Sequence
+
+from ..errors import KsmbenchError
+from ..observation import BackendInfo, Event, PointObserved, ScenarioFinished, event_from_json, event_to_json
+from .builds import (BuiltImage, ImageCache, ValidateInputError, Variant, VariantError, WorkTree,
+                     build_tools_missing, cache_dir, check_space, resolve_source, variants_from)
+from .judge import Judgement, fitted_profile, format_expect, judge, parse_expect, with_flags
+
+VALIDATE_COLUMNS = ("variant", "patch", "verdict", "cells_compared", "cells_changed",
+                    "unexplained", "flags_blamed", "first_cell")
+CELL_COLUMNS = ("variant", "scenario", "step", "scan", "metric", "base", "observed",
+                "predicted_fitted", "predicted_expected", "kind")
+#: build_seconds: the whole build (for a variant: copying the base object tree,
+#: patching, configuring and make); rebuild_seconds: configure + make of a variant;
+#: boot_seconds: QEMU start to user space; vm_seconds: boot plus every scenario
+TIMING_COLUMNS = ("kernel", "image", "build_seconds", "rebuild_seconds", "boot_seconds",
+                  "vm_seconds", "observations")
+PHASES = ("apply", "build", "boot", "suite")
+
+
+class _IntermixedParser(argparse.ArgumentParser):
+    """Scenarios may follow the options (``validate SOURCE --patches DIR zero-pages``):
+    plain argparse binds an empty SCENARIO list right after SOURCE and then rejects
+    the later ones; the intermixed parse collects them wherever they are."""
+
+    _intermixing = False
+
+    def parse_known_args(self, args=None, namespace=None):
+        if self._intermixing:  # parse_known_intermixed_args calls back in here
+            return super().parse_known_args(args, namespace)
+        self._intermixing = True
+        try:
+            return self.parse_known_intermixed_args(args, namespace)
+        finally:
+            self._intermixing = False
+
+
+def add_parser(sub) -> None:
+    """Register ``ksmbench validate`` on the CLI's subparsers."""
+    from ..backends import add_vm_options
+
+    kind, sub._parser_class = sub._parser_class, _IntermixedParser
+    try:
+        p = sub.add_parser("validate", help="judge a patch: base and patched kernels, cell by cell",
+                           description="Build SOURCE as is (the base) and with the patches in "
+                                       "DIR (the variants), boot each once, run the scenarios and "
+                                       "judge every variant against the base cell by cell.")
+    finally:
+        sub._parser_class = kind
+    p.add_argument("source", metavar="SOURCE",
+                   help="kernel source tree, or debian-source:X.Y (Debian's linux-source-X.Y)")
+    p.add_argument("--patches", required=True, type=Path, metavar="DIR",
+                   help="patch directory: quilt 'series' order, else sorted *.patch/*.diff")
+    p.add_argument("--each", action="store_true",
+                   help="every patch is its own variant on the base (a mutation campaign)")
+    p.add_argument("--expect", default="none", metavar="FLAGS",
+                   help="behaviour flags the patch is meant to switch, e.g. +zero_page_tracking "
+                        "or -zero_page_tracking,-fork_counter_fix (default: none: nothing "
+                        "observable may change)")
+    p.add_argument("--out", default="results", help="parent of the run directory (default: results)")
+    p.add_argument("--jobs", type=int, metavar="N", help="make -jN (default: all CPUs)")
+    p.add_argument("--rerun", action="store_true",
+                   help="boot every kernel again even if its observations are cached")
+    p.add_argument("scenarios", nargs="*", metavar="SCENARIO",
+                   help="scenario files, directories or built-in names (default: the built-in "
+                        "suite); identify's probes always run too")
+    add_vm_options(p)
+    # `--expect -zero_page_tracking` (as written in the docs) must be a value, not an
+    # unknown option: argparse takes an argument that looks like a negative number
+    # as a value, so flag lists count as "negative numbers" in this parser
+    import re
+
+    p._negative_number_matcher = re.compile(r"^-(\d+$|\d*\.\d+$|[a-z_]+(,[+-][a-z_]+)*$)")
+    p.set_defaults(func=validate_command)
+
+
+# -- running kernels ---------------------------------------------------------------
+
+class _Collecting:
+    """Keeps the points and facts of the event stream it passes on (the Runner
+    writes the same events to the run directory)."""
+
+    label: str
+
+    def _collect(self, events) -> Iterator[Event]:
+        self.observed: dict[str, list] = {}
+        self.release: str | None = None
+        for event in events:
+            if isinstance(event, BackendInfo) and event.info.get("kernel_release"):
+                self.release = event.info["kernel_release"]
+            elif isinstance(event, PointObserved):
+                self.observed.setdefault(event.scenario, []).append(event.point)
+            yield event
+
+
+class RecordingBackend(_Collecting):
+    """A VM backend whose event stream is also written to a file, kept only when
+    the run finished without an error (the cache of a kernel's observations)."""
+
+    def __init__(self, inner, label: str, record: Path):
+        self.inner = inner
+        self.inner.label = label
+        self.label = label
+        self.record = record
+
+    @property
+    def artifacts_dir(self):
+        return self.inner.artifacts_dir
+
+    @artifacts_dir.setter
+    def artifacts_dir(self, value) -> None:
+        self.inner.artifacts_dir = value
+
+    def events(self, scenarios) -> Iterator[Event]:
+        partial = self.record.with_suffix(".partial")
+        clean = True
+        with open(partial, "w") as fh:
+            for event in self._collect(self.inner.events(scenarios)):
+                if isinstance(event, ScenarioFinished) and event.error:
+                    clean = False
+                fh.write(event_to_json(event) + "\n")
+                yield event
+        if clean:
+            os.replace(partial, self.record)
+        else:
+            partial.unlink(missing_ok=True)
+
+
+class ReplayBackend(_Collecting):
+    """A kernel's observations from the cache, as the event stream they came from."""
+
+    def __init__(self, label: str, record: Path):
+        self.label = label
+        self.record = record
+
+    def _lines(self) -> Iterator[Event]:
+        yield BackendInfo({"observations_from_cache": str(self.record)})
+        with open(self.record) as fh:
+            for line in fh:
+                if line.strip():
+                    yield event_from_json(line)
+
+    def events(self, scenarios) -> Iterator[Event]:
+        yield from self._collect(self._lines())
+
+
+@dataclass
+class KernelRun:
+    label: str
+    observed: dict = field(default_factory=dict)
+    release: str | None = None
+    errors: list[str] = field(default_factory=list)
+    error: str | None = None
+    boot_seconds: float | None = None
+    suite_seconds: float | None = None
+    cached: bool = False
+
+
+def _suite_key(scenarios, args) -> str:
+    from .. import __version__
+
+    h = hashlib.sha256(repr([s for s in scenarios]).encode())
+    h.update(f"{__version__}|{args.memory}|{args.cpus}|{args.accel}".encode())
+    return h.hexdigest()[:16]
+
+
+def run_kernel(rundir, label: str, image: BuiltImage, scenarios, args, suite_key: str,
+               on_phase, profile: str = "auto") -> KernelRun:
+    """Boot ``image`` and run ``scenarios`` (or replay its cached observations);
+    ``profile`` is the emulator profile observations.csv compares them with."""
+    from ..backends import resolve_backend
+    from ..emulator import Predictor
+    from ..runner import Runner
+
+    record = image.directory / f"observations-{suite_key}.jsonl"
+    run = KernelRun(label)
+    if record.is_file() and not args.rerun:
+        backend = ReplayBackend(label, record)
+        run.cached = True
+    else:
+        inner = resolve_backend(str(image.image), memory=args.memory, cpus=args.cpus,
+                                accel=args.accel)
+        backend = RecordingBackend(inner, label, record)
+    names = {s.name for s in scenarios}
+    in_suite = False
+
+    def progress(_kernel: str, message: str) -> None:
+        nonlocal in_suite
+        name, _, what = message.partition(": ")
+        if name in names:
+            if not in_suite:
+                in_suite = True
+                on_phase("suite", None)
+            if what not in ("started",) and not what.startswith("step "):
+                on_phase("suite", f"{name}: {what}", advance=True)
+        elif not in_suite:
+            on_phase("boot", message)
+
+    on_phase("boot", "from the cache" if run.cached else None)
+    runner = Runner(rundir, predictor=Predictor(), profile=profile, progress=progress)
+    started = time.monotonic()
+    outcome = runner.run_kernel(backend, scenarios)
+    elapsed = time.monotonic() - started
+    run.error = outcome.error
+    run.release = outcome.info.get("kernel_release")
+    run.boot_seconds = outcome.info.get("boot_seconds")
+    run.suite_seconds = None if run.cached else round(elapsed, 1)
+    entry = rundir.kernel_entry(label)
+    if run.cached:
+        entry["observations_from_cache"] = str(record)
+    for name, o in outcome.scenarios.items():
+        if o.error:
+            run.errors.append(f"{name}: {o.error}")
+    run.observed = getattr(backend, "observed", {})
+    run.release = run.release or getattr(backend, "release", None)
+    return run
+
+
+# -- the command -------------------------------------------------------------------
+
+@dataclass
+class VariantResult:
+    variant: Variant | None
+    label: str
+    judgement: Judgement | None = None
+    error: str | None = None
+    #: the patch file names (when re-judged, the variant's patches are only names)
+    patch: str | None = None
+
+    @property
+    def verdict(self) -> str:
+        if self.error:
+            return "error"
+        return self.judgement.verdict if self.judgement else "error"
+
+
+def validate_command(args: argparse.Namespace) -> int:
+    from rich.progress import (BarColumn, MofNCompleteColumn, Progress, SpinnerColumn, TextColumn,
+                               TimeElapsedColumn)
+
+    from ..backends.vm.build import FRAGMENT
+    from ..console import make_console
+    from ..identify import probe_scenarios
+    from ..results import RunDir
+    from ..scenario import resolve_scenarios
+
+    console = make_console()
+    err_console = make_console(stderr=True)
+    expect = parse_expect(args.expect)
+    if args.jobs is not None and args.jobs < 1:
+        raise ValidateInputError(f"--jobs {args.jobs}: must be at least 1")
+    scenarios = list(resolve_scenarios(args.scenarios))
+    have = {s.name for s in scenarios}
+    scenarios += [p for p in probe_scenarios() if p.name not in have]
+    missing = build_tools_missing()
+    if missing:
+        raise ValidateInputError(f"missing build tools: {', '.join(missing)}",
+                                 hint="run vm/install-host-deps --build (as root)")
+    variants = variants_from(args.patches.expanduser(), each=args.each)
+    _unique_names(variants)
+    source = resolve_source(args.source, console=err_console)
+    tree = WorkTree(source)
+    cache = ImageCache(tree, FRAGMENT, jobs=args.jobs)
+    check_space(cache_dir(), cache.space_needed(variants))
+    with console.status(f"preparing the source tree ({source.identity})"), tree.locked():
+        tree.ensure()
+        # every patch must apply before anything is built (nothing half-built)
+        for v in variants:
+            try:
+                with tree.applied(v.patches):
+                    pass
+            except VariantError as exc:
+                raise ValidateInputError(exc.message, hint=exc.hint) from None
+    suite_key = _suite_key(scenarios, args)
+
+    rundir = RunDir(args.out)
+    rundir.metadata["command"] = ["ksmbench", *sys.argv[1:]]
+    rundir.metadata["scenarios"] = [s.name for s in scenarios]
+    rundir.metadata["validate"] = {
+        "source": source.spec, "source_identity": source.identity, "expect": format_expect(expect),
+        "each": args.each, "variants": [{"variant": v.name, "patches": [p.name for p in v.patches],
+                                         "description": v.description} for v in variants]}
+    rundir.write_metadata()
+    console.print(f"validate {rundir.run_id}: {source.identity}, {len(variants)} variant(s), "
+                  f"{len(scenarios)} scenarios, expect {format_expect(expect)} -> {rundir.path}")
+    results: list[VariantResult] = []
+    timings: list[dict] = []
+    started = time.monotonic()
+    out = _Outputs(rundir.path)
+    status = 0
+    interrupted = False
+    try:
+        with Progress(SpinnerColumn(), TextColumn("[bold]{task.fields[kernel]:<28}"), BarColumn(),
+                      MofNCompleteColumn(), TextColumn("{task.fields[phase]:<6} {task.description}"),
+                      TimeElapsedColumn(), console=console, transient=False) as progress:
+            total = len(scenarios) + 3
+            tasks = {label: progress.add_task("waiting", total=total, kernel=label, phase="",
+                                              start=False)
+                     for label in ["base", *[v.name for v in variants]]}
+            base_run, base_image, base_timing = _run_one(progress, tasks["base"], "base", None,
+                                                        cache, rundir, scenarios, args, suite_key)
+            timings.append(base_timing)
+            out.timing(base_timing)
+            base_error = base_run.error if base_run else None
+            if base_run is not None and not base_error and not base_run.observed:
+                base_error = "the base kernel reported no observations"
+            if base_run is None or base_error:
+                err_console.print(f"ksmbench: error: base: {base_error or base_timing['error']}")
+                return 2
+            base_profile, base_bad = fitted_profile(base_run.observed, scenarios, base_run.release)
+            rundir.metadata["validate"]["base_profile"] = base_profile
+            rundir.metadata["validate"]["base_unmodelled_cells"] = base_bad
+            # each variant's rows in observations.csv are compared with what it
+            # should do: the base's fitted profile with the --expect flags switched
+            expected_profile = with_flags(base_profile, expect) if expect else base_profile
+            rundir.metadata["validate"]["expected_profile"] = expected_profile
+            rundir.write_metadata()
+            for v in variants:
+                task = tasks[v.name]
+                run, image, timing = _run_one(progress, task, v.name, v, cache, rundir, scenarios,
+                                              args, suite_key, expected_profile)
+                timings.append(timing)
+                out.timing(timing)
+                if run is None or run.error:
+                    res = VariantResult(v, v.name, error=(run.error if run else timing["error"]))
+                else:
+                    progress.update(task, phase="judge", description="fitting and comparing")
+                    res = VariantResult(v, v.name, judge(v.name, base_run.observed, run.observed,
+                                                         scenarios, base_profile, expect,
+                                                         errors=run.errors))
+                    progress.update(task, phase="done", description=res.verdict)
+                results.append(res)
+                out.variant(res)
+                if res.verdict == "error":
+                    progress.console.print(f"[red]{v.name}: {res.error or res.judgement.errors[0]}[/red]")
+    except KeyboardInterrupt:
+        interrupted = True
+    finally:
+        out.close()
+        rundir.metadata["validate"]["results"] = [
+            {"variant": r.label, "verdict": r.verdict, "error": r.error,
+             "flags_blamed": r.judgement.flags_blamed if r.judgement else [],
+             "changed": r.judgement.changed_by_scenario() if r.judgement else {}}
+            for r in results]
+        rundir.metadata["validate"]["timings"] = timings
+        rundir.metadata["validate"]["seconds"] = round(time.monotonic() - started, 1)
+        if interrupted:
+            rundir.metadata["interrupted"] = True
+        rundir.close()
+    _print_results(console, results, timings, expect)
+    for r in results:
+        if r.verdict == "error":
+            err_console.print(f"ksmbench: error: {r.label}: "
+                              f"{r.error or '; '.join(r.judgement.errors[:1])}", soft_wrap=True)
+    if interrupted:
+        err_console.print("ksmbench: interrupted: finished variants are kept "
+                          f"({len(results)} of {len(variants)} judged) in {rundir.path}")
+        return 2
+    if any(r.verdict == "error" for r in results):
+        status = 2
+    elif any(r.verdict == "changed" for r in results):
+        status = 1
+    console.print(f"results: {rundir.path}  ({time.monotonic() - started:.0f} s; exit {status})")
+    return status
+
+
+def _unique_names(variants: Sequence[Variant]) -> None:
+    seen = set()
+    for v in variants:
+        if v.name in seen or v.name == "base":
+            raise ValidateInputError(f"two variants would be called {v.name}",
+                                     hint="rename one of the patch files")
+        seen.add(v.name)
+
+
+def _run_one(progress, task, label, variant, cache: ImageCache, rundir, scenarios, args,
+             suite_key, profile: str = "auto") -> tuple[KernelRun | None, BuiltImage | None, dict]:
+    """Build (or take from the cache) and run one kernel, moving its progress bar."""
+    timing = {"kernel": label, "image": "", "build_seconds": "", "rebuild_seconds": "",
+              "boot_seconds": "", "vm_seconds": "", "observations": "", "error": None}
+    progress.start_task(task)
+    state = {"phase": None}
+
+    def on_phase(phase, text=None, advance=False):
+        if phase != state["phase"]:
+            # the bar: one unit each for apply, build and boot, one per scenario
+            state["phase"] = phase
+            progress.update(task, completed=PHASES.index(phase))
+        progress.update(task, phase=phase, description=(text or "")[:70],
+                        advance=1 if advance else 0)
+
+    try:
+        if variant is None:
+            on_phase("build", "base kernel")
+            image = cache.base(status=lambda t: on_phase("build", t))
+        else:
+            on_phase("apply", variant.patch_label)
+            image = cache.variant(variant, status=lambda t: on_phase(state["phase"] or "build", t),
+                                  phase=lambda ph: on_phase(ph, variant.patch_label
+                                                            if ph == "apply" else None))
+    except VariantError as exc:
+        timing["error"] = exc.one_line()
+        progress.update(task, phase="error", description=exc.message[:70])
+        return None, None, timing
+    timing["image"] = str(image.image)
+    if image.cached:
+        timing["build_seconds"] = "cached"
+    elif variant is None:
+        timing["build_seconds"] = round(image.seconds, 1)
+    else:
+        timing["build_seconds"] = round(image.seconds, 1)
+        timing["rebuild_seconds"] = image.info.get("rebuild_seconds", "")
+    if state["phase"] == "apply":
+        on_phase("build", "cached image")
+    run = run_kernel(rundir, label, image, scenarios, args, suite_key, on_phase, profile)
+    timing["boot_seconds"] = run.boot_seconds if run.boot_seconds is not None else ""
+    timing["vm_seconds"] = run.suite_seconds if run.suite_seconds is not None else ""
+    timing["observations"] = "cached" if run.cached else "measured"
+    if run.error:
+        timing["error"] = run.error
+        progress.update(task, phase="error", description=run.error[:70])
+    return run, image, timing
+
+
+class _Outputs:
+    """validate.csv, validate-cells.csv and validate-timings.csv, written as produced."""
+
+    def __init__(self, path: Path, *, timings: bool = True):
+        self.files = []
+        self.rows = self._open(path / "validate.csv", VALIDATE_COLUMNS)
+        self.cells = self._open(path / "validate-cells.csv", CELL_COLUMNS)
+        if timings:
+            self.times = self._open(path / "validate-timings.csv", TIMING_COLUMNS)
+
+    def _open(self, path: Path, columns):
+        fh = open(path, "w", newline="")
+        self.files.append(fh)
+        w = csv.writer(fh)
+        w.writerow(columns)
+        fh.flush()
+        return (fh, w)
+
+    def _write(self, target, row) -> None:
+        fh, w = target
+        w.writerow(["" if v is None else v for v in row])
+        fh.flush()
+
+    def variant(self, r: VariantResult) -> None:
+        patch = r.patch if r.patch is not None else (r.variant.patch_label if r.variant else "")
+        j = r.judgement
+        if j is None:
+            self._write(self.rows, (r.label, patch, "error", 0, 0, 0, "", r.error or ""))
+            return
+        first = (j.unexplained or j.changed)
+        first_cell = first[0].describe() if first else ""
+        if j.errors:
+            first_cell = j.errors[0]
+        self._write(self.rows, (r.label, patch, j.verdict, j.compared, len(j.changed),
+                                len(j.unexplained), " ".join(j.flags_blamed), first_cell))
+        from .judge import show
+
+        missed = [c for c in j.unexplained if c not in j.changed]
+        for c, kind in [(c, c.kind) for c in j.changed] + [(c, "expected change missing")
+                                                           for c in missed]:
+            self._write(self.cells, (r.label, c.scenario, c.step, c.scan, c.metric, show(c.base),
+                                     show(c.variant), show(c.fitted), show(c.expected), kind))
+
+    def timing(self, t: dict) -> None:
+        self._write(self.times, tuple(t[c] for c in TIMING_COLUMNS))
+
+    def close(self) -> None:
+        for fh in self.files:
+            fh.close()
+
+
+def _print_results(console, results: Sequence[VariantResult], timings, expect) -> None:
+    from rich.table import Table
+
+    t = Table(title=f"validate: variants against the base (expect {format_expect(expect)})")
+    for col in ("variant", "verdict", "compared", "changed", "unexplained", "flags blamed",
+                "scenarios changed", "first cell"):
+        t.add_column(col, justify="right" if col in ("compared", "changed", "unexplained") else "left",
+                     overflow="fold")
+    colours = {"as-expected": "green", "changed": "red", "error": "red"}
+    for r in results:
+        j = r.judgement
+        if j is None:
+            t.add_row(r.label, "[red]error[/red]", "", "", "", "", "", r.error or "")
+            continue
+        by = j.changed_by_scenario()
+        first = (j.unexplained or j.changed)
+        t.add_row(r.label, f"[{colours[j.verdict]}]{j.verdict}[/]", str(j.compared),
+                  str(len(j.changed)), str(len(j.unexplained)), " ".join(j.flags_blamed),
+                  f"{len(by)}: " + ", ".join(list(by)[:4]) + (" ..." if len(by) > 4 else "")
+                  if by else "",
+                  j.errors[0] if j.errors else (first[0].describe() if first else ""))
+    console.print(t)
+    tt = Table(title="timings (seconds)")
+    for col in TIMING_COLUMNS[:-1]:
+        tt.add_column(col, justify="left" if col in ("kernel", "image") else "right")
+    for row in timings:
+        tt.add_row(str(row["kernel"]), Path(row["image"]).parent.name if row["image"] else "",
+                   *[str(row[c]) for c in TIMING_COLUMNS[2:-1]])
+    console.print(tt)
+
+
+# -- re-judging a run directory ------------------------------------------------------
+
+def rejudge(rundir: Path, expect_text: str | None = None, console=None) -> list[VariantResult]:
+    """Judge the observations of a validate run directory again (e.g. with other
+    ``--expect`` flags); rewrites validate.csv and validate-cells.csv."""
+    from ..identify import load_rundir, probe_scenarios
+    from ..scenario import builtin_suite
+
+    meta_path = rundir / "metadata.json"
+    try:
+        meta = json.loads(meta_path.read_text())
+    except (OSError, ValueError) as exc:
+        raise ValidateInputError(f"{rundir}: not a run directory ({exc})") from None
+    info = meta.get("validate")
+    if not info:
+        raise ValidateInputError(f"{rundir}: not written by ksmbench validate (no 'validate' "
+                                 "in metadata.json)")
+    expect = parse_expect(expect_text if expect_text is not None else info.get("expect"))
+    observed, releases = load_rundir(str(rundir))
+    if "base" not in observed:
+        raise ValidateInputError(f"{rundir}: the base kernel has no observations")
+    scenarios = [s for s in builtin_suite() + probe_scenarios() if s.name in meta["scenarios"]]
+    base_profile, _bad = fitted_profile(observed["base"], scenarios, releases.get("base"))
+    errors = {k["kernel"]: k.get("error") for k in meta.get("kernels", [])}
+    verdicts = {k["kernel"]: k.get("verdicts", {}) for k in meta.get("kernels", [])}
+    results = []
+    out = _Outputs(rundir, timings=False)
+    try:
+        for v in info["variants"]:
+            name = v["variant"]
+            if name not in observed or errors.get(name):
+                previous = next((r for r in info.get("results", []) if r["variant"] == name), {})
+                res = VariantResult(None, name, error=errors.get(name) or previous.get("error")
+                                    or "no observations")
+            else:
+                failed = [f"{sc}: error" for sc, verdict in verdicts.get(name, {}).items()
+                          if verdict == "error"]
+                res = VariantResult(None, name, judge(name, observed["base"], observed[name],
+                                                      scenarios, base_profile, expect,
+                                                      errors=failed))
+            res.patch = " ".join(v.get("patches", []))
+            results.append(res)
+            out.variant(res)
+    finally:
+        out.close()
+    info["expect"] = format_expect(expect)
+    info["base_profile"] = base_profile
+    info["results"] = [{"variant": r.label, "verdict": r.verdict, "error": r.error,
+                        "flags_blamed": r.judgement.flags_blamed if r.judgement else [],
+                        "changed": r.judgement.changed_by_scenario() if r.judgement else {}}
+                       for r in results]
+    meta_path.write_text(json.dumps(meta, indent=2, sort_keys=True) + "\n")
+    return results
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """``python -m ksmbench.compare.validate RUNDIR [--expect FLAGS]``."""
+    from ..console import make_console
+
+    ap = argparse.ArgumentParser(prog="python -m ksmbench.compare.validate",
+                                 description="judge a validate run directory's observations again")
+    ap.add_argument("rundir", type=Path)
+    ap.add_argument("--expect", default=None, metavar="FLAGS",
+                    help="default: the run's own --expect")
+    import re
+
+    ap._negative_number_matcher = re.compile(r"^-(\d+$|\d*\.\d+$|[a-z_]+(,[+-][a-z_]+)*$)")
+    args = ap.parse_args(argv)
+    console = make_console()
+    try:
+        results = rejudge(args.rundir, args.expect)
+    except KsmbenchError as exc:
+        print(f"ksmbench: error: {exc.one_line()}", file=sys.stderr)
+        return 2
+    timings = []
+    path = args.rundir / "validate-timings.csv"
+    if path.exists():
+        timings = [{c: row.get(c, "") for c in TIMING_COLUMNS}
+                   for row in csv.DictReader(open(path))]
+    expect = parse_expect(args.expect if args.expect is not None else
+                          json.loads((args.rundir / "metadata.json").read_text())["validate"]["expect"])
+    _print_results(console, results, timings, expect)
+    if any(r.verdict == "error" for r in results):
+        return 2
+    return 1 if any(r.verdict == "changed" for r in results) else 0
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())
