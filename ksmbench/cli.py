@@ -76,6 +76,7 @@ def build_parser() -> argparse.ArgumentParser:
                      help="emulator profile to compare with (default: auto, by kernel version)")
     run.add_argument("--wait", type=float, default=0.0, metavar="SECONDS",
                      help="wait this long for another run to finish instead of refusing")
+    _matrix_options(run)
     run.set_defaults(func=cmd_run)
 
     emulate = sub.add_parser("emulate", help="predict a scenario's observations (no root, no kernel)")
@@ -114,6 +115,20 @@ def _kernel_options(p: argparse.ArgumentParser) -> None:
     add_vm_options(p)
 
 
+def _matrix_options(p: argparse.ArgumentParser) -> None:
+    """Many kernels at once (ksmbench.matrix) and the outputs CI farms read
+    (ksmbench.formats)."""
+    p.add_argument("--jobs", type=int, default=None, metavar="N",
+                   help="boot up to N guests at once on an embedded Dask cluster (default: one "
+                        "per core, as many as fit in memory; 1: one after the other, in this "
+                        "process). The host kernel always runs alone")
+    p.add_argument("--scheduler", metavar="tcp://HOST:PORT",
+                   help="run the guest kernels on this Dask cluster (workers need ksmbench)")
+    p.add_argument("--format", choices=("table", "ktap"), default="table",
+                   help="ktap: print kselftest KTAP on stdout (progress goes to stderr)")
+    p.add_argument("--junit", metavar="FILE", help="also write the verdicts as JUnit XML")
+
+
 def _delegate(module: str):
     def run(args: argparse.Namespace) -> int:
         import importlib
@@ -142,7 +157,6 @@ def cmd_run(args: argparse.Namespace) -> int:
     from .kernel.lock import RunLock
     from .progress import run_kernel_with_progress
     from .results import RunDir
-    from .runner import exit_status
     from .scenario import resolve_scenarios
 
     scenarios = resolve_scenarios(args.scenarios)
@@ -154,7 +168,15 @@ def cmd_run(args: argparse.Namespace) -> int:
     predictor = _predictor()
     if predictor is not None and args.profile != "auto":
         predictor.check_profile(args.profile)
-    console = _console()
+    console = _console(stderr=args.format == "ktap")
+    jobs = _jobs(args, backends)
+    if args.scheduler or jobs > 1:
+        # -- many kernels at once: ksmbench.matrix
+        from .matrix import run_kernels
+
+        rundir, outcomes = run_kernels(args, console=console, scenarios=scenarios, kernels=kernels,
+                                       backends=backends, predictor=predictor, jobs=jobs)
+        return _finish_run(args, console, rundir, outcomes, scenarios)
     # the lock guards the host's KSM; VM kernels have their own, so a run of VM
     # kernels only does not wait for (or block) host runs
     from contextlib import nullcontext
@@ -173,8 +195,43 @@ def cmd_run(args: argparse.Namespace) -> int:
                                                 args.profile))
         finally:
             rundir.close()
+    return _finish_run(args, console, rundir, outcomes, scenarios)
+
+
+def _jobs(args: argparse.Namespace, backends) -> int:
+    """Guests at once: --jobs, else (two guests or more) ksmbench.matrix's
+    default from cores and guest memory; 1 means in this process."""
+    if args.jobs is not None:
+        if args.jobs < 1:
+            raise UsageError(f"--jobs {args.jobs}: must be 1 or more")
+        return min(args.jobs, max(1, sum(1 for b in backends if b.label != "host")))
+    guests = sum(1 for b in backends if type(b).__name__ == "VMBackend")
+    if guests < 2:
+        return 1
+    from .matrix import default_jobs
+
+    return min(default_jobs(args.memory).jobs, guests)
+
+
+def _finish_run(args: argparse.Namespace, console, rundir, outcomes, scenarios) -> int:
+    from .runner import exit_status
+
     _print_summary(console, outcomes, scenarios)
     status = exit_status(outcomes)
+    if args.format == "ktap" or args.junit:
+        from .formats import read_run, record_details
+
+        record_details(rundir, outcomes)
+        view = read_run(rundir.path)
+        if args.junit:
+            from .formats.junit_out import write_junit
+
+            write_junit(view, args.junit)
+        if args.format == "ktap":
+            from .formats.ktap_out import render_ktap
+
+            sys.stdout.write(render_ktap(view))
+            sys.stdout.flush()
     console.print(f"results: {rundir.path}  (exit {status})")
     return status
 
