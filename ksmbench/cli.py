@@ -93,6 +93,7 @@ def build_parser() -> argparse.ArgumentParser:
                           help="parent of the run directory of the observations (default: results)")
     identify.add_argument("--wait", type=float, default=0.0, metavar="SECONDS",
                           help="wait this long for another run to finish instead of refusing")
+    _matrix_options(identify, formats=False)
     identify.set_defaults(func=cmd_identify)
 
     kernels = sub.add_parser("kernels", help="kernels that can be booted: cached and fetchable")
@@ -115,7 +116,7 @@ def _kernel_options(p: argparse.ArgumentParser) -> None:
     add_vm_options(p)
 
 
-def _matrix_options(p: argparse.ArgumentParser) -> None:
+def _matrix_options(p: argparse.ArgumentParser, *, formats: bool = True) -> None:
     """Many kernels at once (ksmbench.matrix) and the outputs CI farms read
     (ksmbench.formats)."""
     p.add_argument("--jobs", type=int, default=None, metavar="N",
@@ -124,6 +125,8 @@ def _matrix_options(p: argparse.ArgumentParser) -> None:
                         "process). The host kernel always runs alone")
     p.add_argument("--scheduler", metavar="tcp://HOST:PORT",
                    help="run the guest kernels on this Dask cluster (workers need ksmbench)")
+    if not formats:
+        return
     p.add_argument("--format", choices=("table", "ktap"), default="table",
                    help="ktap: print kselftest KTAP on stdout (progress goes to stderr)")
     p.add_argument("--junit", metavar="FILE", help="also write the verdicts as JUnit XML")
@@ -169,7 +172,9 @@ def cmd_run(args: argparse.Namespace) -> int:
     if predictor is not None and args.profile != "auto":
         predictor.check_profile(args.profile)
     console = _console(stderr=args.format == "ktap")
-    jobs = _jobs(args, backends)
+    from .matrix import jobs_for
+
+    jobs = jobs_for(args, backends)
     if args.scheduler or jobs > 1:
         # -- many kernels at once: ksmbench.matrix
         from .matrix import run_kernels
@@ -196,21 +201,6 @@ def cmd_run(args: argparse.Namespace) -> int:
         finally:
             rundir.close()
     return _finish_run(args, console, rundir, outcomes, scenarios)
-
-
-def _jobs(args: argparse.Namespace, backends) -> int:
-    """Guests at once: --jobs, else (two guests or more) ksmbench.matrix's
-    default from cores and guest memory; 1 means in this process."""
-    if args.jobs is not None:
-        if args.jobs < 1:
-            raise UsageError(f"--jobs {args.jobs}: must be 1 or more")
-        return min(args.jobs, max(1, sum(1 for b in backends if b.label != "host")))
-    guests = sum(1 for b in backends if type(b).__name__ == "VMBackend")
-    if guests < 2:
-        return 1
-    from .matrix import default_jobs
-
-    return min(default_jobs(args.memory).jobs, guests)
 
 
 def _finish_run(args: argparse.Namespace, console, rundir, outcomes, scenarios) -> int:

@@ -122,6 +122,21 @@ def default_jobs(memory: str, *, cores: int | None = None,
                        f"{available / (1 << 30):.1f} GiB available)")
 
 
+def jobs_for(args, backends) -> int:
+    """Guests at once for a command: ``--jobs``, else (two guests or more)
+    :func:`default_jobs`; 1 means one after the other in this process."""
+    if args.jobs is not None:
+        if args.jobs < 1:
+            raise UsageError(f"--jobs {args.jobs}: must be 1 or more")
+        return min(args.jobs, max(1, sum(1 for b in backends if b.label != "host")))
+    from .backends.vm import VMBackend
+
+    guests = sum(1 for b in backends if isinstance(b, VMBackend))
+    if guests < 2:
+        return 1
+    return min(default_jobs(args.memory).jobs, guests)
+
+
 # -- one task: one kernel, one scenario set (runs on a worker) ----------------------
 
 @dataclass(frozen=True)
@@ -574,14 +589,15 @@ def run_kernels(args, *, console, scenarios: Sequence[m.Scenario], kernels: Sequ
                 # alone: no guest boots beside the host's scans (none is submitted yet)
                 with RunLock(timeout=args.wait):
                     outcomes["host"] = run_kernel_with_progress(console, rundir, host[0], scenarios,
-                                                                predictor, args.profile)
+                                                                predictor,
+                                                                getattr(args, "profile", "auto"))
             if remote:
                 queue = f"ksmbench-{rundir.run_id}-{uuid.uuid4().hex[:6]}"
                 local = args.scheduler is None
                 tasks = [KernelTask(labels.index(b.label), spec, b.label,
                                     {"memory": args.memory, "cpus": args.cpus, "accel": args.accel,
                                      "modules": args.modules},
-                                    args.profile, rundir.run_id, queue,
+                                    getattr(args, "profile", "auto"), rundir.run_id, queue,
                                     str(rundir.path.resolve()) if local else None)
                          for spec, b in remote]
                 for outcome in run_matrix(console=console, rundir=rundir, tasks=tasks,

@@ -192,7 +192,7 @@ def _slow_scenarios(directory: Path, count: int) -> list[str]:
 def test_worker_killed_mid_task_reruns_its_kernel_elsewhere(tmp_path):
     scen = tmp_path / "scenarios"
     scen.mkdir()
-    files = _slow_scenarios(scen, 20)
+    files = _slow_scenarios(scen, 14)
     kernel = ["--kernel", "emulator:linux-6.18"]
     assert main(["run", *files, *kernel, "--jobs", "1", "--out", str(tmp_path / "local")]) == 0
     local = _only_rundir(tmp_path / "local")
