@@ -179,7 +179,7 @@ def cmd_run(args: argparse.Namespace) -> int:
         # -- many kernels at once: ksmbench.matrix
         from .matrix import run_kernels
 
-        rundir, outcomes = run_kernels(args, console=console, scenarios=scenarios, kernels=kernels,
+        rundir, outcomes = run_kernels(args, console=console, scenarios=scenarios,
                                        backends=backends, predictor=predictor, jobs=jobs)
         return _finish_run(args, console, rundir, outcomes, scenarios)
     # the lock guards the host's KSM; VM kernels have their own, so a run of VM

@@ -327,8 +327,7 @@ def _identify_on_cluster(args: Namespace, console, scenarios, backends, jobs: in
     from .emulator import Predictor
     from .matrix import run_kernels
 
-    rundir, outcomes = run_kernels(args, console=console, scenarios=scenarios,
-                                   kernels=args.kernel or ["host"], backends=backends,
+    rundir, outcomes = run_kernels(args, console=console, scenarios=scenarios, backends=backends,
                                    predictor=Predictor(), jobs=jobs)
     observed, releases = load_rundir(rundir.path)
     status = 0

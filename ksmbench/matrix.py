@@ -547,8 +547,8 @@ def sequential_order(path: str | os.PathLike, kernels: Sequence[str], scenarios:
 
 # -- the command -----------------------------------------------------------------------
 
-def run_kernels(args, *, console, scenarios: Sequence[m.Scenario], kernels: Sequence[str],
-                backends: Sequence, predictor, jobs: int, extra_metadata: dict | None = None
+def run_kernels(args, *, console, scenarios: Sequence[m.Scenario], backends: Sequence,
+                predictor, jobs: int, extra_metadata: dict | None = None
                 ) -> tuple[RunDir, list[KernelOutcome]]:
     """``run``'s kernels on the cluster (the host alone first, under the run
     lock, in this process).  Returns the run directory (closed, its tables in
@@ -563,7 +563,9 @@ def run_kernels(args, *, console, scenarios: Sequence[m.Scenario], kernels: Sequ
             raise UsageError(f"--kernel {label} is given twice", hint="give each kernel once")
         seen.add(label)
     host = [b for b in backends if b.label == "host"]
-    remote = [(spec, b) for spec, b in zip(kernels, backends) if b.label != "host"]
+    # a backend's own spec, not the --kernel list: one --kernel value may stand
+    # for several kernels (debian:all); an emulator backend's label is its spec
+    remote = [(getattr(b, "spec", b.label), b) for b in backends if b.label != "host"]
     # connect before anything is written: an unreachable scheduler leaves no run directory
     client = cluster = None
     if remote:

@@ -282,3 +282,35 @@ def test_worker_without_qemu_fails_that_kernel_only(tmp_path, capsys):
     assert "tcp://127.0.0.1:" in by["debian:6.1"]["error"]        # which worker
     assert by["emulator:linux-6.18"]["verdicts"] == {"zero-pages": "match"}
     assert "debian:6.1" in out and "qemu-system-x86_64 is not installed" in out
+
+
+def _comparable(rundir: Path) -> list[list[str]]:
+    """observations.csv without the values that differ from boot to boot:
+    RssAnon of the agent's interpreter (the emulator predicts none of it)."""
+    import csv
+
+    with open(rundir / "observations.csv", newline="") as f:
+        rows = list(csv.reader(f))
+    metric = rows[0].index("metric")
+    observed = rows[0].index("observed")
+    return [[c if not (i == observed and r[metric].endswith(".rss_anon_pages")) else "*"
+             for i, c in enumerate(r)] for r in rows]
+
+
+@pytest.mark.vm
+@pytest.mark.slow
+def test_real_guest_on_the_cluster_matches_a_local_run(tmp_path):
+    """debian:6.1 booted by a dask worker gives the rows a local run gives."""
+    args = ["zero-pages", "fork-after-merge", "--kernel", "debian:6.1", "--kernel",
+            "emulator:linux-6.1"]
+    assert main(["run", *args, "--jobs", "1", "--out", str(tmp_path / "local")]) == 0
+    with dask_cluster(tmp_path) as (address, _client, _names):
+        assert main(["run", *args, "--scheduler", address, "--out", str(tmp_path / "dask")]) == 0
+    local, remote = _only_rundir(tmp_path / "local"), _only_rundir(tmp_path / "dask")
+    assert _comparable(remote) == _comparable(local)
+    assert (remote / "expectations.csv").read_text() == (local / "expectations.csv").read_text()
+    meta = json.loads((remote / "metadata.json").read_text())
+    guest = meta["kernels"][0]
+    assert guest["kernel"] == "debian:6.1" and guest["kernel_release"].startswith("6.1.")
+    assert guest["artifacts"].endswith("debian_6.1")       # console log kept on the worker
+    assert Path(guest["artifacts"].split(":", 1)[1], "console.log").is_file()
