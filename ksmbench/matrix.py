@@ -341,11 +341,13 @@ class MatrixRun:
             self._write_attempts(state)
             self.on_change(state, f"attempt on {message[3].get('worker')}")
         elif kind == "info":
+            if state.outcome is not None:
+                return  # late: the task's result has already given the final facts
             entry = self.rundir.kernel_entry(label)
             info = {k: v for k, v in message[3].items() if k not in ("kernel", "verdicts")}
             entry.update(info)
             self.rundir.write_metadata()
-        elif kind == "progress":
+        elif kind == "progress" and state.outcome is None:
             state.points = message[3]
             self.on_change(state, message[4])
 
@@ -479,6 +481,8 @@ def run_matrix(*, console, rundir: RunDir, tasks: Sequence[KernelTask],
                     else:
                         outcome = matrix.finish(t.label, None, _error_text(future))
                     outcomes[t.label] = outcome
+                    if outcome.error:
+                        progress.console.print(f"[red]{t.label}: {outcome.error}[/red]")
                     progress.update(matrix.state[t.label].progress_task, completed=total,
                                     description="failed" if outcome.error else "done")
                 time.sleep(0.2)

@@ -314,3 +314,22 @@ def test_real_guest_on_the_cluster_matches_a_local_run(tmp_path):
     assert guest["kernel"] == "debian:6.1" and guest["kernel_release"].startswith("6.1.")
     assert guest["artifacts"].endswith("debian_6.1")       # console log kept on the worker
     assert Path(guest["artifacts"].split(":", 1)[1], "console.log").is_file()
+
+
+def test_jobs_below_one_is_refused(tmp_path, capsys):
+    assert main(["run", "--kernel", "emulator:linux-6.6", "--jobs", "0", "--out", str(tmp_path)]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "--jobs 0" in err
+    assert not any(tmp_path.iterdir())
+
+
+@pytest.mark.slow
+def test_identify_on_a_local_cluster_judges_each_kernel(tmp_path, capsys):
+    assert main(["identify", "--kernel", "emulator:linux-6.6", "--kernel", "emulator:linux-6.12",
+                 "--jobs", "2", "--out", str(tmp_path)]) == 0
+    out = capsys.readouterr().out
+    assert "fitted profile: linux-6.6 (0)" in out
+    meta = json.loads((_only_rundir(tmp_path) / "metadata.json").read_text())
+    fitted = {k["kernel"]: k["identify"]["fitted_disagreeing_cells"] for k in meta["kernels"]}
+    assert fitted == {"emulator:linux-6.6": 0, "emulator:linux-6.12": 0}
+    assert meta["matrix"]["scheduler"] == "LocalCluster"
