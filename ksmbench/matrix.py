@@ -475,17 +475,25 @@ def run_matrix(*, console, rundir: RunDir, tasks: Sequence[KernelTask],
                     if not future.done():
                         continue
                     del pending[future]
+                    result = None
                     if future.status == "finished":
-                        result = future.result()
-                        outcome = matrix.finish(t.label, result, None)
+                        try:
+                            result = future.result(timeout=CLOSE_TIMEOUT)
+                        except Exception as exc:  # noqa: BLE001 - e.g. the result was lost with its worker
+                            error = f"the task's result could not be fetched: {type(exc).__name__}: {exc}"
                     else:
-                        outcome = matrix.finish(t.label, None, _error_text(future))
+                        error = _error_text(future)
+                    outcome = matrix.finish(t.label, result, None if result else error)
                     outcomes[t.label] = outcome
                     if outcome.error:
                         progress.console.print(f"[red]{t.label}: {outcome.error}[/red]")
                     progress.update(matrix.state[t.label].progress_task, completed=total,
                                     description="failed" if outcome.error else "done")
                 time.sleep(0.2)
+        except OSError as exc:  # the comm to the scheduler closed (distributed's CommClosedError)
+            raise KsmbenchError(f"lost the Dask scheduler during the run ({str(exc)[:160]})",
+                                hint="the scenarios committed so far are in the run directory"
+                                ) from None
         finally:
             for future in futures:
                 if not future.done():
