@@ -208,10 +208,11 @@ def _finish_run(args: argparse.Namespace, console, rundir, outcomes, scenarios) 
 
     _print_summary(console, outcomes, scenarios)
     status = exit_status(outcomes)
-    if args.format == "ktap" or args.junit:
-        from .formats import read_run, record_details
+    from .formats import read_run, record_details
 
-        record_details(rundir, outcomes)
+    # why n/a, why an error, how long: for `report --format ktap|--junit` later
+    record_details(rundir, outcomes)
+    if args.format == "ktap" or args.junit:
         view = read_run(rundir.path)
         if args.junit:
             from .formats.junit_out import write_junit
