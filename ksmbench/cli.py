@@ -118,6 +118,7 @@ metadata.json, observations.csv and expectations.csv, written as measured.""")
                      help="emulator profile to compare with (default: auto, by kernel version)")
     run.add_argument("--wait", type=float, default=0.0, metavar="SECONDS",
                      help="wait this long for another run to finish instead of refusing")
+    _matrix_options(run)
     run.set_defaults(func=cmd_run)
 
     emulate = _command(sub, "emulate", "predict a scenario's observations (no root, no kernel)", """\
@@ -154,6 +155,7 @@ exit status:
                           help="parent of the run directory of the observations (default: results)")
     identify.add_argument("--wait", type=float, default=0.0, metavar="SECONDS",
                           help="wait this long for another run to finish instead of refusing")
+    _matrix_options(identify, formats=False)
     identify.set_defaults(func=cmd_identify)
 
     kernels = _command(sub, "kernels", "kernels that can be booted: cached and fetchable", """\
@@ -189,6 +191,22 @@ def _kernel_options(p: argparse.ArgumentParser) -> None:
     add_vm_options(p)
 
 
+def _matrix_options(p: argparse.ArgumentParser, *, formats: bool = True) -> None:
+    """Many kernels at once (ksmbench.matrix) and the outputs CI farms read
+    (ksmbench.formats)."""
+    p.add_argument("--jobs", type=int, default=None, metavar="N",
+                   help="boot up to N guests at once on an embedded Dask cluster (default: one "
+                        "per core, as many as fit in memory; 1: one after the other, in this "
+                        "process). The host kernel always runs alone")
+    p.add_argument("--scheduler", metavar="tcp://HOST:PORT",
+                   help="run the guest kernels on this Dask cluster (workers need ksmbench)")
+    if not formats:
+        return
+    p.add_argument("--format", choices=("table", "ktap"), default="table",
+                   help="ktap: print kselftest KTAP on stdout (progress goes to stderr)")
+    p.add_argument("--junit", metavar="FILE", help="also write the verdicts as JUnit XML")
+
+
 def _delegate(module: str):
     def run(args: argparse.Namespace) -> int:
         import importlib
@@ -222,7 +240,6 @@ def cmd_run(args: argparse.Namespace) -> int:
     from .kernel.lock import RunLock
     from .progress import run_kernel_with_progress
     from .results import RunDir
-    from .runner import exit_status
     from .scenario import resolve_scenarios
 
     predictor = _predictor()  # first: without it there is nothing to judge
@@ -234,7 +251,17 @@ def cmd_run(args: argparse.Namespace) -> int:
                                 modules=args.modules) for k in kernels]
     for backend in backends:
         getattr(backend, "preflight", lambda: None)()
-    console = _console()
+    console = _console(stderr=args.format == "ktap")
+    from .matrix import jobs_for
+
+    jobs = jobs_for(args, backends)
+    if args.scheduler or jobs > 1:
+        # -- many kernels at once: ksmbench.matrix
+        from .matrix import run_kernels
+
+        rundir, outcomes = run_kernels(args, console=console, scenarios=scenarios,
+                                       backends=backends, predictor=predictor, jobs=jobs)
+        return _finish_run(args, console, rundir, outcomes, scenarios)
     # the lock guards the host's KSM; VM kernels have their own, so a run of VM
     # kernels only does not wait for (or block) host runs
     from contextlib import nullcontext
@@ -259,8 +286,29 @@ def cmd_run(args: argparse.Namespace) -> int:
             raise
         finally:
             rundir.close()
+    return _finish_run(args, console, rundir, outcomes, scenarios)
+
+
+def _finish_run(args: argparse.Namespace, console, rundir, outcomes, scenarios) -> int:
+    from .runner import exit_status
+
     _print_summary(console, outcomes, scenarios)
     status = exit_status(outcomes)
+    from .formats import read_run, record_details
+
+    # why n/a, why an error, how long: for `report --format ktap|--junit` later
+    record_details(rundir, outcomes)
+    if args.format == "ktap" or args.junit:
+        view = read_run(rundir.path)
+        if args.junit:
+            from .formats.junit_out import write_junit
+
+            write_junit(view, args.junit)
+        if args.format == "ktap":
+            from .formats.ktap_out import render_ktap
+
+            sys.stdout.write(render_ktap(view))
+            sys.stdout.flush()
     console.print(f"results: {esc(rundir.path)}  (exit {status})")
     return status
 

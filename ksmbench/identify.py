@@ -327,6 +327,11 @@ def identify_command(args: Namespace) -> int:
 
     from .emulator.backend import EmulatorBackend
 
+    from .matrix import jobs_for
+
+    jobs = jobs_for(args, backends)
+    if args.scheduler or jobs > 1:
+        return _identify_on_cluster(args, console, scenarios, backends, jobs)
     # the emulator needs no kernel: only real kernels take the machine's RunLock
     real = any(not isinstance(b, EmulatorBackend) for b in backends)
     with RunLock(timeout=args.wait) if real else nullcontext():
@@ -360,6 +365,35 @@ def identify_command(args: Namespace) -> int:
             rundir.close()
     console.print(f"observations: {esc(rundir.path)}  (re-analyse: python -m ksmbench.identify "
                   f"{esc(rundir.path)})")
+    return status
+
+
+def _identify_on_cluster(args: Namespace, console, scenarios, backends, jobs: int) -> int:
+    """--jobs N / --scheduler: the kernels run as in ``ksmbench run``
+    (ksmbench.matrix); the flags are then judged from the run directory."""
+    from .emulator import Predictor
+    from .matrix import run_kernels
+
+    rundir, outcomes = run_kernels(args, console=console, scenarios=scenarios, backends=backends,
+                                   predictor=Predictor(), jobs=jobs)
+    observed, releases = load_rundir(rundir.path)
+    status = 0
+    for outcome in outcomes:
+        if outcome.error:
+            console.print(f"[red]{outcome.label}: {outcome.error}[/red]")
+        obs = observed.get(outcome.label)
+        if not obs:
+            status = 2
+            continue
+        known = [s for s in scenarios if s.name in obs]
+        result = analyse(obs, known, releases.get(outcome.label))
+        rundir.kernel_entry(outcome.label)["identify"] = result_dict(result)
+        rundir.write_metadata()
+        report(console, outcome.label, result)
+        if result.fitted_score.bad:
+            status = max(status, 1)
+    console.print(f"observations: {rundir.path}  (re-analyse: python -m ksmbench.identify "
+                  f"{rundir.path})")
     return status
 
 

@@ -201,11 +201,15 @@ def _by_key(points) -> dict[tuple[int, int | None], ObservationPoint]:
 
 class Runner:
     def __init__(self, rundir: RunDir, *, predictor: Predictor | None = None,
-                 profile: str = "auto", progress: ProgressFn | None = None):
+                 profile: str = "auto", progress: ProgressFn | None = None,
+                 on_scenario: Callable[[ScenarioOutcome], None] | None = None):
         self.rundir = rundir
         self.predictor = predictor
         self.profile = profile
         self.progress = progress or (lambda kernel, msg: None)
+        #: called once a scenario's last row is written (ksmbench.matrix sends
+        #: each finished scenario home as one batch)
+        self.on_scenario = on_scenario
 
     def run_kernel(self, backend: Backend, scenarios: Sequence[m.Scenario]) -> KernelOutcome:
         entry = self.rundir.kernel_entry(backend.label)
@@ -272,6 +276,8 @@ class Runner:
                     done.finished = event.error is None
                     running = None
                     self.progress(backend.label, f"{event.scenario}: {done.verdict}")
+                    if self.on_scenario is not None:
+                        self.on_scenario(done)
         except KsmbenchError as exc:
             outcome.error = exc.one_line()
             entry["error"] = outcome.error

@@ -38,11 +38,19 @@ exit status:
     p.add_argument("--out", help="output directory (default: <first RUNDIR>/report)")
     p.add_argument("--title", default="ksmbench report", help="report title")
     p.add_argument("--dpi", type=int, default=110, help="figure resolution (default: 110)")
+    p.add_argument("--format", choices=("html", "ktap"), default="html",
+                   help="ktap: print the verdicts of `ksmbench run` directories as KTAP on "
+                        "stdout instead of writing the HTML report")
+    p.add_argument("--junit", metavar="FILE",
+                   help="write the verdicts of `ksmbench run` directories as JUnit XML "
+                        "instead of the HTML report")
     return p
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    if args.format == "ktap" or args.junit:
+        return _ci_formats(args)
 
     console = make_console()
     out = Path(args.out) if args.out else Path(args.rundirs[0]) / "report"
@@ -50,6 +58,24 @@ def main(argv: Sequence[str] | None = None) -> int:
     for name, path in paths.items():
         console.print(f"{name}: {esc(path)}")
     return 0
+
+
+def _ci_formats(args) -> int:
+    """KTAP and JUnit from run directories (ksmbench.formats): the same text
+    `ksmbench run --format ktap --junit FILE` gives; exit 1 if a verdict failed."""
+    from ..formats import read_runs
+
+    view = read_runs(args.rundirs)
+    if args.junit:
+        from ..formats.junit_out import write_junit
+
+        write_junit(view, args.junit)
+    if args.format == "ktap":
+        from ..formats.ktap_out import render_ktap
+
+        sys.stdout.write(render_ktap(view))
+    counts = view.counts()
+    return 1 if counts["fail"] or counts["error"] else 0
 
 
 def generate(rundirs: Sequence[str | os.PathLike], out: Path, *, title: str = "ksmbench report",
