@@ -43,7 +43,7 @@ def _run(tmp_path, capsys, *extra):
     out = tmp_path / "runs"
     junit = tmp_path / "junit.xml"
     status = main(["run", "zero-pages", "prctl-merge", "dup-below-max",
-                   "--kernel", "emulator:linux-6.1", "--kernel", "emulator:linux-6.18",
+                   "--kernel", "emulator:linux-6.1", "--kernel", "emulator:linux-6.6",
                    "--profile", "linux-6.6", "--jobs", "1", "--out", str(out),
                    "--format", "ktap", "--junit", str(junit), *extra])
     captured = capsys.readouterr()
@@ -116,7 +116,7 @@ def test_junit_counts(tmp_path, capsys):
     assert int(root.get("errors")) == all_verdicts.count("error") == 1
     assert int(root.get("skipped")) == 0
     suites = root.findall("testsuite")
-    assert [s.get("name") for s in suites] == ["emulator:linux-6.1", "emulator:linux-6.18"]
+    assert [s.get("name") for s in suites] == ["emulator:linux-6.1", "emulator:linux-6.6"]
     for suite, k in zip(suites, meta["kernels"]):
         cases = suite.findall("testcase")
         assert [c.get("name") for c in cases] == ["zero-pages", "prctl-merge", "dup-below-max"]

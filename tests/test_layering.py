@@ -25,6 +25,7 @@ PACKAGE = "ksmbench"
 PLACED = {
     "__init__": (None, None),                   # the version string
     "waiting": (None, None),                    # bounded waits: kernel/ and debian.py use them
+    "formats": (None, None),                    # KTAP/JUnit from run directories; needs only errors
     "progress": ("runner", "runner"),           # table row: runner.py, results.py, progress.py
     "debian": ("sources", "emulator+"),         # table row: debian.py, kernel_tools.py
     "kernel_tools": ("sources", "emulator+"),
