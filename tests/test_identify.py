@@ -108,7 +108,8 @@ def test_identify_command_records_and_reanalyses(tmp_path, capsys):
     from ksmbench.identify import identify_command, load_rundir, main
 
     args = Namespace(kernel=["emulator:linux-6.12.57,-fork_counter_fix"], memory="2G", cpus=2,
-                     accel="auto", modules=None, wait=0, out=str(tmp_path))
+                     accel="auto", modules=None, wait=0, out=str(tmp_path), jobs=None,
+                     scheduler=None)
     # the emulator's release string names 6.12.57, whose profile has the fork fix:
     # the observations say otherwise, so the fitted profile differs (status 0: it fits)
     assert identify_command(args) == 0
