@@ -216,21 +216,9 @@ class Snapshotter:
         if chosen == "mergeable":
             vmas = [v for v in vmas if v.mergeable]
         image = ProcessImage(pid, self.procfs.comm(pid) or "?", chosen)
+        pm = self._open(pid, "pagemap")
         try:
-            pm = os.open(self.procfs.path(pid, "pagemap"), os.O_RDONLY | os.O_CLOEXEC)
-        except FileNotFoundError:
-            raise ProcessGone(f"process {pid} exited during the snapshot") from None
-        except PermissionError:
-            raise PermissionNeeded(f"reading /proc/{pid}/pagemap: permission denied",
-                                   hint="run as root") from None
-        try:
-            try:
-                mem = os.open(self.procfs.path(pid, "mem"), os.O_RDONLY | os.O_CLOEXEC)
-            except FileNotFoundError:
-                raise ProcessGone(f"process {pid} exited during the snapshot") from None
-            except PermissionError:
-                raise PermissionNeeded(f"reading /proc/{pid}/mem: permission denied",
-                                       hint="run as root") from None
+            mem = self._open(pid, "mem")
             zero_parts = []
             try:
                 for vma in vmas:
@@ -250,6 +238,17 @@ class Snapshotter:
 
     def _gone(self, pid: int) -> ProcessGone:
         return ProcessGone(f"process {pid} exited during the snapshot")
+
+    def _open(self, pid: int, name: str) -> int:
+        """/proc/<pid>/<name> for reading: a process that is gone, or a file
+        only root may read, is one line for the user."""
+        try:
+            return os.open(self.procfs.path(pid, name), os.O_RDONLY | os.O_CLOEXEC)
+        except FileNotFoundError:
+            raise self._gone(pid) from None
+        except PermissionError:
+            raise PermissionNeeded(f"reading /proc/{pid}/{name}: permission denied",
+                                   hint="run as root") from None
 
     def _area(self, pid: int, pm: int, mem: int, vma: Vma) -> tuple[Area, np.ndarray]:
         first = vma.start // PAGE_SIZE

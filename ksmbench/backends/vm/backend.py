@@ -57,10 +57,9 @@ class VMBackend:
 
     def preflight(self) -> None:
         """Fail fast (before locks, run directories and progress bars) when
-        the kernel cannot be had: an unknown Debian series, a missing image."""
-        from ...console import make_console
-
-        _kernels.check_available(self.spec, self.modules, console=make_console(stderr=True))
+        the kernel cannot be had: an unknown Debian series, a missing image.
+        The package lists are read once per process (check_spec)."""
+        _kernels.check_spec(self.spec, self.modules)
 
     def _shared_dir(self) -> Path:
         if self.artifacts_dir is not None:

@@ -139,28 +139,6 @@ def check_spec(spec: str, modules: str | None = None) -> None:
         raise KernelNotFound(f"--modules {modules}: no such directory")
 
 
-def check_available(spec: str, modules: str | None = None, *, console=None,
-                    cache_dir: Path | None = None) -> None:
-    """Refuse, before any run directory or progress display exists, a
-    ``--kernel`` that cannot be had: a bad path, or a Debian series that no
-    suite of the catalogue carries (the one line lists those it does).
-
-    Reads the package lists, refreshing them only when they are older than
-    the catalogue's refresh period, as the run itself would.
-    """
-    check_spec(spec, modules)
-    m = _SERIES.match(spec)
-    if not m:
-        return
-    from ...debian import DebianArchive, cache_root
-
-    archive = DebianArchive(Path(cache_dir) if cache_dir else cache_root(), console=console)
-    try:
-        archive.resolve_kernel(m[1])
-    except KernelNotFound as exc:
-        raise KernelNotFound(f"--kernel {spec}: {exc.message}", hint=exc.hint) from None
-
-
 def image_release(path: Path) -> str | None:
     """The release string in an x86 boot image's header (``uname -r``), or None.
 
