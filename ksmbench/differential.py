@@ -83,12 +83,15 @@ class HostRunner:
         import time
 
         from .backends.host import HostBackend
-        from .errors import Busy, WaitTimeout
+        from .errors import Busy
+        from .kernel.policy import FOREIGN_USERS, HostPolicy, refusal
 
+        policy = HostPolicy()
         deadline = time.monotonic() + self.busy_timeout
         pending = list(scenarios)
         results: dict[str, tuple[list[ObservationPoint], str | None]] = {}
         while pending:
+            policy.require_ksm_to_ourselves(wait=max(deadline - time.monotonic(), 0.0))
             got: dict[str, tuple[list[ObservationPoint], str | None]] = {}
             try:
                 for event in HostBackend().events(pending):
@@ -96,41 +99,24 @@ class HostRunner:
                         got.setdefault(event.scenario, ([], None))[0].append(event.point)
                     elif isinstance(event, ScenarioFinished):
                         error = event.error
-                        if error is None and _foreign_ksm_users():
+                        users = policy.foreign_ksm_users() if error is None else []
+                        if users:
                             # someone (a QEMU guest) joined KSM during the
                             # scenario: its pages are in the global counters
-                            error = "other processes already have KSM-mergeable memory"
+                            error = refusal(users).one_line()
                         got[event.scenario] = (got.get(event.scenario, ([], None))[0], error)
             except Busy:
-                pass
+                pass  # a foreign user came between the wait and the session
             busy = [s for s in pending if s.name not in got
-                    or (got[s.name][1] or "").find("already have KSM-mergeable") >= 0]
+                    or (got[s.name][1] or "").startswith(FOREIGN_USERS)]
             for s in pending:
                 if s not in busy:
                     results[s.name] = got[s.name]
             pending = busy
-            if pending:
-                if time.monotonic() > deadline:
-                    raise WaitTimeout(f"waited {self.busy_timeout:.0f} s for other KSM users "
-                                      "(processes with MADV_MERGEABLE memory) to go away")
-                time.sleep(5)
+            if pending and time.monotonic() > deadline:  # other KSM users kept coming back
+                last = got.get(pending[0].name, ([], None))[1] or FOREIGN_USERS
+                raise Busy(f"gave up after {self.busy_timeout:.0f} s: {last}")
         return results
-
-
-def _foreign_ksm_users() -> list[tuple[int, str]]:
-    """KSM users other than ksmbench's own agents (the sentinel stays for the session)."""
-    from .kernel.procfs import ProcFS
-
-    procfs = ProcFS()
-    out = []
-    for pid, name in procfs.mergeable_processes():
-        try:
-            cmdline = (procfs.root / str(pid) / "cmdline").read_bytes()
-        except OSError:
-            continue
-        if b"ksmbench.backends.agent" not in cmdline:
-            out.append((pid, name))
-    return out
 
 
 class BackendRunner:

@@ -173,14 +173,13 @@ def _run_lock(config: pytest.Config) -> _SharedLock:
 
 
 def _require_host_ksm() -> None:
-    from .kernel.sysfs import KsmSysfs
+    from .errors import KsmUnavailable, PermissionNeeded
+    from .kernel.policy import HostPolicy
 
-    sysfs = KsmSysfs()
-    if not sysfs.available():
-        pytest.skip(f"{sysfs.root} does not exist: this kernel has no KSM")
-    if os.geteuid() != 0 or not os.access(sysfs.root / "run", os.W_OK):
-        pytest.skip("needs root and a writable /sys/kernel/mm/ksm (or use --ksm-kernel "
-                    "debian:<version> for ksm_run)")
+    try:
+        HostPolicy().check_access()
+    except (KsmUnavailable, PermissionNeeded) as exc:
+        pytest.skip(f"{exc.message} (or use --ksm-kernel debian:<version> for ksm_run)")
 
 
 # -- ksm_tunables ----------------------------------------------------------------------------

@@ -75,14 +75,13 @@ def test_without_root_the_message_points_to_vm_mode(monkeypatch, capsys):
 
 
 def test_read_only_ksm_sysfs_is_reported(monkeypatch, fake_ksm):
-    from ksmbench.backends.host import check_host_access
     from ksmbench.errors import PermissionNeeded
-    from ksmbench.kernel.sysfs import KsmSysfs
+    from ksmbench.kernel.policy import HostPolicy
 
     monkeypatch.setattr(os, "geteuid", lambda: 0)
     monkeypatch.setattr(os, "access", lambda path, mode: False)
     with pytest.raises(PermissionNeeded, match="not writable"):
-        check_host_access(KsmSysfs(fake_ksm))
+        HostPolicy(sysfs_root=fake_ksm).check_access()
 
 
 @pytest.mark.root
@@ -96,35 +95,3 @@ def test_second_cli_run_refuses_while_the_first_holds_the_lock(state_dir):
     assert "another ksmbench run" in line and "--wait" in line
 
 
-BLOCKER = """
-import time
-from ksmbench.kernel.syscalls import Region
-r = Region(4)
-r.madvise("mergeable")
-print("ready", flush=True)
-time.sleep(60)
-"""
-
-
-@pytest.mark.root
-@pytest.mark.skipif(not host_ksm_usable(), reason="needs root and a writable KSM sysfs")
-def test_refuses_when_another_process_uses_ksm():
-    from ksmbench.backends.host import HostSession
-    from ksmbench.kernel.sysfs import KsmSysfs
-
-    # the machine's real lock: other runs must not see the blocker, and the
-    # tunables are read while no other run is stepping them
-    with RunLock(timeout=RUN_LOCK_WAIT):
-        before = KsmSysfs().tunables()
-        blocker = subprocess.Popen([sys.executable, "-c", BLOCKER], stdout=subprocess.PIPE, text=True)
-        try:
-            assert blocker.stdout.readline().strip() == "ready"
-            with pytest.raises(Busy) as info:
-                with HostSession():
-                    pass
-        finally:
-            blocker.kill()
-            blocker.wait(timeout=30)
-        assert KsmSysfs().tunables() == before
-    assert f"pid {blocker.pid}" in str(info.value)
-    assert "VM kernel" in info.value.one_line()

@@ -77,16 +77,23 @@ def test_old_kernel_counters_are_absent_not_zero(version, fake_ksm, fake_proc):
 @pytest.mark.parametrize("version", ["6.1", "6.6"])
 def test_host_preflight_and_stepping_setup_on_old_kernels(version, fake_ksm, fake_proc, state_dir,
                                                           monkeypatch):
-    """check_host_access, taking control of ksmd, the scenario's [ksm] tunables and the
-    restore: only files the kernel has are touched, and all come back."""
-    from ksmbench.backends.host import HostSession, check_host_access
+    """The host policy's access check, taking control of ksmd, the scenario's [ksm]
+    tunables and the restore: only files the kernel has are touched, and all come back."""
+    from ksmbench.backends.host import HostSession
+    from ksmbench.errors import PermissionNeeded
     from ksmbench.scenario.model import KsmSettings
 
     sysfs, procfs = shaped_like(version, fake_ksm, fake_proc)
     before = sysfs.tunables()
+    really_root = os.geteuid() == 0
     monkeypatch.setattr(os, "geteuid", lambda: 0)
-    check_host_access(sysfs)
     session = HostSession(sysfs_root=str(fake_ksm), proc_root=str(fake_proc))
+    (fake_proc / "self" / "pagemap").symlink_to("/proc/self/pagemap")  # the real one
+    if really_root:
+        session.policy.check_access()
+    else:  # everything up to pagemap passes; pagemap hides frames from us
+        with pytest.raises(PermissionNeeded, match="pagemap shows frame numbers as 0"):
+            session.policy.check_access()
     with session.changes:
         session.stepper.prepare()
         session._apply_settings(KsmSettings(use_zero_pages=True, smart_scan=False))

@@ -93,19 +93,6 @@ def test_procfs_readers(fake_proc):
     assert p.ksm_merging_pages(43) is None
 
 
-def test_mergeable_process_detection(fake_proc):
-    _write_proc(fake_proc, 10, ksm_stat=KSM_STAT_6_18, comm="qemu\n")
-    _write_proc(fake_proc, 11, ksm_stat="ksm_rmap_items 0\nksm_zero_pages 0\nksm_merging_pages 0\n"
-                "ksm_process_profit 0\nksm_merge_any: no\nksm_mergeable: no\n", comm="idle\n")
-    _write_proc(fake_proc, 12, ksm_stat=KSM_STAT_6_1.replace("12", "0"), comm="old\n",
-                smaps="7f00-7f10 rw-p 0 00:00 0\nVmFlags: rd wr mr mw me ac mg\n")
-    _write_proc(fake_proc, 13, ksm_stat="ksm_rmap_items 0\n", comm="plain\n",
-                smaps="7f00-7f10 rw-p 0 00:00 0\nVmFlags: rd wr mr mw me ac\n")
-    p = ProcFS(fake_proc)
-    assert p.mergeable_processes() == [(10, "qemu"), (12, "old")]
-    assert p.mergeable_processes(exclude=[10]) == [(12, "old")]
-
-
 def test_find_kthread(fake_proc):
     _write_proc(fake_proc, 37, comm="ksmd\n", stat="37 (ksmd) S 2 0 0 0")
     _write_proc(fake_proc, 99, comm="ksmd\n", stat="99 (ksmd) S 1 0 0 0")  # not a kthread

@@ -25,11 +25,12 @@ import subprocess
 import sys
 import time
 from contextlib import ExitStack
-from typing import Any, Iterable, Iterator, Sequence
+from typing import Any, Iterator, Sequence
 
 from .. import errors
-from ..errors import Busy, KsmbenchError, NotApplicable, PermissionNeeded, WaitTimeout
+from ..errors import KsmbenchError, NotApplicable, WaitTimeout
 from ..kernel import syscalls
+from ..kernel.policy import HostPolicy
 from ..kernel.procfs import ProcFS
 from ..kernel.stepping import ScanStepper, time_scale
 from ..kernel.sysfs import KsmSysfs
@@ -156,14 +157,16 @@ def reap_orphans() -> None:
 class HostSession:
     """Everything held for a series of scenarios on this kernel.
 
-    Entering: repair a killed run's tunables, refuse if another process uses
-    KSM, take ksmd under control, start the sentinel.  Leaving (on success,
+    Entering: check host access, repair a killed run's tunables, refuse if
+    another process uses KSM (both by :mod:`ksmbench.kernel.policy`), take
+    ksmd under control, start the sentinel.  Leaving (on success,
     exception, Ctrl-C or SIGTERM): kill every agent, restore every tunable.
     """
 
     def __init__(self, *, sysfs_root: str = "/sys/kernel/mm/ksm", proc_root: str = "/proc"):
         self.sysfs = KsmSysfs(sysfs_root)
         self.procfs = ProcFS(proc_root)
+        self.policy = HostPolicy(sysfs_root=sysfs_root, proc_root=proc_root)
         self.changes = TunableChanges(self.sysfs)
         self.stepper = ScanStepper(self.sysfs, self.procfs, self.changes)
         self.zygote: AgentHandle | None = None
@@ -176,12 +179,12 @@ class HostSession:
 
     # -- session ---------------------------------------------------------------
     def __enter__(self) -> "HostSession":
-        check_host_access(self.sysfs)
+        self.policy.check_access()
         self.repair_message = repair(self.sysfs)
         self.tunables_before = self.sysfs.tunables()
         self._stack.callback(self._finish)
         try:
-            self.check_no_other_ksm_users()
+            self.policy.require_ksm_to_ourselves()
             syscalls.prctl_set_child_subreaper()
             self.changes.set("run", 2)  # start clean: no rmap items, no KSM pages
             self.stepper.prepare()
@@ -218,17 +221,6 @@ class HostSession:
         assert self.zygote is not None, "the session is not entered"
         return AgentHandle.fork_from(self.zygote, name, op="spawn")
 
-    def check_no_other_ksm_users(self, also_mine: Iterable[int] = ()) -> None:
-        """``also_mine``: pids this run started itself (a measured workload)."""
-        mine = {a.pid for a in self.agents.values()} | set(also_mine)
-        mine |= {h.pid for h in (self.sentinel, self.zygote) if h is not None}
-        others = self.procfs.mergeable_processes(exclude=mine)
-        if others:
-            shown = ", ".join(f"pid {pid} ({name})" for pid, name in others[:5])
-            raise Busy(f"other processes already have KSM-mergeable memory: {shown}; "
-                       "global KSM counters would mix their pages with the scenario's",
-                       hint="stop them, or run on a VM kernel (--kernel debian:<version>)")
-
     # -- scenarios ---------------------------------------------------------------
     def run(self, scenario: m.Scenario) -> Iterator[ObservationPoint]:
         """Run one scenario; yield its baseline, an observation after every step
@@ -264,7 +256,7 @@ class HostSession:
 
     def _run(self, scenario: m.Scenario) -> Iterator[ObservationPoint]:
         self.check_applicable(scenario)
-        self.check_no_other_ksm_users()
+        self.policy.require_ksm_to_ourselves()
         self._apply_settings(scenario.ksm)
         baseline = {name: self.sysfs.read_int(name) for name in GLOBAL_CUMULATIVE}
         scans_at_start = self.stepper.scans_done
@@ -364,18 +356,6 @@ def _call_timeout(scenario: m.Scenario) -> float:
     return 60.0 + scenario.max_pages * 20e-6
 
 
-def check_host_access(sysfs: KsmSysfs) -> None:
-    """Refuse early, with a useful message, when the host cannot be used."""
-    sysfs.require()
-    if os.geteuid() != 0:
-        raise PermissionNeeded(
-            "running scenarios on the host kernel needs root (KSM tunables, pagemap frame numbers)",
-            hint="run as root, or use a VM kernel: --kernel debian:6.12")
-    if not os.access(sysfs.root / "run", os.W_OK):
-        raise PermissionNeeded(f"{sysfs.root} is not writable (read-only sysfs?)",
-                               hint="use a VM kernel: --kernel debian:6.12")
-
-
 class HostBackend:
     """Runs scenarios on this machine's kernel and yields the event stream."""
 
@@ -388,7 +368,7 @@ class HostBackend:
 
     def preflight(self) -> None:
         """Fail fast (before locks and run directories) when the host cannot be used."""
-        check_host_access(KsmSysfs())
+        HostPolicy().check_access()
 
     def events(self, scenarios: Sequence[m.Scenario]) -> Iterator[Event]:
         from ..kernel.features import kernel_release

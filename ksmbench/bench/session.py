@@ -109,9 +109,8 @@ class BenchSession:
     def __enter__(self) -> "BenchSession":
         # the host session refuses at once when another process uses KSM (a
         # guest's QEMU, say); a benchmark waits for it to go, within --wait
-        deadline = time.monotonic() + self.wait
-        while self.host.procfs.mergeable_processes() and time.monotonic() < deadline:
-            time.sleep(2.0)
+        if self.wait > 0:
+            self.host.policy.require_ksm_to_ourselves(wait=self.wait)
         self.host.__enter__()
         try:
             self.repair_message = repair_ksmd_affinity()
@@ -148,21 +147,16 @@ class BenchSession:
         one, registers guest RAM with KSM by default (-machine mem-merge=on).
         A measurement may only start when KSM is ours alone.
         """
-        deadline = time.monotonic() + timeout
-        while True:
-            try:
-                self.host.check_no_other_ksm_users()
-                return
-            except Busy as exc:
-                if time.monotonic() >= deadline:
-                    raise Busy(f"{what}: {exc.message}", hint=exc.hint) from None
-            time.sleep(1.0)
+        try:
+            self.host.policy.require_ksm_to_ourselves(wait=timeout)
+        except Busy as exc:
+            raise Busy(f"{what}: {exc.message}", hint=exc.hint) from None
 
     def still_exclusive(self) -> str | None:
         """None if KSM was ours alone; else who else uses it (the measurement
         just taken is then contaminated and must be repeated)."""
         try:
-            self.host.check_no_other_ksm_users()
+            self.host.policy.require_ksm_to_ourselves()
             return None
         except Busy as exc:
             return exc.message

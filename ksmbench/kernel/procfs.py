@@ -12,7 +12,7 @@ import os
 import re
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterable, Sequence
+from typing import Sequence
 
 import numpy as np
 
@@ -168,31 +168,8 @@ class ProcFS:
                 live.append(pid)
         return live
 
-    def is_mergeable_process(self, pid: int) -> bool:
-        """Whether the process has any VM_MERGEABLE mapping or KSM state."""
-        stat = self.ksm_stat(pid)
-        if stat.get("ksm_mergeable") or stat.get("ksm_merge_any"):
-            return True
-        if stat.get("ksm_rmap_items") or stat.get("ksm_merging_pages") or stat.get("ksm_zero_pages"):
-            return True
-        if stat.get("ksm_mergeable") is not None:
-            return False  # the kernel answered directly (~6.14+)
-        smaps = self._read(pid, "smaps") or ""
-        return any(line.startswith("VmFlags:") and " mg" in line for line in smaps.splitlines())
-
-    def mergeable_processes(self, exclude: Iterable[int] = ()) -> list[tuple[int, str]]:
-        """Processes (pid, name) that already use KSM, apart from ``exclude``."""
-        skip = set(exclude) | {os.getpid()}
-        found = []
-        for pid in self.pids():
-            if pid in skip:
-                continue
-            try:
-                if self.is_mergeable_process(pid):
-                    found.append((pid, self.comm(pid) or "?"))
-            except (KernelIOError, PermissionNeeded, ValueError):
-                continue  # the process went away, or is not ours to read
-        return found
+    def smaps(self, pid: int | str) -> str | None:
+        return self._read(pid, "smaps")
 
 
 class FrameReader:

@@ -186,7 +186,7 @@ def _measure(args, command, tunables, profile, ready, merge_any, session, rundir
         console.print(f"started pids {', '.join(map(str, pids))}; waiting for {ready.describe()}")
         meta["ready_seconds"] = copies.wait_ready(ready)
         copies.check_alive("before the snapshot")
-        session.check_no_other_ksm_users(also_mine=pids)
+        session.policy.require_ksm_to_ourselves()  # the copies are our children
         _check_merge_any(session, pids, merge_any)
         with Snapshotter() as snap:
             t0, c0 = time.perf_counter(), time.process_time()
@@ -208,7 +208,7 @@ def _measure(args, command, tunables, profile, ready, merge_any, session, rundir
             while scan < args.max_scans:
                 scan += 1
                 copies.check_alive(f"during scan {scan}")
-                session.check_no_other_ksm_users(also_mine=pids)
+                session.policy.require_ksm_to_ourselves()
                 session.stepper.scan(pages_hint=pages, label="savings")
                 r = read_system(session, pids, ksmd)
                 r.ksmd_cpu = (r.ksmd_cpu - base_cpu

@@ -39,7 +39,8 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Callable, Sequence
 
-from ..errors import Busy, KsmbenchError
+from ..errors import KsmbenchError
+from ..kernel.policy import HostPolicy
 from ..kernel.procfs import ProcFS
 from ..kernel.stepping import time_scale
 from ..kernel.sysfs import KsmSysfs
@@ -105,16 +106,10 @@ def preflight(sysfs: KsmSysfs, procfs: ProcFS) -> str | None:
     changed by a killed ksmbench, and no other KSM user: ksm_tests judges the
     *global* pages_shared/pages_sharing, which another process's pages change.
     """
-    from ..backends.host import check_host_access
-
-    check_host_access(sysfs)
+    policy = HostPolicy(sysfs_root=sysfs.root, proc_root=procfs.root)
+    policy.check_access()
     message = repair(sysfs)
-    others = procfs.mergeable_processes()
-    if others:
-        shown = ", ".join(f"pid {pid} ({name})" for pid, name in others[:5])
-        raise Busy(f"other processes already have KSM-mergeable memory: {shown}; the selftests' "
-                   "global counter checks would count their pages too",
-                   hint="stop them, or run on a VM kernel (--kernel debian:<version>)")
+    policy.require_ksm_to_ourselves()
     return message
 
 
