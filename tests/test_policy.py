@@ -14,6 +14,8 @@ import subprocess
 import sys
 import threading
 import time
+from contextlib import contextmanager
+from typing import Iterator
 
 import pytest
 
@@ -197,11 +199,18 @@ def _python(code: str, *args: str) -> subprocess.CompletedProcess:
                           timeout=120, env=os.environ.copy())
 
 
-def _start_foreign(seconds: float) -> subprocess.Popen:
+@contextmanager
+def foreign_ksm_user(seconds: float) -> Iterator[subprocess.Popen]:
+    """A process (a child of this test, so foreign to its subprocesses) with
+    MADV_MERGEABLE memory, for at most ``seconds``; killed on leaving."""
     proc = subprocess.Popen([sys.executable, "-c", FOREIGN, str(seconds)], stdout=subprocess.PIPE,
                             text=True, env=os.environ.copy())
-    assert proc.stdout.readline().strip() == "ready"
-    return proc
+    try:
+        assert proc.stdout.readline().strip() == "ready"
+        yield proc
+    finally:
+        proc.kill()
+        proc.wait(timeout=30)
 
 
 @pytest.mark.root
@@ -213,12 +222,8 @@ def test_host_backend_refuses_a_real_foreign_ksm_user_then_enters_once_it_exits(
     # the tunables are read while no other run is stepping them
     with RunLock(timeout=RUN_LOCK_WAIT):
         before = KsmSysfs().tunables()
-        foreign = _start_foreign(120)
-        try:
+        with foreign_ksm_user(120) as foreign:
             refused = _python(ENTER_HOST_SESSION)
-        finally:
-            foreign.kill()
-            foreign.wait(timeout=30)
         entered = _python(ENTER_HOST_SESSION)
         after = KsmSysfs().tunables()
     assert refused.returncode == 3, refused.stderr
@@ -233,12 +238,8 @@ def test_host_backend_refuses_a_real_foreign_ksm_user_then_enters_once_it_exits(
 @pytest.mark.skipif(not host_ksm_usable(), reason="needs root and a writable KSM sysfs")
 def test_waiting_for_a_real_foreign_ksm_user_ends_when_it_exits():
     with RunLock(timeout=RUN_LOCK_WAIT):
-        foreign = _start_foreign(2.0)
-        try:
+        with foreign_ksm_user(2.0):
             waited = _python(WAIT_FOR_KSM)
-        finally:
-            foreign.kill()
-            foreign.wait(timeout=30)
     assert waited.returncode == 0, waited.stderr
     assert 1.0 < float(waited.stdout) < 30  # it waited, and not until its time limit
 
