@@ -60,7 +60,7 @@ import os
 import time
 from dataclasses import dataclass
 
-from ..errors import Busy, KernelIOError, KsmUnavailable, PermissionNeeded, os_boundary
+from ..errors import Busy, KernelIOError, PermissionNeeded, os_boundary
 from . import procfs as _procfs
 from . import sysfs as _sysfs
 from .procfs import PM_PFN_MASK, PM_PRESENT, ProcFS
@@ -151,7 +151,7 @@ class HostPolicy:
                 if not self._uses_ksm(pid) or self._is_ours(pid, me):
                     continue
                 command = self.procfs.comm(pid)
-            except (KernelIOError, PermissionNeeded, KsmUnavailable, ValueError, IndexError):
+            except (KernelIOError, PermissionNeeded, ValueError, IndexError):
                 continue  # it exited while being read, or is not ours to read
             if command is not None:  # None: it exited meanwhile
                 found.append(KsmUser(pid, command))
