@@ -111,7 +111,10 @@ class KsmSettings:
 
 class World:
     """Which processes live and which regions each maps, walked step by step
-    (the loader validates against it, the serialiser and generator read it)."""
+    (the loader validates against it, the serialiser and generator read it).
+    Its updates take the steps as given: the loader checks them first, and
+    the serialiser also writes scenarios (shrink candidates) that the loader
+    will refuse."""
 
     def __init__(self) -> None:
         #: live processes -> their regions (name -> pages)
@@ -121,20 +124,20 @@ class World:
         self.all_regions: dict[tuple[str, str], int] = {}
 
     def map(self, proc: str, region: str, pages: int) -> None:
-        self.procs[proc][region] = pages
+        self.procs.setdefault(proc, {})[region] = pages
         self.all_regions[(proc, region)] = max(pages, self.all_regions.get((proc, region), 0))
 
     def unmap(self, proc: str, region: str) -> None:
-        del self.procs[proc][region]
+        self.procs.get(proc, {}).pop(region, None)
 
     def fork(self, parent: str, child: str) -> None:
-        self.procs[child] = dict(self.procs[parent])
+        self.procs[child] = dict(self.procs.get(parent, {}))
         self.ever_procs.add(child)
         for region, pages in self.procs[child].items():
             self.all_regions[(child, region)] = pages
 
     def exit(self, proc: str) -> None:
-        del self.procs[proc]
+        self.procs.pop(proc, None)
 
 
 # -- the op table ----------------------------------------------------------------------
