@@ -167,6 +167,10 @@ class Step:
     runs_in: ClassVar[str] = "agent"
     #: whether ``proc`` must be a live process (False for KSM-wide ops)
     needs_proc: ClassVar[bool] = True
+    #: (kernel feature, what it is) the op needs: a feature name of
+    #: ksmbench.kernel.features.detect() and of the emulator profiles; a
+    #: kernel without it refuses the scenario (the emulator stops there too)
+    requires: ClassVar[tuple[str, str] | None] = None
 
     @property
     def op(self) -> str:
@@ -222,6 +226,8 @@ class Madvise(Step):
 @op("prctl")
 @dataclass(frozen=True)
 class Prctl(Step):
+    requires: ClassVar[tuple[str, str] | None] = (
+        "prctl_memory_merge", "PR_SET_MEMORY_MERGE (Linux 6.4, d7597f59d1d3)")
     merge: bool = spec("bool")
 
 
