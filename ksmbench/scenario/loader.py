@@ -26,12 +26,6 @@ IDENT_RE = re.compile(r"[A-Za-z0-9_-]+\Z")
 #: the ``[ksm]`` tunables and their types (from the defaults of KsmSettings)
 _KSM_FIELDS: dict[str, type] = {f.name: type(f.default) for f in dataclasses.fields(m.KsmSettings)}
 _TOP_FIELDS = {"name", "description", "ksm", "step"}
-#: TOML keys each op accepts besides ``op`` and ``proc``: key -> required?
-#: (from the op table in model.py; ``expect`` takes any metric name instead)
-_OP_FIELDS: dict[str, dict[str, bool]] = {
-    name: {m.toml_key(attr, decl): decl.required for attr, decl in m.toml_fields(cls)}
-    for name, cls in m.OPS.items() if cls is not m.Expect
-}
 MAX_REGION_PAGES = m.MAX_REGION_PAGES
 #: how an expected value says "the kernel must not provide this counter"
 ABSENT_WORDS = ("none", "absent", "null")
@@ -90,6 +84,13 @@ def scenario_from_dict(data: dict[str, Any], *, source: str = "<dict>") -> m.Sce
     steps = tuple(validator.step(i, raw) for i, raw in enumerate(raw_steps))
     return m.Scenario(name=name, description=description, ksm=ksm, steps=steps,
                       source=source, region_pages=dict(validator.all_regions))
+
+
+def op_keys(cls: type) -> dict[str, bool]:
+    """The TOML keys an op accepts besides ``op`` and ``proc`` (from the op
+    table in model.py): key -> required?"""
+    return {m.toml_key(attr, decl): decl.required for attr, decl in m.toml_fields(cls)
+            if decl.kind != "metrics"}
 
 
 def _parse_ksm(raw: Any, source: str) -> m.KsmSettings:
@@ -153,8 +154,8 @@ class _StepValidator:
             raise self.fail(index, f"must be a process name ([A-Za-z0-9_-]+), got {proc!r}", "proc")
         cls = m.OPS[op]
         decls = m.toml_fields(cls)
-        if op in _OP_FIELDS:  # not expect, whose keys are metric names
-            fields = _OP_FIELDS[op]
+        if not any(decl.kind == "metrics" for _, decl in decls):  # expect's keys are metrics
+            fields = op_keys(cls)
             for key in raw:
                 if key not in fields and key not in ("op", "proc"):
                     allowed = ", ".join(["op", "proc", *fields])
