@@ -89,6 +89,11 @@ def touch_op():
         end: int = m.range_end()
         times: int = m.spec("int", default=1, minimum=1)
 
+        def problem(self, world):
+            if self.times > self.end - self.first:
+                return "times", "at most one touch per page of the range"
+            return None
+
     yield Touch
     del m.OPS["touch"], m.OP_NAMES[Touch]
 
@@ -117,6 +122,9 @@ def test_an_op_declared_once_is_loaded_written_and_forwarded_generically(touch_o
     assert reloaded(scenario) == scenario
     with pytest.raises(ScenarioError, match="must be at least 1, got 0"):
         parse_scenario(TOUCH.replace("times = 3", "times = 0"))
+    with pytest.raises(ScenarioError, match="at most one touch per page") as info:
+        parse_scenario(TOUCH.replace("times = 3", "times = 5"))
+    assert (info.value.step, info.value.field) == (1, "times")
     with pytest.raises(ScenarioError, match=r"unknown field for op 'touch' "
                        r"\(allowed: op, proc, region, range, times\)"):
         parse_scenario(TOUCH.replace("times = 3", "count = 3"))

@@ -175,6 +175,9 @@ class _StepValidator:
             if decl.kind == "range":
                 values[attr], values[next_attr] = values[attr]
         step = cls(index, proc, **values)
+        problem = step.problem(self.world)
+        if problem is not None:
+            raise self.fail(index, problem[1], problem[0])
         step.track(self.world)
         return step
 

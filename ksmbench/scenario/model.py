@@ -183,6 +183,12 @@ class Step:
     def track(self, world: World) -> None:
         """What this step does to the processes and regions that exist."""
 
+    def problem(self, world: World) -> tuple[str, str] | None:
+        """A rule across fields that their kinds cannot state, checked by the
+        loader after the fields: (TOML key, message), or None when valid.
+        ``world``: before the step."""
+        return None
+
 
 @op("mmap")
 @dataclass(frozen=True)
