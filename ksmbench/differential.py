@@ -21,7 +21,8 @@ from .metrics import judge
 from .observation import (BASELINE, ObservationPoint, PointObserved, ScenarioFinished,
                           baseline_of, rebase)
 from .scenario import model as m
-from .scenario.generate import Spec, random_scenario, shrink, to_scenario, to_toml
+from .scenario.generate import random_scenario, shrink
+from .scenario.serialise import to_toml
 
 
 @dataclass
@@ -149,28 +150,27 @@ class BackendRunner:
 @dataclass
 class Finding:
     seed: int
-    spec: Spec
+    scenario: m.Scenario
     cells: list[Cell]
     path: Path | None = None
     tried: int = 0
 
 
-def check_specs(specs: Sequence[Spec], runner, profile: str | None
-                ) -> list[tuple[Spec, list[Cell], str | None]]:
-    scenarios = [to_scenario(s) for s in specs]
+def check_scenarios(scenarios: Sequence[m.Scenario], runner, profile: str | None
+                    ) -> list[tuple[m.Scenario, list[Cell], str | None]]:
     results = runner.run(scenarios)
     profile = profile or runner.profile
     from .emulator.emulate import ScenarioRun
 
     out = []
-    for spec, scenario in zip(specs, scenarios):
+    for scenario in scenarios:
         points, error = results.get(scenario.name, ([], "not run"))
         run = ScenarioRun(scenario, profile)
         predicted = list(run.points())
         if error is not None and any(not run.supported(s) for s in scenario.steps) and points:
             error = None  # the kernel refused an op its profile lacks (prctl before 6.4)
         cells = compare(points, predicted, run.unmodelled) if error is None else []
-        out.append((spec, cells, error))
+        out.append((scenario, cells, error))
     return out
 
 
@@ -187,39 +187,40 @@ def run_differential(seeds: Iterable[int], out_dir: Path, *, runner: HostRunner 
     checked = 0
     for start in range(0, len(seeds), batch):
         chunk = seeds[start:start + batch]
-        specs = [random_scenario(seed, max_pages=max_pages, max_steps=max_steps) for seed in chunk]
-        results = check_specs(specs, runner, profile)
+        scenarios = [random_scenario(seed, max_pages=max_pages, max_steps=max_steps)
+                     for seed in chunk]
+        results = check_scenarios(scenarios, runner, profile)
         profile = profile or runner.profile
-        for seed, (spec, cells, error) in zip(chunk, results):
+        for seed, (scenario, cells, error) in zip(chunk, results):
             if error is not None:
                 errors.append(f"seed {seed}: {error}")
                 continue
             checked += 1
             if cells:
-                findings.append(Finding(seed, spec, cells))
+                findings.append(Finding(seed, scenario, cells))
                 # written at once: shrinking (a kernel run per candidate) may take long
                 out_dir.mkdir(parents=True, exist_ok=True)
-                raw = out_dir / f"{spec['name']}-unshrunk.toml"
-                raw.write_text(to_toml(spec, "mismatching cells (before shrinking):\n"
+                raw = out_dir / f"{scenario.name}-unshrunk.toml"
+                raw.write_text(to_toml(scenario, "mismatching cells (before shrinking):\n"
                                        + "\n".join(c.describe() for c in cells[:20])))
                 progress(f"seed {seed}: {len(cells)} cells differ, e.g. {cells[0].describe()} "
                          f"-> {raw}")
         progress(f"{checked} scenarios checked, {len(findings)} mismatching")
     for f in findings:
-        def still_fails(candidate: Spec) -> bool:
-            (_, cells, error), = check_specs([candidate], runner, profile)
+        def still_fails(candidate: m.Scenario) -> bool:
+            (_, cells, error), = check_scenarios([candidate], runner, profile)
             return error is None and bool(cells)
 
-        small, f.tried = shrink(f.spec, still_fails, budget=shrink_budget)
-        (_, cells, _), = check_specs([small], runner, profile)
-        f.spec, f.cells = small, cells or f.cells
+        small, f.tried = shrink(f.scenario, still_fails, budget=shrink_budget)
+        (_, cells, _), = check_scenarios([small], runner, profile)
+        f.scenario, f.cells = small, cells or f.cells
         out_dir.mkdir(parents=True, exist_ok=True)
-        f.path = out_dir / f"{small['name']}.toml"
+        f.path = out_dir / f"{small.name}.toml"
         comment = (f"differential mismatch on {runner.release} vs emulator profile {profile}\n"
                    f"shrunk from random seed {f.seed} ({f.tried} candidates tried)\n"
                    + "\n".join(c.describe() for c in f.cells[:10]))
         f.path.write_text(to_toml(small, comment))
-        progress(f"seed {f.seed}: shrunk to {len(small['step'])} steps -> {f.path}")
+        progress(f"seed {f.seed}: shrunk to {len(small.steps)} steps -> {f.path}")
     return checked, findings, errors
 
 

@@ -29,64 +29,14 @@ from .console import esc, make_console
 from .metrics import judge
 from .observation import (BASELINE, TEARDOWN, BackendInfo, ObservationPoint, PointObserved,
                           ScenarioFinished, baseline_of, rebase)
-from .scenario import builtin_suite
+from .scenario import builtin_set, builtin_suite
 from .scenario import model as m
-from .scenario.loader import scenario_from_dict
-
-#: Probes for behaviours the built-in suite does not separate.
-PROBES: tuple[dict, ...] = (
-    {   # checksum_first (6.11): a page identical to an existing KSM page, never
-        # checksummed before, merges on its first visit before 6.11 and on its
-        # second visit since (the checksum test now comes first)
-        "name": "probe-checksum-first",
-        "description": "a new page identical to an existing KSM page: merged on visit 1 or 2?",
-        "step": [
-            {"op": "mmap", "region": "a", "pages": 8},
-            {"op": "fill", "region": "a", "pattern": "tag:probe-ck"},
-            {"op": "madvise", "region": "a", "advice": "mergeable"},
-            {"op": "scan", "count": 2},
-            {"op": "mmap", "region": "b", "pages": 4},
-            {"op": "fill", "region": "b", "pattern": "tag:probe-ck"},
-            {"op": "madvise", "region": "b", "advice": "mergeable"},
-            {"op": "scan", "count": 2},
-        ],
-    },
-    {   # merge_any_kept (6.18, 590c03ca6a3f): ksmd drops the slot of a MERGE_ANY
-        # mm without mergeable VMAs; before the fix it also cleared MERGE_ANY,
-        # so a later mapping is not mergeable and nothing merges
-        "name": "probe-merge-any-kept",
-        "description": "PR_SET_MEMORY_MERGE survives ksmd dropping the mm's slot?",
-        "step": [
-            {"op": "prctl", "merge": True},
-            {"op": "mmap", "region": "a", "pages": 4},
-            {"op": "fill", "region": "a", "pattern": "tag:probe-ma"},
-            {"op": "munmap", "region": "a"},
-            {"op": "scan", "count": 1},
-            {"op": "mmap", "region": "b", "pages": 16},
-            {"op": "fill", "region": "b", "pattern": "tag:probe-ma"},
-            {"op": "scan", "count": 3},
-        ],
-    },
-    {   # fork_counter_fix (4d6fc29f3634) without zero pages: the child's
-        # ksm_rmap_items / ksm_merging_pages right after fork (6.1 has them too)
-        "name": "probe-fork-counters",
-        "description": "does a forked child inherit the parent's ksm_stat counters?",
-        "step": [
-            {"op": "mmap", "region": "a", "pages": 32},
-            {"op": "fill", "region": "a", "pattern": "tag:probe-fork"},
-            {"op": "madvise", "region": "a", "advice": "mergeable"},
-            {"op": "scan", "count": 2},
-            {"op": "fork", "child": "child"},
-            {"op": "scan", "count": 1},
-            {"op": "exit", "proc": "child"},
-            {"op": "scan", "count": 1},
-        ],
-    },
-)
-
 
 def probe_scenarios() -> list[m.Scenario]:
-    return [scenario_from_dict(p, source=f"<identify>/{p['name']}") for p in PROBES]
+    """Probes for behaviours the built-in suite does not separate (the
+    built-in set ``probes``: ksmbench/scenario/probes/, each file says which
+    flag it separates and why)."""
+    return builtin_set("probes")
 
 
 @dataclass

@@ -17,6 +17,7 @@ Also the suite's bounds and its refusal to pass without a kernel:
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import shutil
 import signal
@@ -64,6 +65,27 @@ def sigint_disposition(disposition=signal.SIG_DFL):
         signal.signal(signal.SIGINT, disposition)
 
     return preexec
+
+
+def merging_scenario(name: str, pages: int, *fills: str | tuple[str, int, int], scans: int,
+                     then: tuple = (), use_zero_pages: bool = False, description: str = "") -> str:
+    """TOML text of the small scenario tests use most, written by the one
+    serialiser: region ``a`` of ``pages`` pages in ``main``, written by each
+    fill (a pattern for the whole region, or ``(pattern, first, end)``),
+    MADV_MERGEABLE, ``scans`` full scans, then the model steps ``then``
+    (their index is renumbered)."""
+    from ksmbench.scenario import model as m
+    from ksmbench.scenario.patterns import parse_pattern
+    from ksmbench.scenario.serialise import to_toml
+
+    steps: list = [m.Mmap(0, m.MAIN, "a", pages)]
+    for fill in fills:
+        pattern, first, end = (fill, 0, pages) if isinstance(fill, str) else fill
+        steps.append(m.Fill(0, m.MAIN, "a", first, end, parse_pattern(pattern)))
+    steps += [m.Madvise(0, m.MAIN, "a", 0, pages, "mergeable"), m.Scan(0, m.MAIN, scans), *then]
+    steps = [dataclasses.replace(step, index=i) for i, step in enumerate(steps)]
+    return to_toml(m.Scenario(name, description, m.KsmSettings(use_zero_pages=use_zero_pages),
+                              tuple(steps)))
 
 
 def host_ksm_usable() -> bool:

@@ -15,7 +15,9 @@ from pathlib import Path
 
 import pytest
 
+from conftest import merging_scenario
 from ksmbench import cli
+from ksmbench.scenario import model as m
 
 KSMBENCH = [sys.executable, "-m", "ksmbench.cli"]
 SUITE = Path(cli.__file__).parent / "scenario" / "suite"
@@ -307,30 +309,8 @@ def test_one_scenario_is_singular():
 
 # -- emulate --------------------------------------------------------------------------------------
 
-EXPECTS = """
-name = "expects-zero-pages"
-[ksm]
-use_zero_pages = true
-[[step]]
-op = "mmap"
-region = "a"
-pages = 64
-[[step]]
-op = "fill"
-region = "a"
-pattern = "zero"
-[[step]]
-op = "madvise"
-region = "a"
-advice = "mergeable"
-[[step]]
-op = "scan"
-count = 2
-[[step]]
-op = "expect"
-"global.ksm_zero_pages" = 64
-"region.main.a.zero_pfn" = 64
-"""
+EXPECTS = merging_scenario("expects-zero-pages", 64, "zero", scans=2, use_zero_pages=True, then=(
+    m.Expect(0, m.MAIN, (("global.ksm_zero_pages", 64), ("region.main.a.zero_pfn", 64))),))
 
 
 def test_emulate_judges_expect_steps(tmp_path):

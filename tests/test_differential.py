@@ -18,32 +18,35 @@ from pathlib import Path
 import pytest
 
 from ksmbench.differential import HostRunner, compare, run_differential
-from ksmbench.scenario.generate import random_scenario, shrink, to_scenario, to_toml, valid
+from ksmbench.scenario import model as m
+from ksmbench.scenario.generate import random_scenario, rebuild, shrink, valid
 from ksmbench.scenario.loader import parse_scenario
+from ksmbench.scenario.patterns import parse_pattern
+from ksmbench.scenario.serialise import to_toml
 
 from conftest import RUN_LOCK_WAIT, host_ksm_usable
 
 
 def test_random_scenarios_are_valid_and_roundtrip_through_toml():
     for seed in range(200):
-        spec = random_scenario(seed)
-        scenario = to_scenario(spec)
-        again = parse_scenario(to_toml(spec, "comment\nlines"), source="<roundtrip>")
-        assert again.steps == scenario.steps and again.ksm == scenario.ksm
+        scenario = random_scenario(seed)
+        again = parse_scenario(to_toml(scenario, "comment\nlines"), source=scenario.source)
+        assert again == scenario and again.region_pages == scenario.region_pages
 
 
 def test_shrink_finds_a_small_failing_scenario():
-    spec = random_scenario(7, max_steps=30)
-    # a stand-in for "mismatches on the kernel": still has a fork and a scan
+    scenario = random_scenario(7, max_steps=30)
+    # a stand-in for "mismatches on the kernel": still has a scan and a unique fill
     def fails(s):
-        ops = [st["op"] for st in s["step"]]
-        return "scan" in ops and any(st["op"] == "fill" and "unique" in st["pattern"]
-                                     for st in s["step"])
-    if not fails(spec):
-        spec["step"].insert(1, {"op": "fill", "region": "r1", "pattern": "unique"})
-    small, tried = shrink(spec, fails, budget=200)
+        return (any(isinstance(st, m.Scan) for st in s.steps)
+                and any(isinstance(st, m.Fill) and st.pattern.kind == "unique" for st in s.steps))
+    if not fails(scenario):
+        mmap = scenario.steps[0]
+        unique = m.Fill(1, m.MAIN, mmap.region, 0, mmap.pages, parse_pattern("unique"))
+        scenario = rebuild(scenario, [mmap, unique, *scenario.steps[1:]])
+    small, tried = shrink(scenario, fails, budget=200)
     assert fails(small) and valid(small)
-    assert len(small["step"]) <= 4 < len(spec["step"])
+    assert len(small.steps) <= 4 < len(scenario.steps)
     assert tried > 0
 
 

@@ -14,39 +14,16 @@ from pathlib import Path
 import psutil
 import pytest
 
-from conftest import RUN_LOCK_WAIT, host_ksm_usable, settled_tunables, sigint_disposition
+from conftest import (RUN_LOCK_WAIT, host_ksm_usable, merging_scenario, settled_tunables,
+                      sigint_disposition)
 from ksmbench.kernel.sysfs import KsmSysfs
 
 pytestmark = [pytest.mark.root, pytest.mark.slow,
               pytest.mark.skipif(not host_ksm_usable(), reason="needs root and a writable KSM sysfs")]
 
 KSMBENCH = [sys.executable, "-m", "ksmbench.cli"]
-LONG = """
-name = "long-scans"
-[ksm]
-use_zero_pages = true
-[[step]]
-op = "mmap"
-region = "a"
-pages = 65536
-[[step]]
-op = "fill"
-region = "a"
-range = [0, 32768]
-pattern = "cycle:long:64"
-[[step]]
-op = "fill"
-region = "a"
-range = [32768, 65536]
-pattern = "unique"
-[[step]]
-op = "madvise"
-region = "a"
-advice = "mergeable"
-[[step]]
-op = "scan"
-count = 400
-"""
+LONG = merging_scenario("long-scans", 65536, ("cycle:long:64", 0, 32768), ("unique", 32768, 65536),
+                        scans=400, use_zero_pages=True)
 
 
 def agents_of(pid: int) -> list[psutil.Process]:

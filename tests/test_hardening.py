@@ -15,13 +15,15 @@ from pathlib import Path
 
 import pytest
 
-from conftest import DEFAULT_FAKE_KSM, RUN_LOCK_WAIT, host_ksm_usable, settled_tunables
+from conftest import (DEFAULT_FAKE_KSM, RUN_LOCK_WAIT, host_ksm_usable, merging_scenario,
+                      settled_tunables)
 from ksmbench import cli
 from ksmbench.kernel import features
 from ksmbench.kernel.procfs import ProcFS
 from ksmbench.kernel.stepping import PAGES_TO_SCAN
 from ksmbench.kernel.sysfs import KsmSysfs
 from ksmbench.metrics import GLOBAL_COUNTERS
+from ksmbench.scenario import model as m
 
 KSMBENCH = [sys.executable, "-m", "ksmbench.cli"]
 
@@ -199,41 +201,11 @@ def test_tunable_write_on_a_read_only_filesystem_names_it(tmp_path, state_dir):
 
 # -- two runs at once ---------------------------------------------------------------------------
 
-BUSY = """
-name = "two-runs"
-description = "long enough for a second run to arrive while this one holds the lock"
-[ksm]
-use_zero_pages = true
-[[step]]
-op = "mmap"
-region = "a"
-pages = 16384
-[[step]]
-op = "fill"
-region = "a"
-range = [0, 8192]
-pattern = "cycle:two-runs:16"
-[[step]]
-op = "fill"
-region = "a"
-range = [8192, 16384]
-pattern = "zero"
-[[step]]
-op = "madvise"
-region = "a"
-advice = "mergeable"
-[[step]]
-op = "scan"
-count = 40
-[[step]]
-op = "madvise"
-region = "a"
-range = [0, 4096]
-advice = "unmergeable"
-[[step]]
-op = "scan"
-count = 2
-"""
+BUSY = merging_scenario(
+    "two-runs", 16384, ("cycle:two-runs:16", 0, 8192), ("zero", 8192, 16384), scans=40,
+    then=(m.Madvise(0, m.MAIN, "a", 0, 4096, "unmergeable"), m.Scan(0, m.MAIN, 2)),
+    use_zero_pages=True,
+    description="long enough for a second run to arrive while this one holds the lock")
 
 
 def _lock_holder() -> int | None:

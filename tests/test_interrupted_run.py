@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import host_ksm_usable
+from conftest import host_ksm_usable, merging_scenario
 from ksmbench.kernel.lock import RunLock
 from ksmbench.kernel.sysfs import KsmSysfs
 from ksmbench.kernel.tunables import state_dir
@@ -22,24 +22,7 @@ pytestmark = [pytest.mark.root, pytest.mark.slow,
               pytest.mark.skipif(not host_ksm_usable(), reason="needs root and a writable KSM sysfs")]
 
 KSMBENCH = [sys.executable, "-m", "ksmbench.cli"]
-MANY_SCANS = """
-name = "many-scans"
-[[step]]
-op = "mmap"
-region = "a"
-pages = 2048
-[[step]]
-op = "fill"
-region = "a"
-pattern = "cycle:many:16"
-[[step]]
-op = "madvise"
-region = "a"
-advice = "mergeable"
-[[step]]
-op = "scan"
-count = 2000
-"""
+MANY_SCANS = merging_scenario("many-scans", 2048, "cycle:many:16", scans=2000)
 
 
 def settled_tunables() -> dict[str, str]:

@@ -8,6 +8,7 @@ import pytest
 from ksmbench.kernel_tools import (SelftestBuild, functional_test_names, makefile_recipe,
                                    selftest_compile_argv)
 from ksmbench.observation import ObservationPoint
+from ksmbench.scenario import builtin_names
 from ksmbench.selftests import catalogue
 from ksmbench.selftests.checks import Check, judge, verdict
 from ksmbench.selftests.compare import (AGREE, DISAGREE, NOT_COMPARABLE, agreement,
@@ -182,7 +183,7 @@ def test_catalogue_is_consistent():
 
 
 def test_every_peer_scenario_loads():
-    for name in catalogue.PEER_SCENARIOS:
+    for name in builtin_names("peers"):
         scenario = catalogue.scenario(name)
         assert scenario.name == name and scenario.steps
 

@@ -32,7 +32,8 @@ from typing import Any
 from ..errors import KsmbenchError, SyscallError
 from ..kernel import syscalls
 from ..kernel.procfs import FrameReader, ProcFS
-from ..scenario.patterns import FillId, fill_pages, parse_pattern
+from ..scenario.model import Step
+from ..scenario.patterns import FillId, Pattern, fill_pages, parse_pattern
 
 _HEADER = struct.Struct("!I")
 #: Scenario regions are placed by us, not by the kernel: ascending addresses
@@ -94,6 +95,8 @@ class Agent:
         self._zero_pfn: int | None = None
         self._buf = bytearray(1 << 16)
         self._next_addr = REGION_BASE  # a forked child continues from its parent's value
+        #: the scenario step being run (op_step), which names a fill's content
+        self._step_id: FillId | None = None
 
     # -- plumbing ------------------------------------------------------------
     def frames(self) -> FrameReader:
@@ -117,7 +120,8 @@ class Agent:
             except KsmbenchError as exc:
                 reply = ("error", type(exc).__name__, exc.message, exc.hint)
             except Exception as exc:  # report, never die silently
-                reply = ("error", "KsmbenchError", f"agent {self.name}: {op} failed: "
+                what = args[0].op if op == "step" else op
+                reply = ("error", "KsmbenchError", f"agent {self.name}: {what} failed: "
                          f"{type(exc).__name__}: {exc}", None)
             if op == "exit":
                 send_msg(self.sock, reply)
@@ -162,6 +166,16 @@ class Agent:
     def op_ping(self) -> int:
         return os.getpid()
 
+    def op_step(self, step: Step, scenario: str) -> Any:
+        """One scenario step that runs here (``runs_in == "agent"``), as the
+        host backend forwards it: ``op_<name>`` gets the step's fields by
+        name (model.py's op table), so a new op needs only its method here."""
+        self._step_id = FillId(scenario, step.index)
+        try:
+            return getattr(self, "op_" + step.op)(**step.fields())
+        finally:
+            self._step_id = None
+
     def op_mmap(self, region: str, pages: int, thp: bool) -> int:
         addr = self._next_addr
         if thp:
@@ -174,11 +188,13 @@ class Agent:
         self.regions[region] = r
         return r.addr
 
-    def op_fill(self, region: str, first: int, end: int, pattern: str,
-                scenario: str, step: int) -> None:
+    def op_fill(self, region: str, first: int, end: int, pattern: Pattern | str,
+                scenario: str | None = None, step: int = 0) -> None:
+        """``scenario`` and ``step`` name the fill (``unique`` content);
+        within :meth:`op_step` they are the step's own."""
         r = self.regions[region]
-        pat = parse_pattern(pattern)
-        fill = FillId(scenario, step)
+        pat = parse_pattern(pattern) if isinstance(pattern, str) else pattern
+        fill = FillId(scenario, step) if scenario is not None else self._step_id
         total = end - first
         for offset in range(0, total, _FILL_CHUNK_PAGES):
             n = min(_FILL_CHUNK_PAGES, total - offset)

@@ -89,7 +89,13 @@ class AgentHandle:
                                 "did not start")
         return child
 
-    def call(self, op: str, *args: Any, timeout: float = 60.0) -> Any:
+    def run_step(self, step: m.Step, scenario: str, *, timeout: float) -> Any:
+        """A scenario step that runs in the agent (``runs_in == "agent"``),
+        forwarded as it is: the agent's ``op_<name>`` gets its fields."""
+        return self.call("step", step, scenario, timeout=timeout, label=step.op)
+
+    def call(self, op: str, *args: Any, timeout: float = 60.0, label: str | None = None) -> Any:
+        """``label``: the op as messages name it (default ``op``)."""
         self.sock.settimeout(timeout * time_scale())
         try:
             send_msg(self.sock, (op, *args))
@@ -99,9 +105,9 @@ class AgentHandle:
                 reply, fds = recv_msg(self.sock), []
         except socket.timeout:
             raise WaitTimeout(f"timed out after {timeout * time_scale():.0f} s waiting for "
-                              f"process '{self.name}' (pid {self.pid}) to finish '{op}'") from None
+                              f"process '{self.name}' (pid {self.pid}) to finish '{label or op}'") from None
         except (EOFError, ConnectionError):
-            raise KsmbenchError(f"process '{self.name}' (pid {self.pid}) died during '{op}'") from None
+            raise KsmbenchError(f"process '{self.name}' (pid {self.pid}) died during '{label or op}'") from None
         if reply[0] == "error":
             _, kind, message, hint = reply
             raise errors.rebuild(kind, f"process '{self.name}': {message}", hint)
@@ -247,12 +253,14 @@ class HostSession:
 
     def check_applicable(self, scenario: m.Scenario) -> None:
         """Refuse scenarios that need an interface this kernel lacks."""
-        if any(isinstance(step, m.Prctl) for step in scenario.steps):
+        needed = {step.requires for step in scenario.steps if step.requires is not None}
+        if needed:
             from ..kernel.features import detect
 
-            if not detect(self.sysfs, self.procfs)["prctl_memory_merge"]:
-                raise NotApplicable("needs PR_SET_MEMORY_MERGE (Linux 6.4, d7597f59d1d3), "
-                                    "which this kernel lacks")
+            have = detect(self.sysfs, self.procfs)
+            for feature, what in sorted(needed):
+                if not have[feature]:
+                    raise NotApplicable(f"needs {what}, which this kernel lacks")
 
     def _run(self, scenario: m.Scenario) -> Iterator[ObservationPoint]:
         self.check_applicable(scenario)
@@ -266,7 +274,6 @@ class HostSession:
                                {global_metric(n): self.sysfs.read_int(n) for n in GLOBAL_LEVELS})
         self.agents[m.MAIN] = self.new_agent(m.MAIN)
         order = [m.MAIN]  # processes in creation order (for stable output)
-        regions: dict[str, dict[str, int]] = {m.MAIN: {}}
         budget = _call_timeout(scenario)
 
         def observe(step: m.Step, scan: int | None) -> ObservationPoint:
@@ -307,32 +314,18 @@ class HostSession:
                                       label=f"{scenario.name} step {step.index}")
                     yield observe(step, n)
                 continue
-            if isinstance(step, m.UnmergeAll):
+            if step.runs_in == "agent":
+                agent.run_step(step, scenario.name, timeout=budget)
+            elif isinstance(step, m.UnmergeAll):
                 self.stepper.unmerge_all()
-            elif isinstance(step, m.Mmap):
-                agent.call("mmap", step.region, step.pages, step.thp, timeout=budget)
-                regions[step.proc][step.region] = step.pages
-            elif isinstance(step, m.Fill):
-                agent.call("fill", step.region, step.first, step.end, str(step.pattern),
-                           scenario.name, step.index, timeout=budget)
-            elif isinstance(step, m.Read):
-                agent.call("read", step.region, step.first, step.end, timeout=budget)
-            elif isinstance(step, m.Madvise):
-                agent.call("madvise", step.region, step.first, step.end, step.advice, timeout=budget)
-            elif isinstance(step, m.Prctl):
-                agent.call("prctl", step.merge, timeout=budget)
-            elif isinstance(step, m.Munmap):
-                agent.call("munmap", step.region, timeout=budget)
-                del regions[step.proc][step.region]
             elif isinstance(step, m.Fork):
                 child = AgentHandle.fork_from(agent, step.child, op="fork", timeout=budget)
                 self.agents[step.child] = child
                 order.append(step.child)
-                regions[step.child] = dict(regions[step.proc])
             elif isinstance(step, m.Exit):
                 self._exit_agent(step.proc, budget)
-            elif isinstance(step, m.Expect):
-                pass  # checked by the runner against this step's observation
+            elif step.runs_in == "controller":  # pragma: no cover - a new op without its code here
+                raise TypeError(f"the host backend does not run op '{step.op}'")
             yield observe(step, None)
         # teardown: every scenario process exits (creation order), ksmd scans
         # once more (freeing the exited mms' rmap items), globals are read

@@ -49,9 +49,7 @@ class ScenarioRun:
 
     def supported(self, step: m.Step) -> bool:
         """False for an op the profile's kernel refuses (the host run errors there)."""
-        if isinstance(step, m.Prctl):
-            return self.profile.has("prctl_memory_merge")
-        return True
+        return step.requires is None or self.profile.has(step.requires[0])
 
     def apply(self, step: m.Step) -> None:
         k = self.ksm

@@ -1,4 +1,11 @@
-"""The v1 scenario format: model, loading/validation, patterns, built-in suite."""
+"""The v1 scenario format: model, loading/validation, patterns, built-in sets.
+
+Every built-in scenario is a TOML file shipped as package data, in one of
+three sets (directories of this package): ``suite`` (``ksmbench run``'s
+default), ``peers`` (the kernel selftests' counterparts that no suite
+scenario covers, :mod:`ksmbench.selftests.catalogue`) and ``probes``
+(``ksmbench identify``'s extra scenarios).  :func:`builtin_set` loads one.
+"""
 
 from __future__ import annotations
 
@@ -9,28 +16,38 @@ from ..errors import ScenarioError
 from .loader import load_scenario, parse_scenario
 from .model import Scenario
 
-__all__ = ["Scenario", "load_scenario", "parse_scenario", "builtin_suite",
-           "builtin_names", "resolve_scenarios"]
+__all__ = ["Scenario", "load_scenario", "parse_scenario", "builtin_set", "builtin_suite",
+           "builtin_names", "resolve_scenarios", "BUILTIN_SETS"]
+
+#: the built-in sets: one package-data directory of ``<name>.toml`` files each
+BUILTIN_SETS = ("suite", "peers", "probes")
 
 
-def _suite_dir():
-    return resources.files(__package__) / "suite"
+def _set_dir(kind: str):
+    if kind not in BUILTIN_SETS:
+        raise ValueError(f"no built-in scenario set {kind!r} (sets: {', '.join(BUILTIN_SETS)})")
+    return resources.files(__package__) / kind
 
 
-def builtin_names() -> list[str]:
-    return sorted(p.name[:-5] for p in _suite_dir().iterdir() if p.name.endswith(".toml"))
+def builtin_names(kind: str = "suite") -> list[str]:
+    return sorted(p.name[:-5] for p in _set_dir(kind).iterdir() if p.name.endswith(".toml"))
 
 
-def builtin(name: str) -> Scenario:
-    entry = _suite_dir() / f"{name}.toml"
+def builtin(name: str, kind: str = "suite") -> Scenario:
+    entry = _set_dir(kind) / f"{name}.toml"
     if not entry.is_file():
         raise ScenarioError(name, "no such built-in scenario "
-                            f"(built-in: {', '.join(builtin_names())})")
-    return parse_scenario(entry.read_text(encoding="utf-8"), source=f"<suite>/{name}.toml")
+                            f"(built-in: {', '.join(builtin_names(kind))})")
+    return parse_scenario(entry.read_text(encoding="utf-8"), source=f"<{kind}>/{name}.toml")
+
+
+def builtin_set(kind: str) -> list[Scenario]:
+    """Every scenario of one built-in set, in name order."""
+    return [builtin(name, kind) for name in builtin_names(kind)]
 
 
 def builtin_suite() -> list[Scenario]:
-    return [builtin(name) for name in builtin_names()]
+    return builtin_set("suite")
 
 
 def resolve_scenarios(args: list[str]) -> list[Scenario]:

@@ -1,33 +1,37 @@
-"""Seeded random scenarios, their TOML form, and shrinking (for differential tests).
+"""Seeded random scenarios and shrinking (for differential tests).
 
-:func:`random_scenario` builds a valid v1 scenario (as the dict a TOML file
-parses to) from a seed: random ops over a few processes and regions, biased
-towards what makes KSM do something (duplicate fills, MADV_MERGEABLE, scans)
-but reaching every op.  :func:`shrink` removes steps (and simplifies the
-rest) while a predicate keeps failing; :func:`to_toml` writes a scenario
-file that reproduces the case.
+:func:`random_scenario` builds a valid v1 scenario (model objects, as the
+loader would return them) from a seed: random ops over a few processes and
+regions, biased towards what makes KSM do something (duplicate fills,
+MADV_MERGEABLE, scans) but reaching every op.  :func:`shrink` removes steps
+(and simplifies the rest) while a predicate keeps failing.  A scenario's
+reproducer file comes from :func:`ksmbench.scenario.serialise.to_toml`, and
+every candidate is checked by loading that text back, so what is saved is
+what was run.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import random
-from typing import Any, Callable
+from typing import Any, Callable, Iterator, Sequence
 
 from ..errors import ScenarioError
 from . import model as m
-from .loader import scenario_from_dict
-
-Spec = dict[str, Any]
+from .loader import parse_scenario
+from .patterns import parse_pattern
+from .serialise import to_toml
 
 _TAGS = ("a", "b", "c")
 
 
 def random_scenario(seed: int, *, max_steps: int = 18, max_pages: int = 48,
-                    name_prefix: str = "random") -> Spec:
+                    name_prefix: str = "random") -> m.Scenario:
     rng = random.Random(seed)
-    procs: dict[str, dict[str, int]] = {m.MAIN: {}}
+    world = m.World()
+    procs = world.procs  # live processes -> their regions, in creation order
     used_names = {m.MAIN}
-    steps: list[dict[str, Any]] = []
+    steps: list[m.Step] = []
     ksm: dict[str, Any] = {}
     if rng.random() < 0.6:
         ksm["use_zero_pages"] = rng.random() < 0.6
@@ -37,22 +41,27 @@ def random_scenario(seed: int, *, max_steps: int = 18, max_pages: int = 48,
         ksm["smart_scan"] = False
     region_counter = 0
 
-    def pattern() -> str:
+    def add(cls: type, proc: str = m.MAIN, **fields: Any) -> None:
+        step = cls(len(steps), proc, **fields)
+        step.track(world)
+        steps.append(step)
+
+    def pattern():
         r = rng.random()
         if r < 0.25:
-            return "zero"
+            return parse_pattern("zero")
         if r < 0.65:
-            return "tag:" + rng.choice(_TAGS)
+            return parse_pattern("tag:" + rng.choice(_TAGS))
         if r < 0.85:
-            return "unique"
-        return f"cycle:{rng.choice(_TAGS)}:{rng.randint(2, 4)}"
+            return parse_pattern("unique")
+        return parse_pattern(f"cycle:{rng.choice(_TAGS)}:{rng.randint(2, 4)}")
 
-    def some_range(pages: int) -> list[int] | None:
+    def some_range(pages: int) -> dict[str, int]:
+        """``first`` and ``end``: half the time the whole region."""
         if rng.random() < 0.5:
-            return None
+            return {"first": 0, "end": pages}
         first = rng.randrange(pages)
-        end = rng.randint(first + 1, pages)
-        return [first, end]
+        return {"first": first, "end": rng.randint(first + 1, pages)}
 
     # a set-up that gives ksmd something to merge: regions filled with mostly
     # duplicate content and made mergeable, then a random mix of everything
@@ -60,18 +69,14 @@ def random_scenario(seed: int, *, max_steps: int = 18, max_pages: int = 48,
         region_counter += 1
         name = f"r{region_counter}"
         pages = rng.randint(1, max_pages)
-        steps.append({"op": "mmap", "region": name, "pages": pages})
-        procs[m.MAIN][name] = pages
+        add(m.Mmap, region=name, pages=pages)
         for _ in range(rng.randint(1, 3)):
-            fill: dict[str, Any] = {"op": "fill", "region": name, "pattern": pattern()}
-            rng_ = some_range(pages)
-            if rng_ is not None:
-                fill["range"] = rng_
-            steps.append(fill)
+            pat = pattern()
+            add(m.Fill, region=name, pattern=pat, **some_range(pages))
         if rng.random() < 0.85:
-            steps.append({"op": "madvise", "region": name, "advice": "mergeable"})
+            add(m.Madvise, region=name, first=0, end=pages, advice="mergeable")
     if rng.random() < 0.7:
-        steps.append({"op": "scan", "count": rng.choice((1, 2, 2, 3))})
+        add(m.Scan, count=rng.choice((1, 2, 2, 3)))
     n_steps = len(steps) + rng.randint(3, max_steps)
     while len(steps) < n_steps:
         live = list(procs)
@@ -93,138 +98,120 @@ def random_scenario(seed: int, *, max_steps: int = 18, max_pages: int = 48,
             weights = {"scan": 1, "unmerge_all": 0.2}
         ops = [op for op, w in weights.items() if w > 0]
         op = rng.choices(ops, [weights[o] for o in ops])[0]
-        step: dict[str, Any] = {"op": op}
-        if op not in ("scan", "unmerge_all") and proc != m.MAIN:
-            step["proc"] = proc
+        cls = m.OPS[op]
+        at = proc if cls.needs_proc else m.MAIN
         if op == "mmap":
             region_counter += 1
-            name = f"r{region_counter}"
-            pages = rng.randint(1, max_pages)
-            step.update(region=name, pages=pages)
-            procs[proc][name] = pages
-        elif op in ("fill", "read", "madvise", "munmap"):
+            add(cls, at, region=f"r{region_counter}", pages=rng.randint(1, max_pages))
+        elif op in ("fill", "read", "madvise"):
             name = rng.choice(list(regions))
-            step["region"] = name
-            if op != "munmap":
-                rng_ = some_range(regions[name])
-                if rng_ is not None:
-                    step["range"] = rng_
+            span = some_range(regions[name])
             if op == "fill":
-                step["pattern"] = pattern()
+                add(cls, at, region=name, pattern=pattern(), **span)
             elif op == "madvise":
-                step["advice"] = rng.choices(("mergeable", "unmergeable", "dontneed"),
-                                             (6, 2, 1.5))[0]
-            elif op == "munmap":
-                del procs[proc][name]
+                advice = rng.choices(("mergeable", "unmergeable", "dontneed"), (6, 2, 1.5))[0]
+                add(cls, at, region=name, advice=advice, **span)
+            else:
+                add(cls, at, region=name, **span)
+        elif op == "munmap":
+            add(cls, at, region=rng.choice(list(regions)))
         elif op == "prctl":
-            step["merge"] = rng.random() < 0.6
+            add(cls, at, merge=rng.random() < 0.6)
         elif op == "scan":
-            step["count"] = rng.choice((1, 1, 2, 2, 3, 4))
+            add(cls, at, count=rng.choice((1, 1, 2, 2, 3, 4)))
         elif op == "fork":
             child = f"p{len(used_names)}"
             used_names.add(child)
-            step["child"] = child
-            procs[child] = dict(regions)
-        elif op == "exit":
-            del procs[proc]
-        steps.append(step)
+            add(cls, at, child=child)
+        else:  # exit, unmerge_all
+            add(cls, at)
     # end with scans so that the last changes are seen by ksmd
-    steps.append({"op": "scan", "count": rng.choice((1, 2, 3))})
-    spec: Spec = {"name": f"{name_prefix}-{seed}", "description": f"random scenario, seed {seed}"}
-    if ksm:
-        spec["ksm"] = ksm
-    spec["step"] = steps
-    return spec
+    add(m.Scan, count=rng.choice((1, 2, 3)))
+    name = f"{name_prefix}-{seed}"
+    return m.Scenario(name=name, description=f"random scenario, seed {seed}",
+                      ksm=m.KsmSettings(**ksm), steps=tuple(steps), source=f"<{name}>",
+                      region_pages=dict(world.all_regions))
 
 
-def to_scenario(spec: Spec) -> m.Scenario:
-    return scenario_from_dict(spec, source=f"<{spec.get('name', 'random')}>")
-
-
-def _toml_value(value: Any) -> str:
-    if isinstance(value, bool):
-        return "true" if value else "false"
-    if isinstance(value, int):
-        return str(value)
-    if isinstance(value, str):
-        return '"' + value.replace("\\", "\\\\").replace('"', '\\"') + '"'
-    if isinstance(value, list):
-        return "[" + ", ".join(_toml_value(v) for v in value) + "]"
-    raise TypeError(f"cannot write {value!r} as TOML")
-
-
-def to_toml(spec: Spec, comment: str = "") -> str:
-    lines = []
-    for line in comment.splitlines():
-        lines.append(f"# {line}".rstrip())
-    lines.append(f"name = {_toml_value(spec['name'])}")
-    lines.append(f"description = {_toml_value(spec.get('description', ''))}")
-    if spec.get("ksm"):
-        lines.append("")
-        lines.append("[ksm]")
-        for key, value in spec["ksm"].items():
-            lines.append(f"{key} = {_toml_value(value)}")
-    for step in spec["step"]:
-        lines.append("")
-        lines.append("[[step]]")
-        for key, value in step.items():
-            key_text = key if key.replace("_", "").isalnum() else _toml_value(key)
-            lines.append(f"{key_text} = {_toml_value(value)}")
-    return "\n".join(lines) + "\n"
-
-
-def valid(spec: Spec) -> bool:
+def rebuild(scenario: m.Scenario, steps: Sequence[m.Step],
+            ksm: m.KsmSettings | None = None) -> m.Scenario | None:
+    """``scenario`` with these steps (renumbered) and tunables, as its
+    reproducer file loads; None when that file would not be valid."""
+    candidate = dataclasses.replace(
+        scenario, ksm=scenario.ksm if ksm is None else ksm,
+        steps=tuple(dataclasses.replace(s, index=i) for i, s in enumerate(steps)))
     try:
-        to_scenario(spec)
+        return parse_scenario(to_toml(candidate), source=scenario.source)
     except ScenarioError:
-        return False
-    return True
+        return None
 
 
-def _candidates(spec: Spec):
-    steps = spec["step"]
+def valid(scenario: m.Scenario) -> bool:
+    return rebuild(scenario, scenario.steps) is not None
+
+
+def _region_sizes(steps: Sequence[m.Step]) -> list[int | None]:
+    """The size of the region each step names, just before it (else None)."""
+    world = m.World()
+    out: list[int | None] = []
+    for step in steps:
+        region = getattr(step, "region", None)
+        out.append(world.procs.get(step.proc, {}).get(region))
+        step.track(world)
+    return out
+
+
+def _candidates(scenario: m.Scenario) -> Iterator[tuple[list[m.Step], m.KsmSettings]]:
+    steps, ksm = list(scenario.steps), scenario.ksm
     n = len(steps)
     # drop chunks of steps, large chunks first
     size = max(1, n // 2)
     while size >= 1:
         for start in range(0, n, size):
-            yield {**spec, "step": steps[:start] + steps[start + size:]}
+            yield steps[:start] + steps[start + size:], ksm
         size //= 2
     # simplify single steps
-    for i, step in enumerate(steps):
-        simpler: list[dict[str, Any]] = []
-        if step.get("op") == "scan" and step.get("count", 1) > 1:
-            simpler.append({**step, "count": step["count"] - 1})
-        if "range" in step:
-            simpler.append({k: v for k, v in step.items() if k != "range"})
-        if step.get("op") == "mmap" and step.get("pages", 1) > 1:
-            simpler.append({**step, "pages": max(1, step["pages"] // 2)})
+    for i, (step, pages) in enumerate(zip(steps, _region_sizes(steps))):
+        simpler: list[list[m.Step]] = []
+        if isinstance(step, m.Scan) and step.count > 1:
+            simpler.append([dataclasses.replace(step, count=step.count - 1)])
+        if hasattr(step, "first") and pages is not None and (step.first, step.end) != (0, pages):
+            simpler.append([dataclasses.replace(step, first=0, end=pages)])  # the whole region
+        if isinstance(step, m.Mmap) and step.pages > 1:
+            half = max(1, step.pages // 2)
+            # later steps on the whole region keep covering the whole region
+            later = [dataclasses.replace(s, end=half)
+                     if getattr(s, "region", None) == step.region and hasattr(s, "first")
+                     and (s.first, s.end) == (0, step.pages) else s for s in steps[i + 1:]]
+            simpler.append([dataclasses.replace(step, pages=half), *later])
         for alt in simpler:
-            yield {**spec, "step": steps[:i] + [alt] + steps[i + 1:]}
-    if spec.get("ksm"):
-        for key in list(spec["ksm"]):
-            yield {**spec, "ksm": {k: v for k, v in spec["ksm"].items() if k != key}}
+            yield steps[:i] + alt + steps[i + len(alt):], ksm
+    for f in dataclasses.fields(ksm):
+        if getattr(ksm, f.name) != f.default:
+            yield steps, dataclasses.replace(ksm, **{f.name: f.default})
 
 
-def shrink(spec: Spec, fails: Callable[[Spec], bool], *, budget: int = 60) -> tuple[Spec, int]:
+def shrink(scenario: m.Scenario, fails: Callable[[m.Scenario], bool], *,
+           budget: int = 60) -> tuple[m.Scenario, int]:
     """Greedy delta debugging: the smallest variant found that still fails.
 
     ``fails`` runs the candidate (on the kernel and the emulator) and says
     whether it still mismatches; at most ``budget`` candidates are tried.
-    Returns the shrunk spec and the number of candidates tried.
+    Returns the shrunk scenario and the number of candidates tried.
     """
     tried = 0
     improved = True
     while improved and tried < budget:
         improved = False
-        for cand in _candidates(spec):
+        for steps, ksm in _candidates(scenario):
             if tried >= budget:
                 break
-            if not valid(cand):
+            candidate = rebuild(scenario, steps, ksm)
+            if candidate is None:
                 continue
             tried += 1
-            if fails(cand):
-                spec = cand
+            if fails(candidate):
+                scenario = candidate
                 improved = True
                 break
-    return spec, tried
+    return scenario, tried

@@ -9,6 +9,7 @@ before anything runs.
 
 from __future__ import annotations
 
+import dataclasses
 import re
 import tomllib
 from pathlib import Path
@@ -22,29 +23,10 @@ from .patterns import parse_pattern
 NAME_RE = re.compile(r"[a-z0-9-]+\Z")
 IDENT_RE = re.compile(r"[A-Za-z0-9_-]+\Z")
 
-_KSM_FIELDS = {
-    "use_zero_pages": bool,
-    "max_page_sharing": int,
-    "smart_scan": bool,
-    "merge_across_nodes": bool,
-}
+#: the ``[ksm]`` tunables and their types (from the defaults of KsmSettings)
+_KSM_FIELDS: dict[str, type] = {f.name: type(f.default) for f in dataclasses.fields(m.KsmSettings)}
 _TOP_FIELDS = {"name", "description", "ksm", "step"}
-#: fields each op accepts besides ``op`` and ``proc``: name -> required?
-_OP_FIELDS: dict[str, dict[str, bool]] = {
-    "mmap": {"region": True, "pages": True, "thp": False},
-    "fill": {"region": True, "range": False, "pattern": True},
-    "read": {"region": True, "range": False},
-    "madvise": {"region": True, "range": False, "advice": True},
-    "prctl": {"merge": True},
-    "scan": {"count": True},
-    "unmerge_all": {},
-    "fork": {"child": True},
-    "exit": {},
-    "munmap": {"region": True},
-}
-#: the most pages one region can have: x86-64's 47-bit user address space
-#: (128 TiB) in 4 KiB pages; a larger mmap can never succeed
-MAX_REGION_PAGES = (1 << 47) // 4096
+MAX_REGION_PAGES = m.MAX_REGION_PAGES
 #: how an expected value says "the kernel must not provide this counter"
 ABSENT_WORDS = ("none", "absent", "null")
 
@@ -104,6 +86,13 @@ def scenario_from_dict(data: dict[str, Any], *, source: str = "<dict>") -> m.Sce
                       source=source, region_pages=dict(validator.all_regions))
 
 
+def op_keys(cls: type) -> dict[str, bool]:
+    """The TOML keys an op accepts besides ``op`` and ``proc`` (from the op
+    table in model.py): key -> required?"""
+    return {m.toml_key(attr, decl): decl.required for attr, decl in m.toml_fields(cls)
+            if decl.kind != "metrics"}
+
+
 def _parse_ksm(raw: Any, source: str) -> m.KsmSettings:
     if not isinstance(raw, dict):
         raise ScenarioError(source, "must be a table", field="ksm")
@@ -117,9 +106,11 @@ def _parse_ksm(raw: Any, source: str) -> m.KsmSettings:
             raise ScenarioError(source, f"must be {_type_word(want)}, got {value!r}",
                                 field=f"ksm.{key}")
         values[key] = value
-    if values.get("max_page_sharing", 256) < 2:
-        raise ScenarioError(source, "must be at least 2 (the kernel refuses smaller values)",
-                            field="ksm.max_page_sharing")
+    for f in dataclasses.fields(m.KsmSettings):
+        least = f.metadata.get("minimum")
+        if least is not None and values.get(f.name, f.default) < least:
+            raise ScenarioError(source, f"must be at least {least} ({f.metadata['why']})",
+                                field=f"ksm.{f.name}")
     return m.KsmSettings(**values)
 
 
@@ -134,14 +125,20 @@ def _type_word(want: type) -> str:
 
 
 class _StepValidator:
-    """Checks steps in order against the processes and regions that exist."""
+    """Checks steps in order against the processes and regions that exist.
+
+    Generic over the op table (model.py): each op field is parsed by the
+    parser of its declared kind (:data:`_PARSERS`), then the step updates the
+    :class:`~ksmbench.scenario.model.World` (``Step.track``).
+    """
 
     def __init__(self, source: str):
         self.source = source
-        #: live processes -> their regions (name -> pages)
-        self.procs: dict[str, dict[str, int]] = {m.MAIN: {}}
-        self.ever_procs: set[str] = {m.MAIN}
-        self.all_regions: dict[tuple[str, str], int] = {}
+        self.world = m.World()
+
+    @property
+    def all_regions(self) -> dict[tuple[str, str], int]:
+        return self.world.all_regions
 
     def fail(self, index: int, message: str, fieldname: str | None = None) -> ScenarioError:
         return ScenarioError(self.source, message, step=index, field=fieldname)
@@ -150,166 +147,167 @@ class _StepValidator:
         op = raw.get("op")
         if op is None:
             raise self.fail(index, "missing required key", "op")
-        if not isinstance(op, str) or (op not in _OP_FIELDS and op != "expect"):
+        if not isinstance(op, str) or op not in m.OPS:
             raise self.fail(index, f"unknown op {op!r} (known: {', '.join(m.OPS)})", "op")
         proc = raw.get("proc", m.MAIN)
         if not isinstance(proc, str) or not IDENT_RE.match(proc):
             raise self.fail(index, f"must be a process name ([A-Za-z0-9_-]+), got {proc!r}", "proc")
-        if op == "expect":
-            return self._expect(index, proc, raw)
-        fields = _OP_FIELDS[op]
-        for key in raw:
-            if key not in fields and key not in ("op", "proc"):
-                allowed = ", ".join(["op", "proc", *fields]) 
-                raise self.fail(index, f"unknown field for op '{op}' (allowed: {allowed})", key)
-        for key, required in fields.items():
-            if required and key not in raw:
-                raise self.fail(index, f"op '{op}' needs this field", key)
-        if op not in ("scan", "unmerge_all"):
+        cls = m.OPS[op]
+        decls = m.toml_fields(cls)
+        if not any(decl.kind == "metrics" for _, decl in decls):  # expect's keys are metrics
+            fields = op_keys(cls)
+            for key in raw:
+                if key not in fields and key not in ("op", "proc"):
+                    allowed = ", ".join(["op", "proc", *fields])
+                    raise self.fail(index, f"unknown field for op '{op}' (allowed: {allowed})", key)
+            for key, required in fields.items():
+                if required and key not in raw:
+                    raise self.fail(index, f"op '{op}' needs this field", key)
+        if cls.needs_proc:
             self._need_proc(index, proc)
-        return getattr(self, "_" + op)(index, proc, raw)
+        values: dict[str, Any] = {}
+        for attr, decl in decls:
+            key = m.toml_key(attr, decl)
+            if decl.kind == "range_end" or (key not in raw and decl.kind in _ABSENT_MEANS_DEFAULT):
+                continue  # set with its range / the dataclass default
+            values[attr] = _PARSERS[decl.kind](self, index, proc, raw, key, decl, values)
+        for (attr, decl), (next_attr, _) in zip(decls, decls[1:]):
+            if decl.kind == "range":
+                values[attr], values[next_attr] = values[attr]
+        step = cls(index, proc, **values)
+        problem = step.problem(self.world)
+        if problem is not None:
+            raise self.fail(index, problem[1], problem[0])
+        step.track(self.world)
+        return step
 
     # -- helpers ---------------------------------------------------------
     def _need_proc(self, index: int, proc: str) -> None:
-        if proc not in self.procs:
-            why = "has exited" if proc in self.ever_procs else "does not exist (create it with fork)"
+        if proc not in self.world.procs:
+            why = ("has exited" if proc in self.world.ever_procs
+                   else "does not exist (create it with fork)")
             raise self.fail(index, f"process '{proc}' {why}", "proc")
 
-    def _region(self, index: int, proc: str, raw: dict[str, Any]) -> tuple[str, int]:
-        region = raw["region"]
-        if not isinstance(region, str) or not IDENT_RE.match(region):
-            raise self.fail(index, f"must be a region name ([A-Za-z0-9_-]+), got {region!r}", "region")
-        pages = self.procs[proc].get(region)
-        if pages is None:
-            raise self.fail(index, f"region '{region}' is not mapped in process '{proc}'", "region")
-        return region, pages
+    def _name(self, index: int, raw: dict[str, Any], key: str, what: str) -> str:
+        name = raw[key]
+        if not isinstance(name, str) or not IDENT_RE.match(name):
+            raise self.fail(index, f"must be a {what} name ([A-Za-z0-9_-]+), got {name!r}", key)
+        return name
 
-    def _range(self, index: int, raw: dict[str, Any], pages: int) -> tuple[int, int]:
-        if "range" not in raw:
+    # -- one parser per field kind (model.Kind) ----------------------------
+    def _int(self, index, proc, raw, key, decl, values):
+        value = raw[key]
+        if not _is_type(value, int):
+            raise self.fail(index, f"must be {_type_word(int)}, got {value!r}", key)
+        if decl.minimum is not None and value < decl.minimum:
+            raise self.fail(index, f"must be at least {decl.minimum}, got {value}", key)
+        if decl.maximum is not None and value > decl.maximum:
+            raise self.fail(index, decl.too_big.format(value=value, maximum=decl.maximum), key)
+        return value
+
+    def _bool(self, index, proc, raw, key, decl, values):
+        value = raw[key]
+        if not _is_type(value, bool):
+            raise self.fail(index, f"must be {_type_word(bool)}, got {value!r}", key)
+        return value
+
+    def _choice(self, index, proc, raw, key, decl, values):
+        value = raw[key]
+        if value not in decl.choices:
+            raise self.fail(index, f"unknown {decl.what} {value!r} "
+                            f"(known: {', '.join(decl.choices)})", key)
+        return value
+
+    def _pattern(self, index, proc, raw, key, decl, values):
+        try:
+            return parse_pattern(raw[key])
+        except ValueError as exc:
+            raise self.fail(index, str(exc), key) from None
+
+    def _region(self, index, proc, raw, key, decl, values):
+        region = self._name(index, raw, key, "region")
+        if region not in self.world.procs[proc]:
+            raise self.fail(index, f"region '{region}' is not mapped in process '{proc}'", key)
+        return region
+
+    def _new_region(self, index, proc, raw, key, decl, values):
+        region = self._name(index, raw, key, "region")
+        if region in self.world.procs[proc]:
+            raise self.fail(index, f"region '{region}' is already mapped in process '{proc}'", key)
+        return region
+
+    def _range(self, index, proc, raw, key, decl, values) -> tuple[int, int]:
+        pages = self.world.procs[proc][values["region"]]
+        if key not in raw:
             return 0, pages
-        rng = raw["range"]
+        rng = raw[key]
         if (not isinstance(rng, list) or len(rng) != 2
                 or not all(_is_type(v, int) for v in rng)):
-            raise self.fail(index, f"must be [first, end] (two integers), got {rng!r}", "range")
+            raise self.fail(index, f"must be [first, end] (two integers), got {rng!r}", key)
         first, end = rng
         if not 0 <= first < end <= pages:
             raise self.fail(index, f"[{first}, {end}) is not a non-empty range "
-                            f"within the region's {pages} pages", "range")
+                            f"within the region's {pages} pages", key)
         return first, end
 
-    def _typed(self, index: int, raw: dict[str, Any], key: str, want: type) -> Any:
-        value = raw[key]
-        if not _is_type(value, want):
-            raise self.fail(index, f"must be {_type_word(want)}, got {value!r}", key)
-        return value
+    def _new_proc(self, index, proc, raw, key, decl, values):
+        child = self._name(index, raw, key, "process")
+        if child in self.world.ever_procs:
+            raise self.fail(index, f"process name '{child}' is already used in this scenario", key)
+        return child
 
-    # -- ops -------------------------------------------------------------
-    def _mmap(self, index, proc, raw):
-        region = raw["region"]
-        if not isinstance(region, str) or not IDENT_RE.match(region):
-            raise self.fail(index, f"must be a region name ([A-Za-z0-9_-]+), got {region!r}", "region")
-        if region in self.procs[proc]:
-            raise self.fail(index, f"region '{region}' is already mapped in process '{proc}'", "region")
-        pages = self._typed(index, raw, "pages", int)
-        if pages < 1:
-            raise self.fail(index, f"must be at least 1, got {pages}", "pages")
-        if pages > MAX_REGION_PAGES:
-            raise self.fail(index, f"{pages} pages is more than a 47-bit user address space "
-                            f"holds (at most {MAX_REGION_PAGES})", "pages")
-        thp = self._typed(index, raw, "thp", bool) if "thp" in raw else False
-        self.procs[proc][region] = pages
-        self.all_regions[(proc, region)] = max(pages, self.all_regions.get((proc, region), 0))
-        return m.Mmap(index, proc, region, pages, thp)
-
-    def _fill(self, index, proc, raw):
-        region, pages = self._region(index, proc, raw)
-        first, end = self._range(index, raw, pages)
-        try:
-            pattern = parse_pattern(raw["pattern"])
-        except ValueError as exc:
-            raise self.fail(index, str(exc), "pattern") from None
-        return m.Fill(index, proc, region, first, end, pattern)
-
-    def _read(self, index, proc, raw):
-        region, pages = self._region(index, proc, raw)
-        first, end = self._range(index, raw, pages)
-        return m.Read(index, proc, region, first, end)
-
-    def _madvise(self, index, proc, raw):
-        region, pages = self._region(index, proc, raw)
-        first, end = self._range(index, raw, pages)
-        advice = raw["advice"]
-        if advice not in m.ADVICES:
-            raise self.fail(index, f"unknown advice {advice!r} (known: {', '.join(m.ADVICES)})", "advice")
-        return m.Madvise(index, proc, region, first, end, advice)
-
-    def _prctl(self, index, proc, raw):
-        return m.Prctl(index, proc, self._typed(index, raw, "merge", bool))
-
-    def _scan(self, index, proc, raw):
-        count = self._typed(index, raw, "count", int)
-        if count < 1:
-            raise self.fail(index, f"must be at least 1, got {count}", "count")
-        return m.Scan(index, proc, count)
-
-    def _unmerge_all(self, index, proc, raw):
-        return m.UnmergeAll(index, proc)
-
-    def _fork(self, index, proc, raw):
-        child = raw["child"]
-        if not isinstance(child, str) or not IDENT_RE.match(child):
-            raise self.fail(index, f"must be a process name ([A-Za-z0-9_-]+), got {child!r}", "child")
-        if child in self.ever_procs:
-            raise self.fail(index, f"process name '{child}' is already used in this scenario", "child")
-        self.procs[child] = dict(self.procs[proc])
-        self.ever_procs.add(child)
-        for region, pages in self.procs[child].items():
-            self.all_regions[(child, region)] = pages
-        return m.Fork(index, proc, child)
-
-    def _exit(self, index, proc, raw):
-        del self.procs[proc]
-        return m.Exit(index, proc)
-
-    def _munmap(self, index, proc, raw):
-        region, _ = self._region(index, proc, raw)
-        del self.procs[proc][region]
-        return m.Munmap(index, proc, region)
-
-    def _expect(self, index, proc, raw):
+    def _metrics(self, index, proc, raw, key, decl, values):
         table: dict[str, Any] = {}
-        for key, value in raw.items():
-            if key in ("op", "proc"):
+        for name, value in raw.items():
+            if name in ("op", "proc"):
                 continue
-            if key in ("values", "metrics") and isinstance(value, dict):
+            if name in ("values", "metrics") and isinstance(value, dict):
                 _flatten(value, "", table)
             elif isinstance(value, dict):
-                _flatten(value, key + ".", table)
+                _flatten(value, name + ".", table)
             else:
-                table[key] = value
+                table[name] = value
         if not table:
             raise self.fail(index, "op 'expect' needs at least one metric = value", "op")
-        values: list[tuple[str, int | None]] = []
+        procs = self.world.procs
+        out: list[tuple[str, int | None]] = []
         for metric, value in table.items():
             try:
                 parsed = parse_metric(metric)
             except ValueError as exc:
                 raise self.fail(index, str(exc), metric) from None
-            if parsed.proc is not None and parsed.proc not in self.procs:
+            if parsed.proc is not None and parsed.proc not in procs:
                 raise self.fail(index, f"process '{parsed.proc}' is not running at this step", metric)
-            if parsed.region is not None and parsed.region not in self.procs[parsed.proc]:
+            if parsed.region is not None and parsed.region not in procs[parsed.proc]:
                 raise self.fail(index, f"region '{parsed.region}' is not mapped in "
                                 f"process '{parsed.proc}' at this step", metric)
             if isinstance(value, str) and value.lower() in ABSENT_WORDS:
-                values.append((metric, None))
+                out.append((metric, None))
             elif _is_type(value, int):
-                values.append((metric, value))
+                out.append((metric, value))
             elif isinstance(value, bool):
-                values.append((metric, int(value)))
+                out.append((metric, int(value)))
             else:
                 raise self.fail(index, f"expected value must be an integer or \"none\", got {value!r}",
                                 metric)
-        return m.Expect(index, proc, tuple(values))
+        return tuple(out)
+
+
+#: how each field kind of the op table (model.Kind) is read from a step
+_PARSERS = {
+    "int": _StepValidator._int,
+    "bool": _StepValidator._bool,
+    "choice": _StepValidator._choice,
+    "pattern": _StepValidator._pattern,
+    "region": _StepValidator._region,
+    "new_region": _StepValidator._new_region,
+    "range": _StepValidator._range,
+    "new_proc": _StepValidator._new_proc,
+    "metrics": _StepValidator._metrics,
+}
+#: kinds whose absent key leaves the dataclass default (a missing range is the
+#: whole region, and expect's metrics are not one key: both are always parsed)
+_ABSENT_MEANS_DEFAULT = frozenset(_PARSERS) - {"range", "metrics"}
 
 
 def _flatten(table: dict[str, Any], prefix: str, out: dict[str, Any]) -> None:

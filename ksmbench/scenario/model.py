@@ -1,30 +1,158 @@
-"""The v1 scenario format as immutable dataclasses.
+"""The v1 scenario format as immutable dataclasses, and the one table of ops.
 
-One class per op, all sharing :class:`Step` (index and process).  Backends and
-the emulator dispatch on the class, so adding an op means adding a class here,
-its parsing in ``loader.py`` and its execution in each backend.
+One class per op, all sharing :class:`Step` (index and process).  Each op
+class *is* its row of the op table: ``@op("name")`` registers it, and every
+field says, through :func:`spec`, how it is written in a scenario file (TOML
+key, kind, required or default, bounds, choices).  The loader
+(:mod:`.loader`) and the serialiser (:mod:`.serialise`) are generic over these
+declarations, and :meth:`Step.track` says what the op does to the processes
+and regions that exist (the loader refuses a step on a region that is not
+mapped).  The host backend forwards every op whose ``runs_in`` is ``"agent"``
+to the scenario process unchanged; the agent runs it as ``op_<name>`` with
+the step's fields as keyword arguments.  Adding an op: see docs/scenarios.md.
 """
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass, field
-from typing import Literal, Union
+from typing import Any, ClassVar, Literal, Union
 
 from .patterns import Pattern
 
 Advice = Literal["mergeable", "unmergeable", "dontneed"]
 ADVICES: tuple[str, ...] = ("mergeable", "unmergeable", "dontneed")
 MAIN = "main"
+#: the most pages one region can have: x86-64's 47-bit user address space
+#: (128 TiB) in 4 KiB pages; a larger mmap can never succeed
+MAX_REGION_PAGES = (1 << 47) // 4096
+
+
+# -- how a field is written in a scenario file -----------------------------------
+
+#: field kinds the loader parses and the serialiser writes (loader._PARSERS)
+Kind = Literal["int", "bool", "choice", "pattern", "region", "new_region", "range", "range_end",
+               "new_proc", "metrics"]
+
+
+@dataclass(frozen=True)
+class Field:
+    """One op field as a scenario file has it.
+
+    ``range`` reads the key ``range = [first, end]`` into the attribute it is
+    declared on and the next one (``range_end``); ``metrics`` takes every key
+    of the step besides ``op`` and ``proc`` (the ``expect`` table).
+    """
+
+    kind: Kind
+    #: TOML key; None: the attribute's name
+    key: str | None = None
+    required: bool = True
+    #: for ``int``: the smallest and largest value; ``too_big`` is the message
+    #: above ``maximum`` ({value} and {maximum} are filled in)
+    minimum: int | None = None
+    maximum: int | None = None
+    too_big: str = ""
+    #: for ``choice``: the values, and the word for them in messages
+    choices: tuple[str, ...] = ()
+    what: str = ""
+
+
+def spec(kind: Kind, *, default: Any = dataclasses.MISSING, optional: bool = False,
+         **how: Any) -> Any:
+    """A dataclass field declared with how the scenario file writes it; a
+    field with a default (or ``optional``: the loader fills it in) may be
+    left out of the file."""
+    required = default is dataclasses.MISSING and not optional
+    return field(default=default, metadata={"toml": Field(kind, required=required, **how)})
+
+
+def toml_fields(cls: type) -> list[tuple[str, Field]]:
+    """(attribute, declaration) of every op field, in declaration order."""
+    return [(f.name, f.metadata["toml"]) for f in dataclasses.fields(cls) if "toml" in f.metadata]
+
+
+def toml_key(attr: str, decl: Field) -> str:
+    return decl.key or attr
+
+
+def region_field() -> Any:
+    return spec("region")
+
+
+def range_first() -> Any:
+    """``first`` of the optional ``range = [first, end]`` (default: the whole
+    region, so it follows a region field); :func:`range_end` declares ``end``."""
+    return spec("range", key="range", optional=True)
+
+
+def range_end() -> Any:
+    return spec("range_end", key="range", optional=True)
+
+
+# -- KSM settings ------------------------------------------------------------------
+
+def setting(default: Any, *, minimum: int | None = None, why: str = "") -> Any:
+    return field(default=default, metadata={"minimum": minimum, "why": why})
 
 
 @dataclass(frozen=True)
 class KsmSettings:
-    """The ``[ksm]`` table: tunables held for the whole scenario."""
+    """The ``[ksm]`` table: tunables held for the whole scenario (the type of
+    each comes from its default; the loader and serialiser read these fields)."""
 
     use_zero_pages: bool = False
-    max_page_sharing: int = 256
+    max_page_sharing: int = setting(256, minimum=2, why="the kernel refuses smaller values")
     smart_scan: bool = True
     merge_across_nodes: bool = True
+
+
+# -- processes and regions, as steps change them ------------------------------------
+
+class World:
+    """Which processes live and which regions each maps, walked step by step
+    (the loader validates against it, the serialiser and generator read it).
+    Its updates take the steps as given: the loader checks them first, and
+    the serialiser also writes scenarios (shrink candidates) that the loader
+    will refuse."""
+
+    def __init__(self) -> None:
+        #: live processes -> their regions (name -> pages)
+        self.procs: dict[str, dict[str, int]] = {MAIN: {}}
+        self.ever_procs: set[str] = {MAIN}
+        #: the largest size of every region that ever existed, by (proc, region)
+        self.all_regions: dict[tuple[str, str], int] = {}
+
+    def map(self, proc: str, region: str, pages: int) -> None:
+        self.procs.setdefault(proc, {})[region] = pages
+        self.all_regions[(proc, region)] = max(pages, self.all_regions.get((proc, region), 0))
+
+    def unmap(self, proc: str, region: str) -> None:
+        self.procs.get(proc, {}).pop(region, None)
+
+    def fork(self, parent: str, child: str) -> None:
+        self.procs[child] = dict(self.procs.get(parent, {}))
+        self.ever_procs.add(child)
+        for region, pages in self.procs[child].items():
+            self.all_regions[(child, region)] = pages
+
+    def exit(self, proc: str) -> None:
+        self.procs.pop(proc, None)
+
+
+# -- the op table ----------------------------------------------------------------------
+
+OP_NAMES: dict[type, str] = {}
+OPS: dict[str, type] = {}
+
+
+def op(name: str):
+    """Register an op class under its name in the scenario format."""
+    def register(cls: type) -> type:
+        OP_NAMES[cls] = name
+        OPS[name] = cls
+        return cls
+    return register
 
 
 @dataclass(frozen=True)
@@ -32,75 +160,133 @@ class Step:
     index: int
     proc: str
 
+    #: where the op happens: "agent" (the scenario process runs ``op_<name>``
+    #: with the step's fields; the host backend forwards it unchanged),
+    #: "controller" (the backend itself: ksmd, process lifecycle), or
+    #: "runner" (nothing runs; expect is judged by the runner)
+    runs_in: ClassVar[str] = "agent"
+    #: whether ``proc`` must be a live process (False for KSM-wide ops)
+    needs_proc: ClassVar[bool] = True
+    #: (kernel feature, what it is) the op needs: a feature name of
+    #: ksmbench.kernel.features.detect() and of the emulator profiles; a
+    #: kernel without it refuses the scenario (the emulator stops there too)
+    requires: ClassVar[tuple[str, str] | None] = None
+
     @property
     def op(self) -> str:
         return OP_NAMES[type(self)]
 
+    def fields(self) -> dict[str, Any]:
+        """The op's own fields by name (what the agent's ``op_<name>`` gets)."""
+        return {attr: getattr(self, attr) for attr, _ in toml_fields(type(self))}
 
+    def track(self, world: World) -> None:
+        """What this step does to the processes and regions that exist."""
+
+    def problem(self, world: World) -> tuple[str, str] | None:
+        """A rule across fields that their kinds cannot state, checked by the
+        loader after the fields: (TOML key, message), or None when valid.
+        ``world``: before the step."""
+        return None
+
+
+@op("mmap")
 @dataclass(frozen=True)
 class Mmap(Step):
-    region: str
-    pages: int
-    thp: bool = False
+    region: str = spec("new_region")
+    pages: int = spec("int", minimum=1, maximum=MAX_REGION_PAGES,
+                      too_big="{value} pages is more than a 47-bit user address space "
+                              "holds (at most {maximum})")
+    thp: bool = spec("bool", default=False)
+
+    def track(self, world: World) -> None:
+        world.map(self.proc, self.region, self.pages)
 
 
+@op("fill")
 @dataclass(frozen=True)
 class Fill(Step):
-    region: str
-    first: int
-    end: int
-    pattern: Pattern
+    region: str = region_field()
+    first: int = range_first()
+    end: int = range_end()
+    pattern: Pattern = spec("pattern")
 
 
+@op("read")
 @dataclass(frozen=True)
 class Read(Step):
-    region: str
-    first: int
-    end: int
+    region: str = region_field()
+    first: int = range_first()
+    end: int = range_end()
 
 
+@op("madvise")
 @dataclass(frozen=True)
 class Madvise(Step):
-    region: str
-    first: int
-    end: int
-    advice: str
+    region: str = region_field()
+    first: int = range_first()
+    end: int = range_end()
+    advice: str = spec("choice", choices=ADVICES, what="advice")
 
 
+@op("prctl")
 @dataclass(frozen=True)
 class Prctl(Step):
-    merge: bool
+    requires: ClassVar[tuple[str, str] | None] = (
+        "prctl_memory_merge", "PR_SET_MEMORY_MERGE (Linux 6.4, d7597f59d1d3)")
+    merge: bool = spec("bool")
 
 
+@op("scan")
 @dataclass(frozen=True)
 class Scan(Step):
-    count: int
+    runs_in: ClassVar[str] = "controller"
+    needs_proc: ClassVar[bool] = False
+    count: int = spec("int", minimum=1)
 
 
+@op("unmerge_all")
 @dataclass(frozen=True)
 class UnmergeAll(Step):
-    pass
+    runs_in: ClassVar[str] = "controller"
+    needs_proc: ClassVar[bool] = False
 
 
+@op("fork")
 @dataclass(frozen=True)
 class Fork(Step):
-    child: str
+    runs_in: ClassVar[str] = "controller"
+    child: str = spec("new_proc")
+
+    def track(self, world: World) -> None:
+        world.fork(self.proc, self.child)
 
 
+@op("exit")
 @dataclass(frozen=True)
 class Exit(Step):
-    pass
+    runs_in: ClassVar[str] = "controller"
+
+    def track(self, world: World) -> None:
+        world.exit(self.proc)
 
 
+@op("munmap")
 @dataclass(frozen=True)
 class Munmap(Step):
-    region: str
+    region: str = region_field()
+
+    def track(self, world: World) -> None:
+        world.unmap(self.proc, self.region)
 
 
+@op("expect")
 @dataclass(frozen=True)
 class Expect(Step):
+    runs_in: ClassVar[str] = "runner"
+    needs_proc: ClassVar[bool] = False
     #: metric name -> expected value (None: the kernel must lack the counter)
-    values: tuple[tuple[str, int | None], ...]
+    values: tuple[tuple[str, int | None], ...] = spec("metrics")
 
     def check(self, observed: dict[str, int | None]) -> list[tuple[str, int | None, int | None, bool]]:
         """(metric, expected, observed, holds) for each value, against this
@@ -111,21 +297,6 @@ class Expect(Step):
 
 
 AnyStep = Union[Mmap, Fill, Read, Madvise, Prctl, Scan, UnmergeAll, Fork, Exit, Munmap, Expect]
-
-OP_NAMES: dict[type, str] = {
-    Mmap: "mmap",
-    Fill: "fill",
-    Read: "read",
-    Madvise: "madvise",
-    Prctl: "prctl",
-    Scan: "scan",
-    UnmergeAll: "unmerge_all",
-    Fork: "fork",
-    Exit: "exit",
-    Munmap: "munmap",
-    Expect: "expect",
-}
-OPS: dict[str, type] = {name: cls for cls, name in OP_NAMES.items()}
 
 
 @dataclass(frozen=True)

@@ -11,14 +11,15 @@ present``: distinct_frames does not count the zero page, and the selftests'
 where ksmbench asks for more than the selftest does, the check says so.
 
 Scenarios are built-in ones (``ksmbench scenarios``) where one fits, else
-``peer-*`` scenarios defined here, each a copy of the selftest's steps.
+``peer-*`` scenarios (the built-in set ``peers``: ksmbench/scenario/peers/),
+each a copy of the selftest's steps.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 
-from ..scenario import builtin, builtin_names, parse_scenario
+from ..scenario import builtin, builtin_names
 from ..scenario.model import Scenario
 from .checks import Check
 
@@ -48,120 +49,10 @@ class Peer:
         return self.test or self.command_id
 
 
-# -- peer scenarios: copies of selftests' steps that no built-in scenario covers ------
-
-PEER_SCENARIOS: dict[str, str] = {
-    "peer-cow-unmerge": '''
-name = "peer-cow-unmerge"
-description = """As ksm_tests -U: two identical pages merge into one KSM page; a write to \
-each breaks the sharing; one full scan later no KSM page is left."""
-[[step]]
-op = "mmap"
-region = "a"
-pages = 2
-[[step]]
-op = "fill"
-region = "a"
-pattern = "tag:peer-cow-unmerge"
-[[step]]
-op = "madvise"
-region = "a"
-advice = "mergeable"
-[[step]]
-op = "scan"
-count = 2
-[[step]]
-op = "fill"
-region = "a"
-pattern = "unique"
-[[step]]
-op = "scan"
-count = 1
-''',
-    "peer-unmerge": '''
-name = "peer-unmerge"
-description = """As test_unmerge (ksm_functional_tests): 2 MiB of identical pages merge; \
-MADV_UNMERGEABLE on the range unshares every page at once."""
-[[step]]
-op = "mmap"
-region = "a"
-pages = 512
-[[step]]
-op = "fill"
-region = "a"
-pattern = "tag:peer-cf"
-[[step]]
-op = "madvise"
-region = "a"
-advice = "mergeable"
-[[step]]
-op = "scan"
-count = 2
-[[step]]
-op = "madvise"
-region = "a"
-advice = "unmergeable"
-''',
-    "peer-unmerge-discarded": '''
-name = "peer-unmerge-discarded"
-description = """As test_unmerge_discarded: merge 2 MiB, MADV_DONTNEED the first half \
-(pte_none entries), then MADV_UNMERGEABLE the whole range."""
-[[step]]
-op = "mmap"
-region = "a"
-pages = 512
-[[step]]
-op = "fill"
-region = "a"
-pattern = "tag:peer-cf"
-[[step]]
-op = "madvise"
-region = "a"
-advice = "mergeable"
-[[step]]
-op = "scan"
-count = 2
-[[step]]
-op = "madvise"
-region = "a"
-range = [0, 256]
-advice = "dontneed"
-[[step]]
-op = "madvise"
-region = "a"
-advice = "unmergeable"
-''',
-    "peer-prctl-fork": '''
-name = "peer-prctl-fork"
-description = """As test_prctl_fork: PR_SET_MEMORY_MERGE=1 is inherited by a forked child, \
-whose new memory then merges without madvise."""
-[[step]]
-op = "prctl"
-merge = true
-[[step]]
-op = "fork"
-child = "child"
-[[step]]
-op = "mmap"
-proc = "child"
-region = "b"
-pages = 512
-[[step]]
-op = "fill"
-proc = "child"
-region = "b"
-pattern = "tag:peer-prctl-fork"
-[[step]]
-op = "scan"
-count = 2
-''',
-}
-
-
 def scenario(name: str) -> Scenario:
-    """A peer scenario or a built-in one, by name."""
-    if name in PEER_SCENARIOS:
-        return parse_scenario(PEER_SCENARIOS[name], source=f"<selftests>/{name}")
+    """A peer scenario (``ksmbench/scenario/peers/``) or a built-in one, by name."""
+    if name in builtin_names("peers"):
+        return builtin(name, "peers")
     return builtin(name)
 
 
@@ -329,7 +220,7 @@ def commands_needed(peers=PEERS) -> list[Peer]:
 
 def check_catalogue() -> None:
     """Every named scenario exists and every check's step is one of its steps."""
-    names = set(builtin_names()) | set(PEER_SCENARIOS)
+    names = set(builtin_names()) | set(builtin_names("peers"))
     for p in PEERS:
         if p.scenario is None:
             continue
