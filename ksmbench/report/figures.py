@@ -348,8 +348,8 @@ def savings_over_time(data: RunData) -> list[Figure]:
 def zero_page_savings(data: RunData) -> list[Figure]:
     """Saved MiB per view, use_zero_pages 0 vs 1, per kernel (savings workload)."""
     rows = []
-    for kernel, body in data.bench_json.items():
-        for uzp, rec in (body.get("savings") or {}).items():
+    for kernel, result in data.bench_results.items():
+        for uzp, rec in (result.savings or {}).items():
             for v in rec.get("views", []):
                 if v["saved_bytes"] is None:
                     continue  # a counter the kernel lacks

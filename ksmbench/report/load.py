@@ -16,6 +16,7 @@ from typing import Any
 
 import pandas as pd
 
+from ..bench.outcome import KernelBench
 from ..errors import UsageError
 
 
@@ -28,8 +29,8 @@ class RunData:
     expectations: pd.DataFrame | None = None
     bench: pd.DataFrame | None = None
     savings: pd.DataFrame | None = None
-    #: kernel -> bench.json body (summaries, savings, crosscheck)
-    bench_json: dict[str, dict[str, Any]] = field(default_factory=dict)
+    #: kernel -> its benchmark results (bench.json, typed)
+    bench_results: dict[str, KernelBench] = field(default_factory=dict)
     #: ``ksmbench savings`` runs: (metadata, savings.csv as a DataFrame)
     workload_savings: list[tuple[dict[str, Any], pd.DataFrame]] = field(default_factory=list)
     #: ``ksmbench validate``: one row per variant, and every changed cell
@@ -44,7 +45,7 @@ class RunData:
                 for k in df["kernel"].dropna().unique():
                     if k not in seen:
                         seen.append(str(k))
-        for k in self.bench_json:
+        for k in self.bench_results:
             if k not in seen:
                 seen.append(k)
         return seen
@@ -123,12 +124,8 @@ def load_runs(paths: list[str | os.PathLike]) -> RunData:
         if (path / "bench.json").exists():
             doc = json.loads((path / "bench.json").read_text())
             for kernel, body in doc.get("kernels", {}).items():
-                have = data.bench_json.setdefault(kernel, {})
-                for key, value in body.items():
-                    if key == "summaries":  # several bench runs of one kernel add up
-                        have.setdefault("summaries", []).extend(value)
-                    else:  # a later run's section (savings, cross-check) replaces an earlier one
-                        have[key] = value
+                # several bench runs of one kernel add up
+                data.bench_results.setdefault(kernel, KernelBench()).update(KernelBench.from_dict(body))
     data.observations = _concat(obs)
     data.expectations = _concat(exp)
     data.bench = _concat(bench)
