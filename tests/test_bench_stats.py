@@ -12,7 +12,7 @@ import pytest
 
 from ksmbench.bench import probes, stats
 from ksmbench.bench.crosscheck import parse_ksm_tests_output
-from ksmbench.bench.outcome import CrosscheckNotDone, CrosscheckResult
+from ksmbench.bench.outcome import CrosscheckNotDone, CrosscheckResult, SavingsResult
 from ksmbench.kernel_tools import closest_series
 from ksmbench.bench.savings import Snapshot, Workload, _dup_merge, combine, reconcile
 from ksmbench.bench.store import BenchStore, read_bench
@@ -217,11 +217,13 @@ def test_combine_takes_medians_and_keeps_every_repeat():
                       ksm_frames=10, anon_kb=-(10 * 4) - shift * 4)
         recs.append(reconcile(_snap(), _snap(), after, _snap(), 0.1 * (shift + 1), {}, 0))
     c = combine(recs, w)
-    anon = next(v for v in c["views"] if "AnonPages" in v["view"])
-    assert anon["residual_bytes"] == 1 * 4096
-    assert (anon["residual_min_bytes"], anon["residual_max_bytes"]) == (0, 3 * 4096)
-    assert c["unmerge"]["run2_seconds"] == pytest.approx(0.2)
-    assert len(c["repeats"]) == 3 and c["repeats_done"] == 3
+    anon = next(v for v in c.views if "AnonPages" in v.view)
+    assert anon.residual_bytes == 1 * 4096
+    assert (anon.residual_min_bytes, anon.residual_max_bytes) == (0, 3 * 4096)
+    assert c.unmerge.run2_seconds == pytest.approx(0.2)
+    assert len(c.repeats) == 3 and c.repeats_done == 3
+    # bench.json holds it as a dict, and reads back the same
+    assert SavingsResult.from_dict(json.loads(json.dumps(c.to_dict()))) == c
 
 
 # -- the results store ------------------------------------------------------------------
@@ -266,7 +268,8 @@ def test_merge_guest_folds_a_guest_run_in(tmp_path):
     guest.rundir.kernel_entry("debian:6.12").update(kernel_release="6.12.57+deb13-amd64")
     guest.add_sample("debian:6.12", "cow", "zero", 8, 1, 0, {"us_per_page": (3.5, "us")})
     guest.add_savings_rows([("debian:6.12", 1, 0, "scan", 1, 0.5, "counters.saved_bytes", 4096)])
-    guest.set_savings("debian:6.12", {"1": {"views": []}})
+    savings = {1: combine([reconcile(_snap(), _snap(), _snap(), _snap(), 0.1, {}, 1)], Workload(2, 4))}
+    guest.set_savings("debian:6.12", savings)
     cc = _crosscheck_result()
     guest.set_crosscheck("debian:6.12", cc)
     guest.close()
@@ -275,7 +278,8 @@ def test_merge_guest_folds_a_guest_run_in(tmp_path):
     host.close()
     assert meta["kernels"][0]["kernel_release"] == "6.12.57+deb13-amd64"
     doc = json.loads((tmp_path / "out" / "run" / "bench.json").read_text())
-    assert doc["kernels"]["debian:6.12"]["savings"] == {"1": {"views": []}}
+    assert doc["kernels"]["debian:6.12"]["savings"]["1"]["repeats_done"] == 1
+    assert host.results()["debian:6.12"].savings == savings
     assert host.crosscheck("debian:6.12") == cc  # typed, through the guest's bench.json
     assert doc["kernels"]["debian:6.12"]["summaries"][0]["samples"] == [3.5]
     savings = list(csv.reader(open(tmp_path / "out" / "run" / "savings.csv")))

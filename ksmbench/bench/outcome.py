@@ -1,5 +1,6 @@
 """What a benchmark run produced, typed: every figure's summary
-(:class:`MetricSummary`), the ksm_tests cross-check (:class:`CrosscheckResult`
+(:class:`MetricSummary`), the memory savings seen several ways
+(:class:`SavingsResult`), the ksm_tests cross-check (:class:`CrosscheckResult`
 or :class:`CrosscheckNotDone`), and one kernel's whole body of ``bench.json``
 (:class:`KernelBench`).
 
@@ -228,14 +229,94 @@ def crosscheck_from_dict(d: dict[str, Any]) -> Crosscheck:
     return CrosscheckResult.from_dict(d)
 
 
+@dataclass(frozen=True)
+class SavingsView:
+    """One way of seeing the saving, against what it must show if ``explanation``
+    is the whole story (medians over the repeats)."""
+
+    view: str
+    explanation: str
+    saved_bytes: float | None       # None: a counter this kernel lacks
+    expected_bytes: float | None
+    residual_bytes: float | None    # saved - expected
+    residual_min_bytes: float | None = None
+    residual_max_bytes: float | None = None
+
+
+@dataclass(frozen=True)
+class UnmergeCost:
+    """What run=2 took back after the savings workload merged (medians)."""
+
+    run2_seconds: float
+    predicted_bytes_by_counters: float
+    page_tables_bytes: float
+    measured_anon_bytes: float
+    measured_pss_bytes: float
+    measured_available_bytes: float
+    measured_free_and_pcp_bytes: float
+    zero_pages_left_after_run2: float
+    ksm_pages_left_after_run2: int | None = None
+    explanation: str = ""
+
+
+@dataclass(frozen=True)
+class SavingsWorkload:
+    processes: int
+    mib_per_process: int
+    #: (first page, end page, pattern) of every process's region
+    layout: tuple[tuple[int, int, str], ...] = ()
+
+
+@dataclass(frozen=True)
+class MachineDrift:
+    """How much the machine moved by itself over 0.5 s before merging (median |x|)."""
+
+    drift_anon_bytes: float
+    drift_available_bytes: float
+    drift_free_and_pcp_bytes: float
+
+
+@dataclass(frozen=True)
+class SavingsResult:
+    """The savings workload at one use_zero_pages, reconciled over its repeats
+    (:func:`~ksmbench.bench.savings.combine`)."""
+
+    workload: SavingsWorkload
+    repeats_done: int
+    use_zero_pages: int
+    expected_counters: dict[str, int]
+    views: tuple[SavingsView, ...]
+    unmerge: UnmergeCost
+    median_abs_drift: MachineDrift
+    #: every repeat's own reconciliation, as measured (:func:`~ksmbench.bench.savings.reconcile`)
+    repeats: tuple[dict[str, Any], ...] = ()
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"workload": {"processes": self.workload.processes,
+                             "mib_per_process": self.workload.mib_per_process,
+                             "layout": [list(x) for x in self.workload.layout]},
+                "repeats_done": self.repeats_done, "use_zero_pages": self.use_zero_pages,
+                "expected_counters": self.expected_counters,
+                "views": [asdict(v) for v in self.views], "unmerge": asdict(self.unmerge),
+                "median_abs_drift": asdict(self.median_abs_drift), "repeats": list(self.repeats)}
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "SavingsResult":
+        w = d["workload"]
+        return cls(SavingsWorkload(w["processes"], w["mib_per_process"],
+                                   tuple(tuple(x) for x in w.get("layout", ()))),
+                   d["repeats_done"], d["use_zero_pages"], d["expected_counters"],
+                   tuple(SavingsView(**v) for v in d["views"]), UnmergeCost(**d["unmerge"]),
+                   MachineDrift(**d["median_abs_drift"]), tuple(d.get("repeats", ())))
+
+
 @dataclass
 class KernelBench:
     """One kernel's benchmark results: the body of ``bench.json`` under its label."""
 
     summaries: list[MetricSummary] = field(default_factory=list)
-    #: use_zero_pages ("0"/"1") -> the savings reconciliation
-    #: (:func:`~ksmbench.bench.savings.combine`)
-    savings: dict[str, dict[str, Any]] | None = None
+    #: use_zero_pages -> the savings reconciliation
+    savings: dict[int, SavingsResult] | None = None
     crosscheck: Crosscheck | None = None
 
     def headline_summaries(self) -> list[MetricSummary]:
@@ -250,16 +331,18 @@ class KernelBench:
     def to_dict(self) -> dict[str, Any]:
         out: dict[str, Any] = {"summaries": [s.to_dict() for s in self.summaries]}
         if self.savings is not None:
-            out["savings"] = self.savings
+            out["savings"] = {str(uzp): r.to_dict() for uzp, r in self.savings.items()}
         if self.crosscheck is not None:
             out["crosscheck"] = self.crosscheck.to_dict()
         return out
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> "KernelBench":
-        cc = d.get("crosscheck")
+        cc, savings = d.get("crosscheck"), d.get("savings")
         return cls([MetricSummary.from_dict(s) for s in d.get("summaries", [])],
-                   d.get("savings"), None if cc is None else crosscheck_from_dict(cc))
+                   None if savings is None else
+                   {int(uzp): SavingsResult.from_dict(r) for uzp, r in savings.items()},
+                   None if cc is None else crosscheck_from_dict(cc))
 
     def update(self, other: "KernelBench") -> None:
         """Fold in a later run of the same kernel: summaries add up, a later

@@ -187,7 +187,7 @@ def run_host(store: BenchStore, label: str, config: BenchConfig, console) -> Non
                                      workload.processes * workload.mib_per_process, uzp, r,
                                      savings_metrics(rec))
                     recs.append(rec)
-                    results[str(uzp)] = combine(recs, workload)
+                    results[uzp] = combine(recs, workload)
                     store.set_savings(label, results)
                     progress.update(task, advance=1)
         if "crosscheck" in parts:

@@ -27,7 +27,7 @@ from typing import Any, Iterable
 
 from ..errors import KsmbenchError, os_boundary
 from ..results import RunDir
-from .outcome import Crosscheck, KernelBench, MetricSummary
+from .outcome import Crosscheck, KernelBench, MetricSummary, SavingsResult
 from .stats import summarize
 
 BENCH_COLUMNS = ("kernel", "benchmark", "case", "size_mib", "use_zero_pages", "repeat",
@@ -62,7 +62,7 @@ class BenchStore:
         #: kernel -> (benchmark, case, size, uzp, metric) -> (unit, [values])
         self._samples: dict[str, dict[tuple, tuple[str, list[float]]]] = defaultdict(dict)
         #: kernel -> the savings reconciliation / the ksm_tests cross-check
-        self._savings_results: dict[str, dict[str, Any]] = {}
+        self._savings_results: dict[str, dict[int, SavingsResult]] = {}
         self._crosscheck: dict[str, Crosscheck] = {}
         self.write_json()
 
@@ -85,7 +85,7 @@ class BenchStore:
         self._savings.writerows([_cell(v) for v in row] for row in rows)
         self._savings_file.flush()
 
-    def set_savings(self, kernel: str, savings: dict[str, dict[str, Any]]) -> None:
+    def set_savings(self, kernel: str, savings: dict[int, SavingsResult]) -> None:
         self._savings_results[kernel] = savings
         self.write_json()
 

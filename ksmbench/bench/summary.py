@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 from ..console import esc
-from .outcome import CROSSCHECK_CASES, HEADLINES, Crosscheck, CrosscheckNotDone, KernelBench
+from .outcome import (CROSSCHECK_CASES, HEADLINES, Crosscheck, CrosscheckNotDone, KernelBench,
+                      SavingsResult)
 from .stats import format_value
 
 MIB = 1 << 20
@@ -53,38 +54,34 @@ def _show(v) -> str:
     return str(int(v)) if float(v).is_integer() else str(v)
 
 
-def _print_savings(console, kernel: str, savings: dict) -> None:
+def _print_savings(console, kernel: str, savings: dict[int, SavingsResult]) -> None:
     from rich.table import Table
 
     for uzp, rec in sorted(savings.items()):
-        w = rec.get("workload", {})
-        n = rec.get("repeats_done", 1)
+        w, n = rec.workload, rec.repeats_done
         table = Table(title=f"memory saved on {esc(kernel)}, use_zero_pages={uzp} "
-                            f"({w.get('processes')} processes x {w.get('mib_per_process')} MiB, "
+                            f"({w.processes} processes x {w.mib_per_process} MiB, "
                             f"median of {n})")
         for col in ("view", "saved MiB", "expected", "residual", "range"):
             table.add_column(col, justify="left" if col == "view" else "right")
-        for v in rec["views"]:
-            exp = v["expected_bytes"]
-            res = v["residual_bytes"]
+        for v in rec.views:
+            exp, res = v.expected_bytes, v.residual_bytes
             rng = ""
-            if v.get("residual_min_bytes") is not None and n > 1:
-                rng = f"{v['residual_min_bytes'] / MIB:+.1f}..{v['residual_max_bytes'] / MIB:+.1f}"
-            table.add_row(esc(v["view"]), "absent" if v["saved_bytes"] is None else f"{v['saved_bytes'] / MIB:.1f}",
+            if v.residual_min_bytes is not None and n > 1:
+                rng = f"{v.residual_min_bytes / MIB:+.1f}..{v.residual_max_bytes / MIB:+.1f}"
+            table.add_row(esc(v.view), "absent" if v.saved_bytes is None else f"{v.saved_bytes / MIB:.1f}",
                           "" if exp is None else f"{exp / MIB:.1f}",
                           "" if res is None else f"{res / MIB:+.1f}", rng)
         console.print(table)
-        u = rec["unmerge"]
-        drift = rec.get("median_abs_drift", {})
-        console.print(f"  unmerging everything (run=2) took {u['run2_seconds']:.3f} s and needs back "
-                      f"{u['measured_anon_bytes'] / MIB:.1f} MiB (AnonPages), "
-                      f"{u['measured_pss_bytes'] / MIB:.1f} MiB (PSS); the counters predict "
-                      f"{u['predicted_bytes_by_counters'] / MIB:.1f} MiB; "
-                      f"{u['zero_pages_left_after_run2']:.0f} KSM zero pages left mapped")
-        if drift:
-            console.print(f"  machine drift over 0.5 s before merging (median |x|): AnonPages "
-                          f"{drift['drift_anon_bytes'] / MIB:.1f} MiB, MemFree+pcp "
-                          f"{drift['drift_free_and_pcp_bytes'] / MIB:.1f} MiB")
+        u, drift = rec.unmerge, rec.median_abs_drift
+        console.print(f"  unmerging everything (run=2) took {u.run2_seconds:.3f} s and needs back "
+                      f"{u.measured_anon_bytes / MIB:.1f} MiB (AnonPages), "
+                      f"{u.measured_pss_bytes / MIB:.1f} MiB (PSS); the counters predict "
+                      f"{u.predicted_bytes_by_counters / MIB:.1f} MiB; "
+                      f"{u.zero_pages_left_after_run2:.0f} KSM zero pages left mapped")
+        console.print(f"  machine drift over 0.5 s before merging (median |x|): AnonPages "
+                      f"{drift.drift_anon_bytes / MIB:.1f} MiB, MemFree+pcp "
+                      f"{drift.drift_free_and_pcp_bytes / MIB:.1f} MiB")
 
 
 def _print_crosscheck(console, kernel: str, cc: Crosscheck, tolerance: float) -> int:

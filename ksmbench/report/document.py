@@ -213,20 +213,20 @@ def _savings_section(data: RunData, figs: dict[str, Figure]) -> Section | None:
     tables, paras = [], []
     for kernel, result in data.bench_results.items():
         for uzp, rec in sorted((result.savings or {}).items()):
-            w = rec.get("workload", {})
-            rows = [[v["view"], "absent" if v["saved_bytes"] is None else f"{v['saved_bytes'] / MIB:.1f}",
-                     "" if v["expected_bytes"] is None else f"{v['expected_bytes'] / MIB:.1f}",
-                     "" if v["residual_bytes"] is None else f"{v['residual_bytes'] / MIB:+.1f}",
-                     v["explanation"]] for v in rec["views"]]
-            u = rec["unmerge"]
+            w = rec.workload
+            rows = [[v.view, "absent" if v.saved_bytes is None else f"{v.saved_bytes / MIB:.1f}",
+                     "" if v.expected_bytes is None else f"{v.expected_bytes / MIB:.1f}",
+                     "" if v.residual_bytes is None else f"{v.residual_bytes / MIB:+.1f}",
+                     v.explanation] for v in rec.views]
+            u = rec.unmerge
             rows.append(["unmerge cost: run=2 needs back (AnonPages)",
-                         f"{u['measured_anon_bytes'] / MIB:.1f}",
-                         f"{u['predicted_bytes_by_counters'] / MIB:.1f}",
-                         f"{(u['measured_anon_bytes'] - u['predicted_bytes_by_counters']) / MIB:+.1f}",
-                         u["explanation"] + f"; run=2 took {u['run2_seconds']:.3f} s, "
-                         f"{u['zero_pages_left_after_run2']} KSM zero pages were left mapped"])
+                         f"{u.measured_anon_bytes / MIB:.1f}",
+                         f"{u.predicted_bytes_by_counters / MIB:.1f}",
+                         f"{(u.measured_anon_bytes - u.predicted_bytes_by_counters) / MIB:+.1f}",
+                         u.explanation + f"; run=2 took {u.run2_seconds:.3f} s, "
+                         f"{u.zero_pages_left_after_run2} KSM zero pages were left mapped"])
             tables.append(Table([f"{kernel}, use_zero_pages={uzp}: view "
-                                 f"({w.get('processes')} processes x {w.get('mib_per_process')} MiB)",
+                                 f"({w.processes} processes x {w.mib_per_process} MiB)",
                                  "saved MiB", "expected MiB", "residual MiB", "why"], rows))
     if not tables:
         return None

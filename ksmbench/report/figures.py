@@ -350,11 +350,11 @@ def zero_page_savings(data: RunData) -> list[Figure]:
     rows = []
     for kernel, result in data.bench_results.items():
         for uzp, rec in (result.savings or {}).items():
-            for v in rec.get("views", []):
-                if v["saved_bytes"] is None:
+            for v in rec.views:
+                if v.saved_bytes is None:
                     continue  # a counter the kernel lacks
-                rows.append({"kernel": kernel, "uzp": int(uzp), "view": v["view"],
-                             "saved": v["saved_bytes"] / MIB})
+                rows.append({"kernel": kernel, "uzp": uzp, "view": v.view,
+                             "saved": v.saved_bytes / MIB})
     if not rows:
         return []
     df = pd.DataFrame(rows)
