@@ -4,7 +4,6 @@ bench.json reads back into typed results exactly as it was written."""
 
 from __future__ import annotations
 
-import dataclasses
 import json
 from pathlib import Path
 

@@ -142,15 +142,11 @@ class BenchStore:
                 reader = csv.reader(f)
                 next(reader, None)
                 self.add_savings_rows(reader)
-        doc_path = guest_dir / "bench.json"
-        if doc_path.exists():
-            doc = json.loads(doc_path.read_text())
-            for kernel, body in doc.get("kernels", {}).items():
-                guest = KernelBench.from_dict(body)  # its summaries come again from bench.csv
-                if guest.savings is not None:
-                    self._savings_results[kernel] = guest.savings
-                if guest.crosscheck is not None:
-                    self._crosscheck[kernel] = guest.crosscheck
+        for kernel, guest in read_results(guest_dir).items():  # its summaries came from bench.csv
+            if guest.savings is not None:
+                self._savings_results[kernel] = guest.savings
+            if guest.crosscheck is not None:
+                self._crosscheck[kernel] = guest.crosscheck
         self.write_json()
         return meta
 
@@ -187,3 +183,20 @@ def read_bench(path: str | os.PathLike):
     """bench.csv of a run directory as a pandas DataFrame (None if absent)."""
     return _read_table(path, "bench.csv", {"kernel": str, "benchmark": str, "case": str,
                                            "metric": str, "unit": str})
+
+
+def read_results(path: str | os.PathLike) -> dict[str, KernelBench]:
+    """bench.json of a run directory, typed: kernel label -> its results
+    (empty when the directory has no bench.json)."""
+    path = Path(path)
+    if path.is_dir():
+        path = path / "bench.json"
+    if not path.exists():
+        return {}
+    with os_boundary(f"reading {path}"):
+        text = path.read_text()
+    try:
+        doc = json.loads(text)
+    except ValueError as exc:
+        raise KsmbenchError(f"{path} is not valid JSON ({exc})") from None
+    return {kernel: KernelBench.from_dict(body) for kernel, body in doc.get("kernels", {}).items()}

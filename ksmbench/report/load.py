@@ -17,6 +17,7 @@ from typing import Any
 import pandas as pd
 
 from ..bench.outcome import KernelBench
+from ..bench.store import read_results
 from ..errors import UsageError
 
 
@@ -121,11 +122,9 @@ def load_runs(paths: list[str | os.PathLike]) -> RunData:
             df = pd.read_csv(path / "validate-cells.csv", dtype=str, keep_default_na=False)
             df["run_id"] = run_id
             vcells.append(df)
-        if (path / "bench.json").exists():
-            doc = json.loads((path / "bench.json").read_text())
-            for kernel, body in doc.get("kernels", {}).items():
-                # several bench runs of one kernel add up
-                data.bench_results.setdefault(kernel, KernelBench()).update(KernelBench.from_dict(body))
+        for kernel, result in read_results(path).items():
+            # several bench runs of one kernel add up
+            data.bench_results.setdefault(kernel, KernelBench()).update(result)
     data.observations = _concat(obs)
     data.expectations = _concat(exp)
     data.bench = _concat(bench)
