@@ -33,6 +33,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from ..errors import Busy, KsmbenchError
+from ..kernel import syscalls
 from ..kernel_tools import closest_series
 from ..kernel.stepping import time_scale
 from .affinity import ksmd_on, pinned, spin_cpu
@@ -157,8 +158,6 @@ def run_ours_once(session: BenchSession, size_mib: int, tun: FreeRunTunables,
     10-20 % slower than ksm_tests -P.  This process waits on a pipe
     meanwhile, as it waits for ksm_tests.
     """
-    from ..kernel import syscalls
-
     npages = size_mib * (1 << 20) // 4096
     timeout = (30 + npages * 200e-6) * time_scale()
     session.apply_free_tunables(tun, 0)

@@ -21,6 +21,7 @@ from .config import BenchConfig, FreeRunTunables
 from .crosscheck import run_crosscheck
 from .guest import run_guest
 from .outcome import KernelBench
+from .probes import read_meminfo
 from .session import BenchSession
 from .store import BenchStore
 from .timings import CASES, FrameView, cycle_bytes, plan, run_cycle
@@ -97,8 +98,6 @@ def exclusively(session: BenchSession, what: str, measure, *, wait: float, conso
 
 def check_memory(sizes: tuple[int, ...], workload: Workload | None) -> None:
     """Refuse before starting when the machine cannot hold the largest case."""
-    from .probes import read_meminfo
-
     available = read_meminfo().get("MemAvailable", 0) * 1024
     need = max([cycle_bytes(s) for s in sizes] +
                [workload.processes * workload.mib_per_process * (1 << 20) * 2 if workload else 0])

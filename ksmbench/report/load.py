@@ -17,7 +17,7 @@ from typing import Any
 import pandas as pd
 
 from ..bench.outcome import KernelBench
-from ..bench.store import read_results
+from ..bench.store import read_bench, read_results
 from ..errors import UsageError
 
 
@@ -101,9 +101,8 @@ def load_runs(paths: list[str | os.PathLike]) -> RunData:
                                                                "metric": str, "holds": "string"})
             df["run_id"] = run_id
             exp.append(df)
-        if (path / "bench.csv").exists():
-            df = pd.read_csv(path / "bench.csv", dtype={"kernel": str, "benchmark": str,
-                                                        "case": str, "metric": str, "unit": str})
+        df = read_bench(path)
+        if df is not None:
             df["run_id"] = run_id
             bench.append(df)
         if (path / "savings.csv").exists() and meta.get("command") == "savings":
