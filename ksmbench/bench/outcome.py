@@ -47,13 +47,6 @@ HEADLINES: tuple[Headline, ...] = (
 )
 
 
-def headline_of(benchmark: str, metric: str) -> Headline | None:
-    for h in HEADLINES:
-        if h.benchmark == benchmark and h.metric == metric:
-            return h
-    return None
-
-
 @dataclass(frozen=True)
 class MetricSummary:
     """One figure (benchmark, case, size, use_zero_pages, metric) over its repeats."""
@@ -66,10 +59,6 @@ class MetricSummary:
     unit: str
     summary: Summary
     samples: tuple[float, ...]
-
-    @property
-    def headline(self) -> Headline | None:
-        return headline_of(self.benchmark, self.metric)
 
     def to_dict(self) -> dict[str, Any]:
         return {"benchmark": self.benchmark, "case": self.case, "size_mib": self.size_mib,
@@ -169,10 +158,6 @@ class CrosscheckResult:
     @property
     def is_judged(self) -> bool:
         return self.judged is not False
-
-    @property
-    def within_tolerance(self) -> bool:
-        return self.relative_difference <= self.tolerance
 
     #: written only when set (older runs and host runs lack them)
     _OPTIONAL = ("other_cpu_ratio", "judged", "not_judged_because", "idle_owner_mib_per_s",
