@@ -12,6 +12,7 @@ import pytest
 
 from ksmbench.bench import probes, stats
 from ksmbench.bench.crosscheck import parse_ksm_tests_output
+from ksmbench.bench.outcome import CrosscheckNotDone, CrosscheckResult, SavingsResult
 from ksmbench.kernel_tools import closest_series
 from ksmbench.bench.savings import Snapshot, Workload, _dup_merge, combine, reconcile
 from ksmbench.bench.store import BenchStore, read_bench
@@ -216,11 +217,13 @@ def test_combine_takes_medians_and_keeps_every_repeat():
                       ksm_frames=10, anon_kb=-(10 * 4) - shift * 4)
         recs.append(reconcile(_snap(), _snap(), after, _snap(), 0.1 * (shift + 1), {}, 0))
     c = combine(recs, w)
-    anon = next(v for v in c["views"] if "AnonPages" in v["view"])
-    assert anon["residual_bytes"] == 1 * 4096
-    assert (anon["residual_min_bytes"], anon["residual_max_bytes"]) == (0, 3 * 4096)
-    assert c["unmerge"]["run2_seconds"] == pytest.approx(0.2)
-    assert len(c["repeats"]) == 3 and c["repeats_done"] == 3
+    anon = next(v for v in c.views if "AnonPages" in v.view)
+    assert anon.residual_bytes == 1 * 4096
+    assert (anon.residual_min_bytes, anon.residual_max_bytes) == (0, 3 * 4096)
+    assert c.unmerge.run2_seconds == pytest.approx(0.2)
+    assert len(c.repeats) == 3 and c.repeats_done == 3
+    # bench.json holds it as a dict, and reads back the same
+    assert SavingsResult.from_dict(json.loads(json.dumps(c.to_dict()))) == c
 
 
 # -- the results store ------------------------------------------------------------------
@@ -233,13 +236,14 @@ def test_store_writes_rows_as_they_come_and_summaries_with_samples(tmp_path):
     rows = list(csv.DictReader(open(tmp_path / "run1" / "bench.csv")))
     assert {r["metric"] for r in rows} == {"mib_per_s", "seconds"}
     store.add_sample("host", "merge", "dup", 16, 0, 1, {"mib_per_s": (520.0, "MiB/s")})
-    store.set_section("host", "crosscheck", {"agrees": True})
+    store.set_crosscheck("host", CrosscheckNotDone("no ksm_tests", 16, error_kind="KernelNotFound"))
     store.close()
     doc = json.loads((tmp_path / "run1" / "bench.json").read_text())
     summ = [s for s in doc["kernels"]["host"]["summaries"] if s["metric"] == "mib_per_s"][0]
     assert summ["samples"] == [500.0, 520.0]
     assert summ["summary"]["median"] == 510.0
-    assert doc["kernels"]["host"]["crosscheck"] == {"agrees": True}
+    assert doc["kernels"]["host"]["crosscheck"] == {"error": "no ksm_tests", "size_mib": 16,
+                                                    "error_kind": "KernelNotFound"}
     meta = json.loads((tmp_path / "run1" / "metadata.json").read_text())
     assert meta["kind"] == "bench" and meta["ended_at"]
     assert not (tmp_path / "run1" / "observations.csv").exists()
@@ -247,27 +251,43 @@ def test_store_writes_rows_as_they_come_and_summaries_with_samples(tmp_path):
     assert len(df) == 3
 
 
+def _crosscheck_result() -> CrosscheckResult:
+    from ksmbench.bench.config import FreeRunTunables
+
+    ours, theirs = stats.summarize([333.0, 340.0], "MiB/s"), stats.summarize([330.0, 331.0], "MiB/s")
+    return CrosscheckResult(size_mib=32, tunables=FreeRunTunables(pages_to_scan=500),
+                            ours_mib_per_s=ours, ksm_tests_mib_per_s=theirs,
+                            ratio=ours.median / theirs.median, relative_difference=0.02,
+                            tolerance=0.05, agrees=True, argv=("ksm_tests", "-P"),
+                            mib_per_s={"ksmbench": ours, "ksm_tests": theirs},
+                            paired_ratios=(1.01, 1.03), paired_ratio_median=1.02)
+
+
 def test_merge_guest_folds_a_guest_run_in(tmp_path):
     guest = BenchStore(tmp_path / "shared", "guest")
     guest.rundir.kernel_entry("debian:6.12").update(kernel_release="6.12.57+deb13-amd64")
     guest.add_sample("debian:6.12", "cow", "zero", 8, 1, 0, {"us_per_page": (3.5, "us")})
     guest.add_savings_rows([("debian:6.12", 1, 0, "scan", 1, 0.5, "counters.saved_bytes", 4096)])
-    guest.set_section("debian:6.12", "savings", {"1": {"views": []}})
+    savings = {1: combine([reconcile(_snap(), _snap(), _snap(), _snap(), 0.1, {}, 1)], Workload(2, 4))}
+    guest.set_savings("debian:6.12", savings)
+    cc = _crosscheck_result()
+    guest.set_crosscheck("debian:6.12", cc)
     guest.close()
     host = BenchStore(tmp_path / "out", "run")
     meta = host.merge_guest(tmp_path / "shared" / "guest", "debian:6.12")
     host.close()
     assert meta["kernels"][0]["kernel_release"] == "6.12.57+deb13-amd64"
     doc = json.loads((tmp_path / "out" / "run" / "bench.json").read_text())
-    assert doc["kernels"]["debian:6.12"]["savings"] == {"1": {"views": []}}
+    assert doc["kernels"]["debian:6.12"]["savings"]["1"]["repeats_done"] == 1
+    assert host.results()["debian:6.12"].savings == savings
+    assert host.crosscheck("debian:6.12") == cc  # typed, through the guest's bench.json
     assert doc["kernels"]["debian:6.12"]["summaries"][0]["samples"] == [3.5]
     savings = list(csv.reader(open(tmp_path / "out" / "run" / "savings.csv")))
     assert savings[1][:4] == ["debian:6.12", "1", "0", "scan"]
 
 
 def test_cli_rejects_bad_options():
-    from ksmbench.bench.cli import parse_parts
-    from ksmbench.bench.timings import parse_sizes
+    from ksmbench.bench.config import parse_parts, parse_sizes
     from ksmbench.errors import UsageError
 
     assert parse_sizes("8, 16") == (8, 16)

@@ -11,6 +11,9 @@ from html.parser import HTMLParser
 
 
 from ksmbench.bench.savings import Snapshot, Workload, combine, reconcile, series_rows
+from ksmbench.bench.config import FreeRunTunables
+from ksmbench.bench.outcome import CrosscheckResult
+from ksmbench.bench.stats import summarize
 from ksmbench.bench.store import BenchStore
 from ksmbench.report.cli import generate
 from ksmbench.report.load import load_runs, verdicts
@@ -75,14 +78,14 @@ def _bench_run(tmp_path) -> str:
             series = [("before0", None, before), ("before", None, before), ("scan", 1, before),
                       ("scan", 2, after), ("after_run2", None, before)]
             store.add_savings_rows(series_rows(kernel, uzp, 0, series))
-            results[str(uzp)] = combine([reconcile(before, before, after, before, 0.05, {}, uzp)], w)
-        store.set_section(kernel, "savings", results)
-        store.set_section(kernel, "crosscheck", {
-            "size_mib": 100, "ksm_tests": {"source_package": "linux-source-6.12", "source_version": "x"},
-            "tunables": {"pages_to_scan": 1000, "sleep_millisecs": 0},
-            "ours_mib_per_s": {"median": 333.0, "rel_stdev": 0.01, "n": 3},
-            "ksm_tests_mib_per_s": {"median": 330.0, "rel_stdev": 0.01, "n": 3},
-            "ratio": 333 / 330, "relative_difference": 0.009, "tolerance": 0.05, "agrees": True})
+            results[uzp] = combine([reconcile(before, before, after, before, 0.05, {}, uzp)], w)
+        store.set_savings(kernel, results)
+        ours, theirs = summarize([333.0, 330.0, 336.0], "MiB/s"), summarize([330.0, 327.0, 333.0], "MiB/s")
+        store.set_crosscheck(kernel, CrosscheckResult(
+            size_mib=100, ksm_tests={"source_package": "linux-source-6.12", "source_version": "x"},
+            tunables=FreeRunTunables(pages_to_scan=1000), ours_mib_per_s=ours,
+            ksm_tests_mib_per_s=theirs, ratio=333 / 330, relative_difference=0.009, tolerance=0.05,
+            agrees=True))
     store.close()
     return str(store.path)
 

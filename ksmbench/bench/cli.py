@@ -1,10 +1,11 @@
 """``ksmbench bench``: merge/unmerge/CoW speed, ksmd cost, memory savings, cross-check.
 
-For ``--kernel host`` the benchmarks run here, holding the run lock.  For any
-other kernel the *same command* runs inside a VM of that kernel (``ksmbench
-bench --kernel host --label <kernel> --out <shared dir>``), and its run
-directory is folded into this one, so every kernel's numbers come from the
-same code.
+The arguments become one :class:`~ksmbench.bench.config.BenchConfig`, which
+:func:`~ksmbench.bench.runner.run_benchmarks` runs.  For ``--kernel host`` the
+benchmarks run here, holding the run lock.  For any other kernel the same
+benchmarks run inside a VM of that kernel (``ksmbench bench --config <file>``,
+the file holding the guest's configuration as JSON), and its run directory is
+folded into this one, so every kernel's numbers come from the same code.
 
 Exit status: 0 all done (and the ksm_tests cross-check, where it ran, agrees
 within its tolerance); 1 the cross-check disagrees; 2 something could not be
@@ -20,16 +21,10 @@ from typing import Sequence
 
 from ..backends import add_vm_options
 from ..console import esc, make_console
-from ..errors import KsmbenchError, UsageError, os_boundary
-
-PARTS = ("timings", "savings", "crosscheck")
-#: defaults inside a VM: under TCG (nested KVM does not work here) everything
-#: runs 10-20x slower than on the host, so the sizes are smaller
-GUEST_SIZES = "4,16"
-GUEST_SAVINGS_MIB = 8
-GUEST_CROSSCHECK_MIB = 32
-#: TCG guests are slow, and their cross-check is not judged (reported only)
-GUEST_CROSSCHECK_PAIRS = 5
+from ..errors import KsmbenchError, os_boundary
+from .config import PARTS, BenchConfig, parse_parts, parse_sizes
+from .runner import run_benchmarks
+from .summary import print_summary
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -78,193 +73,42 @@ exit status:
                    help="repetitions inside VMs (default: --repeats); TCG guests are slow")
     p.add_argument("--guest-timeout", type=float, default=3600.0, metavar="SECONDS",
                    help="limit for the benchmarks inside one VM (default: 3600)")
-    # set by the host when it runs this command inside a guest
-    p.add_argument("--label", help=argparse.SUPPRESS)
-    p.add_argument("--run-id", help=argparse.SUPPRESS)
-    p.add_argument("--in-guest", action="store_true", help=argparse.SUPPRESS)
+    # set by the host when it runs this command inside a guest: everything
+    # else comes from that file (BenchConfig.to_json)
+    p.add_argument("--config", metavar="FILE", help=argparse.SUPPRESS)
     return p
 
 
-def parse_parts(text: str) -> tuple[str, ...]:
-    parts = tuple(p.strip() for p in text.split(",") if p.strip())
-    bad = [p for p in parts if p not in PARTS]
-    if bad or not parts:
-        raise UsageError(f"--only {text!r}: unknown part(s) {', '.join(bad) or '(none)'}",
-                         hint=f"choose from {', '.join(PARTS)}")
-    return parts
+def config_from_args(args: argparse.Namespace) -> BenchConfig:
+    """The configuration the command line asks for."""
+    if args.config:
+        with os_boundary(f"reading {args.config}"):
+            return BenchConfig.from_json(Path(args.config).read_text())
+    return BenchConfig(
+        kernels=tuple(args.kernel or ["host"]), out=args.out,
+        sizes_mib=parse_sizes(args.sizes) if args.sizes else None, repeats=args.repeats,
+        parts=parse_parts(args.only), pages_to_scan=args.pages_to_scan,
+        savings_procs=args.savings_procs, savings_mib=args.savings_mib,
+        savings_repeats=args.savings_repeats, crosscheck_mib=args.crosscheck_mib,
+        crosscheck_pairs=args.crosscheck_pairs, tolerance=args.tolerance, ksm_tests=args.ksm_tests,
+        source_series=args.source_series, wait=args.wait, memory=args.memory, cpus=args.cpus,
+        accel=args.accel, modules=args.modules, guest_repeats=args.guest_repeats,
+        guest_timeout=args.guest_timeout)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    if args.repeats < 1:
-        raise UsageError("--repeats must be at least 1")
-    parts = parse_parts(args.only)
-    kernels = args.kernel or ["host"]
-    if not args.in_guest:
-        from ..backends import resolve_backend
-
-        for spec in kernels:  # refuse what cannot run before the run directory exists
-            backend = resolve_backend(spec, memory=args.memory, cpus=args.cpus, accel=args.accel,
-                                      modules=args.modules)
-            getattr(backend, "preflight", lambda: None)()
-
-    from .store import BenchStore
-
-    console = make_console(stderr=args.in_guest)
-    store = BenchStore(args.out, args.run_id)
-    store.metadata["command"] = ["ksmbench", "bench", *(argv if argv is not None else sys.argv[2:])]
-    store.metadata["parts"] = list(parts)
-    console.print(f"bench {store.rundir.run_id}: {esc(', '.join(kernels))} -> {esc(store.path)}")
-    failures: list[str] = []
-    from ..kernel.lock import RunLock
-
-    # one run at a time per machine, VM kernels included: a guest's QEMU may
-    # register its RAM with KSM on the host, which other host runs must not meet
-    lock = RunLock(timeout=args.wait)
-    try:
-        lock.acquire()
-        for spec in kernels:
-            try:
-                if spec == "host":
-                    from .runner import run_host
-
-                    run_host(store, args.label or "host", args, parts, console)
-                else:
-                    run_guest(store, spec, args, parts, console)
-            except KsmbenchError as exc:
-                # one kernel failing does not lose the others' results
-                store.rundir.kernel_entry(args.label or spec)["error"] = exc.one_line()
-                if len(kernels) > 1:
-                    console.print(f"[red]{esc(spec)}: {esc(exc.one_line())}[/red]")
-                failures.append(f"{spec}: {exc.one_line()}")
-    finally:
-        lock.release()
-        store.close()
-    if not args.in_guest:
-        from .summary import print_summary
-
-        status = print_summary(console, store, args.tolerance)
-    else:
-        status = 0
-    console.print(f"results: {esc(store.path)}")
-    if failures:
-        if len(kernels) == 1:
-            raise KsmbenchError(failures[0])
+    config = config_from_args(build_parser().parse_args(argv))
+    console = make_console(stderr=config.in_guest)
+    run = run_benchmarks(config, console,
+                         ["ksmbench", "bench", *(argv if argv is not None else sys.argv[2:])])
+    # a guest's numbers are summarised by the host that started it
+    status = 0 if config.in_guest else print_summary(console, run.results, config.tolerance)
+    console.print(f"results: {esc(run.path)}")
+    if run.failures:
+        if len(config.kernels) == 1:
+            raise KsmbenchError(run.failures[0])
         return 2
     return status
-
-
-def guest_series(spec: str, args: argparse.Namespace) -> str | None:
-    """The linux-source series to build ksm_tests from for a guest kernel."""
-    if args.source_series:
-        return args.source_series
-    if spec.startswith("debian:"):
-        return spec.split(":", 1)[1]
-    return None  # an own image: the guest falls back to the kernel's release
-
-
-def run_guest(store, spec: str, args: argparse.Namespace, parts: tuple[str, ...], console) -> None:
-    """Run this same command inside a VM booted with ``spec``; fold its results in.
-
-    The guest sees the host's filesystem read-only and writes its run
-    directory into a shared directory under this run's directory; ksm_tests
-    is built here first (the guest has no network).
-    """
-    import time
-
-    from rich.progress import Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
-
-    try:
-        from ..backends.vm import GuestRun, resolve_kernel
-        from ..backends.vm.accel import choose_accelerator
-    except ImportError as exc:
-        raise KsmbenchError(f"--kernel {spec}: the VM backend is not available ({exc})") from None
-    label = spec
-    sizes = args.sizes or GUEST_SIZES
-    argv = [sys.executable, "-m", "ksmbench.cli", "bench", "--kernel", "host", "--in-guest",
-            "--label", label, "--run-id", "guest", "--sizes", sizes,
-            "--repeats", str(args.guest_repeats or args.repeats), "--only", ",".join(parts),
-            "--pages-to-scan", str(args.pages_to_scan),
-            "--savings-procs", str(args.savings_procs),
-            "--savings-mib", str(args.savings_mib or GUEST_SAVINGS_MIB),
-            "--savings-repeats", str(min(args.savings_repeats, args.guest_repeats or args.savings_repeats)),
-            "--crosscheck-mib", str(args.crosscheck_mib or GUEST_CROSSCHECK_MIB),
-            "--crosscheck-pairs", str(args.crosscheck_pairs or GUEST_CROSSCHECK_PAIRS),
-            "--tolerance", str(args.tolerance), "--wait", "60"]
-    if "crosscheck" in parts:
-        binary = args.ksm_tests
-        if binary is None:
-            from .crosscheck import ksm_tests_binary
-
-            series = guest_series(spec, args) or "6.12"
-            try:
-                path, _info = ksm_tests_binary(series, lambda m: console.print(f"{esc(label)}: {esc(m)}"),
-                                               console)
-                binary = str(path)
-            except KsmbenchError as exc:
-                console.print(f"[yellow]{esc(label)}: no ksm_tests for the cross-check: "
-                              f"{esc(exc.one_line())}[/yellow]")
-        if binary:
-            argv += ["--ksm-tests", str(Path(binary).resolve())]
-    slug = "".join(c if c.isalnum() else "-" for c in label)
-    # the guest's own run directory lands in here; absolute, the guest's cwd is /
-    shared = (store.path / f"guest-{slug}").resolve()
-    with os_boundary(f"creating {shared}"):
-        shared.mkdir()
-    argv += ["--out", str(shared)]
-    kernel = resolve_kernel(spec, modules=args.modules, console=console)
-    decision = choose_accelerator(args.accel, kernel, memory=args.memory)
-    entry = store.rundir.kernel_entry(label)
-    entry.update({"backend": "vm", "kernel_image": str(kernel.image), "package": kernel.package,
-                  "accelerator_requested": args.accel})
-    run = GuestRun(kernel, argv, shared_dir=shared, accelerator=decision.accelerator,
-                   memory=args.memory, cpus=args.cpus, timeout=args.guest_timeout,
-                   console_log=shared / "console.log")
-    console.print(f"{esc(label)}: booting {esc(kernel.release or kernel.image)} ({decision.accelerator}) "
-                  f"to run the benchmarks inside")
-    bench_csv = shared / "guest" / "bench.csv"
-    with run, Progress(SpinnerColumn(), TextColumn("{task.fields[kernel]}", style="bold", markup=False),
-                       TextColumn("{task.description}", markup=False), TimeElapsedColumn(),
-                       console=console) as progress:
-        task = progress.add_task("starting QEMU", kernel=label)
-        while run.poll() is None:
-            rows = _count_lines(bench_csv) - 1
-            what = run.phase if rows < 1 else f"running: {rows} results written"
-            progress.update(task, description=what)
-            time.sleep(0.5)
-        result = run.result()
-        progress.update(task, description=f"done ({result.seconds:.0f} s)")
-    entry.update({"accelerator": result.accelerator, "kernel_release": result.kernel_release,
-                  "guest_seconds": round(result.seconds, 1),
-                  "console_log": str(result.console_log) if result.console_log else None,
-                  "guest_facts": result.facts})
-    (shared / "stdout").write_text(result.stdout)
-    (shared / "stderr").write_text(result.stderr)
-    if result.returncode not in (0, 1) or not (shared / "guest" / "metadata.json").exists():
-        last = [ln for ln in result.stderr.strip().splitlines() if ln.strip()][-1:] or ["no output"]
-        raise KsmbenchError(f"{label}: the benchmarks in the guest failed (exit {result.returncode}): "
-                            f"{last[0]}", hint=f"see {shared}/stderr and {shared}/console.log")
-    meta = store.merge_guest(shared / "guest", label)
-    cc = store.sections.get(label, {}).get("crosscheck")
-    if cc and not cc.get("error") and result.accelerator == "tcg":
-        # under TCG every instruction is emulated, and a spinning owner costs
-        # ksmd far more than on real CPUs: the 5 % comparison means nothing there
-        cc["judged"] = False
-        cc["not_judged_because"] = "the guest ran under QEMU TCG (software emulation)"
-        store.set_section(label, "crosscheck", cc)
-    for k in meta.get("kernels", []):
-        for key, value in k.items():
-            if key not in ("backend",):
-                entry.setdefault(key, value)
-    store.rundir.write_metadata()
-
-
-def _count_lines(path: Path) -> int:
-    try:
-        with open(path, "rb") as f:
-            return sum(1 for _ in f)
-    except OSError:
-        return 0
 
 
 if __name__ == "__main__":  # pragma: no cover

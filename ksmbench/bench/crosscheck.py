@@ -28,15 +28,19 @@ import re
 import subprocess
 import threading
 import time
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Callable
 
 from ..errors import Busy, KsmbenchError
+from ..kernel import syscalls
 from ..kernel_tools import closest_series
 from ..kernel.stepping import time_scale
 from .affinity import ksmd_on, pinned, spin_cpu
 from .probes import read_tlb_shootdowns
-from .session import BenchSession, FreeRunTunables, fill_region, new_region
+from .config import BenchConfig, FreeRunTunables
+from .outcome import Crosscheck, CrosscheckFailure, CrosscheckNotDone, CrosscheckResult
+from .session import BenchSession, fill_region, new_region
 from .timings import OwnedRegion
 from .stats import relative_difference, summarize
 
@@ -109,7 +113,7 @@ def parse_ksm_tests_output(text: str) -> tuple[float | None, float | None]:
 
 
 def run_ksm_tests_once(session: BenchSession, binary: Path, size_mib: int,
-                       tun: FreeRunTunables, cpu: int | None = None) -> dict[str, Any]:
+                       tun: FreeRunTunables, cpu: int | None = None) -> MergeSample:
     """One ``ksm_tests -P`` run under ``tun``; everything it changes is restored."""
     session.apply_free_tunables(tun, 0)
     for name in KSM_TESTS_TUNABLES:  # journal the value before ksm_tests runs
@@ -135,14 +139,13 @@ def run_ksm_tests_once(session: BenchSession, binary: Path, size_mib: int,
     if proc.returncode != 0 or speed is None:
         last = (proc.stdout + proc.stderr).strip().splitlines()[-3:]
         raise KsmbenchError(f"{' '.join(argv)} failed (exit {proc.returncode}): {' | '.join(last)}")
-    return {"seconds": seconds, "mib_per_s": speed, "ksmd_cpu_seconds": ksmd_cpu,
-            # over the whole ksm_tests process (its fill too), so an upper bound
-            "tlb_shootdowns": None if tlb0 is None or tlb1 is None else tlb1 - tlb0,
-            "tunables_seen": _seen(sampler)}
+    return MergeSample(seconds, speed, ksmd_cpu,
+                       # over the whole ksm_tests process (its fill too), so an upper bound
+                       None if tlb0 is None or tlb1 is None else tlb1 - tlb0, _seen(sampler))
 
 
 def run_ours_once(session: BenchSession, size_mib: int, tun: FreeRunTunables,
-                  cpu: int | None = None) -> dict[str, Any]:
+                  cpu: int | None = None) -> MergeSample:
     """The interval measured by ksmbench *the way ksm_tests measures it*.
 
     A forked child plays ksm_tests' part: it owns the region (filled with
@@ -155,8 +158,6 @@ def run_ours_once(session: BenchSession, size_mib: int, tun: FreeRunTunables,
     10-20 % slower than ksm_tests -P.  This process waits on a pipe
     meanwhile, as it waits for ksm_tests.
     """
-    from ..kernel import syscalls
-
     npages = size_mib * (1 << 20) // 4096
     timeout = (30 + npages * 200e-6) * time_scale()
     session.apply_free_tunables(tun, 0)
@@ -209,10 +210,8 @@ def run_ours_once(session: BenchSession, size_mib: int, tun: FreeRunTunables,
         raise KsmbenchError(f"the ksm_tests-way merge of {size_mib} MiB failed: {what}"
                             + (" (timed out: ksmd starved?)" if "TimeoutError" in what else ""))
     seconds = float(answer)
-    return {"seconds": seconds, "mib_per_s": size_mib / seconds,
-            "ksmd_cpu_seconds": (cpu1 - cpu0).seconds,
-            "tlb_shootdowns": None if tlb0 is None or tlb1 is None else tlb1 - tlb0,
-            "tunables_seen": _seen(sampler)}
+    return MergeSample(seconds, size_mib / seconds, (cpu1 - cpu0).seconds,
+                       None if tlb0 is None or tlb1 is None else tlb1 - tlb0, _seen(sampler))
 
 
 def _read_answer(fd: int, timeout: float, pid: int) -> str:
@@ -246,7 +245,7 @@ def _read_answer(fd: int, timeout: float, pid: int) -> str:
 
 
 def run_idle_owner_once(session: BenchSession, size_mib: int, tun: FreeRunTunables,
-                        cpu: int | None = None) -> dict[str, Any]:
+                        cpu: int | None = None) -> MergeSample:
     """ksmbench's own merge measurement (the ``merge`` benchmark): the owner
     sleeps, this process polls every 0.2 ms."""
     npages = size_mib * (1 << 20) // 4096
@@ -260,34 +259,48 @@ def run_idle_owner_once(session: BenchSession, size_mib: int, tun: FreeRunTunabl
     finally:
         region.close()
         session.clean()
-    return {"seconds": timing.seconds, "mib_per_s": size_mib / timing.seconds,
-            "ksmd_cpu_seconds": timing.ksmd_cpu.seconds, "tlb_shootdowns": timing.tlb_shootdowns,
-            "tunables_seen": _seen(sampler)}
+    return MergeSample(timing.seconds, size_mib / timing.seconds, timing.ksmd_cpu.seconds,
+                       timing.tlb_shootdowns, _seen(sampler))
+
+
+@dataclass(frozen=True)
+class MergeSample:
+    """One timed merge of the cross-check."""
+
+    seconds: float
+    mib_per_s: float
+    ksmd_cpu_seconds: float | None
+    #: TLB-shootdown interrupts over the interval, all CPUs (None: not x86)
+    tlb_shootdowns: int | None
+    #: tunable -> every value the sampler saw while it ran
+    tunables_seen: dict[str, list[str]]
+    loadavg: float | None = None
+    repeat: int = 0
 
 
 def _seen(sampler: TunableSampler) -> dict[str, list[str]]:
     return {n: sorted(v) for n, v in sampler.seen.items()}
 
 
-def run_crosscheck(session: BenchSession, store, label: str, args, tun: FreeRunTunables, *,
-                   say: Callable[[str], None], step: Callable[[], None], console=None,
+def run_crosscheck(session: BenchSession, store, label: str, config: BenchConfig,
+                   tun: FreeRunTunables, *, say: Callable[[str], None], step: Callable[[], None],
+                   console=None,
                    exclusive: Callable[[str, Callable[[], Any]], Any] = lambda _what, fn: fn()
-                   ) -> dict[str, Any]:
-    size = args.crosscheck_mib or 100
-    pairs = crosscheck_pairs(args)
+                   ) -> Crosscheck:
+    size = config.crosscheck_mib_or_default
+    pairs = config.crosscheck_pairs_or_default
     try:
-        if args.ksm_tests:
-            binary, info = Path(args.ksm_tests), {"binary": str(args.ksm_tests), "source_package": "given"}
+        if config.ksm_tests:
+            binary, info = Path(config.ksm_tests), {"binary": str(config.ksm_tests), "source_package": "given"}
             if not binary.exists():
                 raise KsmbenchError(f"--ksm-tests {binary}: no such file")
         else:
-            series = args.source_series or closest_series()
+            series = config.source_series or closest_series()
             binary, info = ksm_tests_binary(series, say, console)
     except KsmbenchError as exc:
-        for _ in range(args.repeats + pairs):
+        for _ in range(config.repeats + pairs):
             step()
-        # the kind lets a caller tell "no source package reachable" from a failed build
-        return {"error": exc.one_line(), "error_kind": type(exc).__name__, "size_mib": size}
+        return CrosscheckNotDone(exc.one_line(), size, error_kind=type(exc).__name__)
     cpu = spin_cpu()
     ksmd = session.stepper.ksmd_pid
     same = {cpu} if cpu is not None else None
@@ -307,8 +320,8 @@ def run_crosscheck(session: BenchSession, store, label: str, args, tun: FreeRunT
     ]
     if cpu is None:  # one CPU: nothing to place
         plan = [p for p in plan if "other-cpu" not in p[0]]
-    results: dict[str, list[dict[str, Any]]] = {p[0]: [] for p in plan}
-    failures: list[dict[str, Any]] = []
+    results: dict[str, list[MergeSample]] = {p[0]: [] for p in plan}
+    failures: list[CrosscheckFailure] = []
 
     def run(who: str, what: str, ksmd_cpus, runner, r: int) -> None:
         say(f"{what}, {size} MiB #{r + 1}")
@@ -324,17 +337,15 @@ def run_crosscheck(session: BenchSession, store, label: str, args, tun: FreeRunT
         except KsmbenchError as exc:
             # e.g. ksm_tests' own 120 s limit ("Scan time limit exceeded") when
             # other work on the machine starves ksmd (nice 5) on its one CPU
-            failures.append({"case": who, "repeat": r, "error": exc.one_line(),
-                             "loadavg": _loadavg()})
+            failures.append(CrosscheckFailure(who, r, exc.one_line(), _loadavg()))
             return
-        res["loadavg"] = _loadavg()
-        res["repeat"] = r
+        res = replace(res, loadavg=_loadavg(), repeat=r)
         results[who].append(res)
-        metrics = {"seconds": (res["seconds"], "s"), "mib_per_s": (res["mib_per_s"], "MiB/s")}
-        if res.get("ksmd_cpu_seconds") is not None:
-            metrics["ksmd_cpu_seconds"] = (res["ksmd_cpu_seconds"], "s")
-        if res.get("tlb_shootdowns") is not None:
-            metrics["tlb_shootdowns"] = (res["tlb_shootdowns"], "count")
+        metrics = {"seconds": (res.seconds, "s"), "mib_per_s": (res.mib_per_s, "MiB/s")}
+        if res.ksmd_cpu_seconds is not None:
+            metrics["ksmd_cpu_seconds"] = (res.ksmd_cpu_seconds, "s")
+        if res.tlb_shootdowns is not None:
+            metrics["tlb_shootdowns"] = (res.tlb_shootdowns, "count")
         store.add_sample(label, "crosscheck", who, size, 0, r, metrics)
 
     # The judged pair runs back to back, many times, in alternating order.  A
@@ -349,86 +360,82 @@ def run_crosscheck(session: BenchSession, store, label: str, args, tun: FreeRunT
         for item in (judged if r % 2 == 0 else judged[::-1]):
             run(*item, r)
         step()
-    for r in range(args.repeats):
+    for r in range(config.repeats):
         k = r % len(context)
         for item in context[k:] + context[:k]:
             run(*item, r)
         step()
     missing = [k for k in ("ksm_tests", "ksmbench", "ksmbench-idle-owner") if not results[k]]
     if missing:
-        return {"error": f"no successful {', '.join(missing)} runs: "
-                         + (failures[0]["error"] if failures else "nothing ran"),
-                "size_mib": size, "failures": failures}
+        return CrosscheckNotDone(f"no successful {', '.join(missing)} runs: "
+                                 + (failures[0].error if failures else "nothing ran"),
+                                 size, failures=tuple(failures))
     results = {k: v for k, v in results.items() if v}
-    summ = {k: summarize([x["mib_per_s"] for x in v], "MiB/s") for k, v in results.items()}
-    tlb = {k: [x["tlb_shootdowns"] for x in v if x.get("tlb_shootdowns") is not None]
+    summ = {k: summarize([x.mib_per_s for x in v], "MiB/s") for k, v in results.items()}
+    tlb = {k: [x.tlb_shootdowns for x in v if x.tlb_shootdowns is not None]
            for k, v in results.items()}
-    cpu_time = {k: [x["ksmd_cpu_seconds"] for x in v if x.get("ksmd_cpu_seconds") is not None]
+    cpu_time = {k: [x.ksmd_cpu_seconds for x in v if x.ksmd_cpu_seconds is not None]
                 for k, v in results.items()}
     ours_s, theirs_s, idle_s = summ["ksmbench"], summ["ksm_tests"], summ["ksmbench-idle-owner"]
     medians_diff = relative_difference(ours_s.median, theirs_s.median)
-    theirs_by_repeat = {x["repeat"]: x["mib_per_s"] for x in results["ksm_tests"]}
-    paired = [x["mib_per_s"] / theirs_by_repeat[x["repeat"]] for x in results["ksmbench"]
-              if x["repeat"] in theirs_by_repeat]
+    theirs_by_repeat = {x.repeat: x.mib_per_s for x in results["ksm_tests"]}
+    paired = [x.mib_per_s / theirs_by_repeat[x.repeat] for x in results["ksmbench"]
+              if x.repeat in theirs_by_repeat]
     # Judged on the median of the pairs' ratios: both runs of a pair see the
     # same machine, while the level of either drifts by +-20 % over a minute
     # (ksmd's share of the CPU it shares with the spinner), which the two
     # medians of 15 samples each do not average out reliably.
     paired_median = summarize(paired).median if paired else None
     diff = abs(paired_median - 1.0) if paired_median is not None else medians_diff
-    out = {
-        "size_mib": size,
-        "ksm_tests": info,
-        "argv": [str(binary), "-P", "-s", str(size), "-p", str(tun.pages_to_scan)],
-        "tunables": tun.to_dict(),
-        "spinner_cpu": cpu,
-        "cpus": len(os.sched_getaffinity(0)),
-        "tunables_seen_ours": _merge_seen(o["tunables_seen"] for o in results["ksmbench"]),
-        "tunables_seen_ksm_tests": _merge_seen(t["tunables_seen"] for t in results["ksm_tests"]),
-        "tunables_seen_idle_owner": _merge_seen(t["tunables_seen"] for t in results["ksmbench-idle-owner"]),
-        "mib_per_s": {k: v.to_dict() for k, v in summ.items()},
-        "ours_mib_per_s": ours_s.to_dict(),
-        "ksm_tests_mib_per_s": theirs_s.to_dict(),
-        "idle_owner_mib_per_s": idle_s.to_dict(),
-        "tlb_shootdowns_median": {k: (summarize(v).median if v else None) for k, v in tlb.items()},
-        "ksmd_cpu_seconds_median": {k: (summarize(v, "s").median if v else None)
-                                    for k, v in cpu_time.items()},
-        "ratio": ours_s.median / theirs_s.median,
-        "pairs": pairs,
-        "paired_ratio_median": paired_median,
-        "paired_ratios": paired,
-        "medians_relative_difference": medians_diff,
-        "idle_owner_ratio": idle_s.median / theirs_s.median,
-        "relative_difference": diff,
-        "tolerance": args.tolerance,
-        "agrees": diff <= args.tolerance,
-        "failures": failures,
-        "loadavg": {k: [x["loadavg"] for x in v] for k, v in results.items()},
-        "method": (
-            "ksmbench 'the ksm_tests way' times the interval ksm_tests -P times: MADV_MERGEABLE + "
-            "run=1 until full_scans has grown by 2, '*'-filled region owned by the timing "
-            "process, which spins on full_scans. That spinning process is itself in ksmd's way, "
-            "and how much depends on where ksmd runs: on the same CPU ksmd (nice 5, weight 335 "
-            "against the spinner's 1024) gets about a quarter of it (measured: 0.25 of the wall "
-            "time for both spinners), on another CPU every page "
-            "ksmd write-protects or replaces costs a TLB-flush interrupt there (about 2 per "
-            "page, /proc/interrupts), whose cost depends on what the spinner is doing. The "
-            "verdict takes the same-CPU runs (the spinner is pinned to spinner_cpu, ksmd too) as "
-            "adjacent pairs in alternating order and judges the median of the pairs' ratios; "
-            "the other-CPU runs and ksmbench's own merge benchmark (owner asleep, ksmd "
-            "free) are reported beside it."),
-    }
+    other_cpu_ratio = None
     if "ksm_tests-other-cpu" in summ and "ksmbench-other-cpu" in summ:
-        out["other_cpu_ratio"] = summ["ksmbench-other-cpu"].median / summ["ksm_tests-other-cpu"].median
-    return out
+        other_cpu_ratio = summ["ksmbench-other-cpu"].median / summ["ksm_tests-other-cpu"].median
+    return CrosscheckResult(
+        size_mib=size,
+        ksm_tests=info,
+        argv=(str(binary), "-P", "-s", str(size), "-p", str(tun.pages_to_scan)),
+        tunables=tun,
+        spinner_cpu=cpu,
+        cpus=len(os.sched_getaffinity(0)),
+        tunables_seen_ours=_merge_seen(o.tunables_seen for o in results["ksmbench"]),
+        tunables_seen_ksm_tests=_merge_seen(t.tunables_seen for t in results["ksm_tests"]),
+        tunables_seen_idle_owner=_merge_seen(t.tunables_seen for t in results["ksmbench-idle-owner"]),
+        mib_per_s=summ,
+        ours_mib_per_s=ours_s,
+        ksm_tests_mib_per_s=theirs_s,
+        idle_owner_mib_per_s=idle_s,
+        tlb_shootdowns_median={k: (summarize(v).median if v else None) for k, v in tlb.items()},
+        ksmd_cpu_seconds_median={k: (summarize(v, "s").median if v else None)
+                                 for k, v in cpu_time.items()},
+        ratio=ours_s.median / theirs_s.median,
+        pairs=pairs,
+        paired_ratio_median=paired_median,
+        paired_ratios=tuple(paired),
+        medians_relative_difference=medians_diff,
+        idle_owner_ratio=idle_s.median / theirs_s.median,
+        relative_difference=diff,
+        tolerance=config.tolerance,
+        agrees=diff <= config.tolerance,
+        failures=tuple(failures),
+        loadavg={k: [x.loadavg for x in v] for k, v in results.items()},
+        other_cpu_ratio=other_cpu_ratio,
+        method=METHOD)
 
 
-#: judged (ksm_tests, ksmbench) pairs: one sample spreads by +-25 %, see run_crosscheck
-DEFAULT_CROSSCHECK_PAIRS = 21
-
-
-def crosscheck_pairs(args) -> int:
-    return getattr(args, "crosscheck_pairs", None) or DEFAULT_CROSSCHECK_PAIRS
+#: how the cross-check is made, written with every result (the report quotes it)
+METHOD = (
+    "ksmbench 'the ksm_tests way' times the interval ksm_tests -P times: MADV_MERGEABLE + "
+    "run=1 until full_scans has grown by 2, '*'-filled region owned by the timing "
+    "process, which spins on full_scans. That spinning process is itself in ksmd's way, "
+    "and how much depends on where ksmd runs: on the same CPU ksmd (nice 5, weight 335 "
+    "against the spinner's 1024) gets about a quarter of it (measured: 0.25 of the wall "
+    "time for both spinners), on another CPU every page "
+    "ksmd write-protects or replaces costs a TLB-flush interrupt there (about 2 per "
+    "page, /proc/interrupts), whose cost depends on what the spinner is doing. The "
+    "verdict takes the same-CPU runs (the spinner is pinned to spinner_cpu, ksmd too) as "
+    "adjacent pairs in alternating order and judges the median of the pairs' ratios; "
+    "the other-CPU runs and ksmbench's own merge benchmark (owner asleep, ksmd "
+    "free) are reported beside it.")
 
 
 def _loadavg() -> float | None:

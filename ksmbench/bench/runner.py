@@ -1,23 +1,83 @@
-"""Running the benchmarks on the running kernel (the host, or a guest running
-this same code), with progress, writing every result as it is produced."""
+"""Running the benchmarks of a :class:`~ksmbench.bench.config.BenchConfig`:
+:func:`run_benchmarks` runs every kernel of it under the run lock, each on
+the running kernel (:func:`run_host`: the host, or a guest running this same
+code) or inside a VM (:func:`~ksmbench.bench.guest.run_guest`), with
+progress, writing every result as it is produced."""
 
 from __future__ import annotations
 
-import argparse
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Sequence
 
+from ..backends import resolve_backend
 from ..console import esc
-from ..errors import Busy, UsageError
+from ..errors import Busy, KsmbenchError, UsageError
+from ..kernel.lock import RunLock
 from ..kernel.features import detect, kernel_release
 from ..results import now_iso
 from .savings import SavingsRun, Workload, combine, savings_metrics, series_rows
-from .crosscheck import crosscheck_pairs, run_crosscheck
-from .session import BenchSession, FreeRunTunables
+from .config import BenchConfig, FreeRunTunables
+from .crosscheck import run_crosscheck
+from .guest import run_guest
+from .outcome import KernelBench
+from .probes import read_meminfo
+from .session import BenchSession
 from .store import BenchStore
-from .timings import CASES, DEFAULT_SIZES_MIB, FrameView, cycle_bytes, parse_sizes, plan, run_cycle
+from .timings import CASES, FrameView, cycle_bytes, plan, run_cycle
 
 PHASES_PER_CYCLE = 5
 #: a unit of measurement that another KSM user disturbed is repeated up to this often
 ATTEMPTS = 3
+
+
+@dataclass
+class BenchRun:
+    """What :func:`run_benchmarks` produced."""
+
+    path: Path                       # the run directory
+    run_id: str
+    results: dict[str, KernelBench]  # by kernel label
+    #: one line per kernel that could not be measured ("<kernel>: <why>")
+    failures: list[str] = field(default_factory=list)
+
+
+def run_benchmarks(config: BenchConfig, console, command: Sequence[str]) -> BenchRun:
+    """Run ``config`` into a new run directory under ``config.out``;
+    ``command`` is recorded in its metadata.  A kernel that fails is recorded
+    in the result (and in metadata.json), the others still run."""
+    if not config.in_guest:
+        for spec in config.kernels:  # refuse what cannot run before the run directory exists
+            backend = resolve_backend(spec, memory=config.memory, cpus=config.cpus,
+                                      accel=config.accel, modules=config.modules)
+            getattr(backend, "preflight", lambda: None)()
+
+    store = BenchStore(config.out, config.run_id)
+    store.metadata["command"] = list(command)
+    store.metadata["parts"] = list(config.parts)
+    console.print(f"bench {store.rundir.run_id}: {esc(', '.join(config.kernels))} -> {esc(store.path)}")
+    failures: list[str] = []
+    # one run at a time per machine, VM kernels included: a guest's QEMU may
+    # register its RAM with KSM on the host, which other host runs must not meet
+    lock = RunLock(timeout=config.wait)
+    try:
+        lock.acquire()
+        for spec in config.kernels:
+            try:
+                if spec == "host":
+                    run_host(store, config.kernel_label(spec), config, console)
+                else:
+                    run_guest(store, spec, config, console)
+            except KsmbenchError as exc:
+                # one kernel failing does not lose the others' results
+                store.rundir.kernel_entry(config.kernel_label(spec))["error"] = exc.one_line()
+                if len(config.kernels) > 1:
+                    console.print(f"[red]{esc(spec)}: {esc(exc.one_line())}[/red]")
+                failures.append(f"{spec}: {exc.one_line()}")
+    finally:
+        lock.release()
+        store.close()
+    return BenchRun(store.path, store.rundir.run_id, store.results(), failures)
 
 
 def exclusively(session: BenchSession, what: str, measure, *, wait: float, console):
@@ -36,14 +96,8 @@ def exclusively(session: BenchSession, what: str, measure, *, wait: float, conso
                hint="stop them (QEMU registers guest RAM with KSM unless -machine mem-merge=off)")
 
 
-def _sizes(args: argparse.Namespace) -> tuple[int, ...]:
-    return parse_sizes(args.sizes) if args.sizes else DEFAULT_SIZES_MIB
-
-
 def check_memory(sizes: tuple[int, ...], workload: Workload | None) -> None:
     """Refuse before starting when the machine cannot hold the largest case."""
-    from .probes import read_meminfo
-
     available = read_meminfo().get("MemAvailable", 0) * 1024
     need = max([cycle_bytes(s) for s in sizes] +
                [workload.processes * workload.mib_per_process * (1 << 20) * 2 if workload else 0])
@@ -53,25 +107,27 @@ def check_memory(sizes: tuple[int, ...], workload: Workload | None) -> None:
                          hint="pass smaller --sizes / --savings-mib")
 
 
-def run_host(store: BenchStore, label: str, args: argparse.Namespace, parts: tuple[str, ...],
-             console) -> None:
+def run_host(store: BenchStore, label: str, config: BenchConfig, console) -> None:
+    """Run ``config``'s parts on the running kernel; results go to ``store``
+    under ``label``.  The caller holds the run lock."""
     from rich.progress import (BarColumn, MofNCompleteColumn, Progress, SpinnerColumn, TextColumn,
                                TimeElapsedColumn)
 
-    sizes = _sizes(args)
-    tun = FreeRunTunables(pages_to_scan=args.pages_to_scan)
-    workload = Workload(args.savings_procs, args.savings_mib or 64) if "savings" in parts else None
+    parts = config.parts
+    sizes = config.sizes_or_default
+    tun = FreeRunTunables(pages_to_scan=config.pages_to_scan)
+    workload = (Workload(config.savings_procs, config.savings_mib_or_default)
+                if "savings" in parts else None)
     check_memory(sizes if "timings" in parts else (), workload)
-    cycles = plan(sizes, args.repeats) if "timings" in parts else []
-    total = (len(cycles) * PHASES_PER_CYCLE + (2 * args.savings_repeats if workload else 0)
-             + (args.repeats + crosscheck_pairs(args) if "crosscheck" in parts else 0))
+    cycles = plan(sizes, config.repeats) if "timings" in parts else []
+    total = (len(cycles) * PHASES_PER_CYCLE + (2 * config.savings_repeats if workload else 0)
+             + (config.repeats + config.crosscheck_pairs_or_default if "crosscheck" in parts else 0))
     entry = store.rundir.kernel_entry(label)
     entry.update({"backend": "host", "kernel_release": kernel_release(),
                   "features": detect(), "free_run_tunables": tun.to_dict(),
-                  "sizes_mib": list(sizes), "repeats": args.repeats,
+                  "sizes_mib": list(sizes), "repeats": config.repeats,
                   "cases": [f"{c}/use_zero_pages={u}" for c, u in CASES]})
-    # the caller holds the run lock (ksmbench.bench.cli.main)
-    with BenchSession(wait=args.wait) as session, Progress(
+    with BenchSession(wait=config.wait) as session, Progress(
             SpinnerColumn(), TextColumn("{task.fields[kernel]}", style="bold", markup=False),
             BarColumn(), MofNCompleteColumn(), TextColumn("{task.description}", markup=False),
             TimeElapsedColumn(), console=console,
@@ -105,7 +161,7 @@ def run_host(store: BenchStore, label: str, args: argparse.Namespace, parts: tup
                                   record=lambda *a: pending.append(a), phase=phase)
                         return pending
 
-                    for row in exclusively(session, where, measure, wait=args.wait,
+                    for row in exclusively(session, where, measure, wait=config.wait,
                                            console=console):
                         record(*row)
                     store.write_json()
@@ -115,7 +171,7 @@ def run_host(store: BenchStore, label: str, args: argparse.Namespace, parts: tup
             results = {}
             for uzp in (0, 1):
                 recs = []
-                for r in range(args.savings_repeats):
+                for r in range(config.savings_repeats):
                     def say(msg, uzp=uzp, r=r):
                         progress.update(task, description=f"savings use_zero_pages={uzp} "
                                                           f"#{r + 1}: {msg}")
@@ -124,14 +180,14 @@ def run_host(store: BenchStore, label: str, args: argparse.Namespace, parts: tup
                         session, f"savings use_zero_pages={uzp} #{r + 1}",
                         lambda uzp=uzp, say=say: SavingsRun(session, workload, uzp,
                                                             progress=say).run(),
-                        wait=args.wait, console=console)
+                        wait=config.wait, console=console)
                     store.add_savings_rows(series_rows(label, uzp, r, series))
                     store.add_sample(label, "savings", "workload",
                                      workload.processes * workload.mib_per_process, uzp, r,
                                      savings_metrics(rec))
                     recs.append(rec)
-                    results[str(uzp)] = combine(recs, workload)
-                    store.set_section(label, "savings", results)
+                    results[uzp] = combine(recs, workload)
+                    store.set_savings(label, results)
                     progress.update(task, advance=1)
         if "crosscheck" in parts:
             def say(msg):
@@ -141,10 +197,10 @@ def run_host(store: BenchStore, label: str, args: argparse.Namespace, parts: tup
                 progress.update(task, advance=1)
 
             result = run_crosscheck(
-                session, store, label, args, tun, say=say, step=step, console=console,
-                exclusive=lambda what, fn: exclusively(session, what, fn, wait=args.wait,
+                session, store, label, config, tun, say=say, step=step, console=console,
+                exclusive=lambda what, fn: exclusively(session, what, fn, wait=config.wait,
                                                        console=console))
-            store.set_section(label, "crosscheck", result)
+            store.set_crosscheck(label, result)
         progress.update(task, description="done")
     entry["ksm_tunables_after"] = session.host.tunables_after
     entry["ended_at"] = now_iso()

@@ -40,6 +40,7 @@ from ..backends.host import AgentHandle
 from ..kernel.procfs import FrameReader, ProcFS
 from ..kernel.syscalls import PAGE_SIZE
 from .probes import classify_frames, process_memory, read_meminfo, read_pcp_pages
+from .outcome import MachineDrift, SavingsResult, SavingsView, SavingsWorkload, UnmergeCost
 from .session import BenchSession
 
 MIB = 1 << 20
@@ -374,7 +375,7 @@ def series_rows(kernel: str, uzp: int, repeat: int, series) -> list[tuple]:
     return rows
 
 
-def combine(recs: list[dict[str, Any]], workload: Workload) -> dict[str, Any]:
+def combine(recs: list[dict[str, Any]], workload: Workload) -> SavingsResult:
     """Several repeats of the workload as one reconciliation: every number is
     the median over the repeats; the residuals' range and every repeat are kept."""
     import statistics
@@ -384,16 +385,16 @@ def combine(recs: list[dict[str, Any]], workload: Workload) -> dict[str, Any]:
     for i, v in enumerate(first["views"]):
         col = [r["views"][i] for r in recs]
         residuals = [c["residual_bytes"] for c in col if c["residual_bytes"] is not None]
-        views.append({
-            "view": v["view"], "explanation": v["explanation"],
-            "saved_bytes": (statistics.median(c["saved_bytes"] for c in col)
-                            if v["saved_bytes"] is not None else None),
-            "expected_bytes": statistics.median(c["expected_bytes"] for c in col)
+        views.append(SavingsView(
+            view=v["view"], explanation=v["explanation"],
+            saved_bytes=(statistics.median(c["saved_bytes"] for c in col)
+                         if v["saved_bytes"] is not None else None),
+            expected_bytes=statistics.median(c["expected_bytes"] for c in col)
             if v["expected_bytes"] is not None else None,
-            "residual_bytes": statistics.median(residuals) if residuals else None,
-            "residual_min_bytes": min(residuals) if residuals else None,
-            "residual_max_bytes": max(residuals) if residuals else None,
-        })
+            residual_bytes=statistics.median(residuals) if residuals else None,
+            residual_min_bytes=min(residuals) if residuals else None,
+            residual_max_bytes=max(residuals) if residuals else None,
+        ))
     unmerge = dict(first["unmerge"])
     for key in ("run2_seconds", "predicted_bytes_by_counters", "page_tables_bytes",
                 "measured_anon_bytes", "measured_pss_bytes", "measured_available_bytes",
@@ -401,11 +402,12 @@ def combine(recs: list[dict[str, Any]], workload: Workload) -> dict[str, Any]:
         unmerge[key] = statistics.median(r["unmerge"][key] for r in recs)
     drift = {k: statistics.median(abs(r[k]) for r in recs)
              for k in ("drift_anon_bytes", "drift_available_bytes", "drift_free_and_pcp_bytes")}
-    return {"workload": {"processes": workload.processes, "mib_per_process": workload.mib_per_process,
-                         "layout": [list(x) for x in workload.layout()]},
-            "repeats_done": len(recs), "use_zero_pages": first["use_zero_pages"],
-            "expected_counters": first["expected_counters"], "views": views, "unmerge": unmerge,
-            "median_abs_drift": drift, "repeats": recs}
+    return SavingsResult(
+        workload=SavingsWorkload(workload.processes, workload.mib_per_process,
+                                 tuple(tuple(x) for x in workload.layout())),
+        repeats_done=len(recs), use_zero_pages=first["use_zero_pages"],
+        expected_counters=first["expected_counters"], views=tuple(views),
+        unmerge=UnmergeCost(**unmerge), median_abs_drift=MachineDrift(**drift), repeats=tuple(recs))
 
 
 #: short names of the views, for bench.csv metrics

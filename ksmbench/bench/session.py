@@ -22,7 +22,7 @@ Two ways of driving ksmd are used:
 from __future__ import annotations
 
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from typing import Callable
 
 import numpy as np
@@ -32,36 +32,13 @@ from ..errors import Busy, WaitTimeout
 from ..kernel import syscalls
 from ..kernel.stepping import time_scale
 from .affinity import repair_ksmd_affinity
+from .config import FreeRunTunables
 from .probes import CpuTime, ThreadCpu, ksmd_cpu, read_tlb_shootdowns
 
 MIB = 1 << 20
 PAGE_SIZE = syscalls.PAGE_SIZE
 #: the byte ksm_tests fills its duplicate area with (allocate_memory(..., '*', ...))
 DUP_BYTE = 0x2A
-
-
-@dataclass(frozen=True)
-class FreeRunTunables:
-    """Tunables held while ksmd runs freely (timed merges and the cross-check).
-
-    The defaults are what ``ksm_tests -P`` runs with on a NUMA-capable kernel
-    (main() writes run=2, sleep_millisecs=0, merge_across_nodes=1 and
-    pages_to_scan=<-p page count>; the rest stay at the kernel defaults),
-    except pages_to_scan: ksm_tests' default -p is 10 pages per batch, we
-    default to 1000 and pass ``-p`` to ksm_tests so both use the same value.
-    """
-
-    pages_to_scan: int = 1000
-    sleep_millisecs: int = 0
-    #: kernel default (4.13, 2c653d0ee2ae); 0 would walk every dup of a chain
-    #: on each stable-tree lookup, which slows merging of >256 equal pages
-    stable_node_chains_prune_millisecs: int = 2000
-    max_page_sharing: int = 256
-    merge_across_nodes: int = 1
-    smart_scan: int = 1
-
-    def to_dict(self) -> dict:
-        return asdict(self)
 
 
 @dataclass(frozen=True)

@@ -65,6 +65,12 @@ class Summary:
         out["unstable"] = self.unstable
         return out
 
+    @classmethod
+    def from_dict(cls, d: dict) -> "Summary":
+        """Read back what :meth:`to_dict` wrote (its derived keys are recomputed)."""
+        return cls(d["n"], d["median"], d["mean"], d["stdev"], d["mad"], d["minimum"],
+                   d["maximum"], d.get("unit", ""), tuple(d.get("warnings", ())))
+
     def describe(self) -> str:
         """``median ± MAD (n=…, sd …%)``, as printed in summaries."""
         text = (f"{format_value(self.median, self.unit)} ± {format_value(self.mad, self.unit)} "

@@ -27,6 +27,7 @@ from typing import Any, Iterable
 
 from ..errors import KsmbenchError, os_boundary
 from ..results import RunDir
+from .outcome import Crosscheck, KernelBench, MetricSummary, SavingsResult
 from .stats import summarize
 
 BENCH_COLUMNS = ("kernel", "benchmark", "case", "size_mib", "use_zero_pages", "repeat",
@@ -60,8 +61,9 @@ class BenchStore:
         self._savings.writerow(SAVINGS_COLUMNS)
         #: kernel -> (benchmark, case, size, uzp, metric) -> (unit, [values])
         self._samples: dict[str, dict[tuple, tuple[str, list[float]]]] = defaultdict(dict)
-        #: kernel -> extra sections of bench.json ("savings", "crosscheck", ...)
-        self.sections: dict[str, dict[str, Any]] = defaultdict(dict)
+        #: kernel -> the savings reconciliation / the ksm_tests cross-check
+        self._savings_results: dict[str, dict[int, SavingsResult]] = {}
+        self._crosscheck: dict[str, Crosscheck] = {}
         self.write_json()
 
     # -- raw rows ----------------------------------------------------------------
@@ -83,25 +85,33 @@ class BenchStore:
         self._savings.writerows([_cell(v) for v in row] for row in rows)
         self._savings_file.flush()
 
-    def set_section(self, kernel: str, name: str, value: Any) -> None:
-        self.sections[kernel][name] = value
+    def set_savings(self, kernel: str, savings: dict[int, SavingsResult]) -> None:
+        self._savings_results[kernel] = savings
         self.write_json()
 
+    def set_crosscheck(self, kernel: str, crosscheck: Crosscheck) -> None:
+        self._crosscheck[kernel] = crosscheck
+        self.write_json()
+
+    def crosscheck(self, kernel: str) -> Crosscheck | None:
+        return self._crosscheck.get(kernel)
+
     # -- summaries -----------------------------------------------------------------
-    def summaries(self, kernel: str) -> list[dict[str, Any]]:
-        out = []
-        for (benchmark, case, size, uzp, metric), (unit, values) in self._samples[kernel].items():
-            s = summarize(values, unit)
-            out.append({"benchmark": benchmark, "case": case, "size_mib": size,
-                        "use_zero_pages": uzp, "metric": metric, "unit": unit,
-                        "summary": s.to_dict(), "samples": list(values)})
-        return out
+    def summaries(self, kernel: str) -> list[MetricSummary]:
+        return [MetricSummary(benchmark, case, size, uzp, metric, unit, summarize(values, unit),
+                              tuple(values))
+                for (benchmark, case, size, uzp, metric), (unit, values)
+                in self._samples.get(kernel, {}).items()]
+
+    def results(self) -> dict[str, KernelBench]:
+        """Every kernel's results so far, by label."""
+        kernels = sorted(set(self._samples) | set(self._savings_results) | set(self._crosscheck))
+        return {k: KernelBench(self.summaries(k), self._savings_results.get(k), self._crosscheck.get(k))
+                for k in kernels}
 
     def write_json(self) -> None:
-        kernels = sorted(set(self._samples) | set(self.sections))
-        doc = {"run_id": self.rundir.run_id, "kernels": {}}
-        for k in kernels:
-            doc["kernels"][k] = {"summaries": self.summaries(k), **self.sections.get(k, {})}
+        doc = {"run_id": self.rundir.run_id,
+               "kernels": {k: r.to_dict() for k, r in self.results().items()}}
         tmp = self.path / "bench.json.tmp"
         with os_boundary(f"writing {tmp}"):
             tmp.write_text(json.dumps(doc, indent=1, sort_keys=True) + "\n")
@@ -132,13 +142,11 @@ class BenchStore:
                 reader = csv.reader(f)
                 next(reader, None)
                 self.add_savings_rows(reader)
-        doc_path = guest_dir / "bench.json"
-        if doc_path.exists():
-            doc = json.loads(doc_path.read_text())
-            for kernel, body in doc.get("kernels", {}).items():
-                for name, value in body.items():
-                    if name != "summaries":
-                        self.sections[kernel][name] = value
+        for kernel, guest in read_results(guest_dir).items():  # its summaries came from bench.csv
+            if guest.savings is not None:
+                self._savings_results[kernel] = guest.savings
+            if guest.crosscheck is not None:
+                self._crosscheck[kernel] = guest.crosscheck
         self.write_json()
         return meta
 
@@ -175,3 +183,20 @@ def read_bench(path: str | os.PathLike):
     """bench.csv of a run directory as a pandas DataFrame (None if absent)."""
     return _read_table(path, "bench.csv", {"kernel": str, "benchmark": str, "case": str,
                                            "metric": str, "unit": str})
+
+
+def read_results(path: str | os.PathLike) -> dict[str, KernelBench]:
+    """bench.json of a run directory, typed: kernel label -> its results
+    (empty when the directory has no bench.json)."""
+    path = Path(path)
+    if path.is_dir():
+        path = path / "bench.json"
+    if not path.exists():
+        return {}
+    with os_boundary(f"reading {path}"):
+        text = path.read_text()
+    try:
+        doc = json.loads(text)
+    except ValueError as exc:
+        raise KsmbenchError(f"{path} is not valid JSON ({exc})") from None
+    return {kernel: KernelBench.from_dict(body) for kernel, body in doc.get("kernels", {}).items()}

@@ -35,26 +35,14 @@ from typing import Callable
 import numpy as np
 
 from ..backends.host import AgentHandle
-from ..errors import UsageError
 from ..kernel.procfs import FrameReader, ProcFS
 from .probes import classify_frames
-from .session import BenchSession, FreeRunTunables, merged_pages
+from .config import FreeRunTunables
+from .session import BenchSession, merged_pages
 
 #: (content, use_zero_pages) cases: duplicates; zero pages merged like any
 #: duplicates; zero pages replaced by the shared zero page (4.11, tracked 6.6+)
 CASES: tuple[tuple[str, int], ...] = (("dup", 0), ("zero", 0), ("zero", 1))
-DEFAULT_SIZES_MIB: tuple[int, ...] = (16, 64, 256)
-
-
-def parse_sizes(text: str) -> tuple[int, ...]:
-    """``--sizes 16,64``: region sizes in MiB."""
-    try:
-        sizes = tuple(int(s) for s in text.split(",") if s.strip())
-    except ValueError:
-        raise UsageError(f"--sizes {text!r}: expected MiB values separated by commas") from None
-    if not sizes or any(s < 1 for s in sizes):
-        raise UsageError(f"--sizes {text!r}: every size must be at least 1 MiB")
-    return sizes
 STEPPED_SCANS = 3
 #: the duplicate content: one tag page (ksm_tests fills with '*'; the cost of
 #: checksumming and comparing a page does not depend on its bytes)

@@ -9,6 +9,7 @@ import html
 from dataclasses import dataclass, field
 from typing import Any
 
+from ..bench.outcome import HEADLINES, CrosscheckNotDone, CrosscheckResult
 from ..bench.stats import format_value
 from .figures import Figure
 from .load import RunData, incomplete, verdicts
@@ -130,89 +131,75 @@ def _matrix_section(data: RunData, figs: dict[str, Figure]) -> Section | None:
                    [figs[n] for n in ("match-matrix",) if n in figs])
 
 
-HEADLINE = [
-    ("merge", "mib_per_s", "merge throughput"),
-    ("merge", "ksmd_cpu_seconds", "ksmd CPU during merge"),
-    ("unmerge", "mib_per_s", "unmerge throughput"),
-    ("cow", "us_per_page", "CoW break per page"),
-    ("cow", "first_touch_us_per_page", "first touch per page (baseline)"),
-    ("scan_cost", "scan1_cpu_seconds", "ksmd CPU, scan 1 (checksums)"),
-    ("scan_cost", "scan2_cpu_seconds", "ksmd CPU, scan 2 (merging)"),
-    ("scan_cost", "scan3_cpu_seconds", "ksmd CPU, scan 3 (steady)"),
-    ("scan_cost", "cpu_per_merged_page_us", "ksmd CPU per merged page"),
-]
-
-
 def _bench_section(data: RunData, figs: dict[str, Figure]) -> Section | None:
-    if not data.bench_json:
+    if not data.bench_results:
         return None
     rows = []
     unstable = 0
-    for kernel, body in data.bench_json.items():
-        summaries = body.get("summaries", [])
-        for benchmark, metric, name in HEADLINE:
-            for s in sorted((s for s in summaries if s["benchmark"] == benchmark and s["metric"] == metric),
-                            key=lambda s: (s["case"], s["use_zero_pages"] or 0, s["size_mib"] or 0)):
-                sm = s["summary"]
-                unstable += bool(sm["unstable"])
-                rows.append([kernel, name, s["case"], _num(s["use_zero_pages"]), _num(s["size_mib"]),
-                             format_value(sm["median"], s["unit"]), format_value(sm["mad"], s["unit"]),
-                             f"{sm['rel_stdev'] * 100:.1f}", str(sm["n"]),
-                             "UNSTABLE: " + "; ".join(sm["warnings"]) if sm["unstable"] else "ok"])
+    for kernel, result in data.bench_results.items():
+        for h in HEADLINES:
+            if not h.in_report:
+                continue
+            for s in sorted((s for s in result.summaries if s.benchmark == h.benchmark and s.metric == h.metric),
+                            key=lambda s: (s.case, s.use_zero_pages or 0, s.size_mib or 0)):
+                sm = s.summary
+                unstable += bool(sm.unstable)
+                rows.append([kernel, h.title, s.case, _num(s.use_zero_pages), _num(s.size_mib),
+                             format_value(sm.median, s.unit), format_value(sm.mad, s.unit),
+                             f"{sm.rel_stdev * 100:.1f}", str(sm.n),
+                             "UNSTABLE: " + "; ".join(sm.warnings) if sm.unstable else "ok"])
     paras = ["Median ± median absolute deviation over the repeats; sd % is the standard deviation "
              "relative to the mean. A result is flagged unstable as pyperf flags it: sd ≥ 10 % of "
              "the mean, min or max ≥ 50 % away from the mean, or a time sample under 1 ms. Every "
              "raw sample is in bench.csv and bench.json."]
     if unstable:
         paras.append(f"{unstable} results are flagged unstable (a shared 2-core machine).")
-    for kernel, body in data.bench_json.items():
-        cc = body.get("crosscheck")
-        if not cc:
+    for kernel, result in data.bench_results.items():
+        cc = result.crosscheck
+        if cc is None:
             continue
-        if cc.get("error"):
-            paras.append(f"Cross-check with ksm_tests -P on {kernel}: not done ({cc['error']}).")
+        if isinstance(cc, CrosscheckNotDone):
+            paras.append(f"Cross-check with ksm_tests -P on {kernel}: not done ({cc.error}).")
             continue
-        o, t = cc["ours_mib_per_s"], cc["ksm_tests_mib_per_s"]
-        verdict = (f"they agree within {cc['tolerance'] * 100:.0f} %" if cc["agrees"]
-                   else f"they DISAGREE by more than {cc['tolerance'] * 100:.0f} %")
-        if not cc.get("judged", True):
-            verdict = f"not judged: {cc.get('not_judged_because', '')}"
+        o, t = cc.ours_mib_per_s, cc.ksm_tests_mib_per_s
+        verdict = (f"they agree within {cc.tolerance * 100:.0f} %" if cc.agrees
+                   else f"they DISAGREE by more than {cc.tolerance * 100:.0f} %")
+        if not cc.is_judged:
+            verdict = f"not judged: {cc.not_judged_because or ''}"
+        idle = cc.idle_owner_mib_per_s
         paras.append(
             f"Cross-check on {kernel}: with the same tunables (pages_to_scan "
-            f"{cc['tunables']['pages_to_scan']}, sleep_millisecs {cc['tunables']['sleep_millisecs']}, "
-            f"observed during both runs) and {cc['size_mib']} MiB, ksmbench measures "
-            f"{o['median']:.1f} MiB/s (sd {o['rel_stdev'] * 100:.1f} %, n={o['n']}) and the kernel's "
-            f"ksm_tests -P ({cc['ksm_tests'].get('source_package', '')} "
-            f"{cc['ksm_tests'].get('source_version', '')}) {t['median']:.1f} MiB/s "
-            f"(sd {t['rel_stdev'] * 100:.1f} %, n={t['n']}): ratio of the medians {cc['ratio']:.3f}"
-            + (f", median of the {len(cc['paired_ratios'])} back-to-back pairs' ratios "
-               f"{cc['paired_ratio_median']:.3f}" if cc.get("paired_ratio_median") else "")
-            + f"; difference {cc['relative_difference'] * 100:.1f} %: {verdict}."
+            f"{cc.tunables.pages_to_scan}, sleep_millisecs {cc.tunables.sleep_millisecs}, "
+            f"observed during both runs) and {cc.size_mib} MiB, ksmbench measures "
+            f"{o.median:.1f} MiB/s (sd {o.rel_stdev * 100:.1f} %, n={o.n}) and the kernel's "
+            f"ksm_tests -P ({cc.ksm_tests.get('source_package', '')} "
+            f"{cc.ksm_tests.get('source_version', '')}) {t.median:.1f} MiB/s "
+            f"(sd {t.rel_stdev * 100:.1f} %, n={t.n}): ratio of the medians {cc.ratio:.3f}"
+            + (f", median of the {len(cc.paired_ratios)} back-to-back pairs' ratios "
+               f"{cc.paired_ratio_median:.3f}" if cc.paired_ratio_median else "")
+            + f"; difference {cc.relative_difference * 100:.1f} %: {verdict}."
             + (f" Timed with the region's owner asleep and ksmd free (ksmbench's merge "
-               f"benchmark) the same merge runs at {cc['idle_owner_mib_per_s']['median']:.1f} MiB/s, "
-               f"{cc['idle_owner_ratio']:.2f}x ksm_tests -P: ksm_tests' own process spins on "
+               f"benchmark) the same merge runs at {idle.median:.1f} MiB/s, "
+               f"{cc.idle_owner_ratio:.2f}x ksm_tests -P: ksm_tests' own process spins on "
                "full_scans, and it is in ksmd's way." + _tlb_sentence(cc)
-               if cc.get("idle_owner_mib_per_s") else ""))
-        if cc.get("method"):
-            paras.append(f"How the cross-check is made: {cc['method']}")
-        if cc.get("mib_per_s"):
-            tlb = cc.get("tlb_shootdowns_median") or {}
-            cpu = cc.get("ksmd_cpu_seconds_median") or {}
-            rows.extend([kernel, "cross-check: " + k, "dup", "0", _num(cc["size_mib"]),
-                         format_value(v["median"], "MiB/s"), "", f"{v['rel_stdev'] * 100:.1f}",
-                         str(v["n"]),
-                         "" if tlb.get(k) is None else
-                         f"{tlb[k]:.0f} TLB shootdowns, ksmd CPU {(cpu.get(k) or 0) * 1e3:.0f} ms"]
-                        for k, v in cc["mib_per_s"].items())
+               if idle else ""))
+        if cc.method:
+            paras.append(f"How the cross-check is made: {cc.method}")
+        tlb, cpu = cc.tlb_shootdowns_median, cc.ksmd_cpu_seconds_median
+        rows.extend([kernel, "cross-check: " + k, "dup", "0", _num(cc.size_mib),
+                     format_value(v.median, "MiB/s"), "", f"{v.rel_stdev * 100:.1f}",
+                     str(v.n),
+                     "" if tlb.get(k) is None else
+                     f"{tlb[k]:.0f} TLB shootdowns, ksmd CPU {(cpu.get(k) or 0) * 1e3:.0f} ms"]
+                    for k, v in cc.mib_per_s.items())
     return Section("Benchmarks", paras,
                    [Table(["kernel", "figure", "case", "uzp", "MiB", "median", "± MAD", "sd %", "n",
                            "stability"], rows)],
                    [figs[n] for n in ("merge-throughput", "costs", "ksmd-cpu-per-scan") if n in figs])
 
 
-def _tlb_sentence(cc: dict) -> str:
-    tlb = cc.get("tlb_shootdowns_median") or {}
-    cpu = cc.get("ksmd_cpu_seconds_median") or {}
+def _tlb_sentence(cc: CrosscheckResult) -> str:
+    tlb, cpu = cc.tlb_shootdowns_median, cc.ksmd_cpu_seconds_median
     spin, idle = tlb.get("ksmbench-other-cpu"), tlb.get("ksmbench-idle-owner")
     if spin is None or idle is None:
         return ""
@@ -224,22 +211,22 @@ def _tlb_sentence(cc: dict) -> str:
 
 def _savings_section(data: RunData, figs: dict[str, Figure]) -> Section | None:
     tables, paras = [], []
-    for kernel, body in data.bench_json.items():
-        for uzp, rec in sorted((body.get("savings") or {}).items()):
-            w = rec.get("workload", {})
-            rows = [[v["view"], "absent" if v["saved_bytes"] is None else f"{v['saved_bytes'] / MIB:.1f}",
-                     "" if v["expected_bytes"] is None else f"{v['expected_bytes'] / MIB:.1f}",
-                     "" if v["residual_bytes"] is None else f"{v['residual_bytes'] / MIB:+.1f}",
-                     v["explanation"]] for v in rec["views"]]
-            u = rec["unmerge"]
+    for kernel, result in data.bench_results.items():
+        for uzp, rec in sorted((result.savings or {}).items()):
+            w = rec.workload
+            rows = [[v.view, "absent" if v.saved_bytes is None else f"{v.saved_bytes / MIB:.1f}",
+                     "" if v.expected_bytes is None else f"{v.expected_bytes / MIB:.1f}",
+                     "" if v.residual_bytes is None else f"{v.residual_bytes / MIB:+.1f}",
+                     v.explanation] for v in rec.views]
+            u = rec.unmerge
             rows.append(["unmerge cost: run=2 needs back (AnonPages)",
-                         f"{u['measured_anon_bytes'] / MIB:.1f}",
-                         f"{u['predicted_bytes_by_counters'] / MIB:.1f}",
-                         f"{(u['measured_anon_bytes'] - u['predicted_bytes_by_counters']) / MIB:+.1f}",
-                         u["explanation"] + f"; run=2 took {u['run2_seconds']:.3f} s, "
-                         f"{u['zero_pages_left_after_run2']} KSM zero pages were left mapped"])
+                         f"{u.measured_anon_bytes / MIB:.1f}",
+                         f"{u.predicted_bytes_by_counters / MIB:.1f}",
+                         f"{(u.measured_anon_bytes - u.predicted_bytes_by_counters) / MIB:+.1f}",
+                         u.explanation + f"; run=2 took {u.run2_seconds:.3f} s, "
+                         f"{u.zero_pages_left_after_run2} KSM zero pages were left mapped"])
             tables.append(Table([f"{kernel}, use_zero_pages={uzp}: view "
-                                 f"({w.get('processes')} processes x {w.get('mib_per_process')} MiB)",
+                                 f"({w.processes} processes x {w.mib_per_process} MiB)",
                                  "saved MiB", "expected MiB", "residual MiB", "why"], rows))
     if not tables:
         return None

@@ -348,13 +348,13 @@ def savings_over_time(data: RunData) -> list[Figure]:
 def zero_page_savings(data: RunData) -> list[Figure]:
     """Saved MiB per view, use_zero_pages 0 vs 1, per kernel (savings workload)."""
     rows = []
-    for kernel, body in data.bench_json.items():
-        for uzp, rec in (body.get("savings") or {}).items():
-            for v in rec.get("views", []):
-                if v["saved_bytes"] is None:
+    for kernel, result in data.bench_results.items():
+        for uzp, rec in (result.savings or {}).items():
+            for v in rec.views:
+                if v.saved_bytes is None:
                     continue  # a counter the kernel lacks
-                rows.append({"kernel": kernel, "uzp": int(uzp), "view": v["view"],
-                             "saved": v["saved_bytes"] / MIB})
+                rows.append({"kernel": kernel, "uzp": uzp, "view": v.view,
+                             "saved": v.saved_bytes / MIB})
     if not rows:
         return []
     df = pd.DataFrame(rows)

@@ -16,6 +16,8 @@ from typing import Any
 
 import pandas as pd
 
+from ..bench.outcome import KernelBench
+from ..bench.store import read_bench, read_results
 from ..errors import UsageError
 
 
@@ -28,8 +30,8 @@ class RunData:
     expectations: pd.DataFrame | None = None
     bench: pd.DataFrame | None = None
     savings: pd.DataFrame | None = None
-    #: kernel -> bench.json body (summaries, savings, crosscheck)
-    bench_json: dict[str, dict[str, Any]] = field(default_factory=dict)
+    #: kernel -> its benchmark results (bench.json, typed)
+    bench_results: dict[str, KernelBench] = field(default_factory=dict)
     #: ``ksmbench savings`` runs: (metadata, savings.csv as a DataFrame)
     workload_savings: list[tuple[dict[str, Any], pd.DataFrame]] = field(default_factory=list)
     #: ``ksmbench validate``: one row per variant, and every changed cell
@@ -44,7 +46,7 @@ class RunData:
                 for k in df["kernel"].dropna().unique():
                     if k not in seen:
                         seen.append(str(k))
-        for k in self.bench_json:
+        for k in self.bench_results:
             if k not in seen:
                 seen.append(k)
         return seen
@@ -99,9 +101,8 @@ def load_runs(paths: list[str | os.PathLike]) -> RunData:
                                                                "metric": str, "holds": "string"})
             df["run_id"] = run_id
             exp.append(df)
-        if (path / "bench.csv").exists():
-            df = pd.read_csv(path / "bench.csv", dtype={"kernel": str, "benchmark": str,
-                                                        "case": str, "metric": str, "unit": str})
+        df = read_bench(path)
+        if df is not None:
             df["run_id"] = run_id
             bench.append(df)
         if (path / "savings.csv").exists() and meta.get("command") == "savings":
@@ -120,15 +121,9 @@ def load_runs(paths: list[str | os.PathLike]) -> RunData:
             df = pd.read_csv(path / "validate-cells.csv", dtype=str, keep_default_na=False)
             df["run_id"] = run_id
             vcells.append(df)
-        if (path / "bench.json").exists():
-            doc = json.loads((path / "bench.json").read_text())
-            for kernel, body in doc.get("kernels", {}).items():
-                have = data.bench_json.setdefault(kernel, {})
-                for key, value in body.items():
-                    if key == "summaries":  # several bench runs of one kernel add up
-                        have.setdefault("summaries", []).extend(value)
-                    else:  # a later run's section (savings, cross-check) replaces an earlier one
-                        have[key] = value
+        for kernel, result in read_results(path).items():
+            # several bench runs of one kernel add up
+            data.bench_results.setdefault(kernel, KernelBench()).update(result)
     data.observations = _concat(obs)
     data.expectations = _concat(exp)
     data.bench = _concat(bench)
