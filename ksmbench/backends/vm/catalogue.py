@@ -18,7 +18,8 @@ def kernels_command(args: argparse.Namespace) -> int:
     from rich.table import Table
 
     from ...console import esc, make_console
-    from ...debian import DebianArchive, cache_root
+    from ...sources.cache import cache_root
+    from ...sources.debian import DebianArchive
     from .accel import host_key, kvm_device_usable, read_verdicts
 
     console = make_console()
