@@ -5,8 +5,8 @@ series that Debian ships today, in whichever suite it is (bookworm, trixie,
 their backports, sid, experimental).  Package names and versions move with
 every upload, so nothing here hard-codes them: the suites, the mirror and the
 package-name patterns are data (``catalogue.toml``, shipped in this package),
-and the packages are
-resolved against the archive's current, signed indexes at run time.
+and the packages are resolved against the archive's current, signed indexes
+at run time.
 
 Everything lives under the cache root (:func:`.cache.cache_root`:
 ``$KSMBENCH_CACHE``, default ``~/.cache/ksmbench``)::
