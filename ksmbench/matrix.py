@@ -186,7 +186,7 @@ class _TaskSink:
         if task.artifacts_parent is not None:
             self.path = Path(task.artifacts_parent)
         else:
-            from .debian import cache_root
+            from .sources.cache import cache_root
 
             self.path = cache_root() / "cluster-runs" / task.run_id
             self.path.mkdir(parents=True, exist_ok=True)

@@ -94,7 +94,7 @@ def describe_kernel(spec: str, requested_accel: str = "auto") -> tuple[str, str]
 
 def _cached_debian_release(spec: str) -> str | None:
     """The release of the newest cached Debian image of this series (no download)."""
-    from .debian import cache_root
+    from .sources.cache import cache_root
 
     series = spec.split(":", 1)[1]
     kernels = cache_root() / "kernels"

@@ -3,12 +3,21 @@
 from __future__ import annotations
 
 import fcntl
+import os
 import time
 from typing import Callable, TypeVar
 
 from .errors import WaitTimeout
 
 T = TypeVar("T")
+
+
+def time_scale() -> float:
+    """Multiplier for every timeout (``KSMBENCH_TIME_SCALE``; VMs under TCG set it)."""
+    try:
+        return max(float(os.environ.get("KSMBENCH_TIME_SCALE", "1")), 0.1)
+    except ValueError:
+        return 1.0
 
 
 def wait_until(predicate: Callable[[], T], *, timeout: float, what: str,

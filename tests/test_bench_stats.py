@@ -13,7 +13,7 @@ import pytest
 from ksmbench.bench import probes, stats
 from ksmbench.bench.crosscheck import parse_ksm_tests_output
 from ksmbench.bench.outcome import CrosscheckNotDone, CrosscheckResult, SavingsResult
-from ksmbench.kernel_tools import closest_series
+from ksmbench.sources.kernel_tools import closest_series
 from ksmbench.bench.savings import Snapshot, Workload, _dup_merge, combine, reconcile
 from ksmbench.bench.store import BenchStore, read_bench
 from ksmbench.bench.timings import plan

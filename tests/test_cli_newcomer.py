@@ -216,7 +216,7 @@ def test_scenario_files_in_markup_like_directories(tmp_path):
 def test_unknown_debian_series_is_refused_before_anything_starts(tmp_path):
     """Every command taking --kernel: one line naming the series there are, no
     run directory, no progress, no table."""
-    from ksmbench.debian import DebianArchive
+    from ksmbench.sources.debian import DebianArchive
 
     try:
         available = list(DebianArchive().kernel_series())

@@ -1,4 +1,4 @@
-"""ksmbench.debian: version order, index parsing, kernel/source resolution, fetching.
+"""ksmbench.sources.debian: version order, index parsing, kernel/source resolution, fetching.
 
 Resolution runs against fake package lists (no network); fetching runs against
 a local file:// "mirror" holding .deb files built here with dpkg-deb.
@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from ksmbench import debian as d
+from ksmbench.sources import debian as d
 from ksmbench.errors import KernelNotFound
 
 IMAGE = d.Catalogue.load().kernel_image_pattern

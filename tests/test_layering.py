@@ -24,11 +24,9 @@ PACKAGE = "ksmbench"
 #: to a named layer: "<layer>+" just above it, "<layer>" the same unit)
 PLACED = {
     "__init__": (None, None),                   # the version string
-    "waiting": (None, None),                    # bounded waits: kernel/ and debian.py use them
+    "waiting": (None, None),                    # bounded waits: kernel/ and sources/ use them
     "formats": (None, None),                    # KTAP/JUnit from run directories; needs only errors
     "progress": ("runner", "runner"),           # table row: runner.py, results.py, progress.py
-    "debian": ("sources", "emulator+"),         # table row: debian.py, kernel_tools.py
-    "kernel_tools": ("sources", "emulator+"),
     "pytest_plugin": ("pytest_plugin", "report+"),  # table row between report/ and cli.py
 }
 

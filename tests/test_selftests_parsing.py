@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 
-from ksmbench.kernel_tools import (SelftestBuild, functional_test_names, makefile_recipe,
+from ksmbench.sources.kernel_tools import (SelftestBuild, functional_test_names, makefile_recipe,
                                    selftest_compile_argv)
 from ksmbench.observation import ObservationPoint
 from ksmbench.scenario import builtin_names

@@ -32,7 +32,8 @@ from ..errors import KsmbenchError, NotApplicable, WaitTimeout
 from ..kernel import syscalls
 from ..kernel.policy import HostPolicy
 from ..kernel.procfs import ProcFS
-from ..kernel.stepping import ScanStepper, time_scale
+from ..kernel.stepping import ScanStepper
+from ..waiting import time_scale
 from ..kernel.sysfs import KsmSysfs
 from ..kernel.tunables import TunableChanges, repair
 from ..metrics import (GLOBAL_CUMULATIVE, GLOBAL_LEVELS, KSM_STAT_FIELDS, RSS_ANON,

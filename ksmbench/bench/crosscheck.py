@@ -2,7 +2,7 @@
 
 ``ksm_tests`` (tools/testing/selftests/mm/ksm_tests.c) is built from Debian's
 ``linux-source-X.Y`` closest to the kernel under test, by the toolkit's one
-selftest build (:mod:`ksmbench.kernel_tools`), and cached.
+selftest build (:mod:`ksmbench.sources.kernel_tools`), and cached.
 
 What ``ksm_tests -P -s S -p P`` does (6.12 source; 6.1 is the same apart from
 an operator-precedence slip that skips the merge_across_nodes/pages_to_scan
@@ -34,8 +34,8 @@ from typing import Any, Callable
 
 from ..errors import Busy, KsmbenchError
 from ..kernel import syscalls
-from ..kernel_tools import closest_series
-from ..kernel.stepping import time_scale
+from ..sources.kernel_tools import closest_series
+from ..waiting import time_scale
 from .affinity import ksmd_on, pinned, spin_cpu
 from .probes import read_tlb_shootdowns
 from .config import BenchConfig, FreeRunTunables
@@ -60,8 +60,8 @@ _TIME = re.compile(r"Total time:\s+([0-9]+\.[0-9]+)\s+s")
 def ksm_tests_binary(series: str, say: Callable[[str], None] = lambda _m: None,
                      console=None) -> tuple[Path, dict[str, Any]]:
     """ksm_tests built from the linux-source closest to ``series`` (the toolkit's
-    one selftest build, :func:`ksmbench.kernel_tools.ksm_selftests`, cached)."""
-    from ..kernel_tools import ksm_selftests
+    one selftest build, :func:`ksmbench.sources.kernel_tools.ksm_selftests`, cached)."""
+    from ..sources.kernel_tools import ksm_selftests
 
     say(f"building ksm_tests from the linux-source closest to {series}")
     build = ksm_selftests(series, console=console)

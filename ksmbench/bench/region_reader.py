@@ -37,7 +37,7 @@ def _time(fn, repeat: int) -> list[float]:
 
 
 def measure(pages: int, repeat: int, console) -> list[dict]:
-    from ..kernel_tools import page_types
+    from ..sources.kernel_tools import page_types
 
     binary = page_types(console=console)
     rows = []

@@ -30,7 +30,7 @@ import numpy as np
 from ..backends.host import HostSession
 from ..errors import Busy, WaitTimeout
 from ..kernel import syscalls
-from ..kernel.stepping import time_scale
+from ..waiting import time_scale
 from .affinity import repair_ksmd_affinity
 from .config import FreeRunTunables
 from .probes import CpuTime, ThreadCpu, ksmd_cpu, read_tlb_shootdowns

@@ -57,7 +57,7 @@ class VariantError(KsmbenchError):
 
 
 def cache_dir() -> Path:
-    from ..debian import cache_root
+    from ..sources.cache import cache_root
 
     return cache_root() / "validate"
 
@@ -96,7 +96,7 @@ def resolve_source(spec: str, *, console=None) -> KernelSource:
         series = spec.partition(":")[2]
         if not re.fullmatch(r"\d+\.\d+", series):
             raise UsageError(f"SOURCE {spec}: expected debian-source:X.Y, e.g. debian-source:6.12")
-        from ..debian import DebianArchive, series_of
+        from ..sources.debian import DebianArchive, series_of
 
         archive = DebianArchive(console=console)
         pkg = archive.resolve_source(series)

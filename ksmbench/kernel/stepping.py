@@ -31,11 +31,10 @@ stale dups in max_page_sharing chains is otherwise decided by wall-clock time
 
 from __future__ import annotations
 
-import os
 import time
 
 from ..errors import WaitTimeout
-from ..waiting import wait_until
+from ..waiting import time_scale, wait_until
 from .procfs import ProcFS
 from .sysfs import KsmSysfs
 from .tunables import TunableChanges
@@ -44,14 +43,6 @@ SLEEP_A = 60000
 SLEEP_B = 60001
 #: pages_to_scan while stepping: larger than any region ksmbench maps
 PAGES_TO_SCAN = 16 * 1024 * 1024
-
-
-def time_scale() -> float:
-    """Multiplier for every timeout (``KSMBENCH_TIME_SCALE``; VMs under TCG set it)."""
-    try:
-        return max(float(os.environ.get("KSMBENCH_TIME_SCALE", "1")), 0.1)
-    except ValueError:
-        return 1.0
 
 
 class ScanStepper:

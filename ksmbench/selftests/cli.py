@@ -35,7 +35,7 @@ from typing import Sequence
 from ..backends import add_vm_options
 from ..console import esc, make_console
 from ..errors import KsmbenchError, UsageError
-from ..kernel_tools import SelftestBuild, closest_series, ksm_selftests
+from ..sources.kernel_tools import SelftestBuild, closest_series, ksm_selftests
 from . import catalogue
 from .catalogue import PEERS, Peer
 from .compare import DISAGREE, PeerRow, compare

@@ -21,7 +21,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Mapping, Sequence
 
-from ..kernel_tools import SelftestBuild
+from ..sources.kernel_tools import SelftestBuild
 from ..observation import ObservationPoint
 from . import checks as ck
 from .catalogue import FUNCTIONAL, Peer

@@ -42,7 +42,7 @@ from typing import Callable, Sequence
 from ..errors import KsmbenchError
 from ..kernel.policy import HostPolicy
 from ..kernel.procfs import ProcFS
-from ..kernel.stepping import time_scale
+from ..waiting import time_scale
 from ..kernel.sysfs import KsmSysfs
 from ..kernel.syscalls import die_with_parent
 from ..kernel.tunables import TunableChanges, repair

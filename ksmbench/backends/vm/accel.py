@@ -63,7 +63,7 @@ def host_key(qemu: str | None = None) -> str:
 
 
 def cache_path() -> Path:
-    from ...debian import cache_root
+    from ...sources.cache import cache_root
 
     return cache_root() / "accel.json"
 
@@ -122,7 +122,7 @@ def decide(requested: str, probe: Callable[[], ProbeResult], *, key: str,
 
 def probe_kvm(kernel, *, memory: str = "2G", seconds: float = PROBE_SECONDS) -> ProbeResult:
     """Boot ``kernel`` under KVM and run a command; works only if it all happens in time."""
-    from ...debian import cache_root
+    from ...sources.cache import cache_root
 
     base = cache_root() / "probe"
     base.mkdir(parents=True, exist_ok=True)

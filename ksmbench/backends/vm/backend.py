@@ -66,7 +66,7 @@ class VMBackend:
             path = Path(self.artifacts_dir).resolve()
             path.mkdir(parents=True, exist_ok=True)
             return path
-        from ...debian import cache_root
+        from ...sources.cache import cache_root
 
         base = cache_root() / "vm-runs"
         base.mkdir(parents=True, exist_ok=True)
@@ -125,7 +125,7 @@ class VMBackend:
                             raise KsmUnavailable(
                                 f"the guest kernel {facts.get('kernel_release')} has no KSM "
                                 "(/sys/kernel/mm/ksm is missing)",
-                                hint="build it with CONFIG_KSM=y (vm/ksmbench.config does); "
+                                hint="build it with CONFIG_KSM=y (vm/build-kernel does); "
                                      f"console log: {run.console_log}")
                         from .boot import observed_accelerator
 

@@ -34,6 +34,7 @@ from pathlib import Path
 from typing import Mapping, Sequence
 
 from ...errors import VMError, os_boundary
+from ...sources.packaged import packaged_file
 from .kernels import BootableKernel
 
 #: seconds a guest may take to reach user space (TCG: a Debian kernel takes
@@ -95,7 +96,7 @@ def qemu_version() -> str:
 
 
 #: runs in the guest: the command virtme-ng executes (see the script's header)
-LAUNCHER = Path(__file__).resolve().parent / "launcher.sh"
+LAUNCHER = packaged_file(__package__, "launcher.sh")
 
 _PLAIN_PATH = re.compile(r"^/[A-Za-z0-9_./+-]+$")
 

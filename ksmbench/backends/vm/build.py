@@ -6,9 +6,10 @@
    A patch already applied (``patch -R --dry-run`` succeeds) is skipped, so
    re-running the command does not fail on a plain tree.
 2. Configure out of tree in OUT/build: ``make tinyconfig``, merge
-   ``vm/ksmbench.config`` with ``scripts/kconfig/merge_config.sh``, ``make
-   olddefconfig``; then check that every option of the fragment survived
-   (Kconfig silently drops an option whose dependencies are not met).
+   ``ksmbench.config`` (package data, next to this module) with
+   ``scripts/kconfig/merge_config.sh``, ``make olddefconfig``; then check
+   that every option of the fragment survived (Kconfig silently drops an
+   option whose dependencies are not met).
 3. ``make -jN bzImage``; copy it to OUT/bzImage and print that path.
 
 An in-tree ``.config`` makes out-of-tree builds refuse ("source tree is not
@@ -30,8 +31,10 @@ from typing import Sequence
 
 from ...console import esc, make_console
 from ...errors import KsmbenchError
+from ...sources.packaged import packaged_file
 
-FRAGMENT = Path(__file__).resolve().parents[3] / "vm" / "ksmbench.config"
+#: the guest kernel's config fragment, shipped with the package
+FRAGMENT = packaged_file(__package__, "ksmbench.config")
 BUILD_TIMEOUT = 3 * 3600.0
 PATCH_SUFFIXES = (".patch", ".diff", ".mbox", ".eml")
 

@@ -1,7 +1,7 @@
 """``ksmbench kernels``: what can be booted, cached and fetchable, with versions.
 
 Fetchable: every kernel series Debian's archive has today in the suites of
-``vm/catalogue.toml``, with the package ``debian:<series>`` resolves to.
+``ksmbench/sources/catalogue.toml``, with the package ``debian:<series>`` resolves to.
 Cached: unpacked kernel packages and prepared own images in the cache.
 Also shows the accelerator verdict for this host (the KVM probe, if it ran).
 """
@@ -18,7 +18,8 @@ def kernels_command(args: argparse.Namespace) -> int:
     from rich.table import Table
 
     from ...console import esc, make_console
-    from ...debian import DebianArchive, cache_root
+    from ...sources.cache import cache_root
+    from ...sources.debian import DebianArchive
     from .accel import host_key, kvm_device_usable, read_verdicts
 
     console = make_console()

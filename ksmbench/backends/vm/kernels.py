@@ -1,7 +1,7 @@
 """What ``--kernel`` names, turned into something virtme-ng can boot.
 
 * ``debian:<major.minor>``: the newest generic amd64 package of that series in
-  Debian's archive (:mod:`ksmbench.debian`), downloaded and unpacked once.
+  Debian's archive (:mod:`ksmbench.sources.debian`), downloaded and unpacked once.
 * a path to a bzImage/vmlinuz (``--modules DIR`` for its modules, when it
   has any: the directory holding ``lib/modules/<release>`` or that directory
   itself).
@@ -85,7 +85,7 @@ def debian_series() -> list[str] | None:
     read once per process).  None when the archive cannot be consulted."""
     global _available
     if _available is None:
-        from ...debian import DebianArchive, _series_key
+        from ...sources.debian import DebianArchive, _series_key
         from ...errors import KsmbenchError
 
         try:
@@ -165,7 +165,8 @@ def image_release(path: Path) -> str | None:
 def resolve(spec: str, *, modules: str | None = None, console=None, cache_dir: Path | None = None
             ) -> BootableKernel:
     """Fetch (for ``debian:``) and prepare the boot root of a ``--kernel`` value."""
-    from ...debian import DebianArchive, cache_root
+    from ...sources.cache import cache_root
+    from ...sources.debian import DebianArchive
 
     check_spec(spec, modules)
     cache = Path(cache_dir) if cache_dir else cache_root()

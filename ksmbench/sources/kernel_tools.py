@@ -2,8 +2,11 @@
 
 Used as peers to measure against: ``tools/mm/page-types`` (the region reader's
 speed reference) and the KSM selftests in ``tools/testing/selftests/mm``.
-Sources come through :mod:`ksmbench.debian` (a private apt configuration);
-builds happen inside the cached source tree and are reused.
+Sources come through :mod:`ksmbench.sources.debian` (a private apt
+configuration); builds happen inside the cached source tree and are reused.
+Both ``bench`` (the ``ksm_tests -P`` cross-check, the page-types reference)
+and ``selftests`` use these builds, and neither may import the other (they
+are one layer), so the builds live here, with the sources they come from.
 """
 
 from __future__ import annotations
@@ -16,8 +19,9 @@ import subprocess
 from dataclasses import dataclass
 from pathlib import Path
 
-from .errors import KsmbenchError
-from .kernel.features import kernel_release, parse_version
+from ..errors import KsmbenchError
+from ..kernel.features import kernel_release, parse_version
+from .debian import DebianArchive
 
 #: what must be extracted from linux-source to build tools under tools/
 TOOLS_MEMBERS = ["tools", "include/uapi", "scripts", "arch/x86/include/uapi",
@@ -30,8 +34,6 @@ def closest_series(release: str | None = None) -> str:
 
 
 def source_tree(series: str | None = None, *, console=None) -> Path:
-    from .debian import DebianArchive
-
     return DebianArchive(console=console).fetch_source(series or closest_series(),
                                                        members=TOOLS_MEMBERS)
 
@@ -99,8 +101,6 @@ def ksm_selftests(series: str | None = None, *, console=None,
     Makefile's TOOLS_INCLUDES (tools/include/uapi) carries every uapi header
     these two programs use that a Debian 12 libc lacks (PR_SET_MEMORY_MERGE, 6.4).
     """
-    from .debian import DebianArchive
-
     archive = DebianArchive(cache_dir, console=console)
     series = series or closest_series()
     pkg = archive.resolve_source(series)

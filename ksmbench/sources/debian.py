@@ -4,11 +4,12 @@
 series that Debian ships today, in whichever suite it is (bookworm, trixie,
 their backports, sid, experimental).  Package names and versions move with
 every upload, so nothing here hard-codes them: the suites, the mirror and the
-package-name patterns are data (``vm/catalogue.toml``), and the packages are
-resolved against the archive's current, signed indexes at run time.
+package-name patterns are data (``catalogue.toml``, shipped in this package),
+and the packages are resolved against the archive's current, signed indexes
+at run time.
 
-Everything lives under a cache directory (``$KSMBENCH_CACHE``, default
-``~/.cache/ksmbench``)::
+Everything lives under the cache root (:func:`.cache.cache_root`:
+``$KSMBENCH_CACHE``, default ``~/.cache/ksmbench``)::
 
     apt/          apt.conf, sources.list, lists/ (the indexes), cache/, status
     debs/         downloaded .deb files (checked against the SHA256 of the index)
@@ -41,12 +42,14 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Iterable, Iterator, Sequence
 
-from .console import esc
-from .errors import KernelNotFound, KsmbenchError, os_boundary
-from .waiting import flock_exclusive
+from ..console import esc
+from ..errors import KernelNotFound, KsmbenchError, os_boundary
+from ..waiting import flock_exclusive
+from .cache import cache_root
+from .packaged import packaged_file
 
-#: catalogue data, kept in the repository's vm/ directory
-CATALOGUE_FILE = Path(__file__).resolve().parents[1] / "vm" / "catalogue.toml"
+#: the catalogue shipped with the package (``KSMBENCH_CATALOGUE`` names another)
+CATALOGUE_FILE = packaged_file(__package__, "catalogue.toml")
 
 UPDATE_TIMEOUT = 300.0
 DOWNLOAD_TIMEOUT = 1800.0
@@ -55,12 +58,6 @@ UNPACK_TIMEOUT = 600.0
 
 class ArchiveError(KsmbenchError):
     """The Debian archive could not be reached, or a package could not be fetched."""
-
-
-def cache_root() -> Path:
-    """``$KSMBENCH_CACHE``, else ``~/.cache/ksmbench``."""
-    env = os.environ.get("KSMBENCH_CACHE")
-    return Path(env) if env else Path.home() / ".cache" / "ksmbench"
 
 
 # -- Debian version ordering ---------------------------------------------------------
@@ -205,7 +202,8 @@ class Catalogue:
             data = tomllib.loads(path.read_text())
         except FileNotFoundError:
             raise KsmbenchError(f"the kernel catalogue {path} is missing",
-                                hint="run ksmbench from its source tree (pip install -e .)") from None
+                                hint="unset KSMBENCH_CATALOGUE, or reinstall ksmbench "
+                                     "(the catalogue ships in ksmbench/sources/)") from None
         except tomllib.TOMLDecodeError as exc:
             raise KsmbenchError(f"the kernel catalogue {path} is not valid TOML: {exc}") from None
         return cls(mirror=data["mirror"].rstrip("/"), keyring=data["keyring"],
@@ -735,7 +733,7 @@ def _write_if_changed(path: Path, text: str) -> None:
 def _stderr_console(console):
     if console is not None:
         return console
-    from .console import make_console
+    from ..console import make_console
 
     return make_console(stderr=True)
 
@@ -774,10 +772,10 @@ def _warn(console, message: str) -> None:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """``python -m ksmbench.debian kernel 6.12`` / ``source 6.12 [MEMBER...]``: fetch and print paths."""
+    """``python -m ksmbench.sources.debian kernel 6.12`` / ``source 6.12 [MEMBER...]``: fetch and print paths."""
     import argparse
 
-    p = argparse.ArgumentParser(prog="python -m ksmbench.debian")
+    p = argparse.ArgumentParser(prog="python -m ksmbench.sources.debian")
     sub = p.add_subparsers(dest="what", required=True)
     k = sub.add_parser("kernel")
     k.add_argument("series")
