@@ -59,9 +59,17 @@ PROC_FIELDS: tuple[str, ...] = KSM_STAT_FIELDS + (RSS_ANON, RSS_ANON_SCENARIO)
 
 REGION_METRICS: tuple[str, ...] = ("present", "zero_pfn", "ksm", "distinct_frames")
 
+#: observed at a ``set`` step only: the value the tunable holds after the write
+#: (read back from /sys/kernel/mm/ksm), and the errno the write returned (0 when
+#: the kernel took it, 16 for EBUSY); both empty where the kernel lacks the tunable
+SET_TUNABLE_NAMES: tuple[str, ...] = ("use_zero_pages", "max_page_sharing", "smart_scan",
+                                      "merge_across_nodes")
+SET_ERROR = "set.error"
+
 _NAME = r"[A-Za-z0-9_-]+"
 _GLOBAL_RE = re.compile(r"global\.(?P<field>[a-z_]+)\Z")
 _PROC_RE = re.compile(rf"proc\.(?P<proc>{_NAME})\.(?P<field>[a-z_]+)\Z")
+_TUNABLE_RE = re.compile(r"tunable\.(?P<field>[a-z_]+)\Z")
 _REGION_RE = re.compile(rf"region\.(?P<proc>{_NAME})\.(?P<region>{_NAME})\.(?P<field>[a-z_]+)\Z")
 
 
@@ -75,6 +83,10 @@ class MetricName:
     def __str__(self) -> str:
         if self.kind == "global":
             return global_metric(self.field)
+        if self.kind == "set":
+            return SET_ERROR
+        if self.kind == "tunable":
+            return tunable_metric(self.field)
         if self.kind == "proc":
             return proc_metric(self.proc or "", self.field)
         return region_metric(self.proc or "", self.region or "", self.field)
@@ -92,6 +104,10 @@ def region_metric(proc: str, region: str, field: str) -> str:
     return f"region.{proc}.{region}.{field}"
 
 
+def tunable_metric(name: str) -> str:
+    return f"tunable.{name}"
+
+
 def parse_metric(name: str) -> MetricName:
     """Parse and validate a metric name; ``ValueError`` says what is wrong."""
     m = _GLOBAL_RE.match(name)
@@ -100,6 +116,14 @@ def parse_metric(name: str) -> MetricName:
             raise ValueError(f"unknown global counter '{m['field']}' "
                              f"(known: {', '.join(GLOBAL_COUNTERS)})")
         return MetricName("global", m["field"])
+    if name == SET_ERROR:
+        return MetricName("set", "error")
+    m = _TUNABLE_RE.match(name)
+    if m:
+        if m["field"] not in SET_TUNABLE_NAMES:
+            raise ValueError(f"unknown tunable '{m['field']}' "
+                             f"(known: {', '.join(SET_TUNABLE_NAMES)})")
+        return MetricName("tunable", m["field"])
     m = _REGION_RE.match(name)
     if m:
         if m["field"] not in REGION_METRICS:
@@ -112,8 +136,8 @@ def parse_metric(name: str) -> MetricName:
             raise ValueError(f"unknown process metric '{m['field']}' "
                              f"(known: {', '.join(PROC_FIELDS)})")
         return MetricName("proc", m["field"], m["proc"])
-    raise ValueError(f"'{name}' is not a metric name "
-                     "(global.<counter>, proc.<p>.<field> or region.<p>.<r>.<metric>)")
+    raise ValueError(f"'{name}' is not a metric name (global.<counter>, proc.<p>.<field>, "
+                     "region.<p>.<r>.<metric>, tunable.<name> or set.error)")
 
 
 def metric_sort_key(name: str) -> tuple:
@@ -123,6 +147,10 @@ def metric_sort_key(name: str) -> tuple:
         return (0, "", "", GLOBAL_COUNTERS.index(parsed.field))
     if parsed.kind == "proc":
         return (1, parsed.proc, "", PROC_FIELDS.index(parsed.field))
+    if parsed.kind == "set":
+        return (3, "", "", 0)
+    if parsed.kind == "tunable":
+        return (3, "", "", 1 + SET_TUNABLE_NAMES.index(parsed.field))
     return (2, parsed.proc, parsed.region, REGION_METRICS.index(parsed.field))
 
 

@@ -27,6 +27,7 @@ _KSM_FIELDS = {
     "max_page_sharing": int,
     "smart_scan": bool,
     "merge_across_nodes": bool,
+    "stable_node_chains_prune_millisecs": int,
 }
 _TOP_FIELDS = {"name", "description", "ksm", "step"}
 #: fields each op accepts besides ``op`` and ``proc``: name -> required?
@@ -36,11 +37,12 @@ _OP_FIELDS: dict[str, dict[str, bool]] = {
     "read": {"region": True, "range": False},
     "madvise": {"region": True, "range": False, "advice": True},
     "prctl": {"merge": True},
-    "scan": {"count": True},
+    "scan": {"count": False, "pages": False},  # exactly one of them (_scan)
     "unmerge_all": {},
     "fork": {"child": True},
     "exit": {},
     "munmap": {"region": True},
+    "set": {"tunable": True, "value": True},
 }
 #: the most pages one region can have: x86-64's 47-bit user address space
 #: (128 TiB) in 4 KiB pages; a larger mmap can never succeed
@@ -120,6 +122,13 @@ def _parse_ksm(raw: Any, source: str) -> m.KsmSettings:
     if values.get("max_page_sharing", 256) < 2:
         raise ScenarioError(source, "must be at least 2 (the kernel refuses smaller values)",
                             field="ksm.max_page_sharing")
+    prune = values.get("stable_node_chains_prune_millisecs", 0)
+    if prune < 0 or m.prune_regime(prune) is None:
+        low, high = m.PRUNE_PER_BATCH_MS
+        raise ScenarioError(source, f"{prune} ms has no deterministic model: use 0 (prune on "
+                            f"every walk), {low}..{high} (at most once per ksmd batch) or at "
+                            f"least {m.PRUNE_NEVER_MS} (never within a scenario)",
+                            field="ksm.stable_node_chains_prune_millisecs")
     return m.KsmSettings(**values)
 
 
@@ -165,7 +174,7 @@ class _StepValidator:
         for key, required in fields.items():
             if required and key not in raw:
                 raise self.fail(index, f"op '{op}' needs this field", key)
-        if op not in ("scan", "unmerge_all"):
+        if op not in ("scan", "unmerge_all", "set"):
             self._need_proc(index, proc)
         return getattr(self, "_" + op)(index, proc, raw)
 
@@ -247,10 +256,48 @@ class _StepValidator:
         return m.Prctl(index, proc, self._typed(index, raw, "merge", bool))
 
     def _scan(self, index, proc, raw):
-        count = self._typed(index, raw, "count", int)
-        if count < 1:
-            raise self.fail(index, f"must be at least 1, got {count}", "count")
-        return m.Scan(index, proc, count)
+        if ("count" in raw) == ("pages" in raw):
+            raise self.fail(index, "op 'scan' needs either count (full scans) or pages "
+                            "(one partial batch), not both", "count")
+        key = "count" if "count" in raw else "pages"
+        number = self._typed(index, raw, key, int)
+        if number < 1:
+            raise self.fail(index, f"must be at least 1, got {number}", key)
+        if key == "pages":
+            return m.Scan(index, proc, 1, pages=number)
+        return m.Scan(index, proc, number)
+
+    # -- op "set" (issue 14): one tunable changed between steps -----------------------
+    #: tunables a scenario may not change with "set", and why
+    _SET_REFUSED = {
+        "pages_to_scan": "is owned by the scan stepper (for a partial batch use "
+                         "op = \"scan\" with pages = N)",
+        "sleep_millisecs": "is owned by the scan stepper, which parks ksmd with it",
+        "run": "is owned by the scan stepper (use op = \"unmerge_all\" for run=2)",
+        "stable_node_chains_prune_millisecs": "is held for the whole scenario: set it in [ksm]",
+        "advisor_mode": "would hand pages_to_scan to the 6.8 advisor and break stepping",
+    }
+
+    def _set(self, index, proc, raw):
+        tunable = raw["tunable"]
+        if not isinstance(tunable, str):
+            raise self.fail(index, f"must be a tunable name, got {tunable!r}", "tunable")
+        why = self._SET_REFUSED.get(tunable) or (
+            "is the 6.8 advisor's, which stepping keeps off" if tunable.startswith("advisor_")
+            else None)
+        if why:
+            raise self.fail(index, f"tunable '{tunable}' cannot be set by a step: it {why}",
+                            "tunable")
+        want = m.SET_TUNABLES.get(tunable)
+        if want is None:
+            raise self.fail(index, f"unknown tunable {tunable!r} (a step may set: "
+                            f"{', '.join(m.SET_TUNABLES)})", "tunable")
+        value = self._typed(index, raw, "value", want)
+        if tunable == "max_page_sharing" and value < 2:
+            raise self.fail(index, "must be at least 2 (the kernel refuses smaller values "
+                            "with EINVAL)", "value")
+        return m.Set(index, proc, tunable, int(value))
+    # -- end of op "set" ----------------------------------------------------------------
 
     def _unmerge_all(self, index, proc, raw):
         return m.UnmergeAll(index, proc)

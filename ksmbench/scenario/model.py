@@ -17,6 +17,29 @@ ADVICES: tuple[str, ...] = ("mergeable", "unmergeable", "dontneed")
 MAIN = "main"
 
 
+# -- the modelled prune clock of [ksm] stable_node_chains_prune_millisecs ----------------
+#: stable_node_dup() prunes a chain's stale dups only when this many ms have
+#: passed since the chain's last prune (or its creation).  Three ranges give an
+#: outcome that does not depend on timing (docs/stepping.md, "The prune clock"):
+#: 0 prunes on every walk; PRUNE_PER_BATCH_MS (inclusive) is modelled as "at most
+#: once per ksmd batch" (the host waits the interval before each batch and
+#: checks that each batch is shorter); from PRUNE_NEVER_MS on a chain is never
+#: pruned by time within a scenario (the host checks the scenario is shorter)
+PRUNE_PER_BATCH_MS = (100, 10_000)
+PRUNE_NEVER_MS = 3_600_000
+
+
+def prune_regime(msecs: int) -> str | None:
+    """"always", "per-batch", "never", or None for a value with no deterministic model."""
+    if msecs == 0:
+        return "always"
+    if PRUNE_PER_BATCH_MS[0] <= msecs <= PRUNE_PER_BATCH_MS[1]:
+        return "per-batch"
+    if msecs >= PRUNE_NEVER_MS:
+        return "never"
+    return None
+
+
 @dataclass(frozen=True)
 class KsmSettings:
     """The ``[ksm]`` table: tunables held for the whole scenario."""
@@ -25,6 +48,10 @@ class KsmSettings:
     max_page_sharing: int = 256
     smart_scan: bool = True
     merge_across_nodes: bool = True
+    #: 0: stale dups of a chain are pruned on every stable-tree walk (what
+    #: stepping always did); see ``SettableTunables`` and docs/stepping.md for
+    #: the other values the modelled prune clock accepts
+    stable_node_chains_prune_millisecs: int = 0
 
 
 @dataclass(frozen=True)
@@ -75,6 +102,31 @@ class Prctl(Step):
 @dataclass(frozen=True)
 class Scan(Step):
     count: int
+    #: a partial batch: ksmd runs one batch of ``pages`` pages (ksm_do_scan()
+    #: with scan_npages = pages) instead of ``count`` full scans; it stops
+    #: early where a full scan completes.  ``count`` is then 1.
+    pages: int | None = None
+
+
+# -- op "set": one KSM tunable changed between steps (issue 14) ----------------------
+#: tunables a ``set`` step may change, and the type of their value
+SET_TUNABLES: dict[str, type] = {
+    "use_zero_pages": bool,
+    "max_page_sharing": int,
+    "smart_scan": bool,
+    "merge_across_nodes": bool,
+}
+
+
+@dataclass(frozen=True)
+class Set(Step):
+    """Write ``value`` to /sys/kernel/mm/ksm/<tunable>.  The kernel may refuse
+    (max_page_sharing and merge_across_nodes: -EBUSY while KSM pages exist);
+    the step's observation records what it did (``set.error``, ``tunable.*``)."""
+
+    tunable: str
+    value: int  # booleans as 0/1, as sysfs prints them
+# -- end of op "set" -------------------------------------------------------------------
 
 
 @dataclass(frozen=True)
@@ -110,7 +162,7 @@ class Expect(Step):
                 for metric, expected in self.values]
 
 
-AnyStep = Union[Mmap, Fill, Read, Madvise, Prctl, Scan, UnmergeAll, Fork, Exit, Munmap, Expect]
+AnyStep = Union[Mmap, Fill, Read, Madvise, Prctl, Scan, UnmergeAll, Fork, Exit, Munmap, Expect, Set]
 
 OP_NAMES: dict[type, str] = {
     Mmap: "mmap",
@@ -124,6 +176,7 @@ OP_NAMES: dict[type, str] = {
     Exit: "exit",
     Munmap: "munmap",
     Expect: "expect",
+    Set: "set",
 }
 OPS: dict[str, type] = {name: cls for cls, name in OP_NAMES.items()}
 
