@@ -231,3 +231,32 @@ def test_per_batch_clock_prunes_once_per_batch():
     k.batches = 4
     assert k._prune_due(chain) and chain.prune_batch == 4
     assert not k._prune_due(chain)  # once per batch
+
+
+# -- the host's side of the prune clock (no kernel needed) ----------------------------------------
+
+class _NoPruneFile:
+    """A sysfs without stable_node_chains_prune_millisecs: nothing is written."""
+
+    def has(self, name):
+        return False
+
+
+def test_the_stepper_spaces_batches_by_the_interval_and_refuses_a_slow_batch():
+    import time
+
+    from ksmbench.errors import WaitTimeout
+    from ksmbench.kernel.stepping import PRUNE_MARGIN, ScanStepper
+
+    stepper = ScanStepper(_NoPruneFile(), None, None)
+    stepper.hold_prune_clock(200, "per-batch")
+    stepper._after_batch(stepper._before_batch(), "first")  # the first batch waits for nothing
+    ended = time.monotonic()
+    started = stepper._before_batch()
+    assert started - ended >= 0.2 + PRUNE_MARGIN - 0.01  # the whole interval since the last batch
+    with pytest.raises(WaitTimeout, match="no longer once per batch"):
+        stepper._after_batch(started - 0.2, "step 3")  # a batch as long as the interval
+    stepper.hold_prune_clock(3_600_000, "never")
+    stepper._clock_start -= 3600  # an hour into the scenario
+    with pytest.raises(WaitTimeout, match="chains may now be pruned"):
+        stepper._after_batch(stepper._before_batch(), "step 4")
