@@ -108,34 +108,27 @@ def tunable_metric(name: str) -> str:
     return f"tunable.{name}"
 
 
+#: the metric forms: (pattern, kind, the fields it may name, what a field is called);
+#: region before proc, whose pattern would also match a region metric's prefix
+_FORMS = (
+    (_GLOBAL_RE, "global", GLOBAL_COUNTERS, "global counter"),
+    (_TUNABLE_RE, "tunable", SET_TUNABLE_NAMES, "tunable"),
+    (_REGION_RE, "region", REGION_METRICS, "region metric"),
+    (_PROC_RE, "proc", PROC_FIELDS, "process metric"),
+)
+
+
 def parse_metric(name: str) -> MetricName:
     """Parse and validate a metric name; ``ValueError`` says what is wrong."""
-    m = _GLOBAL_RE.match(name)
-    if m:
-        if m["field"] not in GLOBAL_COUNTERS:
-            raise ValueError(f"unknown global counter '{m['field']}' "
-                             f"(known: {', '.join(GLOBAL_COUNTERS)})")
-        return MetricName("global", m["field"])
     if name == SET_ERROR:
         return MetricName("set", "error")
-    m = _TUNABLE_RE.match(name)
-    if m:
-        if m["field"] not in SET_TUNABLE_NAMES:
-            raise ValueError(f"unknown tunable '{m['field']}' "
-                             f"(known: {', '.join(SET_TUNABLE_NAMES)})")
-        return MetricName("tunable", m["field"])
-    m = _REGION_RE.match(name)
-    if m:
-        if m["field"] not in REGION_METRICS:
-            raise ValueError(f"unknown region metric '{m['field']}' "
-                             f"(known: {', '.join(REGION_METRICS)})")
-        return MetricName("region", m["field"], m["proc"], m["region"])
-    m = _PROC_RE.match(name)
-    if m:
-        if m["field"] not in PROC_FIELDS:
-            raise ValueError(f"unknown process metric '{m['field']}' "
-                             f"(known: {', '.join(PROC_FIELDS)})")
-        return MetricName("proc", m["field"], m["proc"])
+    for pattern, kind, known, word in _FORMS:
+        m = pattern.match(name)
+        if m:
+            if m["field"] not in known:
+                raise ValueError(f"unknown {word} '{m['field']}' (known: {', '.join(known)})")
+            parts = m.groupdict()
+            return MetricName(kind, m["field"], parts.get("proc"), parts.get("region"))
     raise ValueError(f"'{name}' is not a metric name (global.<counter>, proc.<p>.<field>, "
                      "region.<p>.<r>.<metric>, tunable.<name> or set.error)")
 
