@@ -79,6 +79,7 @@ class ScanStepper:
         #: the prune clock (hold_prune_clock): the interval in seconds, its
         #: regime, when the last batch ended and when the scenario started
         self._prune: tuple[str, float] | None = None
+        self._prune_msecs = 0
         self._last_batch_end = 0.0
         self._clock_start = 0.0
 
@@ -93,7 +94,9 @@ class ScanStepper:
             self.changes.set("advisor_mode", "none")
         self.changes.set("pages_to_scan", PAGES_TO_SCAN)
         if self.sysfs.has("stable_node_chains_prune_millisecs"):
-            self.changes.set("stable_node_chains_prune_millisecs", 0)
+            # 0 unless a scenario holds another value (hold_prune_clock), which
+            # a re-prepare after an error must not lose
+            self.changes.set("stable_node_chains_prune_millisecs", self._prune_msecs)
         self.changes.set("run", 0)
         current = self.sysfs.tunable("sleep_millisecs")
         self._sleep = SLEEP_B if current == str(SLEEP_A) else SLEEP_A
@@ -130,6 +133,7 @@ class ScanStepper:
         end of one batch and the start of the next and requires each batch to
         be shorter than ``msecs``; "never" requires the whole scenario (from
         now) to be shorter than ``msecs``."""
+        self._prune_msecs = msecs
         if self.sysfs.has("stable_node_chains_prune_millisecs"):
             self.changes.set("stable_node_chains_prune_millisecs", msecs)
         self._prune = None if regime == "always" else (regime, msecs / 1000)
