@@ -112,9 +112,10 @@ def test_a_batch_hands_on_n_pages_and_ends_where_a_full_scan_completes():
     assert [new[(i, 1)]["global.full_scans"] for i in (3, 4, 5, 6)] == [0, 0, 1, 2]
     # 730cdc2c72c6 (6.10): one per page handed on
     assert [new[(i, 1)]["global.pages_scanned"] for i in (3, 4, 5, 6)] == [4, 10, 10, 20]
-    # before it: + scan_npages after a loop that ran out of pages, nothing for
-    # a batch that returned at the end of a full scan
-    assert [old[(i, 1)]["global.pages_scanned"] for i in (3, 4, 5, 6)] == [4, 10, 10, 10]
+    # before it: "ksm_pages_scanned += scan_npages - npages" after
+    # "while (npages-- && ...)": a loop that ran out of pages leaves npages at
+    # UINT_MAX, so N + 1; nothing for a batch that returned at a scan's end
+    assert [old[(i, 1)]["global.pages_scanned"] for i in (3, 4, 5, 6)] == [5, 12, 12, 12]
 
 
 def test_pages_smart_scan_skips_do_not_count_toward_a_batch():

@@ -994,11 +994,13 @@ class Ksm:
 
     def _count_batch(self, npages: Optional[int], *, completed: bool) -> None:
         """pages_scanned before 730cdc2c72c6 (6.6 to 6.9): ksm_do_scan() added
-        scan_npages once, after a loop that ran out of pages; a batch that
-        completed a full scan returned early and added nothing."""
+        ``scan_npages - npages`` after its loop ``while (npages-- && ...)``.
+        A loop that ran out of pages leaves the unsigned npages wrapped to
+        UINT_MAX, so the batch adds N + 1; a batch that completed a full scan
+        returned from inside the loop and added nothing."""
         if (npages is not None and not completed and not self.count_scanned
                 and self.profile.has("pages_scanned")):
-            self.pages_scanned += npages
+            self.pages_scanned += npages + 1
 
     def start_scan(self) -> None:
         """What a full scan starts with: an empty unstable tree
