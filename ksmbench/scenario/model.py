@@ -10,6 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Literal, Union
 
+from ..metrics import SET_TUNABLE_NAMES
 from .patterns import Pattern
 
 Advice = Literal["mergeable", "unmergeable", "dontneed"]
@@ -49,7 +50,7 @@ class KsmSettings:
     smart_scan: bool = True
     merge_across_nodes: bool = True
     #: 0: stale dups of a chain are pruned on every stable-tree walk (what
-    #: stepping always did); see ``SettableTunables`` and docs/stepping.md for
+    #: stepping always did); see ``prune_regime`` and docs/stepping.md for
     #: the other values the modelled prune clock accepts
     stable_node_chains_prune_millisecs: int = 0
 
@@ -116,6 +117,8 @@ SET_TUNABLES: dict[str, type] = {
     "smart_scan": bool,
     "merge_across_nodes": bool,
 }
+# the set step's observation names them (metrics.tunable_metric)
+assert tuple(SET_TUNABLES) == SET_TUNABLE_NAMES
 
 
 @dataclass(frozen=True)
