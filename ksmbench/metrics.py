@@ -59,9 +59,17 @@ PROC_FIELDS: tuple[str, ...] = KSM_STAT_FIELDS + (RSS_ANON, RSS_ANON_SCENARIO)
 
 REGION_METRICS: tuple[str, ...] = ("present", "zero_pfn", "ksm", "distinct_frames")
 
+#: observed at a ``set`` step only: the value the tunable holds after the write
+#: (read back from /sys/kernel/mm/ksm), and the errno the write returned (0 when
+#: the kernel took it, 16 for EBUSY); both empty where the kernel lacks the tunable
+SET_TUNABLE_NAMES: tuple[str, ...] = ("use_zero_pages", "max_page_sharing", "smart_scan",
+                                      "merge_across_nodes")
+SET_ERROR = "set.error"
+
 _NAME = r"[A-Za-z0-9_-]+"
 _GLOBAL_RE = re.compile(r"global\.(?P<field>[a-z_]+)\Z")
 _PROC_RE = re.compile(rf"proc\.(?P<proc>{_NAME})\.(?P<field>[a-z_]+)\Z")
+_TUNABLE_RE = re.compile(r"tunable\.(?P<field>[a-z_]+)\Z")
 _REGION_RE = re.compile(rf"region\.(?P<proc>{_NAME})\.(?P<region>{_NAME})\.(?P<field>[a-z_]+)\Z")
 
 
@@ -75,6 +83,10 @@ class MetricName:
     def __str__(self) -> str:
         if self.kind == "global":
             return global_metric(self.field)
+        if self.kind == "set":
+            return SET_ERROR
+        if self.kind == "tunable":
+            return tunable_metric(self.field)
         if self.kind == "proc":
             return proc_metric(self.proc or "", self.field)
         return region_metric(self.proc or "", self.region or "", self.field)
@@ -92,28 +104,33 @@ def region_metric(proc: str, region: str, field: str) -> str:
     return f"region.{proc}.{region}.{field}"
 
 
+def tunable_metric(name: str) -> str:
+    return f"tunable.{name}"
+
+
+#: the metric forms: (pattern, kind, the fields it may name, what a field is called);
+#: region before proc, whose pattern would also match a region metric's prefix
+_FORMS = (
+    (_GLOBAL_RE, "global", GLOBAL_COUNTERS, "global counter"),
+    (_TUNABLE_RE, "tunable", SET_TUNABLE_NAMES, "tunable"),
+    (_REGION_RE, "region", REGION_METRICS, "region metric"),
+    (_PROC_RE, "proc", PROC_FIELDS, "process metric"),
+)
+
+
 def parse_metric(name: str) -> MetricName:
     """Parse and validate a metric name; ``ValueError`` says what is wrong."""
-    m = _GLOBAL_RE.match(name)
-    if m:
-        if m["field"] not in GLOBAL_COUNTERS:
-            raise ValueError(f"unknown global counter '{m['field']}' "
-                             f"(known: {', '.join(GLOBAL_COUNTERS)})")
-        return MetricName("global", m["field"])
-    m = _REGION_RE.match(name)
-    if m:
-        if m["field"] not in REGION_METRICS:
-            raise ValueError(f"unknown region metric '{m['field']}' "
-                             f"(known: {', '.join(REGION_METRICS)})")
-        return MetricName("region", m["field"], m["proc"], m["region"])
-    m = _PROC_RE.match(name)
-    if m:
-        if m["field"] not in PROC_FIELDS:
-            raise ValueError(f"unknown process metric '{m['field']}' "
-                             f"(known: {', '.join(PROC_FIELDS)})")
-        return MetricName("proc", m["field"], m["proc"])
-    raise ValueError(f"'{name}' is not a metric name "
-                     "(global.<counter>, proc.<p>.<field> or region.<p>.<r>.<metric>)")
+    if name == SET_ERROR:
+        return MetricName("set", "error")
+    for pattern, kind, known, word in _FORMS:
+        m = pattern.match(name)
+        if m:
+            if m["field"] not in known:
+                raise ValueError(f"unknown {word} '{m['field']}' (known: {', '.join(known)})")
+            parts = m.groupdict()
+            return MetricName(kind, m["field"], parts.get("proc"), parts.get("region"))
+    raise ValueError(f"'{name}' is not a metric name (global.<counter>, proc.<p>.<field>, "
+                     "region.<p>.<r>.<metric>, tunable.<name> or set.error)")
 
 
 def metric_sort_key(name: str) -> tuple:
@@ -123,6 +140,10 @@ def metric_sort_key(name: str) -> tuple:
         return (0, "", "", GLOBAL_COUNTERS.index(parsed.field))
     if parsed.kind == "proc":
         return (1, parsed.proc, "", PROC_FIELDS.index(parsed.field))
+    if parsed.kind == "set":
+        return (3, "", "", 0)
+    if parsed.kind == "tunable":
+        return (3, "", "", 1 + SET_TUNABLE_NAMES.index(parsed.field))
     return (2, parsed.proc, parsed.region, REGION_METRICS.index(parsed.field))
 
 

@@ -18,6 +18,7 @@ empty, ``ksmd_should_run()``).
 
 from __future__ import annotations
 
+import errno as _errno
 import os
 import select
 import socket
@@ -37,7 +38,8 @@ from ..waiting import time_scale
 from ..kernel.sysfs import KsmSysfs
 from ..kernel.tunables import TunableChanges, repair
 from ..metrics import (GLOBAL_CUMULATIVE, GLOBAL_LEVELS, KSM_STAT_FIELDS, RSS_ANON,
-                       RSS_ANON_SCENARIO, global_metric, proc_metric, region_metric)
+                       RSS_ANON_SCENARIO, SET_ERROR, global_metric, proc_metric, region_metric,
+                       tunable_metric)
 from ..observation import (BASELINE, BASELINE_STEP, TEARDOWN, BackendInfo, Event,
                            ObservationPoint, PointObserved, ScenarioFinished, ScenarioStarted,
                            teardown_step)
@@ -251,6 +253,25 @@ class HostSession:
             self.changes.set("smart_scan", ksm.smart_scan)
         if self.sysfs.has("merge_across_nodes"):  # CONFIG_NUMA only
             self.changes.set("merge_across_nodes", ksm.merge_across_nodes)
+        prune = ksm.stable_node_chains_prune_millisecs
+        self.stepper.hold_prune_clock(prune, m.prune_regime(prune) or "always")
+
+    # -- op "set" (issue 14) -------------------------------------------------------
+    def _set_tunable(self, step: m.Set) -> dict[str, int | None]:
+        """Write the tunable through the undo stack; the observation gets the
+        errno the write returned (0: taken) and the value now in force, both
+        empty where this kernel lacks the tunable."""
+        if not self.sysfs.has(step.tunable):
+            return {SET_ERROR: None, tunable_metric(step.tunable): None}
+        error = 0
+        try:
+            self.changes.set(step.tunable, step.value)
+        except errors.KernelIOError as exc:
+            if exc.errno not in (_errno.EBUSY, _errno.EINVAL):
+                raise
+            error = exc.errno  # EBUSY: max_page_sharing_store() while KSM pages exist
+        now = self.sysfs.read_int(step.tunable)
+        return {SET_ERROR: error, tunable_metric(step.tunable): now}
 
     def check_applicable(self, scenario: m.Scenario) -> None:
         """Refuse scenarios that need an interface this kernel lacks."""
@@ -279,6 +300,8 @@ class HostSession:
 
         def observe(step: m.Step, scan: int | None) -> ObservationPoint:
             return observe_at(step.index, step.op, scan)
+
+        set_values: dict[str, int | None] = {}
 
         def observe_at(index: int, op: str, scan: int | None) -> ObservationPoint:
             values: dict[str, int | None] = {}
@@ -309,6 +332,11 @@ class HostSession:
 
         for step in scenario.steps:
             agent = self.agents.get(step.proc)
+            if isinstance(step, m.Scan) and step.pages is not None:
+                self.stepper.batch(step.pages, pages_hint=scenario.max_pages,
+                                   label=f"{scenario.name} step {step.index}")
+                yield observe(step, 1)
+                continue
             if isinstance(step, m.Scan):
                 for n in range(1, step.count + 1):
                     self.stepper.scan(pages_hint=scenario.max_pages,
@@ -325,9 +353,14 @@ class HostSession:
                 order.append(step.child)
             elif isinstance(step, m.Exit):
                 self._exit_agent(step.proc, budget)
+            elif isinstance(step, m.Set):
+                set_values = self._set_tunable(step)
             elif step.runs_in == "controller":  # pragma: no cover - a new op without its code here
                 raise TypeError(f"the host backend does not run op '{step.op}'")
-            yield observe(step, None)
+            point = observe(step, None)
+            if isinstance(step, m.Set):
+                point.values.update(set_values)
+            yield point
         # teardown: every scenario process exits (creation order), ksmd scans
         # once more (freeing the exited mms' rmap items), globals are read
         for proc in order:

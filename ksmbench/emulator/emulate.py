@@ -13,21 +13,22 @@ from __future__ import annotations
 
 from typing import Iterator
 
-from ..metrics import (GLOBAL_COUNTERS, KSM_STAT_FIELDS, RSS_ANON, RSS_ANON_SCENARIO,
-                       global_metric, proc_metric, region_metric, unmodelled)
+from ..metrics import (GLOBAL_COUNTERS, KSM_STAT_FIELDS, RSS_ANON, RSS_ANON_SCENARIO, SET_ERROR,
+                       global_metric, proc_metric, region_metric, tunable_metric, unmodelled)
 from ..observation import (ABSOLUTE_METRICS, BASELINE, BASELINE_STEP, TEARDOWN, ObservationPoint,
                            teardown_step)
 from ..scenario import model as m
 from ..scenario.patterns import FillId
 from .machine import Ksm, Settings
-from .scan import full_scan
+from .scan import full_scan, partial_scan
 from .profiles import Profile, get_profile
 
 
 def settings_for(scenario: m.Scenario) -> Settings:
     k = scenario.ksm
     return Settings(use_zero_pages=k.use_zero_pages, max_page_sharing=k.max_page_sharing,
-                    smart_scan=k.smart_scan)
+                    smart_scan=k.smart_scan, merge_across_nodes=k.merge_across_nodes,
+                    prune=m.prune_regime(k.stable_node_chains_prune_millisecs) or "always")
 
 
 class ScenarioRun:
@@ -42,6 +43,8 @@ class ScenarioRun:
         # THP regions: khugepaged, THP splitting on merge and the deferred
         # split shrinker are not modelled; predict only what cannot depend on them
         self.thp = any(isinstance(s, m.Mmap) and s.thp for s in scenario.steps)
+        #: a set step's outcome (set.error, tunable.<name>), for its observation
+        self._set_values: dict[str, int | None] = {}
 
     def unmodelled(self, metric: str) -> bool:
         """True where this run predicts no value on purpose (ksmbench.metrics.UNMODELLED)."""
@@ -73,6 +76,11 @@ class ScenarioRun:
             k.exit(k.mms[step.proc])
         elif isinstance(step, m.Munmap):
             k.munmap(k.mms[step.proc], step.region)
+        elif isinstance(step, m.Set):
+            error, value = k.set_tunable(step.tunable, step.value)
+            self._set_values = {SET_ERROR: error, tunable_metric(step.tunable): value}
+        elif isinstance(step, m.Scan) and step.pages is not None:
+            partial_scan(k, step.pages)
         elif isinstance(step, (m.Expect, m.Scan)):
             pass
         else:  # pragma: no cover - the loader knows every op
@@ -97,6 +105,8 @@ class ScenarioRun:
                     values[region_metric(mm.name, region, key)] = value
         # what the documented list leaves unmodelled gets no prediction (THP
         # regions: khugepaged and splitting; RssAnon: the interpreter's memory)
+        if op == "set":
+            values.update(self._set_values)
         values = {key: (None if self.unmodelled(key) else v) for key, v in values.items()}
         return ObservationPoint(index, op, scan, values)
 
@@ -124,6 +134,10 @@ class ScenarioRun:
         for step in self.scenario.steps:
             if not self.supported(step):
                 return
+            if isinstance(step, m.Scan) and step.pages is not None:
+                self.apply(step)
+                yield self.observe(step, 1)
+                continue
             if isinstance(step, m.Scan):
                 for n in range(1, step.count + 1):
                     full_scan(self.ksm, fast=self.fast)

@@ -179,7 +179,8 @@ class MM:
 class SNode(RBNode):
     """struct ksm_stable_node: a regular node, a dup in a chain, or a chain."""
 
-    __slots__ = ("nid", "cid", "is_chain", "chain", "kpfn", "len", "dups", "alive")
+    __slots__ = ("nid", "cid", "is_chain", "chain", "kpfn", "len", "dups", "alive",
+                 "prune_batch")
 
     def __init__(self, nid: int, cid: int, *, kpfn: int = -1, is_chain: bool = False):
         super().__init__()
@@ -191,6 +192,13 @@ class SNode(RBNode):
         self.len = 0  # rmap_hlist_len
         self.dups: list[SNode] = []  # chain only, hlist order (head first)
         self.alive = True
+        #: chain only: the ksmd batch of its last prune or its creation
+        #: (chain_prune_time on the modelled clock, see Ksm._prune_due)
+        self.prune_batch = 0
+
+
+#: errno of a tunable write the kernel refuses while KSM pages exist
+EBUSY = 16
 
 
 @dataclass
@@ -198,6 +206,10 @@ class Settings:
     use_zero_pages: bool = False
     max_page_sharing: int = 256
     smart_scan: bool = True
+    merge_across_nodes: bool = True
+    #: how stable_node_chains_prune_millisecs is modelled (scenario.model.prune_regime):
+    #: "always" (0 ms), "per-batch" or "never"
+    prune: str = "always"
 
 
 class Ksm:
@@ -223,6 +235,14 @@ class Ksm:
         self.pages_scanned = 0
         self.pages_skipped = 0
         self.full_scans = 0
+        # ksmd's cursor (ksm_scan): the mm slot and the page address where the
+        # next batch goes on; None while it rests at the list head (between
+        # full scans).  Only a partial batch (scan with pages = N) leaves it
+        # inside the list.
+        self.cursor: Optional[MM] = None
+        self.cursor_addr = 0
+        #: ksmd batches run so far: the modelled clock of chain pruning
+        self.batches = 0
         # this scan's unstable tree: content -> (segment, index)
         self.unstable: dict[int, tuple[Segment, int]] = {}
         self._unstable_key: dict[tuple[int, int], int] = {}
@@ -260,7 +280,12 @@ class Ksm:
         the list head between scans, i.e. at the tail."""
         if not mm.registered:
             mm.registered = True
-            self.slots.append(mm)
+            # list_add_tail(..., &ksm_scan.mm_slot->slot.mm_node): just before
+            # the cursor's slot, which at the head means at the tail
+            if self.cursor is None:
+                self.slots.append(mm)
+            else:
+                self.slots.insert(self.slots.index(self.cursor), mm)
 
     def mmap(self, mm: MM, region: str, npages: int, thp: bool) -> None:
         # the agent places regions in creation order, one guard page apart,
@@ -425,12 +450,14 @@ class Ksm:
 
     def exit(self, mm: MM) -> None:
         # __mmput(): ksm_exit() first, then exit_mmap() zaps everything
-        if mm.registered:
+        if mm.registered and mm is not self.cursor:
+            # __ksm_exit(); a slot at the cursor is left alone for ksmd
             self.slots.remove(mm)
             if mm.has_items():
-                # __ksm_exit(): "leave the mm_slot on the list for ksmd to
-                # free", moved right after the cursor (the head between scans)
-                self.slots.insert(0, mm)
+                # "leave the mm_slot on the list for ksmd to free", moved
+                # right after the cursor (the head between scans)
+                at = 0 if self.cursor is None else self.slots.index(self.cursor) + 1
+                self.slots.insert(at, mm)
             else:
                 mm.registered = False
                 mm.merge_any = False
@@ -463,21 +490,55 @@ class Ksm:
         self._remove_all_stable_nodes()
         self.unstable.clear()
         self._unstable_key.clear()
+        self.cursor = None  # the walk above leaves ksm_scan.mm_slot at the head
 
-    def _remove_all_stable_nodes(self) -> None:
+    def _remove_all_stable_nodes(self) -> bool:
         """remove_all_stable_nodes(): a node whose page is still mapped is busy
-        (-EBUSY) and stops the walk of the tree."""
+        (-EBUSY) and stops the walk of the tree; False when one was busy."""
         while self.root.node is not None:
             node = self.root.node
             if node.is_chain:
                 for dup in list(node.dups):
                     if not self._remove_stable_node(dup):
-                        return
+                        return False
                 self.root.erase(node)
                 node.alive = False
                 self.chains -= 1
             elif not self._remove_stable_node(node):
-                return
+                return False
+        return True
+
+    # -- op "set": one tunable written between steps ------------------------------------
+    def set_tunable(self, name: str, value: int) -> tuple[Optional[int], Optional[int]]:
+        """A write to /sys/kernel/mm/ksm/<name>: (errno, value now in force),
+        both None where the profile's kernel lacks the tunable.
+
+        use_zero_pages and smart_scan only change what later visits do: KSM
+        zero pages already mapped stay mapped, marked and counted, and smart
+        scan's per-item age and remaining_skips are kept (should_skip_rmap_item()
+        returns before touching them while it is off, 5e924ff54d08).
+        max_page_sharing_store() and merge_across_nodes_store() refuse a new
+        value with -EBUSY while pages_shared is not 0 or remove_all_stable_nodes()
+        finds a node still mapped; otherwise that call has emptied the stable
+        tree (stale nodes, chains and all) before the value changes.  The model
+        has one NUMA node, where merge_across_nodes changes nothing else.
+        """
+        st = self.settings
+        if name == "smart_scan":
+            if not self.profile.has("smart_scan"):
+                return None, None
+            st.smart_scan = bool(value)
+            self.smart = st.smart_scan
+            return 0, int(st.smart_scan)
+        if name == "use_zero_pages":
+            st.use_zero_pages = bool(value)
+            return 0, int(st.use_zero_pages)
+        current = int(getattr(st, name))
+        if value != current:
+            if self.pages_shared or not self._remove_all_stable_nodes():
+                return EBUSY, current
+            setattr(st, name, bool(value) if name == "merge_across_nodes" else value)
+        return 0, int(getattr(st, name))
 
     def _remove_stable_node(self, node: SNode) -> bool:
         if self.frames.mapcount[node.kpfn] > 0:
@@ -526,12 +587,14 @@ class Ksm:
     def _chain(self, node: SNode, prune: bool) -> tuple[Optional[int], Optional[SNode], SNode]:
         """__stable_node_chain(): (tree page, dup, node now at this tree position).
 
-        stable_node_chains_prune_millisecs is 0 while stepping, so every
-        chain_prune() walk really prunes (time_before(jiffies, t + 0) is false).
+        Whether a chain_prune() walk really prunes is stable_node_dup()'s
+        clock test, see :meth:`_prune_due`.
         """
         if not node.is_chain:
             kpfn = self._get_folio(node)
             return kpfn, node, node
+        if prune:
+            prune = self._prune_due(node)
         found: Optional[SNode] = None
         found_len = 0
         for dup in list(node.dups):
@@ -562,6 +625,20 @@ class Ksm:
             node.dups.remove(found)
             node.dups.insert(0, found)
         return found.kpfn, found, node
+
+    def _prune_due(self, chain: SNode) -> bool:
+        """stable_node_dup(): prune unless time_before(jiffies, chain_prune_time +
+        stable_node_chains_prune_millisecs); a prune resets chain_prune_time.
+        On the modelled clock (docs/stepping.md): 0 ms always prunes; the
+        per-batch range prunes once per ksmd batch, the first walk of a batch
+        after the one that created or last pruned the chain; "never" does not
+        prune within a scenario."""
+        if self.settings.prune == "always":
+            return True
+        if self.settings.prune == "never" or chain.prune_batch >= self.batches:
+            return False
+        chain.prune_batch = self.batches
+        return True
 
     def _stable_tree_search(self, frame: int) -> Optional[int]:
         """stable_tree_search(): the KSM page to merge with, or None."""
@@ -627,6 +704,7 @@ class Ksm:
                 # alloc_stable_node_chain(): the chain takes the node's place
                 orig = chain
                 chain = self._new_node(cid, is_chain=True)
+                chain.prune_batch = self.batches  # alloc_stable_node_chain(): jiffies
                 self.root.replace(orig, chain)
                 self.chains += 1
                 orig.chain = chain
@@ -801,9 +879,10 @@ class Ksm:
         self.rmap_items += 1
         seg.mm.rmap_items += 1
 
-    def visit(self, seg: Segment, idx: int) -> None:
+    def visit(self, seg: Segment, idx: int) -> bool:
         """One present anon page in a VM_MERGEABLE VMA, as scan_get_next_rmap_item()
-        hands it to cmp_and_merge_page()."""
+        hands it to cmp_and_merge_page(); False when smart scan skips it (a
+        skipped page is not handed on, so it does not count in a batch)."""
         frame = int(seg.pte[idx])
         if not seg.item[idx]:
             self._alloc_item(seg, idx)
@@ -822,36 +901,106 @@ class Ksm:
                     self.pages_skipped += 1
                     seg.iskip[idx] -= 1
                     self._remove_from_tree(seg, idx)
-                    return
+                    return False
         if self.count_scanned:
             self.pages_scanned += 1
         self._cmp_and_merge_page(seg, idx, frame)
+        return True
 
     def _drop_empty_ghosts(self, mm: MM) -> None:
         mm.segments = [s for s in mm.segments if s.mapped or s.item.any()]
 
     def scan_mm_slow(self, mm: MM) -> bool:
         """One mm's part of a full scan; False when its slot is to be freed."""
+        return self._walk_mm(mm, 0, None)[2]
+
+    def _walk_mm(self, mm: MM, start: int, budget: Optional[int]) -> tuple[int, bool, bool]:
+        """scan_get_next_rmap_item() in one mm from page address ``start`` on,
+        until ``budget`` pages have been handed on (None: no limit).  Returns
+        (pages handed on, whether the walk reached the mm's end, whether the
+        slot stays).  A walk that resumes inside the mm (start > 0) keeps the
+        slot: ksm_scan.address is no longer 0 (the kernel drops a slot only
+        when a walk from address 0 met no VM_MERGEABLE VMA)."""
         if mm.exiting:
+            # ksm_test_exit(): address 0, every rmap item freed, slot dropped
             for seg in list(mm.segments):
                 for idx in np.flatnonzero(seg.item).tolist():
                     self._free_item(seg, idx)
             self._drop_empty_ghosts(mm)
-            return False
-        found_mergeable = False
+            return 0, True, False
+        found_mergeable = start > 0
+        handed = 0
         for seg in list(mm.segments):
+            first = max(0, start - seg.start)
+            if first >= seg.n:
+                continue
             if seg.mapped and seg.merge.any():
                 found_mergeable = True
             visit = seg.merge & (seg.pte > 0) if seg.mapped else np.zeros(seg.n, dtype=bool)
-            for idx in np.flatnonzero(visit | seg.item).tolist():
+            for idx in (np.flatnonzero((visit | seg.item)[first:]) + first).tolist():
                 if visit[idx]:
-                    self.visit(seg, idx)
+                    if self.visit(seg, idx):
+                        handed += 1
+                        if handed == budget:
+                            # ksm_do_scan() stops right after this page: the
+                            # items the walk would pass next stay until then
+                            self.cursor_addr = seg.start + idx + 1
+                            self._drop_empty_ghosts(mm)
+                            return handed, False, True
                 else:
                     # get_next_rmap_item() frees items the scan passed over;
                     # remove_trailing_rmap_items() those after the last page
                     self._free_item(seg, idx)
         self._drop_empty_ghosts(mm)
-        return found_mergeable
+        return handed, True, found_mergeable
+
+    def batch(self, npages: Optional[int]) -> bool:
+        """One ksmd batch, ksm_do_scan(npages), by the per-page path: from the
+        cursor until ``npages`` pages have been handed to cmp_and_merge_page()
+        or the full scan under way completes (None: until it completes, what a
+        stepped full scan is).  True when a full scan completed.
+
+        Which pages count: only those handed on; pages smart scan skips, items
+        freed on the way and mms dropped do not.  After the N-th page the batch
+        ends at once, even at the last page of the list: the full scan then
+        completes at the start of the next batch, which hands on nothing.
+        """
+        self.batches += 1
+        if self.cursor is None:
+            self.start_scan()
+            i, start = 0, 0
+        else:
+            i, start = self.slots.index(self.cursor), self.cursor_addr
+        handed = 0
+        while i < len(self.slots):
+            mm = self.slots[i]
+            n, reached_end, keep = self._walk_mm(
+                mm, start, None if npages is None else npages - handed)
+            handed += n
+            if not reached_end:
+                self.cursor = mm
+                self._count_batch(npages, completed=False)
+                return False
+            if keep:
+                i += 1
+            else:
+                self._drop_slot(mm, i)
+            start = 0
+        self.cursor = None
+        self.cursor_addr = 0
+        self.full_scans += 1  # ksm_scan.seqnr++
+        self._count_batch(npages, completed=True)
+        return True
+
+    def _count_batch(self, npages: Optional[int], *, completed: bool) -> None:
+        """pages_scanned before 730cdc2c72c6 (6.6 to 6.9): ksm_do_scan() added
+        ``scan_npages - npages`` after its loop ``while (npages-- && ...)``.
+        A loop that ran out of pages leaves the unsigned npages wrapped to
+        UINT_MAX, so the batch adds N + 1; a batch that completed a full scan
+        returned from inside the loop and added nothing."""
+        if (npages is not None and not completed and not self.count_scanned
+                and self.profile.has("pages_scanned")):
+            self.pages_scanned += npages + 1
 
     def start_scan(self) -> None:
         """What a full scan starts with: an empty unstable tree

@@ -82,7 +82,8 @@ FLAGS: tuple[Flag, ...] = (
     Flag("pages_scanned", "b348b5fe2b5f", (6, 6), "sysfs pages_scanned"),
     Flag("pages_scanned_fix", "730cdc2c72c6", (6, 10),
          "pages_scanned counted per item; before it, a batch that completes a full scan adds "
-         "nothing, so one-scan-per-batch stepping leaves it at 0",
+         "nothing, so one-scan-per-batch stepping leaves it at 0, and a partial batch of N "
+         "pages adds N + 1 (the loop counter wraps)",
          stable={(6, 6): 33, (6, 8): 12, (6, 9): 3}, stable_approx=True),
     Flag("smart_scan", "5e924ff54d08+e5a689912689", (6, 7),
          "smart_scan skips pages that keep failing to merge; sysfs pages_skipped"),

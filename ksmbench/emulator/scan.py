@@ -1,6 +1,7 @@
 """One full scan of the emulated KSM (scan_get_next_rmap_item() from list head
 to list head), by the per-visit reference path of :mod:`.machine` or by the
-windowed numpy path of :mod:`.fastscan`, which is checked against it.
+windowed numpy path of :mod:`.fastscan`, which is checked against it; and one
+partial batch (ksm_do_scan() with a small scan_npages), always per visit.
 
 Kept apart from both: the fast path is built on the machine's state, and the
 choice between them belongs to neither.
@@ -13,9 +14,20 @@ from .machine import Ksm
 
 
 def full_scan(ksm: Ksm, *, fast: bool = True) -> None:
+    """One stepped full scan: a batch larger than every page, which ends where
+    the full scan completes.  After a partial batch that is the rest of the
+    scan under way, from the cursor.  The fast path serves whole scans only,
+    and not the per-batch prune clock, whose chain_prune_time updates happen
+    in the tree walks that its windows leave out."""
+    if not fast or ksm.cursor is not None or ksm.settings.prune == "per-batch":
+        ksm.batch(None)
+        return
+    ksm.batches += 1
     ksm.start_scan()
-    if fast:
-        FastScan(ksm).run()
-    else:
-        ksm.scan_slots(ksm.scan_mm_slow)
+    FastScan(ksm).run()
     ksm.full_scans += 1
+
+
+def partial_scan(ksm: Ksm, pages: int) -> None:
+    """One batch of ``pages`` pages (scan with pages = N)."""
+    ksm.batch(pages)

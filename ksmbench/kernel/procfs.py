@@ -124,6 +124,12 @@ class ProcFS:
         kb = parse_status_kb(text, "Anonymous")
         return None if kb is None else kb * 1024 // PAGE_SIZE
 
+    def voluntary_switches(self, pid: int | str) -> int | None:
+        """``voluntary_ctxt_switches`` of /proc/<pid>/status: grows each time the
+        task goes to sleep; None when the process is gone."""
+        text = self._read(pid, "status")
+        return None if text is None else parse_status_kb(text, "voluntary_ctxt_switches")
+
     def comm(self, pid: int | str) -> str | None:
         text = self._read(pid, "comm")
         return None if text is None else text.strip()

@@ -26,7 +26,13 @@ ever being empty, so every requested scan really happens.
 
 ``stable_node_chains_prune_millisecs`` is set to 0 while stepping: pruning of
 stale dups in max_page_sharing chains is otherwise decided by wall-clock time
-(``stable_node_dup()``), which would make observations depend on timing.
+(``stable_node_dup()``), which would make observations depend on timing.  A
+scenario may set another value; :meth:`ScanStepper.hold_prune_clock` then makes
+the wall clock follow the emulator's modelled one (docs/stepping.md).
+
+A *partial batch* (:meth:`ScanStepper.batch`) runs ksm_do_scan() once with
+``pages_to_scan`` = N: the end of the batch is seen as ksmd going back to sleep
+(state S) after at least one voluntary context switch since the kick.
 """
 
 from __future__ import annotations
@@ -43,6 +49,8 @@ SLEEP_A = 60000
 SLEEP_B = 60001
 #: pages_to_scan while stepping: larger than any region ksmbench maps
 PAGES_TO_SCAN = 16 * 1024 * 1024
+#: the prune clock's safety margin: jiffies round msecs up, HZ may be 100
+PRUNE_MARGIN = 0.05
 
 
 class ScanStepper:
@@ -59,6 +67,12 @@ class ScanStepper:
         #: kernel's full_scans, which run=2 resets to 0)
         self.scans_done = 0
         self.prepared = False
+        #: the prune clock (hold_prune_clock): the interval in seconds, its
+        #: regime, when the last batch ended and when the scenario started
+        self._prune: tuple[str, float] | None = None
+        self._prune_msecs = 0
+        self._last_batch_end = 0.0
+        self._clock_start = 0.0
 
     # -- setup ---------------------------------------------------------------
     def prepare(self) -> None:
@@ -71,7 +85,9 @@ class ScanStepper:
             self.changes.set("advisor_mode", "none")
         self.changes.set("pages_to_scan", PAGES_TO_SCAN)
         if self.sysfs.has("stable_node_chains_prune_millisecs"):
-            self.changes.set("stable_node_chains_prune_millisecs", 0)
+            # 0 unless a scenario holds another value (hold_prune_clock), which
+            # a re-prepare after an error must not lose
+            self.changes.set("stable_node_chains_prune_millisecs", self._prune_msecs)
         self.changes.set("run", 0)
         current = self.sysfs.tunable("sleep_millisecs")
         self._sleep = SLEEP_B if current == str(SLEEP_A) else SLEEP_A
@@ -100,6 +116,44 @@ class ScanStepper:
         self.changes.set("sleep_millisecs", self._sleep)
         self._wait_ksmd_asleep(what)
 
+    # -- the prune clock --------------------------------------------------------
+    def hold_prune_clock(self, msecs: int, regime: str) -> None:
+        """Use stable_node_chains_prune_millisecs = ``msecs`` from now on, and
+        keep the timing that makes its outcome deterministic: "always" (0 ms)
+        needs nothing; "per-batch" waits ``msecs`` (plus a margin) between the
+        end of one batch and the start of the next and requires each batch to
+        be shorter than ``msecs``; "never" requires the whole scenario (from
+        now) to be shorter than ``msecs``."""
+        self._prune_msecs = msecs
+        if self.sysfs.has("stable_node_chains_prune_millisecs"):
+            self.changes.set("stable_node_chains_prune_millisecs", msecs)
+        self._prune = None if regime == "always" else (regime, msecs / 1000)
+        self._clock_start = time.monotonic()
+        self._last_batch_end = 0.0
+
+    def _before_batch(self) -> float:
+        if self._prune is not None and self._prune[0] == "per-batch":
+            wait = self._last_batch_end + self._prune[1] + PRUNE_MARGIN - time.monotonic()
+            if wait > 0:
+                time.sleep(wait)
+        return time.monotonic()
+
+    def _after_batch(self, started: float, where: str) -> None:
+        now = self._last_batch_end = time.monotonic()
+        if self._prune is None:
+            return
+        regime, interval = self._prune
+        took, since = now - started, now - self._clock_start
+        if regime == "per-batch" and took >= interval - PRUNE_MARGIN:
+            raise WaitTimeout(f"{where}: the batch took {took:.3f} s, not less than "
+                              f"stable_node_chains_prune_millisecs ({interval * 1000:.0f} ms): "
+                              "its pruning is no longer once per batch",
+                              hint="raise stable_node_chains_prune_millisecs in the scenario")
+        if regime == "never" and since >= interval - PRUNE_MARGIN:
+            raise WaitTimeout(f"{where}: the scenario has run {since:.0f} s, as long as "
+                              "stable_node_chains_prune_millisecs: chains may now be pruned",
+                              hint="raise stable_node_chains_prune_millisecs in the scenario")
+
     # -- stepping ------------------------------------------------------------
     def full_scans(self) -> int:
         value = self.sysfs.read_int("full_scans")
@@ -112,6 +166,7 @@ class ScanStepper:
         number = self.scans_done + 1
         where = f"{label} scan {number}" if label else f"scan {number}"
         before = self.full_scans()
+        started = self._before_batch()
         self.changes.set("run", 1)
         timeout = self._timeout(pages_hint)
         after = wait_until(lambda: (v := self.full_scans()) > before and v, timeout=timeout,
@@ -120,12 +175,44 @@ class ScanStepper:
                            hint="is another program changing /sys/kernel/mm/ksm? "
                                 "raise KSMBENCH_TIME_SCALE on a slow machine")
         self._wait_ksmd_asleep(where)
+        self._after_batch(started, where)
         self._park(where)
         after = self.full_scans()
         if after != before + 1:
             raise WaitTimeout(f"{where}: ksmd ran {after - before} full scans instead of 1",
                               hint="something else woke ksmd; is another tool driving KSM?")
         self.scans_done += 1
+
+    def batch(self, pages: int, *, pages_hint: int = 0, label: str = "") -> None:
+        """Run exactly one ksmd batch of ``pages`` pages (ksm_do_scan() with
+        scan_npages = pages) and return with ksmd parked.  The batch ends
+        early where a full scan completes; ``scans_done`` counts that scan."""
+        if not self.prepared:
+            self.prepare()
+        where = f"{label} batch of {pages} pages" if label else f"batch of {pages} pages"
+        if self.ksmd_pid is None:
+            raise WaitTimeout(f"{where}: ksmd has no /proc entry here, so the end of a "
+                              "partial batch cannot be seen")
+        before = self.full_scans()
+        switches = self.procfs.voluntary_switches(self.ksmd_pid)
+        self.changes.set("pages_to_scan", pages)
+        started = self._before_batch()
+        self.changes.set("run", 1)
+        # asleep (S: ksm_iter_wait; sleeps inside a batch are D) after going to
+        # sleep at least once since the kick: the batch is over
+        wait_until(lambda: self._ksmd_asleep()
+                   and (self.procfs.voluntary_switches(self.ksmd_pid) or 0) > (switches or 0),
+                   timeout=self._timeout(pages_hint),
+                   what=f"{where}: ksmd (pid {self.ksmd_pid}) to run one batch and sleep",
+                   hint="is another program changing /sys/kernel/mm/ksm?")
+        self._after_batch(started, where)
+        self._park(where)
+        self.changes.set("pages_to_scan", PAGES_TO_SCAN)
+        grew = self.full_scans() - before
+        if grew not in (0, 1):
+            raise WaitTimeout(f"{where}: ksmd completed {grew} full scans in one batch",
+                              hint="something else woke ksmd; is another tool driving KSM?")
+        self.scans_done += grew
 
     def unmerge_all(self) -> None:
         """``echo 2 > run``: unshare everything, drop all rmap items (synchronous)."""

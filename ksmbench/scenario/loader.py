@@ -111,6 +111,13 @@ def _parse_ksm(raw: Any, source: str) -> m.KsmSettings:
         if least is not None and values.get(f.name, f.default) < least:
             raise ScenarioError(source, f"must be at least {least} ({f.metadata['why']})",
                                 field=f"ksm.{f.name}")
+    prune = values.get("stable_node_chains_prune_millisecs", 0)
+    if prune < 0 or m.prune_regime(prune) is None:
+        low, high = m.PRUNE_PER_BATCH_MS
+        raise ScenarioError(source, f"{prune} ms has no deterministic model: use 0 (prune on "
+                            f"every walk), {low}..{high} (at most once per ksmd batch) or at "
+                            f"least {m.PRUNE_NEVER_MS} (never within a scenario)",
+                            field="ksm.stable_node_chains_prune_millisecs")
     return m.KsmSettings(**values)
 
 
@@ -163,6 +170,11 @@ class _StepValidator:
             for key, required in fields.items():
                 if required and key not in raw:
                     raise self.fail(index, f"op '{op}' needs this field", key)
+        if cls.exclusive is not None:
+            keys, message = cls.exclusive
+            present = [key for key in keys if key in raw]
+            if len(present) > 1:
+                raise self.fail(index, message, present[0])
         if cls.needs_proc:
             self._need_proc(index, proc)
         values: dict[str, Any] = {}
@@ -256,6 +268,32 @@ class _StepValidator:
             raise self.fail(index, f"process name '{child}' is already used in this scenario", key)
         return child
 
+    def _tunable(self, index, proc, raw, key, decl, values):
+        tunable = raw[key]
+        if not isinstance(tunable, str):
+            raise self.fail(index, f"must be a tunable name, got {tunable!r}", key)
+        why = m.SET_REFUSED.get(tunable) or (
+            "is the 6.8 advisor's, which stepping keeps off" if tunable.startswith("advisor_")
+            else None)
+        if why:
+            raise self.fail(index, f"tunable '{tunable}' cannot be set by a step: it {why}", key)
+        if tunable not in m.SET_TUNABLES:
+            raise self.fail(index, f"unknown tunable {tunable!r} (a step may set: "
+                            f"{', '.join(m.SET_TUNABLES)})", key)
+        return tunable
+
+    def _tunable_value(self, index, proc, raw, key, decl, values):
+        """The value of the ``tunable`` parsed just before, typed by that tunable."""
+        tunable = values["tunable"]
+        want = m.SET_TUNABLES[tunable]
+        value = raw[key]
+        if not _is_type(value, want):
+            raise self.fail(index, f"must be {_type_word(want)}, got {value!r}", key)
+        if tunable == "max_page_sharing" and value < 2:
+            raise self.fail(index, "must be at least 2 (the kernel refuses smaller values "
+                            "with EINVAL)", key)
+        return int(value)
+
     def _metrics(self, index, proc, raw, key, decl, values):
         table: dict[str, Any] = {}
         for name, value in raw.items():
@@ -304,6 +342,8 @@ _PARSERS = {
     "range": _StepValidator._range,
     "new_proc": _StepValidator._new_proc,
     "metrics": _StepValidator._metrics,
+    "tunable": _StepValidator._tunable,
+    "tunable_value": _StepValidator._tunable_value,
 }
 #: kinds whose absent key leaves the dataclass default (a missing range is the
 #: whole region, and expect's metrics are not one key: both are always parsed)

@@ -18,6 +18,7 @@ import dataclasses
 from dataclasses import dataclass, field
 from typing import Any, ClassVar, Literal, Union
 
+from ..metrics import SET_TUNABLE_NAMES
 from .patterns import Pattern
 
 Advice = Literal["mergeable", "unmergeable", "dontneed"]
@@ -32,7 +33,7 @@ MAX_REGION_PAGES = (1 << 47) // 4096
 
 #: field kinds the loader parses and the serialiser writes (loader._PARSERS)
 Kind = Literal["int", "bool", "choice", "pattern", "region", "new_region", "range", "range_end",
-               "new_proc", "metrics"]
+               "new_proc", "metrics", "tunable", "tunable_value"]
 
 
 @dataclass(frozen=True)
@@ -96,6 +97,29 @@ def setting(default: Any, *, minimum: int | None = None, why: str = "") -> Any:
     return field(default=default, metadata={"minimum": minimum, "why": why})
 
 
+# -- the modelled prune clock of [ksm] stable_node_chains_prune_millisecs ----------------
+#: stable_node_dup() prunes a chain's stale dups only when this many ms have
+#: passed since the chain's last prune (or its creation).  Three ranges give an
+#: outcome that does not depend on timing (docs/stepping.md, "The prune clock"):
+#: 0 prunes on every walk; PRUNE_PER_BATCH_MS (inclusive) is modelled as "at most
+#: once per ksmd batch" (the host waits the interval before each batch and
+#: checks that each batch is shorter); from PRUNE_NEVER_MS on a chain is never
+#: pruned by time within a scenario (the host checks the scenario is shorter)
+PRUNE_PER_BATCH_MS = (100, 10_000)
+PRUNE_NEVER_MS = 3_600_000
+
+
+def prune_regime(msecs: int) -> str | None:
+    """"always", "per-batch", "never", or None for a value with no deterministic model."""
+    if msecs == 0:
+        return "always"
+    if PRUNE_PER_BATCH_MS[0] <= msecs <= PRUNE_PER_BATCH_MS[1]:
+        return "per-batch"
+    if msecs >= PRUNE_NEVER_MS:
+        return "never"
+    return None
+
+
 @dataclass(frozen=True)
 class KsmSettings:
     """The ``[ksm]`` table: tunables held for the whole scenario (the type of
@@ -105,6 +129,10 @@ class KsmSettings:
     max_page_sharing: int = setting(256, minimum=2, why="the kernel refuses smaller values")
     smart_scan: bool = True
     merge_across_nodes: bool = True
+    #: 0: stale dups of a chain are pruned on every stable-tree walk (what
+    #: stepping always did); see ``prune_regime`` and docs/stepping.md for
+    #: the other values the modelled prune clock accepts
+    stable_node_chains_prune_millisecs: int = 0
 
 
 # -- processes and regions, as steps change them ------------------------------------
@@ -171,6 +199,8 @@ class Step:
     #: ksmbench.kernel.features.detect() and of the emulator profiles; a
     #: kernel without it refuses the scenario (the emulator stops there too)
     requires: ClassVar[tuple[str, str] | None] = None
+    #: TOML keys that may not stand together in one step, and the message
+    exclusive: ClassVar[tuple[tuple[str, ...], str] | None] = None
 
     @property
     def op(self) -> str:
@@ -242,7 +272,50 @@ class Prctl(Step):
 class Scan(Step):
     runs_in: ClassVar[str] = "controller"
     needs_proc: ClassVar[bool] = False
-    count: int = spec("int", minimum=1)
+    exclusive: ClassVar[tuple[tuple[str, ...], str] | None] = (
+        ("count", "pages"), "op 'scan' takes count (full scans) or pages (one partial batch), "
+                            "not both")
+    #: full scans, each observed (1 where the key is left out)
+    count: int = spec("int", default=1, minimum=1)
+    #: a partial batch: ksmd runs one batch of ``pages`` pages (ksm_do_scan()
+    #: with scan_npages = pages) instead of ``count`` full scans; it stops
+    #: early where a full scan completes.  ``count`` is then 1.
+    pages: int | None = spec("int", default=None, minimum=1)
+
+
+# -- op "set": one KSM tunable changed between steps ---------------------------------
+#: tunables a ``set`` step may change, and the type of their value
+SET_TUNABLES: dict[str, type] = {
+    "use_zero_pages": bool,
+    "max_page_sharing": int,
+    "smart_scan": bool,
+    "merge_across_nodes": bool,
+}
+# the set step's observation names them (metrics.tunable_metric)
+assert tuple(SET_TUNABLES) == SET_TUNABLE_NAMES
+#: tunables a scenario may not change with "set", and why
+SET_REFUSED: dict[str, str] = {
+    "pages_to_scan": "is owned by the scan stepper (for a partial batch use "
+                     "op = \"scan\" with pages = N)",
+    "sleep_millisecs": "is owned by the scan stepper, which parks ksmd with it",
+    "run": "is owned by the scan stepper (use op = \"unmerge_all\" for run=2)",
+    "stable_node_chains_prune_millisecs": "is held for the whole scenario: set it in [ksm]",
+    "advisor_mode": "would hand pages_to_scan to the 6.8 advisor and break stepping",
+}
+
+
+@op("set")
+@dataclass(frozen=True)
+class Set(Step):
+    """Write ``value`` to /sys/kernel/mm/ksm/<tunable>.  The kernel may refuse
+    (max_page_sharing and merge_across_nodes: -EBUSY while KSM pages exist);
+    the step's observation records what it did (``set.error``, ``tunable.*``)."""
+
+    runs_in: ClassVar[str] = "controller"
+    needs_proc: ClassVar[bool] = False
+    tunable: str = spec("tunable")
+    #: booleans as 0/1, as sysfs prints them (the file writes true/false)
+    value: int = spec("tunable_value")
 
 
 @op("unmerge_all")
@@ -296,7 +369,7 @@ class Expect(Step):
                 for metric, expected in self.values]
 
 
-AnyStep = Union[Mmap, Fill, Read, Madvise, Prctl, Scan, UnmergeAll, Fork, Exit, Munmap, Expect]
+AnyStep = Union[Mmap, Fill, Read, Madvise, Prctl, Scan, UnmergeAll, Fork, Exit, Munmap, Expect, Set]
 
 
 @dataclass(frozen=True)

@@ -71,6 +71,8 @@ def step_items(step: m.Step, world: m.World) -> list[tuple[str, Any]]:
             whole = (0, world.procs.get(step.proc, {}).get(step.region))
             if (step.first, step.end) != whole:
                 out.append((m.toml_key(attr, decl), [step.first, step.end]))
+        elif decl.kind == "tunable_value" and m.SET_TUNABLES[step.tunable] is bool:
+            out.append((m.toml_key(attr, decl), bool(value)))
         elif decl.kind == "metrics":
             out += [(metric, "none" if expected is None else expected) for metric, expected in value]
         else:
