@@ -261,6 +261,10 @@ class HostSession:
             if not detect(self.sysfs, self.procfs)["prctl_memory_merge"]:
                 raise NotApplicable("needs PR_SET_MEMORY_MERGE (Linux 6.4, d7597f59d1d3), "
                                     "which this kernel lacks")
+        if any(isinstance(step, m.UffdWp) for step in scenario.steps):  # issue 14
+            if not syscalls.uffd_wp_available():
+                raise NotApplicable("needs userfaultfd write-protect on anonymous memory "
+                                    "(Linux 5.7, CONFIG_USERFAULTFD), which is unavailable here")
 
     def _run(self, scenario: m.Scenario) -> Iterator[ObservationPoint]:
         self.check_applicable(scenario)
@@ -339,6 +343,11 @@ class HostSession:
                 regions[step.child] = dict(regions[step.proc])
             elif isinstance(step, m.Exit):
                 self._exit_agent(step.proc, budget)
+            elif isinstance(step, m.Exec):  # issue 14: a new interpreter starts (slow in TCG)
+                agent.call("exec", timeout=budget + 120)
+                regions[step.proc] = {}
+            elif isinstance(step, m.UffdWp):  # issue 14
+                agent.call("uffd_wp", step.region, step.first, step.end, timeout=budget)
             elif isinstance(step, m.Expect):
                 pass  # checked by the runner against this step's observation
             yield observe(step, None)

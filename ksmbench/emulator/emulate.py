@@ -75,6 +75,10 @@ class ScenarioRun:
             k.exit(k.mms[step.proc])
         elif isinstance(step, m.Munmap):
             k.munmap(k.mms[step.proc], step.region)
+        elif isinstance(step, m.Exec):  # issue 14
+            k.exec(k.mms[step.proc])
+        elif isinstance(step, m.UffdWp):  # issue 14
+            k.uffd_wp(k.mms[step.proc], step.region, step.first, step.end)
         elif isinstance(step, (m.Expect, m.Scan)):
             pass
         else:  # pragma: no cover - the loader knows every op

@@ -41,6 +41,8 @@ _OP_FIELDS: dict[str, dict[str, bool]] = {
     "fork": {"child": True},
     "exit": {},
     "munmap": {"region": True},
+    "exec": {},                                # issue 14
+    "uffd_wp": {"region": True, "range": False},  # issue 14
 }
 #: the most pages one region can have: x86-64's 47-bit user address space
 #: (128 TiB) in 4 KiB pages; a larger mmap can never succeed
@@ -142,6 +144,8 @@ class _StepValidator:
         self.procs: dict[str, dict[str, int]] = {m.MAIN: {}}
         self.ever_procs: set[str] = {m.MAIN}
         self.all_regions: dict[tuple[str, str], int] = {}
+        #: (proc, region) -> page ranges write-protected with userfaultfd (op uffd_wp)
+        self.write_protected: dict[tuple[str, str], list[tuple[int, int]]] = {}
 
     def fail(self, index: int, message: str, fieldname: str | None = None) -> ScenarioError:
         return ScenarioError(self.source, message, step=index, field=fieldname)
@@ -224,6 +228,7 @@ class _StepValidator:
     def _fill(self, index, proc, raw):
         region, pages = self._region(index, proc, raw)
         first, end = self._range(index, raw, pages)
+        self._check_writable(index, proc, region, first, end)
         try:
             pattern = parse_pattern(raw["pattern"])
         except ValueError as exc:
@@ -268,13 +273,45 @@ class _StepValidator:
         return m.Fork(index, proc, child)
 
     def _exit(self, index, proc, raw):
+        self._forget_write_protection(proc)
         del self.procs[proc]
         return m.Exit(index, proc)
 
     def _munmap(self, index, proc, raw):
         region, _ = self._region(index, proc, raw)
         del self.procs[proc][region]
+        self.write_protected.pop((proc, region), None)
         return m.Munmap(index, proc, region)
+
+    # -- op "exec" (issue 14) --------------------------------------------------------
+    def _exec(self, index, proc, raw):
+        # execve() replaces the mm: the process keeps its name, not its regions
+        self._forget_write_protection(proc)
+        self.procs[proc] = {}
+        return m.Exec(index, proc)
+
+    # -- op "uffd_wp" (issue 14) ------------------------------------------------------
+    def _uffd_wp(self, index, proc, raw):
+        region, pages = self._region(index, proc, raw)
+        first, end = self._range(index, raw, pages)
+        self.write_protected.setdefault((proc, region), []).append((first, end))
+        return m.UffdWp(index, proc, region, first, end)
+
+    def _check_writable(self, index: int, proc: str, region: str, first: int, end: int) -> None:
+        """A write to a userfaultfd-protected page waits for a handler that
+        ksmbench does not run: refuse it (a forked child's copy is not
+        protected: without UFFD_FEATURE_EVENT_FORK fork drops the registration)."""
+        for lo, hi in self.write_protected.get((proc, region), ()):
+            if lo < end and first < hi:
+                raise self.fail(index, f"pages [{max(lo, first)}, {min(hi, end)}) of region "
+                                f"'{region}' are write-protected with userfaultfd (op uffd_wp) "
+                                f"in process '{proc}': a write would block; write before "
+                                "protecting, or in a forked child", "range")
+
+    def _forget_write_protection(self, proc: str) -> None:
+        for key in [k for k in self.write_protected if k[0] == proc]:
+            del self.write_protected[key]
+    # -- end of the issue 14 ops ------------------------------------------------------
 
     def _expect(self, index, proc, raw):
         table: dict[str, Any] = {}

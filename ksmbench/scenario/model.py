@@ -110,7 +110,30 @@ class Expect(Step):
                 for metric, expected in self.values]
 
 
-AnyStep = Union[Mmap, Fill, Read, Madvise, Prctl, Scan, UnmergeAll, Fork, Exit, Munmap, Expect]
+# -- op "exec" (issue 14) -------------------------------------------------------------
+@dataclass(frozen=True)
+class Exec(Step):
+    """``proc`` re-executes its program (execve): every region is gone, the
+    process keeps its name and pid, and keeps what the kernel carries across
+    exec (MMF_VM_MERGE_ANY since 6.7, 3c6f33b7273a)."""
+
+
+# -- op "uffd_wp" (issue 14) ----------------------------------------------------------
+@dataclass(frozen=True)
+class UffdWp(Step):
+    """Register pages [first, end) of a region with ``proc``'s userfaultfd in
+    write-protect mode and write-protect them (UFFDIO_REGISTER_MODE_WP,
+    UFFDIO_WRITEPROTECT).  Writes to them would block, so the loader refuses
+    them in that process for as long as the region stays mapped."""
+
+    region: str
+    first: int
+    end: int
+# -- end of the issue 14 ops ----------------------------------------------------------
+
+
+AnyStep = Union[Mmap, Fill, Read, Madvise, Prctl, Scan, UnmergeAll, Fork, Exit, Munmap, Expect,
+                Exec, UffdWp]
 
 OP_NAMES: dict[type, str] = {
     Mmap: "mmap",
@@ -124,6 +147,8 @@ OP_NAMES: dict[type, str] = {
     Exit: "exit",
     Munmap: "munmap",
     Expect: "expect",
+    Exec: "exec",
+    UffdWp: "uffd_wp",
 }
 OPS: dict[str, type] = {name: cls for cls, name in OP_NAMES.items()}
 
