@@ -81,7 +81,7 @@ def test_exit_status_and_the_table(selftest_run):
         else:
             assert rows[name]["ksmbench_verdict"] in ("fail", "n/a"), rows[name]
             assert rows[name]["selftest_verdict"] != "pass", rows[name]
-    assert rows["test_prctl_fork_exec"]["scenario"] == ""
+    assert rows["test_prctl_fork_exec"]["scenario"] == "prctl-fork-exec"
     assert rows["ksm_tests -M -p 10"]["source"].startswith("linux-source-")
 
 

@@ -170,6 +170,15 @@ def _same_frames(step: int, scan: int | None, region: str, why: str) -> Check:
                  why)
 
 
+def _child_ksm(flag_step: int, scan_step: int, flag_when: str, merged: str) -> tuple[Check, ...]:
+    """test_child_ksm(): the child reads PR_GET_MEMORY_MERGE == 1, and 2 MiB it
+    maps and fills (region b, 512 pages) merge after 2 scans without madvise."""
+    return (Check(flag_step, None, "proc.child.ksm_merge_any", "==", 1,
+                  f"PR_GET_MEMORY_MERGE is 1 {flag_when}", optional=True),
+            Check(scan_step, 2, "region.child.b.distinct_frames", "==", 2,
+                  f"{merged} (test_child_ksm()): 512 pages in 2 KSM pages"))
+
+
 _NO_DUPLICATES = ("no frame is mapped twice (range_maps_duplicates() is false; "
                   "a zero-page mapping counts as shared)")
 _NO_KPF_KSM = "ksmbench only: /proc/kpageflags shows no KSM page left in the range"
@@ -279,21 +288,12 @@ PEERS: tuple[Peer, ...] = (
               "by its effect (the pages merge)"),
     Peer(FUNCTIONAL, (), "test_prctl_fork",
          "PR_SET_MEMORY_MERGE=1 is inherited across fork; the child's memory merges",
-         "peer-prctl-fork", (
-             Check(1, None, "proc.child.ksm_merge_any", "==", 1,
-                   "PR_GET_MEMORY_MERGE is 1 in the child", optional=True),
-             Check(4, 2, "region.child.b.distinct_frames", "==", 2,
-                   "merge in the child works (test_child_ksm()): 512 pages in 2 KSM pages"),
-         )),
+         "peer-prctl-fork", _child_ksm(1, 4, "in the child", "merge in the child works")),
     Peer(FUNCTIONAL, (), "test_prctl_fork_exec",
          "PR_SET_MEMORY_MERGE=1 survives fork and exec (6.7, 3c6f33b7273a), and the exec'd "
          "process is scanned (6.10, 3a9e567ca45f)",
-         "prctl-fork-exec", (
-             Check(2, None, "proc.child.ksm_merge_any", "==", 1,
-                   "PR_GET_MEMORY_MERGE is 1 after exec (test_child_ksm())", optional=True),
-             Check(5, 2, "region.child.b.distinct_frames", "==", 2,
-                   "merge in the exec'd child works (test_child_ksm()): 512 pages in 2 KSM pages"),
-         ),
+         "prctl-fork-exec",
+         _child_ksm(2, 5, "after exec (test_child_ksm())", "merge in the exec'd child works"),
          note="the selftest re-executes itself; ksmbench's agent re-executes its own "
               "interpreter, keeping its control socket across exec"),
     Peer(FUNCTIONAL, (), "test_prctl_unmerge",
