@@ -248,6 +248,9 @@ class Agent:
                 if self._frames is not None:  # /proc/self/pagemap was the parent's
                     self._frames.close()
                     self._frames = None
+                if self._uffd is not None:  # the parent's userfaultfd acts on the parent's mm
+                    self._uffd.close()
+                    self._uffd = None
                 send_msg(self.sock, ("ok", os.getpid()))
                 self.serve()
             finally:
