@@ -148,7 +148,7 @@ def rebuild(kind: str, message: str, hint: str | None) -> KsmbenchError:
     """Recreate an error reported by another process (an agent, a guest)."""
     cls = globals().get(kind)
     simple = (UsageError, PermissionNeeded, KsmUnavailable, WaitTimeout, Busy, VMError,
-              KernelNotFound)
+              KernelNotFound, NotApplicable)
     if isinstance(cls, type) and issubclass(cls, simple):
         return cls(message, hint=hint)
     return KsmbenchError(message, hint=hint)

@@ -46,6 +46,13 @@ def fitted_flags(df: pd.DataFrame, release: str) -> frozenset[str]:
     return get_profile(result.fitted).flags
 
 
+def needs_prctl(scenarios) -> set[str]:
+    """The scenarios a kernel without PR_SET_MEMORY_MERGE (before 6.4) reports n/a."""
+    from ksmbench.scenario import model as m
+
+    return {s.name for s in scenarios if any(isinstance(step, m.Prctl) for step in s.steps)}
+
+
 class Cells:
     def __init__(self, df: pd.DataFrame):
         self.df = df

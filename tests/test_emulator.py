@@ -524,3 +524,93 @@ def test_predictions_start_from_the_measured_baseline_and_residue_is_attributed(
     o = outcome.scenarios["fork-zero"]
     [r] = [r for r in o.residue if r.metric == "global.ksm_zero_pages"]
     assert not r.explained and "not explained (linux-6.18 predicts -128)" in r.describe()
+
+
+# -- issue 14: exec and userfaultfd-wp ----------------------------------------------------------
+
+def _prctl_fork_exec_then_merge():
+    return scen([{"op": "prctl", "merge": True}, {"op": "fork", "child": "c"},
+                 {"op": "exec", "proc": "c"},
+                 {"op": "mmap", "proc": "c", "region": "b", "pages": 8},
+                 {"op": "fill", "proc": "c", "region": "b", "pattern": "tag:x"},
+                 {"op": "scan", "count": 2}])
+
+
+def test_exec_keeps_merge_any_by_version():
+    s = _prctl_fork_exec_then_merge()
+    # 6.18: kept across exec (3c6f33b7273a), registered at exec (3a9e567ca45f)
+    new = predict(s, "linux-6.18")
+    assert at(new, 2)["proc.c.ksm_merge_any"] == 1
+    assert at(new, 5, 2)["region.c.b.distinct_frames"] == 1
+    assert at(new, 5, 2)["global.pages_sharing"] == 7
+    # 6.7-6.9: the flag survives, but the exec'd mm has no slot: nothing is scanned
+    mid = predict(s, "linux-6.8")
+    assert at(mid, 5, 2)["global.pages_sharing"] == 0
+    assert at(mid, 5, 2)["proc.c.ksm_rmap_items"] == 0
+    # 6.6: MMF_VM_MERGE_ANY was not in MMF_INIT_MASK: exec drops it
+    old = predict(s, "linux-6.6")
+    assert at(old, 5, 2)["region.c.b.distinct_frames"] == 8
+    # the registered-at-exec behaviour only matters with the flag kept
+    assert "ksm_execve" in get_profile("linux-6.10").flags
+    assert "merge_any_exec" not in get_profile("linux-6.6").flags
+
+
+def test_exec_drops_the_mappings_and_ksmd_frees_the_old_items_later():
+    steps = region("a", 16, "tag:e") + region("z", 4, "zero") + [
+        {"op": "scan", "count": 2}, {"op": "exec"}, {"op": "scan", "count": 1}]
+    pts = predict(scen(steps, ksm={"use_zero_pages": True}), "linux-6.18")
+    before, after, scanned = at(pts, 6, 2), at(pts, 7), at(pts, 8, 1)
+    assert before["global.pages_sharing"] == 15 and before["global.ksm_zero_pages"] == 4
+    # exit_mmap() of the old mm: KSM zero pages go at once, the rest waits for ksmd
+    assert after["global.ksm_zero_pages"] == 0
+    assert after["global.pages_sharing"] == 15
+    assert after["proc.main.ksm_rmap_items"] == 0
+    assert not any(k.startswith("region.main.") for k in after)
+    assert scanned["global.pages_sharing"] == 0 and scanned["global.pages_volatile"] == 0
+
+
+def _uffd_unmerge(protect_range=None):
+    wp = {"op": "uffd_wp", "region": "a"}
+    if protect_range:
+        wp["range"] = protect_range
+    return scen(region("a", 8, "tag:u") + [{"op": "scan", "count": 2}, wp,
+                                           {"op": "madvise", "region": "a",
+                                            "advice": "unmergeable"},
+                                           {"op": "scan", "count": 1}])
+
+
+def test_uffd_wp_unmerge_by_version():
+    s = _uffd_unmerge()
+    # 6.2+ (6cce3314b928): an unshare fault, which uffd-wp does not intercept
+    assert at(predict(s, "linux-6.12"), 5)["region.main.a.distinct_frames"] == 8
+    # 6.1: the fake write fault fails; the pages stay merged, and once ksmd has
+    # dropped their rmap items no counter shows them
+    old = predict(s, "linux-6.1")
+    assert at(old, 5)["region.main.a.distinct_frames"] == 1
+    assert at(old, 6, 1)["global.pages_sharing"] == 0
+    assert at(old, 6, 1)["region.main.a.distinct_frames"] == 1
+    # a partly protected range: only the protected pages stay merged on 6.1
+    half = at(predict(_uffd_unmerge([0, 4]), "linux-6.1"), 5)
+    assert half["region.main.a.distinct_frames"] == 5
+
+
+def test_uffd_wp_bit_is_lost_when_ksm_replaces_the_pte():
+    # protected before merging: replace_page() builds the new PTE without the
+    # uffd-wp bit (mm/ksm.c has no userfaultfd handling), except for the page
+    # that becomes the KSM page in place, which keeps its PTE
+    s = scen(region("a", 8, "tag:w") + [{"op": "uffd_wp", "region": "a"},
+                                         {"op": "scan", "count": 2},
+                                         {"op": "madvise", "region": "a",
+                                          "advice": "unmergeable"}])
+    v = at(predict(s, "linux-6.1"), 5)
+    assert v["region.main.a.distinct_frames"] == 8 - 1 + 1  # 7 unshared copies + the KSM page
+    assert v["region.main.a.ksm"] == 1
+
+
+def test_new_ops_agree_on_fast_and_reference_paths():
+    for s in (_prctl_fork_exec_then_merge(), _uffd_unmerge([2, 6])):
+        for prof in ("linux-6.1", "linux-6.8", "linux-6.18"):
+            fast = predict(s, prof, fast=True)
+            slow = predict(s, prof, fast=False)
+            assert [(p.step, p.scan, p.values) for p in fast] == \
+                   [(p.step, p.scan, p.values) for p in slow], (s.name, prof)

@@ -14,7 +14,8 @@ import pandas as pd
 import pytest
 
 from conftest import host_ksm_usable
-from kernel_expectations import CHECKS, Cells, assert_every_cell_matches, fitted_flags, load
+from kernel_expectations import (CHECKS, Cells, assert_every_cell_matches, fitted_flags, load,
+                                 needs_prctl)
 from ksmbench.scenario import builtin_suite
 
 pytestmark = [pytest.mark.root,
@@ -49,7 +50,7 @@ def test_every_cell_of_the_suite_matches_the_emulator(observed, flags):
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr
     meta = json.loads((rundir / "metadata.json").read_text())
     suite = {s.name for s in builtin_suite()}
-    na = set() if "prctl_memory_merge" in flags else {"prctl-merge"}  # PR_SET_MEMORY_MERGE: 6.4
+    na = set() if "prctl_memory_merge" in flags else needs_prctl(builtin_suite())  # 6.4
     assert meta["verdicts"] == {name: "n/a" if name in na else "match" for name in suite}
     assert set(df.scenario) == suite - na
     compared = assert_every_cell_matches(df, meta["emulator_profile"])

@@ -182,3 +182,60 @@ def test_resolve_scenarios_by_path_name_and_builtin_fallback(tmp_path):
         resolve_scenarios(["scenarios/does-not-exist.toml"])
     with pytest.raises(ScenarioError, match="appears twice"):
         resolve_scenarios(["zero-pages", "zero-pages"])
+
+
+# -- issue 14: exec and uffd_wp --------------------------------------------------------------
+
+def _load(steps):
+    from ksmbench.scenario.loader import scenario_from_dict
+
+    return scenario_from_dict({"name": "t", "step": steps}, source="<t>")
+
+
+def test_exec_and_uffd_wp_load():
+    s = _load([{"op": "mmap", "region": "a", "pages": 8},
+               {"op": "uffd_wp", "region": "a", "range": [2, 6]},
+               {"op": "uffd_wp", "region": "a"},
+               {"op": "exec"}])
+    assert isinstance(s.steps[1], m.UffdWp) and (s.steps[1].first, s.steps[1].end) == (2, 6)
+    assert (s.steps[2].first, s.steps[2].end) == (0, 8)
+    assert isinstance(s.steps[3], m.Exec) and s.steps[3].op == "exec"
+
+
+def test_exec_unmaps_every_region_of_the_process():
+    with pytest.raises(ScenarioError) as e:
+        _load([{"op": "mmap", "region": "a", "pages": 8}, {"op": "exec"},
+               {"op": "fill", "region": "a", "pattern": "zero"}])
+    assert e.value.step == 2 and "not mapped" in e.value.message
+    # the name may be mapped again after exec
+    _load([{"op": "mmap", "region": "a", "pages": 8}, {"op": "exec"},
+           {"op": "mmap", "region": "a", "pages": 4}])
+
+
+def test_writes_to_write_protected_pages_are_refused():
+    base = [{"op": "mmap", "region": "a", "pages": 8}, {"op": "uffd_wp", "region": "a",
+                                                       "range": [0, 4]}]
+    with pytest.raises(ScenarioError) as e:
+        _load(base + [{"op": "fill", "region": "a", "range": [3, 8], "pattern": "zero"}])
+    assert e.value.step == 2 and e.value.field == "range" and "[3, 4)" in e.value.message
+    # outside the range, in a forked child, after munmap or exec: allowed
+    _load(base + [{"op": "fill", "region": "a", "range": [4, 8], "pattern": "zero"}])
+    _load(base + [{"op": "fork", "child": "c"},
+                  {"op": "fill", "proc": "c", "region": "a", "pattern": "zero"}])
+    _load(base + [{"op": "munmap", "region": "a"}, {"op": "mmap", "region": "a", "pages": 8},
+                  {"op": "fill", "region": "a", "pattern": "zero"}])
+
+
+def test_uffd_wp_fields_are_checked():
+    with pytest.raises(ScenarioError) as e:
+        _load([{"op": "mmap", "region": "a", "pages": 8},
+               {"op": "uffd_wp", "region": "a", "range": [0, 9]}])
+    assert e.value.field == "range"
+    with pytest.raises(ScenarioError) as e:
+        _load([{"op": "exec", "region": "a"}])
+    assert e.value.field == "region"
+
+
+def test_the_ltp_set_loads_by_name():
+    names = [s.name for s in resolve_scenarios(["ltp"])]
+    assert names == ["ltp-ksm01", "ltp-ksm06-across-nodes", "ltp-ksm06-per-node", "ltp-ksm07"]

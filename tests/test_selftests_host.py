@@ -81,7 +81,7 @@ def test_exit_status_and_the_table(selftest_run):
         else:
             assert rows[name]["ksmbench_verdict"] in ("fail", "n/a"), rows[name]
             assert rows[name]["selftest_verdict"] != "pass", rows[name]
-    assert rows["test_prctl_fork_exec"]["scenario"] == ""
+    assert rows["test_prctl_fork_exec"]["scenario"] == "prctl-fork-exec"
     assert rows["ksm_tests -M -p 10"]["source"].startswith("linux-source-")
 
 
@@ -106,6 +106,6 @@ def test_the_scenarios_ran_through_the_runner(selftest_run):
     meta = json.loads((rundir / "metadata.json").read_text())
     assert meta["backend"] == "host" and meta["kernel_release"]
     assert set(meta["scenarios"]) == {"dup-below-max", "peer-cow-unmerge", "zero-unmerge-half",
-                                      "prctl-merge", "peer-prctl-fork"}
+                                      "prctl-merge", "peer-prctl-fork", "prctl-fork-exec"}
     observed = {r["scenario"] for r in csv.DictReader(open(rundir / "observations.csv"))}
     assert observed == set(meta["scenarios"])

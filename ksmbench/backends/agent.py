@@ -15,7 +15,12 @@ its other mappings back to unmergeable after each command, before replying, so
 ksmd (which only runs while every agent is blocked waiting for a command)
 never sees them.
 
-Run as ``python -m ksmbench.backends.agent <socket-fd> <name>``.
+Run as ``python -m ksmbench.backends.agent <socket-fd> <name> [--after-exec]``.
+A scenario's ``exec`` is a real execve(2) of the agent into itself: the
+control socket is made inheritable first and its number passed on the command
+line, and the new image answers the ``exec`` request once it is up (and has
+swept its interpreter out of KSM's sight, since MMF_VM_MERGE_ANY survives
+exec from 6.7 on).
 """
 
 from __future__ import annotations
@@ -29,7 +34,7 @@ import sys
 import time
 from typing import Any
 
-from ..errors import KsmbenchError, SyscallError
+from ..errors import KsmbenchError, NotApplicable, SyscallError
 from ..kernel import syscalls
 from ..kernel.procfs import FrameReader, ProcFS
 from ..scenario.model import Step
@@ -97,6 +102,7 @@ class Agent:
         self._next_addr = REGION_BASE  # a forked child continues from its parent's value
         #: the scenario step being run (op_step), which names a fill's content
         self._step_id: FillId | None = None
+        self._uffd: syscalls.UffdWriteProtect | None = None  # op uffd_wp: one per process
 
     # -- plumbing ------------------------------------------------------------
     def frames(self) -> FrameReader:
@@ -258,6 +264,9 @@ class Agent:
                 if self._frames is not None:  # /proc/self/pagemap was the parent's
                     self._frames.close()
                     self._frames = None
+                if self._uffd is not None:  # the parent's userfaultfd acts on the parent's mm
+                    self._uffd.close()
+                    self._uffd = None
                 send_msg(self.sock, ("ok", os.getpid()))
                 self.serve()
             finally:
@@ -267,6 +276,31 @@ class Agent:
 
     def op_exit(self) -> None:
         return None
+
+    # -- op "exec" (issue 14) ----------------------------------------------------
+    def op_exec(self) -> None:
+        """execve() this agent again.  Only the control socket crosses: every
+        other descriptor is close-on-exec (PEP 446), and the uffd is opened
+        with O_CLOEXEC.  The new image replies to this request (see main)."""
+        fd = self.sock.fileno()
+        os.set_inheritable(fd, True)
+        try:
+            os.execv(sys.executable, [sys.executable, "-m", "ksmbench.backends.agent",
+                                      str(fd), self.name, "--after-exec"])
+        finally:  # only reached when execv failed
+            os.set_inheritable(fd, False)
+
+    # -- op "uffd_wp" (issue 14) ---------------------------------------------------
+    def op_uffd_wp(self, region: str, first: int, end: int) -> None:
+        if self._uffd is None:
+            try:
+                self._uffd = syscalls.UffdWriteProtect()
+            except SyscallError as exc:
+                raise NotApplicable(f"userfaultfd write-protect is unavailable: {exc.message}",
+                                    hint=exc.hint) from None
+        r = self.regions[region]
+        self._uffd.protect(r.addr + first * syscalls.PAGE_SIZE, (end - first) * syscalls.PAGE_SIZE)
+    # -- end of the issue 14 ops ---------------------------------------------------
 
     def op_observe(self) -> dict[str, Any]:
         stat = self.procfs.ksm_stat("self")
@@ -312,7 +346,13 @@ def main(argv: list[str]) -> int:
     signal.signal(signal.SIGCHLD, signal.SIG_IGN)
     fd, name = int(argv[1]), argv[2]
     sock = socket.socket(fileno=fd)
-    Agent(sock, name).serve()
+    os.set_inheritable(fd, False)
+    agent = Agent(sock, name)
+    if "--after-exec" in argv[3:]:
+        # the reply to the "exec" request that replaced the previous image
+        agent.sweep_if_merge_any()
+        send_msg(sock, ("ok", os.getpid()))
+    agent.serve()
     return 0
 
 

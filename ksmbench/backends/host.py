@@ -283,6 +283,10 @@ class HostSession:
             for feature, what in sorted(needed):
                 if not have[feature]:
                     raise NotApplicable(f"needs {what}, which this kernel lacks")
+        if any(isinstance(step, m.UffdWp) for step in scenario.steps):
+            if not syscalls.uffd_wp_available():
+                raise NotApplicable("needs userfaultfd write-protect on anonymous memory "
+                                    "(Linux 5.7, CONFIG_USERFAULTFD), which is unavailable here")
 
     def _run(self, scenario: m.Scenario) -> Iterator[ObservationPoint]:
         self.check_applicable(scenario)
@@ -355,6 +359,8 @@ class HostSession:
                 self._exit_agent(step.proc, budget)
             elif isinstance(step, m.Set):
                 set_values = self._set_tunable(step)
+            elif isinstance(step, m.Exec):  # a new interpreter starts (slow in TCG)
+                agent.call("exec", timeout=budget + 120)
             elif step.runs_in == "controller":  # pragma: no cover - a new op without its code here
                 raise TypeError(f"the host backend does not run op '{step.op}'")
             point = observe(step, None)

@@ -124,6 +124,14 @@ class Segment:
         self.ick = np.full(npages, NO_CHECKSUM, dtype=np.int64)
         self.iage = np.zeros(npages, dtype=np.uint8)
         self.iskip = np.zeros(npages, dtype=np.uint8)
+        # op uffd_wp (issue 14): VM_UFFD_WP on the page's VMA, and the frame
+        # each PTE mapped when UFFDIO_WRITEPROTECT set its uffd-wp bit.  The
+        # bit lives as long as that PTE: replace_page() (a merge into another
+        # KSM page, or the zero page) and a zap build a new PTE without it,
+        # while a page that becomes the KSM page in place keeps it.  Frames
+        # are never reused, so "the PTE still maps wp_frame" is "the bit is set"
+        self.uffd = np.zeros(npages, dtype=bool)
+        self.wp_frame = np.full(npages, -1, dtype=np.int64)
 
     def copy_for_fork(self, child: "MM") -> "Segment":
         seg = Segment(child, self.name, self.start, self.n, self.thp)
@@ -141,7 +149,8 @@ class Segment:
         """[start, end) page runs of equal VM_MERGEABLE: the VMAs madvise left."""
         if self.n == 0:
             return []
-        change = np.flatnonzero(self.merge[1:] != self.merge[:-1]) + 1
+        change = np.flatnonzero((self.merge[1:] != self.merge[:-1])
+                                | (self.uffd[1:] != self.uffd[:-1])) + 1
         bounds = [0, *change.tolist(), self.n]
         return list(zip(bounds[:-1], bounds[1:]))
 
@@ -364,6 +373,11 @@ class Ksm:
         anon = pte > 0
         if anon.any():
             ksm[anon] = fr.node[pte[anon]] >= 0
+        if ksm.any() and not self.profile.has("uffd_wp_unshare"):
+            # before 6cce3314b928 (6.2) break_ksm() took a fake write fault,
+            # which userfaultfd-wp answers with VM_FAULT_SIGBUS for a PTE that
+            # has the uffd-wp bit; break_ksm() then returned 0, page still merged
+            ksm &= ~(seg.uffd[first:end] & (seg.wp_frame[first:end] == pte))
         if ksm.any():
             old = pte[ksm]
             fr.unmap(old)
@@ -467,6 +481,36 @@ class Ksm:
             self.zap(seg, 0, seg.n)
             del mm.regions[name]
             self._unmap_segment(mm, seg)
+
+    # -- op "exec" (issue 14) ----------------------------------------------------------------
+    def exec(self, mm: MM) -> MM:
+        """execve(): bprm_mm_init() builds a new mm, which takes the old one's
+        MMF_INIT_MASK flags, then exec_mmap() drops the old mm (__mmput():
+        ksm_exit(), exit_mmap()).  The process keeps its name; the old mm is
+        kept aside (not alive) until ksmd has freed its rmap items."""
+        new = MM(mm.name, mm.order)
+        if mm.merge_any and self.profile.has("merge_any_exec"):
+            # MMF_VM_MERGE_ANY joined MMF_INIT_MASK in 3c6f33b7273a (6.7)
+            new.merge_any = True
+            if self.profile.has("ksm_execve"):
+                # ksm_execve() (3a9e567ca45f, 6.10): __ksm_enter() at exec; before
+                # it the new mm had the flag but no slot, and was never scanned
+                self._ksm_enter(new)
+        self.exit(mm)
+        self.mms[f"{mm.name}#before-exec-{len(self.mms)}"] = mm
+        self.mms[mm.name] = new  # same key: same place in creation order
+        return new
+
+    # -- op "uffd_wp" (issue 14) -------------------------------------------------------------
+    def uffd_wp(self, mm: MM, region: str, first: int, end: int) -> None:
+        """UFFDIO_REGISTER_MODE_WP (sets VM_UFFD_WP, splitting the VMA) and
+        UFFDIO_WRITEPROTECT (the uffd-wp bit on every present PTE; an empty
+        anonymous PTE gets none without UFFD_FEATURE_WP_UNPOPULATED)."""
+        seg = mm.regions[region]
+        seg.uffd[first:end] = True
+        pte = seg.pte[first:end]
+        seg.wp_frame[first:end] = np.where(pte >= 0, pte, seg.wp_frame[first:end])
+    # -- end of the issue 14 ops -------------------------------------------------------------
 
     # -- run=2 ---------------------------------------------------------------------------
     def unmerge_all(self) -> None:

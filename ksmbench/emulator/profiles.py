@@ -76,6 +76,12 @@ FLAGS: tuple[Flag, ...] = (
          "sysfs general_profit; ksm_merging_pages and ksm_process_profit in ksm_stat"),
     Flag("prctl_memory_merge", "d7597f59d1d3", (6, 4),
          "PR_SET_MEMORY_MERGE / PR_GET_MEMORY_MERGE"),
+    # break_ksm() cleanups (David Hildenbrand), merged for 6.2; not for stable
+    # ("not easy to backport and it's not very critical"): Debian 6.1 lacks it
+    Flag("uffd_wp_unshare", "6cce3314b928", (6, 2),
+         "break_ksm() unshares with FAULT_FLAG_UNSHARE, which userfaultfd-wp does not intercept; "
+         "before it, its fake write fault on a KSM page write-protected with userfaultfd-wp "
+         "failed (VM_FAULT_SIGBUS) and MADV_UNMERGEABLE / run=2 left the page merged"),
     Flag("zero_page_tracking", "79271476b336+e2942062e01d+6080d19f0704+1a8e84305783", (6, 6),
          "KSM zero PTEs are marked dirty, unshared by MADV_UNMERGEABLE/prctl/run=2, counted in "
          "sysfs and ksm_stat ksm_zero_pages, and counted in both profits"),
@@ -87,6 +93,11 @@ FLAGS: tuple[Flag, ...] = (
          stable={(6, 6): 33, (6, 8): 12, (6, 9): 3}, stable_approx=True),
     Flag("smart_scan", "5e924ff54d08+e5a689912689", (6, 7),
          "smart_scan skips pages that keep failing to merge; sysfs pages_skipped"),
+    Flag("merge_any_exec", "3c6f33b7273a", (6, 7),
+         "MMF_VM_MERGE_ANY is in MMF_INIT_MASK: PR_SET_MEMORY_MERGE survives exec (and fork)"),
+    Flag("ksm_execve", "3a9e567ca45f", (6, 10),
+         "ksm_execve(): an exec'd mm with MMF_VM_MERGE_ANY is registered with ksmd at exec; "
+         "before it the new mm had the flag but no mm slot, so nothing in it was scanned"),
     Flag("checksum_first", "ac90c56bbd73+d58a361b0350+a0b856b617c5", (6, 11),
          "cmp_and_merge_page() checks the checksum before the stable tree: a page identical to "
          "an existing KSM page merges on its second visit, not its first"),

@@ -29,6 +29,13 @@ _ffi.cdef(
     int madvise(void *addr, size_t length, int advice);
     int prctl(int option, unsigned long arg2, unsigned long arg3,
               unsigned long arg4, unsigned long arg5);
+    long syscall(long number, ...);
+    int ioctl(int fd, unsigned long request, ...);
+    int close(int fd);
+    struct uffdio_api { uint64_t api; uint64_t features; uint64_t ioctls; };
+    struct uffdio_range { uint64_t start; uint64_t len; };
+    struct uffdio_register { struct uffdio_range range; uint64_t mode; uint64_t ioctls; };
+    struct uffdio_writeprotect { struct uffdio_range range; uint64_t mode; };
     """
 )
 _libc = _ffi.dlopen(None)
@@ -61,6 +68,28 @@ PR_SET_MEMORY_MERGE = 67  # 6.4, d7597f59d1d3
 PR_GET_MEMORY_MERGE = 68
 
 
+# include/uapi/linux/userfaultfd.h (x86-64 syscall number).  Write-protect
+# mode on private anonymous memory: 63ae4391f2b8 (5.7)
+NR_USERFAULTFD = 323
+UFFD_API = 0xAA
+UFFD_FEATURE_PAGEFAULT_FLAG_WP = 1 << 0
+UFFDIO_REGISTER_MODE_WP = 1 << 1
+UFFDIO_WRITEPROTECT_MODE_WP = 1 << 0
+_UFFDIO_WRITEPROTECT_BIT = 0x06
+
+
+def _iowr(nr: int, ctype: str) -> int:
+    """_IOWR(UFFDIO, nr, ctype): direction read|write, size, type 0xAA, number."""
+    return (3 << 30) | (_ffi.sizeof(ctype) << 16) | (0xAA << 8) | nr
+
+
+UFFDIO_API = _iowr(0x3F, "struct uffdio_api")
+UFFDIO_REGISTER = _iowr(0x00, "struct uffdio_register")
+UFFDIO_WRITEPROTECT = _iowr(_UFFDIO_WRITEPROTECT_BIT, "struct uffdio_writeprotect")
+_O_CLOEXEC = 0o2000000
+_O_NONBLOCK = 0o4000
+
+
 def _fail(call: str) -> SyscallError:
     err = _ffi.errno
     hint = None
@@ -68,6 +97,9 @@ def _fail(call: str) -> SyscallError:
         hint = "this kernel has no PR_SET_MEMORY_MERGE (added in 6.4) or no CONFIG_KSM"
     elif call.startswith("madvise") and err == _errno.EINVAL:
         hint = "the kernel may lack CONFIG_KSM or CONFIG_TRANSPARENT_HUGEPAGE for this advice"
+    elif call.startswith("userfaultfd") and err in (_errno.ENOSYS, _errno.EPERM):
+        hint = ("the kernel lacks CONFIG_USERFAULTFD, or vm.unprivileged_userfaultfd=0 "
+                "and the caller is not privileged")
     elif err == _errno.ENOMEM:
         hint = "not enough memory, or the range is not mapped"
     return SyscallError(call, err, hint=hint)
@@ -185,3 +217,58 @@ def madvise_range(addr: int, length: int, advice: str) -> None:
     ret = _libc.madvise(_ffi.cast("void *", addr), length, ADVICE[advice])
     if ret != 0:
         raise _fail(f"madvise({hex(addr)}, {length} bytes, MADV_{advice.upper()})")
+
+
+class UffdWriteProtect:
+    """One userfaultfd context (the process's, kept open) in write-protect mode.
+
+    Nothing ever reads the descriptor: a write to a protected page would wait
+    for a handler forever, so the scenario loader refuses writes to protected
+    ranges.  KSM's unsharing does not write: since 6cce3314b928 (6.2) it
+    takes an unshare fault, which userfaultfd-wp does not intercept.
+    """
+
+    def __init__(self) -> None:
+        fd = _libc.syscall(NR_USERFAULTFD, _ffi.cast("int", _O_CLOEXEC | _O_NONBLOCK))
+        if fd < 0:
+            raise _fail("userfaultfd(O_CLOEXEC|O_NONBLOCK)")
+        self.fd = int(fd)
+        api = _ffi.new("struct uffdio_api *", {"api": UFFD_API,
+                                               "features": UFFD_FEATURE_PAGEFAULT_FLAG_WP})
+        if _libc.ioctl(self.fd, UFFDIO_API, api) != 0:
+            err = _fail("ioctl(UFFDIO_API, UFFD_FEATURE_PAGEFAULT_FLAG_WP)")
+            self.close()
+            raise err
+        if not api.features & UFFD_FEATURE_PAGEFAULT_FLAG_WP:
+            self.close()
+            raise SyscallError("ioctl(UFFDIO_API)", _errno.EOPNOTSUPP,
+                               hint="the kernel offers no userfaultfd write-protect mode "
+                                    "(UFFD_FEATURE_PAGEFAULT_FLAG_WP, 5.7)")
+
+    def protect(self, addr: int, length: int) -> None:
+        """UFFDIO_REGISTER_MODE_WP over the range, then UFFDIO_WRITEPROTECT it."""
+        reg = _ffi.new("struct uffdio_register *", {"range": {"start": addr, "len": length},
+                                                     "mode": UFFDIO_REGISTER_MODE_WP})
+        if _libc.ioctl(self.fd, UFFDIO_REGISTER, reg) != 0:
+            raise _fail(f"ioctl(UFFDIO_REGISTER, {hex(addr)}, {length} bytes, MODE_WP)")
+        if not reg.ioctls & (1 << _UFFDIO_WRITEPROTECT_BIT):
+            raise SyscallError(f"ioctl(UFFDIO_REGISTER, {hex(addr)})", _errno.EOPNOTSUPP,
+                               hint="UFFDIO_WRITEPROTECT is not offered for this range")
+        wp = _ffi.new("struct uffdio_writeprotect *", {"range": {"start": addr, "len": length},
+                                                        "mode": UFFDIO_WRITEPROTECT_MODE_WP})
+        if _libc.ioctl(self.fd, UFFDIO_WRITEPROTECT, wp) != 0:
+            raise _fail(f"ioctl(UFFDIO_WRITEPROTECT, {hex(addr)}, {length} bytes)")
+
+    def close(self) -> None:
+        if self.fd >= 0:
+            _libc.close(self.fd)
+            self.fd = -1
+
+
+def uffd_wp_available() -> bool:
+    """Whether userfaultfd write-protect mode can be set up here (a probe)."""
+    try:
+        UffdWriteProtect().close()
+        return True
+    except SyscallError:
+        return False

@@ -150,6 +150,10 @@ class World:
         self.ever_procs: set[str] = {MAIN}
         #: the largest size of every region that ever existed, by (proc, region)
         self.all_regions: dict[tuple[str, str], int] = {}
+        #: (proc, region) -> page ranges write-protected with userfaultfd (op
+        #: uffd_wp); a forked child's copy is not protected: without
+        #: UFFD_FEATURE_EVENT_FORK fork drops the registration
+        self.write_protected: dict[tuple[str, str], list[tuple[int, int]]] = {}
 
     def map(self, proc: str, region: str, pages: int) -> None:
         self.procs.setdefault(proc, {})[region] = pages
@@ -157,6 +161,26 @@ class World:
 
     def unmap(self, proc: str, region: str) -> None:
         self.procs.get(proc, {}).pop(region, None)
+        self.write_protected.pop((proc, region), None)
+
+    def exec(self, proc: str) -> None:
+        """execve() replaces the mm: the process keeps its name, not its regions."""
+        self._forget_write_protection(proc)
+        self.procs[proc] = {}
+
+    def write_blocked(self, proc: str, region: str, first: int, end: int) -> str | None:
+        """Why a write to pages [first, end) would block (userfaultfd write
+        protection with no handler, which ksmbench does not run), or None."""
+        for lo, hi in self.write_protected.get((proc, region), ()):
+            if lo < end and first < hi:
+                return (f"pages [{max(lo, first)}, {min(hi, end)}) of region '{region}' are "
+                        f"write-protected with userfaultfd (op uffd_wp) in process '{proc}': a "
+                        "write would block; write before protecting, or in a forked child")
+        return None
+
+    def _forget_write_protection(self, proc: str) -> None:
+        for key in [k for k in self.write_protected if k[0] == proc]:
+            del self.write_protected[key]
 
     def fork(self, parent: str, child: str) -> None:
         self.procs[child] = dict(self.procs.get(parent, {}))
@@ -165,6 +189,7 @@ class World:
             self.all_regions[(child, region)] = pages
 
     def exit(self, proc: str) -> None:
+        self._forget_write_protection(proc)
         self.procs.pop(proc, None)
 
 
@@ -240,6 +265,10 @@ class Fill(Step):
     first: int = range_first()
     end: int = range_end()
     pattern: Pattern = spec("pattern")
+
+    def problem(self, world: World) -> tuple[str, str] | None:
+        blocked = world.write_blocked(self.proc, self.region, self.first, self.end)
+        return ("range", blocked) if blocked else None
 
 
 @op("read")
@@ -369,7 +398,39 @@ class Expect(Step):
                 for metric, expected in self.values]
 
 
-AnyStep = Union[Mmap, Fill, Read, Madvise, Prctl, Scan, UnmergeAll, Fork, Exit, Munmap, Expect, Set]
+@op("exec")
+@dataclass(frozen=True)
+class Exec(Step):
+    """``proc`` re-executes its program (execve): every region is gone, the
+    process keeps its name and pid, and keeps what the kernel carries across
+    exec (MMF_VM_MERGE_ANY since 6.7, 3c6f33b7273a).  The host runs it itself:
+    a new interpreter starts, which is slow under TCG."""
+
+    runs_in: ClassVar[str] = "controller"
+
+    def track(self, world: World) -> None:
+        world.exec(self.proc)
+
+
+@op("uffd_wp")
+@dataclass(frozen=True)
+class UffdWp(Step):
+    """Register pages [first, end) of a region with ``proc``'s userfaultfd in
+    write-protect mode and write-protect them (UFFDIO_REGISTER_MODE_WP,
+    UFFDIO_WRITEPROTECT).  Writes to them would block, so the loader refuses
+    them in that process for as long as the region stays mapped."""
+
+    region: str = region_field()
+    first: int = range_first()
+    end: int = range_end()
+
+    def track(self, world: World) -> None:
+        world.write_protected.setdefault((self.proc, self.region), []).append(
+            (self.first, self.end))
+
+
+AnyStep = Union[Mmap, Fill, Read, Madvise, Prctl, Scan, UnmergeAll, Fork, Exit, Munmap, Expect, Set,
+                Exec, UffdWp]
 
 
 @dataclass(frozen=True)

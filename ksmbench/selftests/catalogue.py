@@ -61,6 +61,15 @@ def _same_frames(step: int, scan: int | None, region: str, why: str) -> Check:
                  why)
 
 
+def _child_ksm(flag_step: int, scan_step: int, flag_when: str, merged: str) -> tuple[Check, ...]:
+    """test_child_ksm(): the child reads PR_GET_MEMORY_MERGE == 1, and 2 MiB it
+    maps and fills (region b, 512 pages) merge after 2 scans without madvise."""
+    return (Check(flag_step, None, "proc.child.ksm_merge_any", "==", 1,
+                  f"PR_GET_MEMORY_MERGE is 1 {flag_when}", optional=True),
+            Check(scan_step, 2, "region.child.b.distinct_frames", "==", 2,
+                  f"{merged} (test_child_ksm()): 512 pages in 2 KSM pages"))
+
+
 _NO_DUPLICATES = ("no frame is mapped twice (range_maps_duplicates() is false; "
                   "a zero-page mapping counts as shared)")
 _NO_KPF_KSM = "ksmbench only: /proc/kpageflags shows no KSM page left in the range"
@@ -140,8 +149,16 @@ PEERS: tuple[Peer, ...] = (
              Check(5, None, "region.main.a.ksm", "==", 0, _NO_KPF_KSM),
          )),
     Peer(FUNCTIONAL, (), "test_unmerge_uffd_wp",
-         "MADV_UNMERGEABLE unshares pages write-protected with userfaultfd-wp", None,
-         note="no counterpart: the scenario format has no userfaultfd op"),
+         "MADV_UNMERGEABLE unshares KSM pages write-protected with userfaultfd-wp, without "
+         "blocking (6.2, 6cce3314b928: an unshare fault instead of a fake write fault)",
+         "uffd-wp-unmerge", (
+             Check(3, 2, "region.main.a.distinct_frames", "==", 2,
+                   "merged first: 512 pages in 2 KSM pages (mmap_and_merge_range())"),
+             _same_frames(6, None, "main.a", "Pages were unmerged: " + _NO_DUPLICATES),
+             Check(6, None, "region.main.a.ksm", "==", 0, _NO_KPF_KSM),
+         ),
+         note="the selftest skips where userfaultfd or its write-protect mode is missing; "
+              "ksmbench then reports the scenario n/a"),
     Peer(FUNCTIONAL, (), "test_prot_none",
          "MADV_UNMERGEABLE unshares PROT_NONE pages (written through /proc/self/mem)", None,
          note="no counterpart: the scenario format has no mprotect op"),
@@ -162,15 +179,14 @@ PEERS: tuple[Peer, ...] = (
               "by its effect (the pages merge)"),
     Peer(FUNCTIONAL, (), "test_prctl_fork",
          "PR_SET_MEMORY_MERGE=1 is inherited across fork; the child's memory merges",
-         "peer-prctl-fork", (
-             Check(1, None, "proc.child.ksm_merge_any", "==", 1,
-                   "PR_GET_MEMORY_MERGE is 1 in the child", optional=True),
-             Check(4, 2, "region.child.b.distinct_frames", "==", 2,
-                   "merge in the child works (test_child_ksm()): 512 pages in 2 KSM pages"),
-         )),
+         "peer-prctl-fork", _child_ksm(1, 4, "in the child", "merge in the child works")),
     Peer(FUNCTIONAL, (), "test_prctl_fork_exec",
-         "PR_SET_MEMORY_MERGE=1 survives fork and exec", None,
-         note="no counterpart: the scenario format has no exec op"),
+         "PR_SET_MEMORY_MERGE=1 survives fork and exec (6.7, 3c6f33b7273a), and the exec'd "
+         "process is scanned (6.10, 3a9e567ca45f)",
+         "prctl-fork-exec",
+         _child_ksm(2, 5, "after exec (test_child_ksm())", "merge in the exec'd child works"),
+         note="the selftest re-executes itself; ksmbench's agent re-executes its own "
+              "interpreter, keeping its control socket across exec"),
     Peer(FUNCTIONAL, (), "test_prctl_unmerge",
          "PR_SET_MEMORY_MERGE=0 unmerges the process's pages, KSM zero pages included (6.6)",
          "prctl-merge", (
