@@ -260,22 +260,36 @@ class ScenarioResult:
     def kernel_release(self) -> str | None:
         return self.info.get("kernel_release")
 
-    def at(self, step: int, scan: int | None = None) -> Mapping[str, int | None]:
-        """Every metric at one point (KeyError if the run never got there)."""
+    def at(self, step: int, scan: int | None = None, *, raw: bool = False
+           ) -> Mapping[str, int | None]:
+        """Every metric at one point (KeyError if the run never got there).
+
+        Absolute global counters count from the scenario's baseline, as the
+        runner judges them: what the kernel held before the scenario started
+        (a ksm_zero_pages leaked by an earlier run stays until reboot) is
+        subtracted.  ``raw=True``: the values as read."""
         for p in self.points:
             if p.step == step and p.scan == scan:
-                return p.values
+                return p.values if raw else self._from_baseline(p.values)
         raise KeyError(f"{self.scenario} [{self.kernel}] has no observation at step {step}"
                        + (f" scan {scan}" if scan else "")
                        + (f" (it stopped: {self.error})" if self.error else ""))
 
     @property
     def final(self) -> Mapping[str, int | None]:
-        """Every metric after the scenario's last step (before its teardown)."""
+        """Every metric after the scenario's last step (before its teardown),
+        absolute global counters from the baseline as in :meth:`at`."""
         steps = [p for p in self.points if p.op not in ("baseline", "teardown")]
         if not steps:
             raise KeyError(f"{self.scenario} [{self.kernel}] made no observation: {self.error}")
-        return steps[-1].values
+        return self._from_baseline(steps[-1].values)
+
+    def _from_baseline(self, values: Mapping[str, int | None]) -> Mapping[str, int | None]:
+        base = self.baseline
+        if not base:
+            return values
+        return {metric: value - base[metric] if value is not None and base.get(metric) is not None
+                else value for metric, value in values.items()}
 
     @property
     def baseline(self) -> Mapping[str, int | None] | None:

@@ -16,6 +16,8 @@ from __future__ import annotations
 
 import pandas as pd
 
+from ksmbench.observation import ABSOLUTE_METRICS, BASELINE_STEP
+
 PAGE = 4096
 RMAP_ITEM = 64  # sizeof(struct ksm_rmap_item) on x86-64, as general_profit counts it
 
@@ -54,10 +56,22 @@ def needs_prctl(scenarios) -> set[str]:
 
 
 class Cells:
+    """Observed values by (scenario, metric, step, scan).  Absolute global
+    counters are read relative to the scenario's measured baseline, as the
+    runner judges them: what an earlier run left in a counter (a leaked
+    ksm_zero_pages stays until reboot) is not this scenario's doing."""
+
     def __init__(self, df: pd.DataFrame):
         self.df = df
 
     def __call__(self, scenario, metric, step, scan=None):
+        value = self._one(scenario, metric, step, scan)
+        if value is None or metric not in ABSOLUTE_METRICS or step == BASELINE_STEP:
+            return value
+        base = self._one(scenario, metric, BASELINE_STEP, None)
+        return value - (base or 0)
+
+    def _one(self, scenario, metric, step, scan):
         df = self.df
         rows = df[(df.scenario == scenario) & (df.metric == metric) & (df.step == step)]
         rows = rows[rows.scan.isna()] if scan is None else rows[rows.scan == scan]

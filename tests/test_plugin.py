@@ -125,3 +125,24 @@ def test_a_killed_test_session_is_repaired_by_the_next_one(pytester, tmp_path):
     result = pytester.runpytest_subprocess("--ksm-wait", str(RUN_LOCK_WAIT), "test_next.py")
     result.assert_outcomes(passed=1)
     assert settled_tunables() == before
+
+
+def test_at_counts_absolute_counters_from_the_baseline():
+    """A counter an earlier run left behind (a leaked ksm_zero_pages stays
+    until reboot) is not the scenario's: at() and final subtract the baseline,
+    raw=True keeps what was read, per-process metrics are never rebased."""
+    from ksmbench.observation import BASELINE, ObservationPoint
+    from ksmbench.pytest_plugin import ScenarioResult
+
+    run = ScenarioResult("s", "host", points=[
+        ObservationPoint(-1, BASELINE, None, {"global.ksm_zero_pages": 56,
+                                              "global.general_profit": 56 * 4096}),
+        ObservationPoint(0, "scan", 1, {"global.ksm_zero_pages": 120,
+                                        "global.general_profit": 120 * 4096,
+                                        "proc.main.ksm_zero_pages": 64,
+                                        "global.pages_skipped": None}),
+    ])
+    assert run.at(0, 1) == {"global.ksm_zero_pages": 64, "global.general_profit": 64 * 4096,
+                            "proc.main.ksm_zero_pages": 64, "global.pages_skipped": None}
+    assert run.at(0, 1, raw=True)["global.ksm_zero_pages"] == 120
+    assert run["global.ksm_zero_pages"] == 64
