@@ -18,8 +18,8 @@ from typing import Callable, Iterable, Sequence
 
 from .console import esc, make_console
 from .metrics import judge
-from .observation import (BASELINE, ObservationPoint, PointObserved, ScenarioFinished,
-                          baseline_of, rebase)
+from .observation import BASELINE, Event, ObservationPoint, ScenarioFinished, baseline_of, rebase
+from .runner import KernelOutcome, Observer, PointCollector, Runner
 from .scenario import model as m
 from .scenario.generate import Spec, random_scenario, shrink, to_scenario, to_toml
 
@@ -89,20 +89,12 @@ class HostRunner:
         pending = list(scenarios)
         results: dict[str, tuple[list[ObservationPoint], str | None]] = {}
         while pending:
-            got: dict[str, tuple[list[ObservationPoint], str | None]] = {}
-            try:
-                for event in HostBackend().events(pending):
-                    if isinstance(event, PointObserved):
-                        got.setdefault(event.scenario, ([], None))[0].append(event.point)
-                    elif isinstance(event, ScenarioFinished):
-                        error = event.error
-                        if error is None and _foreign_ksm_users():
-                            # someone (a QEMU guest) joined KSM during the
-                            # scenario: its pages are in the global counters
-                            error = "other processes already have KSM-mergeable memory"
-                        got[event.scenario] = (got.get(event.scenario, ([], None))[0], error)
-            except Busy:
-                pass
+            joined = _JoinedKsm()
+            outcome, got = _run_collecting(HostBackend(), pending, joined)
+            if outcome.failure is not None and outcome.failure[0] != Busy.__name__:
+                outcome.raise_failure()
+            for name in joined.scenarios:
+                got[name] = (got[name][0], "other processes already have KSM-mergeable memory")
             busy = [s for s in pending if s.name not in got
                     or (got[s.name][1] or "").find("already have KSM-mergeable") >= 0]
             for s in pending:
@@ -115,6 +107,28 @@ class HostRunner:
                                       "(processes with MADV_MERGEABLE memory) to go away")
                 time.sleep(5)
         return results
+
+
+class _JoinedKsm(Observer):
+    """Scenarios during which someone (a QEMU guest) joined KSM: its pages are
+    in the global counters.  Checked as each scenario finishes, while the
+    session's own agents are still the only ksmbench KSM users."""
+
+    def __init__(self) -> None:
+        self.scenarios: list[str] = []
+
+    def event(self, run: KernelOutcome, event: Event) -> None:
+        if isinstance(event, ScenarioFinished) and event.error is None and _foreign_ksm_users():
+            self.scenarios.append(event.scenario)
+
+
+def _run_collecting(backend, scenarios: Sequence[m.Scenario], *observers: Observer
+                    ) -> tuple[KernelOutcome, dict[str, tuple[list[ObservationPoint], str | None]]]:
+    """The scenarios through the Runner: each one's points and error (None: no error)."""
+    points = PointCollector()
+    outcome = Runner([points, *observers]).run_kernel(backend, scenarios)
+    return outcome, {name: (points.points.get(name, []), o.error)
+                     for name, o in outcome.scenarios.items()}
 
 
 def _foreign_ksm_users() -> list[tuple[int, str]]:
@@ -140,23 +154,18 @@ class BackendRunner:
         from .backends import resolve_backend
 
         self.backend = resolve_backend(spec, **options)
-        getattr(self.backend, "preflight", lambda: None)()  # an unknown series: one line, now
+        self.backend.preflight()  # an unknown series: one line, now
         self.release: str | None = None
         self.profile: str | None = None
 
     def run(self, scenarios: Sequence[m.Scenario]) -> dict[str, tuple[list[ObservationPoint], str | None]]:
-        from .observation import BackendInfo
         from .emulator.profiles import profile_for_release
 
-        got: dict[str, tuple[list[ObservationPoint], str | None]] = {}
-        for event in self.backend.events(scenarios):
-            if isinstance(event, BackendInfo) and event.info.get("kernel_release"):
-                self.release = event.info["kernel_release"]
-                self.profile = self.profile or profile_for_release(self.release)
-            elif isinstance(event, PointObserved):
-                got.setdefault(event.scenario, ([], None))[0].append(event.point)
-            elif isinstance(event, ScenarioFinished):
-                got[event.scenario] = (got.get(event.scenario, ([], None))[0], event.error)
+        outcome, got = _run_collecting(self.backend, scenarios)
+        if outcome.info.get("kernel_release"):
+            self.release = outcome.info["kernel_release"]
+            self.profile = self.profile or profile_for_release(self.release)
+        outcome.raise_failure()
         return got
 
 

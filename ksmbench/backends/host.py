@@ -25,6 +25,7 @@ import subprocess
 import sys
 import time
 from contextlib import ExitStack
+from pathlib import Path
 from typing import Any, Iterable, Iterator, Sequence
 
 from .. import errors
@@ -390,7 +391,9 @@ class HostBackend:
         """Fail fast (before locks and run directories) when the host cannot be used."""
         check_host_access(KsmSysfs())
 
-    def events(self, scenarios: Sequence[m.Scenario]) -> Iterator[Event]:
+    def events(self, scenarios: Sequence[m.Scenario], *,
+               artifacts_dir: Path | None = None) -> Iterator[Event]:
+        """The host keeps no files beside the results (``artifacts_dir`` is unused)."""
         from ..kernel.features import kernel_release
 
         session = HostSession()

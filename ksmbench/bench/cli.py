@@ -106,7 +106,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         for spec in kernels:  # refuse what cannot run before the run directory exists
             backend = resolve_backend(spec, memory=args.memory, cpus=args.cpus, accel=args.accel,
                                       modules=args.modules)
-            getattr(backend, "preflight", lambda: None)()
+            backend.preflight()
 
     from .store import BenchStore
 
