@@ -9,12 +9,13 @@ them has every member below, so no caller asks whether a backend has one.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Generator, Mapping, Protocol, Sequence
+from typing import Generator, Mapping, Protocol, Sequence, runtime_checkable
 
 from ..observation import Event
 from ..scenario import model as m
 
 
+@runtime_checkable
 class Backend(Protocol):
     #: the kernel column of the results (``host``, ``debian:6.12``, ``emulator:linux-6.6``)
     label: str
