@@ -250,7 +250,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     backends = [resolve_backend(k, memory=args.memory, cpus=args.cpus, accel=args.accel,
                                 modules=args.modules) for k in kernels]
     for backend in backends:
-        getattr(backend, "preflight", lambda: None)()
+        backend.preflight()
     console = _console(stderr=args.format == "ktap")
     from .matrix import jobs_for
 
@@ -259,8 +259,9 @@ def cmd_run(args: argparse.Namespace) -> int:
         # -- many kernels at once: ksmbench.matrix
         from .matrix import run_kernels
 
-        rundir, outcomes = run_kernels(args, console=console, scenarios=scenarios,
-                                       backends=backends, predictor=predictor, jobs=jobs)
+        rundir, outcomes = run_kernels(args, console=console, scenarios=scenarios, specs=kernels,
+                                       backends=backends, predictor=predictor, jobs=jobs,
+                                       profile=args.profile)
         return _finish_run(args, console, rundir, outcomes, scenarios)
     # the lock guards the host's KSM; VM kernels have their own, so a run of VM
     # kernels only does not wait for (or block) host runs

@@ -17,9 +17,10 @@ from pathlib import Path
 from typing import Callable, Iterable, Sequence
 
 from .console import esc, make_console
+from .kernel.policy import FOREIGN_USERS, HostPolicy, refusal
 from .metrics import judge
-from .observation import (BASELINE, ObservationPoint, PointObserved, ScenarioFinished,
-                          baseline_of, rebase)
+from .observation import BASELINE, Event, ObservationPoint, ScenarioFinished, baseline_of, rebase
+from .runner import KernelOutcome, Observer, PointCollector, Runner
 from .scenario import model as m
 from .scenario.generate import random_scenario, shrink
 from .scenario.serialise import to_toml
@@ -85,7 +86,6 @@ class HostRunner:
 
         from .backends.host import HostBackend
         from .errors import Busy
-        from .kernel.policy import FOREIGN_USERS, HostPolicy, refusal
 
         policy = HostPolicy()
         deadline = time.monotonic() + self.busy_timeout
@@ -93,21 +93,12 @@ class HostRunner:
         results: dict[str, tuple[list[ObservationPoint], str | None]] = {}
         while pending:
             policy.require_ksm_to_ourselves(wait=max(deadline - time.monotonic(), 0.0))
-            got: dict[str, tuple[list[ObservationPoint], str | None]] = {}
-            try:
-                for event in HostBackend().events(pending):
-                    if isinstance(event, PointObserved):
-                        got.setdefault(event.scenario, ([], None))[0].append(event.point)
-                    elif isinstance(event, ScenarioFinished):
-                        error = event.error
-                        users = policy.foreign_ksm_users() if error is None else []
-                        if users:
-                            # someone (a QEMU guest) joined KSM during the
-                            # scenario: its pages are in the global counters
-                            error = refusal(users).one_line()
-                        got[event.scenario] = (got.get(event.scenario, ([], None))[0], error)
-            except Busy:
-                pass  # a foreign user came between the wait and the session
+            joined = _JoinedKsm(policy)
+            outcome, got = _run_collecting(HostBackend(), pending, joined)
+            if outcome.failure is not None and outcome.failure[0] != Busy.__name__:
+                outcome.raise_failure()  # Busy: a foreign user came between the wait and the session
+            for name, error in joined.scenarios.items():
+                got[name] = (got[name][0], error)
             busy = [s for s in pending if s.name not in got
                     or (got[s.name][1] or "").startswith(FOREIGN_USERS)]
             for s in pending:
@@ -120,6 +111,32 @@ class HostRunner:
         return results
 
 
+class _JoinedKsm(Observer):
+    """Scenarios during which someone (a QEMU guest) joined KSM: its pages are
+    in the global counters.  Checked as each scenario finishes, while the
+    session's own agents are still the only ksmbench KSM users."""
+
+    def __init__(self, policy) -> None:
+        self.policy = policy
+        #: scenario -> the refusal naming who joined
+        self.scenarios: dict[str, str] = {}
+
+    def event(self, run: KernelOutcome, event: Event) -> None:
+        if isinstance(event, ScenarioFinished) and event.error is None:
+            users = self.policy.foreign_ksm_users()
+            if users:
+                self.scenarios[event.scenario] = refusal(users).one_line()
+
+
+def _run_collecting(backend, scenarios: Sequence[m.Scenario], *observers: Observer
+                    ) -> tuple[KernelOutcome, dict[str, tuple[list[ObservationPoint], str | None]]]:
+    """The scenarios through the Runner: each one's points and error (None: no error)."""
+    points = PointCollector()
+    outcome = Runner([points, *observers]).run_kernel(backend, scenarios)
+    return outcome, {name: (points.points.get(name, []), o.error)
+                     for name, o in outcome.scenarios.items()}
+
+
 class BackendRunner:
     """Runs scenarios on any ``--kernel`` backend (e.g. a Debian kernel in QEMU)."""
 
@@ -127,23 +144,18 @@ class BackendRunner:
         from .backends import resolve_backend
 
         self.backend = resolve_backend(spec, **options)
-        getattr(self.backend, "preflight", lambda: None)()  # an unknown series: one line, now
+        self.backend.preflight()  # an unknown series: one line, now
         self.release: str | None = None
         self.profile: str | None = None
 
     def run(self, scenarios: Sequence[m.Scenario]) -> dict[str, tuple[list[ObservationPoint], str | None]]:
-        from .observation import BackendInfo
         from .emulator.profiles import profile_for_release
 
-        got: dict[str, tuple[list[ObservationPoint], str | None]] = {}
-        for event in self.backend.events(scenarios):
-            if isinstance(event, BackendInfo) and event.info.get("kernel_release"):
-                self.release = event.info["kernel_release"]
-                self.profile = self.profile or profile_for_release(self.release)
-            elif isinstance(event, PointObserved):
-                got.setdefault(event.scenario, ([], None))[0].append(event.point)
-            elif isinstance(event, ScenarioFinished):
-                got[event.scenario] = (got.get(event.scenario, ([], None))[0], event.error)
+        outcome, got = _run_collecting(self.backend, scenarios)
+        if outcome.info.get("kernel_release"):
+            self.release = outcome.info["kernel_release"]
+            self.profile = self.profile or profile_for_release(self.release)
+        outcome.raise_failure()
         return got
 
 

@@ -27,8 +27,7 @@ from typing import Mapping, Sequence
 
 from .console import esc, make_console
 from .metrics import judge
-from .observation import (BASELINE, TEARDOWN, BackendInfo, ObservationPoint, PointObserved,
-                          ScenarioFinished, baseline_of, rebase)
+from .observation import BASELINE, TEARDOWN, ObservationPoint, baseline_of, rebase
 from .scenario import builtin_set, builtin_suite
 from .scenario import model as m
 
@@ -223,37 +222,6 @@ def analyse(observed: Mapping[str, Sequence[ObservationPoint]], scenarios: Seque
                           len(observed), npoints, residue(observed, scenarios, fitted, kernel))
 
 
-class _Recording:
-    """A backend wrapper that keeps the points while the Runner writes them."""
-
-    def __init__(self, backend):
-        self.backend = backend
-        self.label = backend.label
-        self.observed: dict[str, list[ObservationPoint]] = {}
-        self.release: str | None = None
-        self.errors: list[str] = []
-        if hasattr(backend, "artifacts_dir"):
-            self.artifacts_dir = None
-
-    @property
-    def tunables_after(self):
-        """The wrapped backend's tunables as restored (the Runner records them
-        when a run is interrupted)."""
-        return getattr(self.backend, "tunables_after", None)
-
-    def events(self, scenarios):
-        if hasattr(self, "artifacts_dir") and self.artifacts_dir is not None:
-            self.backend.artifacts_dir = self.artifacts_dir
-        for event in self.backend.events(scenarios):
-            if isinstance(event, BackendInfo) and event.info.get("kernel_release"):
-                self.release = event.info["kernel_release"]
-            elif isinstance(event, PointObserved):
-                self.observed.setdefault(event.scenario, []).append(event.point)
-            elif isinstance(event, ScenarioFinished) and event.error:
-                self.errors.append(f"{event.scenario}: {event.error}")
-            yield event
-
-
 def identify_command(args: Namespace) -> int:
     """Run the probes on each kernel (observations go to a run directory under
     ./results, with the release's profile as prediction), then judge the flags."""
@@ -261,18 +229,20 @@ def identify_command(args: Namespace) -> int:
     from .backends import expand_kernel_specs, resolve_backend
     from .emulator import Predictor
     from .kernel.lock import RunLock
+    from .progress import StatusLine
     from .results import RunDir
-    from .runner import Runner
+    from .runner import PointCollector, RunRecorder, Runner
 
     console = make_console()
     scenarios = builtin_suite() + probe_scenarios()
     status = 0
+    specs = expand_kernel_specs(args.kernel)
     backends = [resolve_backend(spec, memory=args.memory, cpus=args.cpus, accel=args.accel,
-                                modules=args.modules) for spec in expand_kernel_specs(args.kernel)]
+                                modules=args.modules) for spec in specs]
     for backend in backends:
         # before the lock: no root gives run's "needs root ... or use a VM kernel",
         # an unknown Debian series the list of available ones
-        getattr(backend, "preflight", lambda: None)()
+        backend.preflight()
     from contextlib import nullcontext
 
     from .emulator.backend import EmulatorBackend
@@ -281,7 +251,7 @@ def identify_command(args: Namespace) -> int:
 
     jobs = jobs_for(args, backends)
     if args.scheduler or jobs > 1:
-        return _identify_on_cluster(args, console, scenarios, backends, jobs)
+        return _identify_on_cluster(args, console, scenarios, specs, backends, jobs)
     # the emulator needs no kernel: only real kernels take the machine's RunLock
     real = any(not isinstance(b, EmulatorBackend) for b in backends)
     with RunLock(timeout=args.wait) if real else nullcontext():
@@ -292,19 +262,23 @@ def identify_command(args: Namespace) -> int:
                       f"{esc(', '.join(b.label for b in backends))}; observations -> {esc(rundir.path)}")
         try:
             for backend in backends:
-                rec = _Recording(backend)
+                collected = PointCollector()
                 with console.status(f"{esc(backend.label)}: running {len(scenarios)} scenarios") as st:
-                    runner = Runner(rundir, predictor=Predictor(), profile="auto",
-                                    progress=lambda k, msg: st.update(esc(f"{k}: {msg}")))
-                    outcome = runner.run_kernel(rec, scenarios)
+                    runner = Runner([RunRecorder(rundir, predictor=Predictor(), profile="auto"),
+                                     collected,
+                                     StatusLine(lambda k, msg: st.update(esc(f"{k}: {msg}")))],
+                                    artifacts_root=rundir.path)
+                    outcome = runner.run_kernel(backend, scenarios)
                 if outcome.error:
                     console.print(f"[red]{esc(backend.label)}: {esc(outcome.error)}[/red]")
-                for err in rec.errors:
-                    console.print(f"[yellow]{esc(backend.label)}: {esc(err)}[/yellow]")
-                if not rec.observed:
+                for name, o in outcome.scenarios.items():
+                    if o.error:
+                        console.print(f"[yellow]{esc(backend.label)}: {esc(f'{name}: {o.error}')}[/yellow]")
+                if not collected.points:
                     status = 2
                     continue
-                result = analyse(rec.observed, scenarios, rec.release, kernel=backend.label)
+                result = analyse(collected.points, scenarios, outcome.info.get("kernel_release"),
+                                 kernel=backend.label)
                 entry = rundir.kernel_entry(backend.label)
                 entry["identify"] = result_dict(result)
                 rundir.write_metadata()
@@ -318,14 +292,14 @@ def identify_command(args: Namespace) -> int:
     return status
 
 
-def _identify_on_cluster(args: Namespace, console, scenarios, backends, jobs: int) -> int:
+def _identify_on_cluster(args: Namespace, console, scenarios, specs, backends, jobs: int) -> int:
     """--jobs N / --scheduler: the kernels run as in ``ksmbench run``
     (ksmbench.matrix); the flags are then judged from the run directory."""
     from .emulator import Predictor
     from .matrix import run_kernels
 
-    rundir, outcomes = run_kernels(args, console=console, scenarios=scenarios, backends=backends,
-                                   predictor=Predictor(), jobs=jobs)
+    rundir, outcomes = run_kernels(args, console=console, scenarios=scenarios, specs=specs,
+                                   backends=backends, predictor=Predictor(), jobs=jobs)
     observed, releases = load_rundir(rundir.path)
     status = 0
     for outcome in outcomes:

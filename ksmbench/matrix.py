@@ -52,9 +52,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
+from .backends.base import Backend
 from .errors import KsmbenchError, UsageError
 from .results import RunDir, now_iso
-from .runner import KernelOutcome, Runner, ScenarioOutcome, _safe_label
+from .observation import Event, PointObserved, ScenarioFinished
+from .progress import progress_message
+from .runner import KernelOutcome, Observer, RunRecorder, Runner, ScenarioOutcome, _safe_label
 from .scenario import model as m
 
 #: QEMU's own memory beside the guest's RAM (TCG translation cache, device
@@ -176,8 +179,10 @@ class TaskResult:
     batches: list[Batch]
 
 
-class _TaskSink:
-    """What the Runner writes to inside a task, in place of a run directory."""
+class _TaskSink(Observer):
+    """What the run recorder writes to inside a task, in place of a run
+    directory; and, as an observer after the recorder, what sends progress and
+    each finished scenario's rows home."""
 
     def __init__(self, task: KernelTask, attempt: str, publish: Callable[[tuple], None]):
         self.task = task
@@ -210,20 +215,23 @@ class _TaskSink:
     def add_expectations(self, rows) -> None:
         self._exp.extend(tuple(r) for r in rows)
 
-    # hooks
-    def progress(self, kernel: str, message: str) -> None:
-        name, _, what = message.partition(": ")
-        if what.startswith("step "):
+    # the observer
+    def event(self, run: KernelOutcome, event: Event) -> None:
+        message = progress_message(run, event)
+        if message is None:
+            return
+        point = isinstance(event, PointObserved)
+        if point:
             self.points += 1
         now = time.monotonic()
-        if now - self._last_progress >= PROGRESS_INTERVAL or not what.startswith("step "):
+        if now - self._last_progress >= PROGRESS_INTERVAL or not point:
             self._last_progress = now
             self.publish(("progress", self.task.label, self.attempt, self.points, message))
-
-    def scenario_done(self, outcome: ScenarioOutcome) -> None:
-        batch = self._take(outcome.scenario, outcome)
-        self.batches.append(batch)
-        self.publish(("batch", batch))
+        if isinstance(event, ScenarioFinished):
+            # its last row is written (the recorder saw the event first): one batch home
+            batch = self._take(event.scenario, run.scenarios[event.scenario])
+            self.batches.append(batch)
+            self.publish(("batch", batch))
 
     def _take(self, scenario: str, outcome: ScenarioOutcome) -> Batch:
         obs = [r for r in self._obs if r[0] == scenario]
@@ -276,8 +284,8 @@ def run_kernel_task(task: KernelTask, scenarios: Sequence[m.Scenario]) -> TaskRe
         try:
             predictor = _predictor()
             backend = resolve_backend(task.spec, **task.options)
-            runner = Runner(sink, predictor=predictor, profile=task.profile,
-                            progress=sink.progress, on_scenario=sink.scenario_done)
+            runner = Runner([RunRecorder(sink, predictor=predictor, profile=task.profile), sink],
+                            artifacts_root=sink.path)
             outcome = runner.run_kernel(backend, scenarios)
         except KsmbenchError as exc:
             outcome = KernelOutcome(task.label, None, error=exc.one_line())
@@ -559,12 +567,15 @@ def sequential_order(path: str | os.PathLike, kernels: Sequence[str], scenarios:
 
 # -- the command -----------------------------------------------------------------------
 
-def run_kernels(args, *, console, scenarios: Sequence[m.Scenario], backends: Sequence,
-                predictor, jobs: int, extra_metadata: dict | None = None
-                ) -> tuple[RunDir, list[KernelOutcome]]:
+def run_kernels(args, *, console, scenarios: Sequence[m.Scenario], specs: Sequence[str],
+                backends: Sequence[Backend], predictor, jobs: int, profile: str = "auto",
+                extra_metadata: dict | None = None) -> tuple[RunDir, list[KernelOutcome]]:
     """``run``'s kernels on the cluster (the host alone first, under the run
-    lock, in this process).  Returns the run directory (closed, its tables in
-    sequential order) and the outcomes in command-line order."""
+    lock, in this process).  ``specs``: the ``--kernel`` value of each backend
+    (a worker resolves it again); ``profile``: the emulator profile to compare
+    with (``auto``: by each kernel's release).  Returns the run directory
+    (closed, its tables in sequential order) and the outcomes in command-line
+    order."""
     from .kernel.lock import RunLock
     from .progress import run_kernel_with_progress
 
@@ -575,9 +586,7 @@ def run_kernels(args, *, console, scenarios: Sequence[m.Scenario], backends: Seq
             raise UsageError(f"--kernel {label} is given twice", hint="give each kernel once")
         seen.add(label)
     host = [b for b in backends if b.label == "host"]
-    # a backend's own spec, not the --kernel list: one --kernel value may stand
-    # for several kernels (debian:all); an emulator backend's label is its spec
-    remote = [(getattr(b, "spec", b.label), b) for b in backends if b.label != "host"]
+    remote = [(spec, b) for spec, b in zip(specs, backends, strict=True) if b.label != "host"]
     # connect before anything is written: an unreachable scheduler leaves no run directory
     client = cluster = None
     if remote:
@@ -603,15 +612,14 @@ def run_kernels(args, *, console, scenarios: Sequence[m.Scenario], backends: Seq
                 # alone: no guest boots beside the host's scans (none is submitted yet)
                 with RunLock(timeout=args.wait):
                     outcomes["host"] = run_kernel_with_progress(console, rundir, host[0], scenarios,
-                                                                predictor,
-                                                                getattr(args, "profile", "auto"))
+                                                                predictor, profile)
             if remote:
                 queue = f"ksmbench-{rundir.run_id}-{uuid.uuid4().hex[:6]}"
                 local = args.scheduler is None
                 tasks = [KernelTask(labels.index(b.label), spec, b.label,
                                     {"memory": args.memory, "cpus": args.cpus, "accel": args.accel,
                                      "modules": args.modules},
-                                    getattr(args, "profile", "auto"), rundir.run_id, queue,
+                                    profile, rundir.run_id, queue,
                                     str(rundir.path.resolve()) if local else None)
                          for spec, b in remote]
                 for outcome in run_matrix(console=console, rundir=rundir, tasks=tasks,

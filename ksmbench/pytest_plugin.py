@@ -342,8 +342,7 @@ class KsmRunner:
         from .backends import resolve_backend
         from .errors import KsmbenchError, KsmUnavailable, PermissionNeeded
         from .results import RunDir
-        from .runner import Runner
-        from .selftests.recording import RecordingBackend
+        from .runner import PointCollector, RunRecorder, Runner
 
         if not scenarios:
             raise TypeError("ksm_run() needs at least one scenario")
@@ -354,10 +353,10 @@ class KsmRunner:
         backend = resolve_backend(spec, memory=self.config.getoption("--ksm-memory"), cpus=2,
                                   accel=self.config.getoption("--ksm-accel"))
         try:
-            getattr(backend, "preflight", lambda: None)()
+            backend.preflight()
         except (PermissionNeeded, KsmUnavailable) as exc:
             pytest.skip(exc.one_line())
-        recorder = RecordingBackend(backend)
+        collected = PointCollector()
         lock = _run_lock(self.config)
         lock.acquire(_lock_wait(self.config))
         try:
@@ -367,17 +366,18 @@ class KsmRunner:
                 repair_killed_sessions(KsmSysfs())
             rundir = RunDir(self.out)
             try:
-                outcome = Runner(rundir, predictor=None).run_kernel(recorder, parsed)
+                outcome = Runner([RunRecorder(rundir), collected],
+                                 artifacts_root=rundir.path).run_kernel(backend, parsed)
             finally:
                 rundir.close()
         finally:
             lock.release()
-        if outcome.error and not recorder.points:
+        if outcome.error and not collected.points:
             raise KsmbenchError(f"{spec}: {outcome.error}")
         _kernels_used(self.config)[backend.label] = {k: v for k, v in outcome.info.items()
                                       if k in ("kernel_release", "accelerator")}
-        results = {s.name: ScenarioResult(s.name, backend.label, recorder.points.get(s.name, []),
-                                          recorder.errors.get(s.name, outcome.error),
+        results = {s.name: ScenarioResult(s.name, backend.label, collected.points.get(s.name, []),
+                                          outcome.scenario_error(s.name),
                                           dict(outcome.info), rundir.path) for s in parsed}
         return results[parsed[0].name] if len(parsed) == 1 else results
 

@@ -1,29 +1,29 @@
-"""Running scenarios on backends: the event stream becomes the results table.
+"""Running scenarios on backends: the one loop over the event stream.
 
-For each kernel the runner asks the emulator (when available) for its
-predictions, consumes the backend's events, writes every observation row as it
-arrives with its predicted value and match, checks ``expect`` steps, and keeps
-a per-scenario outcome for the summary and the exit status.
+:class:`Runner` consumes a backend's events (:mod:`ksmbench.observation`),
+keeps a per-scenario outcome for the summary and the exit status, and hands
+every event to its observers (:class:`Observer`): :class:`RunRecorder` writes
+the run directory (every observation row as it arrives, with its predicted
+value and match; ``expect`` steps checked), :class:`PointCollector` keeps the
+points for callers that judge them themselves, and the progress displays
+(:mod:`ksmbench.progress`) show where a run is.  No other code iterates a
+backend's stream.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Callable, Iterable, Protocol, Sequence
 
-from .errors import KsmbenchError
+from .backends.base import Backend
+from .errors import KsmbenchError, rebuild
 from .metrics import judge, metric_sort_key
 from .observation import (ABSOLUTE_METRICS, BASELINE, TEARDOWN, BackendInfo, Event,
                           ObservationPoint, PointObserved, ScenarioFinished, ScenarioStarted,
                           rebase)
 from .results import RunDir, now_iso
 from .scenario import model as m
-
-
-class Backend(Protocol):
-    label: str
-
-    def events(self, scenarios: Sequence[m.Scenario]) -> Iterable[Event]: ...
 
 
 class Predictor(Protocol):
@@ -151,6 +151,26 @@ class KernelOutcome:
     scenarios: dict[str, ScenarioOutcome] = field(default_factory=dict)
     error: str | None = None
     info: dict = field(default_factory=dict)
+    #: the error that ended the stream as (type name, message, hint), for
+    #: another process to raise again (:func:`ksmbench.errors.rebuild`)
+    failure: tuple[str, str, str | None] | None = None
+    #: where an interrupt hit (signal, time, scenario, step, scan); None: it did not
+    interrupted: dict | None = None
+    #: the backend's ``tunables_after`` once its stream was closed
+    tunables_after: dict = field(default_factory=dict)
+
+    def scenario_error(self, name: str) -> str | None:
+        """A scenario's error (None: it ran to its end or was skipped); for one
+        the stream never finished, the error that ended the stream."""
+        o = self.scenarios.get(name)
+        if o is not None and (o.finished or o.error is not None):
+            return o.error
+        return self.error
+
+    def raise_failure(self) -> None:
+        """Raise the error that ended the stream again (for callers that stop on it)."""
+        if self.failure is not None:
+            raise rebuild(*self.failure)
 
 
 def exit_status(kernels: Iterable[KernelOutcome]) -> int:
@@ -164,9 +184,6 @@ def exit_status(kernels: Iterable[KernelOutcome]) -> int:
             if o.verdict == "mismatch":
                 status = 1
     return status
-
-
-ProgressFn = Callable[[str, str], None]  # (kernel label, message) after each point
 
 
 def _where_interrupted(exc: KeyboardInterrupt, running: str | None,
@@ -199,113 +216,165 @@ def _by_key(points) -> dict[tuple[int, int | None], ObservationPoint]:
     return {(p.step, p.scan): p for p in points}
 
 
+class Observer:
+    """What the :class:`Runner` tells while it consumes one kernel's stream.
+
+    Every method does nothing here; an observer overrides what it needs.  The
+    Runner keeps the run's state (``run``: scenarios started and finished,
+    backend facts, the error, where an interrupt hit) and calls the observers
+    in the order they were given after it has updated that state, so a later
+    observer reads what an earlier one added (a progress display reads the
+    verdict the :class:`RunRecorder` judged).
+    """
+
+    def kernel_started(self, run: KernelOutcome, scenarios: Sequence[m.Scenario]) -> None:
+        """Before the backend's stream is opened."""
+
+    def event(self, run: KernelOutcome, event: Event) -> None:
+        """One event of the stream, in order."""
+
+    def kernel_ended(self, run: KernelOutcome) -> None:
+        """The stream is over (ran out, failed or was interrupted) and closed."""
+
+
 class Runner:
-    def __init__(self, rundir: RunDir, *, predictor: Predictor | None = None,
-                 profile: str = "auto", progress: ProgressFn | None = None,
-                 on_scenario: Callable[[ScenarioOutcome], None] | None = None):
-        self.rundir = rundir
-        self.predictor = predictor
-        self.profile = profile
-        self.progress = progress or (lambda kernel, msg: None)
-        #: called once a scenario's last row is written (ksmbench.matrix sends
-        #: each finished scenario home as one batch)
-        self.on_scenario = on_scenario
+    """The one consumer of backends' event streams: every command runs kernels
+    through it and sees the stream through its observers."""
+
+    def __init__(self, observers: Sequence[Observer], *, artifacts_root: Path | None = None):
+        self.observers = list(observers)
+        #: each kernel's artifacts (a guest's console log, raw events) go to
+        #: ``artifacts_root/<label>``; None: wherever the backend chooses
+        self.artifacts_root = artifacts_root
 
     def run_kernel(self, backend: Backend, scenarios: Sequence[m.Scenario]) -> KernelOutcome:
-        entry = self.rundir.kernel_entry(backend.label)
-        outcome = KernelOutcome(backend.label, None)
+        run = KernelOutcome(backend.label, None)
         by_name = {s.name: s for s in scenarios}
-        predictions: dict[str, dict[tuple[int, int | None], ObservationPoint]] = {}
-        predicted_lists: dict[str, list[ObservationPoint]] = {}
-        excused: dict[str, Callable[[str], bool]] = {}
-        current: ScenarioOutcome | None = None
         #: the last observation point: (scenario, step, scan), to say where an interrupt hit
         last: tuple[str, int, int | None] | None = None
-        interrupted: dict | None = None
         running: str | None = None  # the scenario started and not finished yet
-        if hasattr(backend, "artifacts_dir"):
-            # VM backends keep the guest console log and raw event stream here
-            backend.artifacts_dir = self.rundir.path / _safe_label(backend.label)
-        stream = backend.events(scenarios)
+        for observer in self.observers:
+            observer.kernel_started(run, scenarios)
+        artifacts = (None if self.artifacts_root is None
+                     else self.artifacts_root / _safe_label(backend.label))
+        stream = backend.events(scenarios, artifacts_dir=artifacts)
         try:
             for event in stream:
                 if isinstance(event, BackendInfo):
-                    info = dict(event.info)
-                    status = info.pop("status", None)
-                    if status is not None:  # progress only (e.g. a VM booting)
-                        self.progress(backend.label, status)
-                    if not info:
-                        continue
-                    entry.update(info)
-                    outcome.info.update(info)
-                    if outcome.profile is None and info.get("kernel_release"):
-                        outcome.profile = self._choose_profile(info.get("kernel_release"))
-                        entry["emulator_profile"] = outcome.profile
-                    self.rundir.write_metadata()
+                    # "status" is for progress displays only (e.g. a VM booting)
+                    run.info.update((k, v) for k, v in event.info.items() if k != "status")
                 elif isinstance(event, ScenarioStarted):
-                    current = ScenarioOutcome(event.scenario, backend.label)
-                    outcome.scenarios[event.scenario] = current
+                    run.scenarios[event.scenario] = ScenarioOutcome(event.scenario, backend.label)
                     running = event.scenario
-                    if outcome.profile and self.predictor is not None:
-                        scenario = by_name[event.scenario]
-                        predicted_lists[event.scenario] = self._predict(scenario, outcome.profile)
-                        predictions[event.scenario] = _by_key(predicted_lists[event.scenario])
-                        excused[event.scenario] = self.predictor.unmodelled(scenario,
-                                                                            outcome.profile)
-                    self.progress(backend.label, f"{event.scenario}: started")
                 elif isinstance(event, PointObserved):
-                    if current is None or current.scenario != event.scenario:
-                        current = outcome.scenarios.setdefault(
-                            event.scenario, ScenarioOutcome(event.scenario, backend.label))
-                    if event.point.op == BASELINE and event.scenario in predicted_lists:
-                        # predictions of absolute counters start from the measured baseline
-                        predictions[event.scenario] = _by_key(rebase(
-                            predicted_lists[event.scenario], event.point.values))
-                    self._record(current, by_name.get(event.scenario), event.point,
-                                 predictions.get(event.scenario),
-                                 excused.get(event.scenario, lambda metric: False),
-                                 outcome.profile)
+                    run.scenarios.setdefault(event.scenario,
+                                             ScenarioOutcome(event.scenario, backend.label))
                     last = (event.scenario, event.point.step, event.point.scan)
-                    self.progress(backend.label, f"{event.scenario}: step {event.point.step}")
                 elif isinstance(event, ScenarioFinished):
-                    done = outcome.scenarios.setdefault(
+                    done = run.scenarios.setdefault(
                         event.scenario, ScenarioOutcome(event.scenario, backend.label))
                     done.error = event.error
                     done.skipped = event.skipped
                     done.seconds = event.seconds
                     done.finished = event.error is None
                     running = None
-                    self.progress(backend.label, f"{event.scenario}: {done.verdict}")
-                    if self.on_scenario is not None:
-                        self.on_scenario(done)
+                for observer in self.observers:
+                    observer.event(run, event)
         except KsmbenchError as exc:
-            outcome.error = exc.one_line()
-            entry["error"] = outcome.error
+            run.error = exc.one_line()
+            run.failure = (type(exc).__name__, exc.message, exc.hint)
         except KeyboardInterrupt as exc:  # Ctrl-C, or SIGTERM as Terminated
-            interrupted = _where_interrupted(exc, running, last, by_name)
+            run.interrupted = _where_interrupted(exc, running, last, by_name)
             raise
         finally:
             # end the backend now (a VM is killed), not whenever the generator is collected
-            close = getattr(stream, "close", None)
-            if close is not None:
-                close()
-            entry["ended_at"] = now_iso()
-            entry["verdicts"] = {name: o.verdict for name, o in outcome.scenarios.items()}
-            residue = [r.describe() for o in outcome.scenarios.values() for r in o.residue]
-            if residue:
-                entry["residue"] = residue
-            after = getattr(backend, "tunables_after", None)
-            if after and "ksm_tunables_after" not in entry:
-                entry["ksm_tunables_after"] = after  # restored, though the stream was cut short
-            if interrupted is not None:
-                if running is not None:
-                    entry["verdicts"][running] = "interrupted"
-                entry["interrupted"] = True
-                entry["interrupted_at"] = interrupted
-                self.rundir.metadata["interrupted"] = True
-                self.rundir.metadata["interrupted_at"] = {"kernel": backend.label, **interrupted}
+            stream.close()
+            run.tunables_after = dict(backend.tunables_after)
+            for observer in self.observers:
+                observer.kernel_ended(run)
+        return run
+
+
+class PointCollector(Observer):
+    """Keeps every scenario's observation points, for callers that judge them
+    themselves (identify, differential, selftest, validate, the pytest plugin)."""
+
+    def __init__(self) -> None:
+        self.points: dict[str, list[ObservationPoint]] = {}
+
+    def event(self, run: KernelOutcome, event: Event) -> None:
+        if isinstance(event, PointObserved):
+            self.points.setdefault(event.scenario, []).append(event.point)
+
+
+class RunRecorder(Observer):
+    """The run directory's side of the stream: metadata, every observation row
+    with its predicted value and match, ``expect`` steps checked.
+
+    For each kernel it asks the emulator (when given) for its predictions,
+    rebased on each scenario's measured baseline, and judges every cell; the
+    judged counts land in the Runner's scenario outcomes (their verdicts).
+    ``rundir`` is a :class:`~ksmbench.results.RunDir` or anything with its
+    ``kernel_entry``, ``write_metadata``, ``add_observations`` and
+    ``add_expectations`` (a cluster task's sink, :mod:`ksmbench.matrix`).
+    """
+
+    def __init__(self, rundir, *, predictor: Predictor | None = None, profile: str = "auto"):
+        self.rundir = rundir
+        self.predictor = predictor
+        self.profile = profile
+
+    def kernel_started(self, run: KernelOutcome, scenarios: Sequence[m.Scenario]) -> None:
+        self.entry = self.rundir.kernel_entry(run.label)
+        self.by_name = {s.name: s for s in scenarios}
+        self.predictions: dict[str, dict[tuple[int, int | None], ObservationPoint]] = {}
+        self.predicted_lists: dict[str, list[ObservationPoint]] = {}
+        self.excused: dict[str, Callable[[str], bool]] = {}
+
+    def event(self, run: KernelOutcome, event: Event) -> None:
+        if isinstance(event, BackendInfo):
+            info = {k: v for k, v in event.info.items() if k != "status"}
+            if not info:
+                return
+            self.entry.update(info)
+            if run.profile is None and info.get("kernel_release"):
+                run.profile = self._choose_profile(info.get("kernel_release"))
+                self.entry["emulator_profile"] = run.profile
             self.rundir.write_metadata()
-        return outcome
+        elif isinstance(event, ScenarioStarted):
+            if run.profile and self.predictor is not None:
+                scenario = self.by_name[event.scenario]
+                self.predicted_lists[event.scenario] = self._predict(scenario, run.profile)
+                self.predictions[event.scenario] = _by_key(self.predicted_lists[event.scenario])
+                self.excused[event.scenario] = self.predictor.unmodelled(scenario, run.profile)
+        elif isinstance(event, PointObserved):
+            if event.point.op == BASELINE and event.scenario in self.predicted_lists:
+                # predictions of absolute counters start from the measured baseline
+                self.predictions[event.scenario] = _by_key(rebase(
+                    self.predicted_lists[event.scenario], event.point.values))
+            self._record(run.scenarios[event.scenario], self.by_name.get(event.scenario),
+                         event.point, self.predictions.get(event.scenario),
+                         self.excused.get(event.scenario, lambda metric: False), run.profile)
+
+    def kernel_ended(self, run: KernelOutcome) -> None:
+        entry = self.entry
+        if run.error:
+            entry["error"] = run.error
+        entry["ended_at"] = now_iso()
+        entry["verdicts"] = {name: o.verdict for name, o in run.scenarios.items()}
+        residue = [r.describe() for o in run.scenarios.values() for r in o.residue]
+        if residue:
+            entry["residue"] = residue
+        if run.tunables_after and "ksm_tunables_after" not in entry:
+            entry["ksm_tunables_after"] = run.tunables_after  # restored, though the stream was cut short
+        if run.interrupted is not None:
+            if run.interrupted["scenario"] is not None:
+                entry["verdicts"][run.interrupted["scenario"]] = "interrupted"
+            entry["interrupted"] = True
+            entry["interrupted_at"] = run.interrupted
+            self.rundir.metadata["interrupted"] = True
+            self.rundir.metadata["interrupted_at"] = {"kernel": run.label, **run.interrupted}
+        self.rundir.write_metadata()
 
     def _choose_profile(self, release: str | None) -> str | None:
         if self.predictor is None:

@@ -381,19 +381,19 @@ def test_emulator_is_a_backend_for_run(tmp_path):
     nothing, so the other profile is the check)."""
     from ksmbench.backends import resolve_backend
     from ksmbench.results import RunDir
-    from ksmbench.runner import Runner, exit_status
+    from ksmbench.runner import RunRecorder, Runner, exit_status
 
     suite = builtin_suite()
     backend = resolve_backend("emulator:linux-6.7")
     assert backend.label == "emulator:linux-6.7"
     rundir = RunDir(tmp_path / "auto")
-    outcome = Runner(rundir, predictor=Predictor()).run_kernel(backend, suite)
+    outcome = Runner([RunRecorder(rundir, predictor=Predictor())]).run_kernel(backend, suite)
     rundir.close()
     assert outcome.profile == "linux-6.7"  # --profile auto read the backend's release
     assert sum(o.compared for o in outcome.scenarios.values()) > 2000
     # linux-6.6 lacks smart_scan (5e924ff54d08): pages_skipped exists on one side only
     rundir = RunDir(tmp_path / "forced")
-    forced = Runner(rundir, predictor=Predictor(), profile="linux-6.6").run_kernel(
+    forced = Runner([RunRecorder(rundir, predictor=Predictor(), profile="linux-6.6")]).run_kernel(
         resolve_backend("emulator:linux-6.7"), suite)
     rundir.close()
     bad = {mm.metric for o in forced.scenarios.values() for mm in o.mismatches}
@@ -478,12 +478,16 @@ class _ShiftedEmulator:
     left by an earlier scenario (ksm_zero_pages -128, as on Debian 6.16.12)."""
 
     label = "shifted"
+    tunables_after: dict[str, str] = {}
 
     def __init__(self, profile, shift):
         self.inner = EmulatorBackend(profile)
         self.shift = shift
 
-    def events(self, scenarios):
+    def preflight(self) -> None:
+        pass
+
+    def events(self, scenarios, *, artifacts_dir=None):
         from ksmbench.observation import ObservationPoint
 
         for e in self.inner.events(scenarios):
@@ -497,12 +501,12 @@ class _ShiftedEmulator:
 
 def test_predictions_start_from_the_measured_baseline_and_residue_is_attributed(tmp_path):
     from ksmbench.results import RunDir, read_observations
-    from ksmbench.runner import Runner
+    from ksmbench.runner import RunRecorder, Runner
 
     shift = {"global.ksm_zero_pages": -128, "global.general_profit": -128 * 4096}
     s = scen(_fork_zero_steps(), ksm={"use_zero_pages": True}, name="fork-zero")
     rundir = RunDir(tmp_path)
-    outcome = Runner(rundir, predictor=Predictor(), profile="linux-6.16").run_kernel(
+    outcome = Runner([RunRecorder(rundir, predictor=Predictor(), profile="linux-6.16")]).run_kernel(
         _ShiftedEmulator("linux-6.16", shift), [s])
     rundir.close()
     o = outcome.scenarios["fork-zero"]
@@ -518,7 +522,7 @@ def test_predictions_start_from_the_measured_baseline_and_residue_is_attributed(
 
     # a profile with the fork fix does not predict the residue: a finding
     rundir = RunDir(tmp_path / "b")
-    outcome = Runner(rundir, predictor=Predictor(), profile="linux-6.18").run_kernel(
+    outcome = Runner([RunRecorder(rundir, predictor=Predictor(), profile="linux-6.18")]).run_kernel(
         _ShiftedEmulator("linux-6.16", shift), [s])
     rundir.close()
     o = outcome.scenarios["fork-zero"]

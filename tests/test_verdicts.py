@@ -25,7 +25,7 @@ from ksmbench.metrics import RSS_ANON, UNMODELLED, judge, unmodelled, unmodelled
 from ksmbench.observation import BackendInfo, PointObserved, ScenarioFinished, ScenarioStarted
 from ksmbench.pytest_plugin import KsmEmulator, ScenarioResult, comparable
 from ksmbench.results import RunDir
-from ksmbench.runner import Runner, exit_status
+from ksmbench.runner import RunRecorder, Runner, exit_status
 from ksmbench.scenario import builtin_suite
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -40,8 +40,12 @@ class Replay:
         self.release = release
         self.points = points
         self.skipped = skipped
+        self.tunables_after: dict[str, str] = {}
 
-    def events(self, scenarios):
+    def preflight(self) -> None:
+        pass
+
+    def events(self, scenarios, *, artifacts_dir=None):
         yield BackendInfo({"backend": "replay", "kernel_release": self.release})
         for s in scenarios:
             yield ScenarioStarted(s.name, len(s.steps), s.scan_count)
@@ -71,7 +75,7 @@ def replay(reference, kernel, tmp_path, profile="auto"):
     backend = Replay(kernel, releases[kernel], observed[kernel], skipped)
     rundir = RunDir(tmp_path)
     try:
-        return Runner(rundir, predictor=Predictor(), profile=profile).run_kernel(
+        return Runner([RunRecorder(rundir, predictor=Predictor(), profile=profile)]).run_kernel(
             backend, recorded_suite(reference, kernel))
     finally:
         rundir.close()
@@ -224,7 +228,7 @@ def test_a_prediction_that_crashes_mid_run_is_an_error_not_a_match(tmp_path):
             raise ZeroDivisionError("oops")
 
     rundir = RunDir(tmp_path)
-    outcome = Runner(rundir, predictor=Crashing()).run_kernel(EmulatorBackend("linux-6.18"),
+    outcome = Runner([RunRecorder(rundir, predictor=Crashing())]).run_kernel(EmulatorBackend("linux-6.18"),
                                                               builtin_suite()[:2])
     rundir.close()
     assert exit_status([outcome]) == 2

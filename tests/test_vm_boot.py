@@ -64,7 +64,8 @@ def test_the_whole_suite_in_one_boot_matches_the_emulator(spec, tmp_path):
     from ksmbench.backends.vm import VMBackend
     from ksmbench.emulator import Predictor
     from ksmbench.results import RunDir
-    from ksmbench.runner import Runner, exit_status
+    from ksmbench.progress import StatusLine
+    from ksmbench.runner import RunRecorder, Runner, exit_status
     from ksmbench.scenario import builtin_suite
 
     _need_vm_tools()
@@ -72,7 +73,8 @@ def test_the_whole_suite_in_one_boot_matches_the_emulator(spec, tmp_path):
     scenarios = builtin_suite()
     rundir = RunDir(tmp_path)
     statuses = []
-    runner = Runner(rundir, predictor=Predictor(), progress=lambda k, msg: statuses.append(msg))
+    runner = Runner([RunRecorder(rundir, predictor=Predictor()),
+                     StatusLine(lambda k, msg: statuses.append(msg))], artifacts_root=rundir.path)
     backend = VMBackend(spec, memory="2G", cpus=2, accel="auto")
     outcome = runner.run_kernel(backend, scenarios)
     rundir.close()

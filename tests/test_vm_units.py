@@ -156,7 +156,8 @@ def test_vm_backend_refuses_a_missing_kernel_at_construction():
     with pytest.raises(KernelNotFound):
         resolve_backend("debian:x.y")
     backend = resolve_backend("debian:6.12", memory="1G", cpus=1, accel="tcg", modules=None)
-    assert backend.label == "debian:6.12" and hasattr(backend, "artifacts_dir")
+    assert backend.label == "debian:6.12" and backend.tunables_after == {}
+    backend.preflight()  # the series exists: no error, and no second package-list read
 
 
 # -- the guard: no QEMU outlives ksmbench, even when ksmbench is SIGKILLed -------------

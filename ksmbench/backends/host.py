@@ -26,7 +26,8 @@ import subprocess
 import sys
 import time
 from contextlib import ExitStack
-from typing import Any, Iterator, Sequence
+from pathlib import Path
+from typing import Any, Iterable, Iterator, Sequence
 
 from .. import errors
 from ..errors import KsmbenchError, NotApplicable, WaitTimeout
@@ -403,7 +404,9 @@ class HostBackend:
         """Fail fast (before locks and run directories) when the host cannot be used."""
         HostPolicy().check_access()
 
-    def events(self, scenarios: Sequence[m.Scenario]) -> Iterator[Event]:
+    def events(self, scenarios: Sequence[m.Scenario], *,
+               artifacts_dir: Path | None = None) -> Iterator[Event]:
+        """The host keeps no files beside the results (``artifacts_dir`` is unused)."""
         from ..kernel.features import kernel_release
 
         session = HostSession()

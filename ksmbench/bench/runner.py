@@ -50,7 +50,7 @@ def run_benchmarks(config: BenchConfig, console, command: Sequence[str]) -> Benc
         for spec in config.kernels:  # refuse what cannot run before the run directory exists
             backend = resolve_backend(spec, memory=config.memory, cpus=config.cpus,
                                       accel=config.accel, modules=config.modules)
-            getattr(backend, "preflight", lambda: None)()
+            backend.preflight()
 
     store = BenchStore(config.out, config.run_id)
     store.metadata["command"] = list(command)

@@ -31,7 +31,10 @@ from pathlib import Path
 from typing import Iterator, Sequence
 
 from ..errors import KsmbenchError
-from ..observation import BackendInfo, Event, PointObserved, ScenarioFinished, event_from_json, event_to_json
+from ..observation import (BackendInfo, Event, ScenarioFinished, ScenarioStarted, event_from_json,
+                           event_to_json)
+from ..progress import progress_message
+from ..runner import KernelOutcome, Observer
 from .builds import (BuiltImage, ImageCache, ValidateInputError, Variant, VariantError, WorkTree,
                      build_tools_missing, cache_dir, check_space, resolve_source, variants_from)
 from .judge import Judgement, fitted_profile, format_expect, judge, parse_expect, with_flags
@@ -106,72 +109,51 @@ def add_parser(sub) -> None:
 
 # -- running kernels ---------------------------------------------------------------
 
-class _Collecting:
-    """Keeps the points and facts of the event stream it passes on (the Runner
-    writes the same events to the run directory)."""
+class CacheWriter(Observer):
+    """Writes a kernel's event stream to ``record`` (the cache of its
+    observations), kept only when every scenario ran to its end and the
+    stream was not cut short."""
 
-    label: str
-
-    def _collect(self, events) -> Iterator[Event]:
-        self.observed: dict[str, list] = {}
-        self.release: str | None = None
-        for event in events:
-            if isinstance(event, BackendInfo) and event.info.get("kernel_release"):
-                self.release = event.info["kernel_release"]
-            elif isinstance(event, PointObserved):
-                self.observed.setdefault(event.scenario, []).append(event.point)
-            yield event
-
-
-class RecordingBackend(_Collecting):
-    """A VM backend whose event stream is also written to a file, kept only when
-    the run finished without an error (the cache of a kernel's observations)."""
-
-    def __init__(self, inner, label: str, record: Path):
-        self.inner = inner
-        self.inner.label = label
-        self.label = label
+    def __init__(self, record: Path):
         self.record = record
+        self.partial = record.with_suffix(".partial")
 
-    @property
-    def artifacts_dir(self):
-        return self.inner.artifacts_dir
+    def kernel_started(self, run: KernelOutcome, scenarios) -> None:
+        self.out = open(self.partial, "w")
+        self.clean = True
 
-    @artifacts_dir.setter
-    def artifacts_dir(self, value) -> None:
-        self.inner.artifacts_dir = value
+    def event(self, run: KernelOutcome, event: Event) -> None:
+        if isinstance(event, ScenarioFinished) and event.error:
+            self.clean = False
+        self.out.write(event_to_json(event) + "\n")
 
-    def events(self, scenarios) -> Iterator[Event]:
-        partial = self.record.with_suffix(".partial")
-        clean = True
-        with open(partial, "w") as fh:
-            for event in self._collect(self.inner.events(scenarios)):
-                if isinstance(event, ScenarioFinished) and event.error:
-                    clean = False
-                fh.write(event_to_json(event) + "\n")
-                yield event
-        if clean:
-            os.replace(partial, self.record)
+    def kernel_ended(self, run: KernelOutcome) -> None:
+        self.out.close()
+        if self.clean and run.error is None and run.interrupted is None:
+            os.replace(self.partial, self.record)
         else:
-            partial.unlink(missing_ok=True)
+            self.partial.unlink(missing_ok=True)
 
 
-class ReplayBackend(_Collecting):
+class ReplayBackend:
     """A kernel's observations from the cache, as the event stream they came from."""
 
     def __init__(self, label: str, record: Path):
         self.label = label
         self.record = record
+        #: nothing runs: no tunable of this machine changes
+        self.tunables_after: dict[str, str] = {}
 
-    def _lines(self) -> Iterator[Event]:
+    def preflight(self) -> None:
+        """Nothing to refuse: the record was found in the cache."""
+
+    def events(self, scenarios, *, artifacts_dir: Path | None = None) -> Iterator[Event]:
+        """``artifacts_dir`` is unused: the record is the artifact."""
         yield BackendInfo({"observations_from_cache": str(self.record)})
         with open(self.record) as fh:
             for line in fh:
                 if line.strip():
                     yield event_from_json(line)
-
-    def events(self, scenarios) -> Iterator[Event]:
-        yield from self._collect(self._lines())
 
 
 @dataclass
@@ -200,34 +182,23 @@ def run_kernel(rundir, label: str, image: BuiltImage, scenarios, args, suite_key
     ``profile`` is the emulator profile observations.csv compares them with."""
     from ..backends import resolve_backend
     from ..emulator import Predictor
-    from ..runner import Runner
+    from ..runner import PointCollector, RunRecorder, Runner
 
     record = image.directory / f"observations-{suite_key}.jsonl"
     run = KernelRun(label)
+    collected = PointCollector()
+    observers: list[Observer] = [RunRecorder(rundir, predictor=Predictor(), profile=profile),
+                                 collected, _Phases(on_phase)]
     if record.is_file() and not args.rerun:
         backend = ReplayBackend(label, record)
         run.cached = True
     else:
-        inner = resolve_backend(str(image.image), memory=args.memory, cpus=args.cpus,
-                                accel=args.accel)
-        backend = RecordingBackend(inner, label, record)
-    names = {s.name for s in scenarios}
-    in_suite = False
-
-    def progress(_kernel: str, message: str) -> None:
-        nonlocal in_suite
-        name, _, what = message.partition(": ")
-        if name in names:
-            if not in_suite:
-                in_suite = True
-                on_phase("suite", None)
-            if what not in ("started",) and not what.startswith("step "):
-                on_phase("suite", f"{name}: {what}", advance=True)
-        elif not in_suite:
-            on_phase("boot", message)
-
+        backend = resolve_backend(str(image.image), memory=args.memory, cpus=args.cpus,
+                                  accel=args.accel)
+        backend.label = label
+        observers.append(CacheWriter(record))
     on_phase("boot", "from the cache" if run.cached else None)
-    runner = Runner(rundir, predictor=Predictor(), profile=profile, progress=progress)
+    runner = Runner(observers, artifacts_root=rundir.path)
     started = time.monotonic()
     outcome = runner.run_kernel(backend, scenarios)
     elapsed = time.monotonic() - started
@@ -241,9 +212,26 @@ def run_kernel(rundir, label: str, image: BuiltImage, scenarios, args, suite_key
     for name, o in outcome.scenarios.items():
         if o.error:
             run.errors.append(f"{name}: {o.error}")
-    run.observed = getattr(backend, "observed", {})
-    run.release = run.release or getattr(backend, "release", None)
+    run.observed = collected.points
     return run
+
+
+class _Phases(Observer):
+    """validate's display: the boot's statuses until the first scenario starts,
+    then one step per finished scenario."""
+
+    def __init__(self, on_phase):
+        self.on_phase = on_phase
+        self.in_suite = False
+
+    def event(self, run: KernelOutcome, event: Event) -> None:
+        if isinstance(event, ScenarioStarted) and not self.in_suite:
+            self.in_suite = True
+            self.on_phase("suite", None)
+        elif isinstance(event, ScenarioFinished):
+            self.on_phase("suite", progress_message(run, event), advance=True)
+        elif not self.in_suite and (status := progress_message(run, event)) is not None:
+            self.on_phase("boot", status)
 
 
 # -- the command -------------------------------------------------------------------

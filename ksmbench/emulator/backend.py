@@ -10,6 +10,7 @@ No root and no KSM are needed.
 from __future__ import annotations
 
 import time
+from pathlib import Path
 from typing import Iterator, Sequence
 
 from .. import __version__
@@ -24,8 +25,15 @@ class EmulatorBackend:
     def __init__(self, profile: str = "linux-6.18", label: str | None = None):
         self.profile = get_profile(profile)
         self.label = label or f"emulator:{profile}"
+        #: the model changes no tunable of this machine
+        self.tunables_after: dict[str, str] = {}
 
-    def events(self, scenarios: Sequence[m.Scenario]) -> Iterator[Event]:
+    def preflight(self) -> None:
+        """Nothing to refuse: the profile was checked when the backend was made."""
+
+    def events(self, scenarios: Sequence[m.Scenario], *,
+               artifacts_dir: Path | None = None) -> Iterator[Event]:
+        """``artifacts_dir`` is unused: the model leaves no files."""
         yield BackendInfo({
             "backend": "emulator",
             "emulator_profile": self.profile.name,

@@ -40,7 +40,6 @@ from . import catalogue
 from .catalogue import PEERS, Peer
 from .compare import DISAGREE, PeerRow, compare
 from .execute import DEFAULT_TIMEOUT, Command, Execution, preflight, run_commands, write_plan
-from .recording import RecordingBackend
 
 PEER_COLUMNS = ("kernel", "selftest", "source", "selftest_verdict", "scenario", "ksmbench_verdict",
                 "agreement", "selftest_detail", "ksmbench_detail")
@@ -99,7 +98,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     backends = [resolve_backend(k, memory=args.memory, cpus=args.cpus, accel=args.accel,
                                 modules=args.modules) for k in kernels]
     for backend in backends:
-        getattr(backend, "preflight", lambda: None)()
+        backend.preflight()
     scenarios = [catalogue.scenario(name) for name in catalogue.scenarios_needed(peers)]
     rundir = RunDir(args.out)
     rundir.metadata["command"] = ["ksmbench", "selftest", *(argv or sys.argv[2:])]
@@ -262,13 +261,13 @@ def run_kernel(console, rundir, report: KernelReport, backend, peers: list[Peer]
                 console.print(f"  {esc(e.id)} left {esc(shown)}: restored")
     # 2. ksmbench's scenarios on the same kernel, through the Runner
     from ..progress import run_kernel_with_progress
+    from ..runner import PointCollector
 
-    recording = RecordingBackend(backend)
-    outcome = run_kernel_with_progress(console, rundir, recording, scenarios, None, "auto")
+    collected = PointCollector()
+    outcome = run_kernel_with_progress(console, rundir, backend, scenarios, None, "auto",
+                                       observers=[collected])
     if outcome.error:
         report.scenario_error = outcome.error
-        for s in scenarios:
-            recording.errors.setdefault(s.name, outcome.error)
     report.kernel_release = report.kernel_release or outcome.info.get("kernel_release")
     report.accelerator = outcome.info.get("accelerator", report.accelerator or
                                           ("none (host)" if spec == "host" else None))
@@ -276,7 +275,8 @@ def run_kernel(console, rundir, report: KernelReport, backend, peers: list[Peer]
     report.rows = compare(peers, backend.label, build=report.build,
                           executions={e.id: e for e in report.executions},
                           selftest_error=report.selftest_error or report.build_error,
-                          points=recording.points, scenario_errors=recording.errors)
+                          points=collected.points,
+                          scenario_errors={s.name: outcome.scenario_error(s.name) for s in scenarios})
     return report
 
 

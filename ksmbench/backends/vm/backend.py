@@ -7,7 +7,7 @@ its events as JSON lines into the shared directory
 yields each event as it appears, so the Runner writes observations as they
 are produced.
 
-Shared directory: ``artifacts_dir`` when the Runner gives one (the run
+Shared directory: ``artifacts_dir`` when the caller gives one (the run
 directory's ``<kernel>/``: the guest console log and the raw event stream are
 kept there), else a fresh directory under ``$KSMBENCH_CACHE/vm-runs``.
 """
@@ -52,8 +52,8 @@ class VMBackend:
         self.modules = modules
         self.append = tuple(append)
         self.boot_timeout = boot_timeout
-        #: set by the Runner: where the console log and guest files are kept
-        self.artifacts_dir: Path | None = None
+        #: a guest's tunables are restored in the guest and come in its BackendInfo
+        self.tunables_after: dict[str, str] = {}
 
     def preflight(self) -> None:
         """Fail fast (before locks, run directories and progress bars) when
@@ -61,9 +61,9 @@ class VMBackend:
         The package lists are read once per process (check_spec)."""
         _kernels.check_spec(self.spec, self.modules)
 
-    def _shared_dir(self) -> Path:
-        if self.artifacts_dir is not None:
-            path = Path(self.artifacts_dir).resolve()
+    def _shared_dir(self, artifacts_dir: Path | None) -> Path:
+        if artifacts_dir is not None:
+            path = Path(artifacts_dir).resolve()
             path.mkdir(parents=True, exist_ok=True)
             return path
         from ...sources.cache import cache_root
@@ -72,7 +72,9 @@ class VMBackend:
         base.mkdir(parents=True, exist_ok=True)
         return Path(tempfile.mkdtemp(prefix=_kernels.safe_name(self.label) + "-", dir=base))
 
-    def events(self, scenarios: Sequence[m.Scenario]) -> Iterator[Event]:
+    def events(self, scenarios: Sequence[m.Scenario], *,
+               artifacts_dir: Path | None = None) -> Iterator[Event]:
+        """``artifacts_dir``: the shared directory (console log, raw event stream) is kept there."""
         from .accel import choose_accelerator
 
         yield BackendInfo({"status": f"preparing {self.label}"})
@@ -88,7 +90,7 @@ class VMBackend:
         info["accelerator_reason"] = decision.reason
         yield BackendInfo(dict(info))
 
-        shared = self._shared_dir()
+        shared = self._shared_dir(artifacts_dir)
         events_file = shared / "events.jsonl"
         error_file = shared / "guest-error.json"
         scenarios_file = shared / "scenarios.pickle"
