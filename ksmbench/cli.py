@@ -379,7 +379,7 @@ def cmd_emulate(args: argparse.Namespace) -> int:
 
 def cmd_identify(args: argparse.Namespace) -> int:
     try:
-        from .identify import identify_command
+        from .compare.identify import identify_command
     except ImportError:
         raise UsageError("identify is not available in this version") from None
     return identify_command(args)

@@ -2,7 +2,7 @@
 
 Each check reads one kernel's observations (an ``observations.csv`` as a
 DataFrame) and takes the kernel's behaviour flags from its *fitted* profile
-(``ksmbench.identify.analyse`` on those observations), never from the host's
+(``ksmbench.compare.identify.analyse`` on those observations), never from the host's
 version: the same checks hold on 6.1, 6.12 or 6.18.  The numbers are the
 kernel's documented behaviour and the per-scan table measured by hand
 (ksmd stepped scan by scan), written down independently of the emulator.
@@ -30,7 +30,7 @@ def load(csv_path, kernel: str | None = None) -> pd.DataFrame:
 def fitted_flags(df: pd.DataFrame, release: str) -> frozenset[str]:
     """The behaviour flags of the profile that fits these observations best."""
     from ksmbench.emulator.profiles import get_profile
-    from ksmbench.identify import analyse
+    from ksmbench.compare.identify import analyse
     from ksmbench.observation import ObservationPoint
     from ksmbench.scenario import builtin_suite
 

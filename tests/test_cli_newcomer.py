@@ -54,7 +54,7 @@ def _module_docstrings() -> set[str]:
     docs = set()
     for name in ["ksmbench.cli", *cli.DELEGATED.values(), "ksmbench.bench.cli",
                  "ksmbench.report.cli", "ksmbench.selftests.cli", "ksmbench.emulator.cli",
-                 "ksmbench.identify", "ksmbench.backends.vm.catalogue"]:
+                 "ksmbench.compare.identify", "ksmbench.backends.vm.catalogue"]:
         doc = importlib.import_module(name).__doc__ or ""
         docs.update(line.strip() for line in doc.splitlines() if line.strip())
     return docs

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 
-from ksmbench.differential import HostRunner, compare, run_differential
+from ksmbench.compare.differential import HostRunner, compare, run_differential
 from ksmbench.scenario import model as m
 from ksmbench.scenario.generate import random_scenario, rebuild, shrink, valid
 from ksmbench.scenario.loader import parse_scenario

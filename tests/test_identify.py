@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 
 from ksmbench.emulator import predict
-from ksmbench.identify import analyse, load_rundir, probe_scenarios, score
+from ksmbench.compare.identify import analyse, load_rundir, probe_scenarios, score
 from ksmbench.scenario import builtin_suite
 
 REFERENCE = Path(__file__).resolve().parents[1] / "results" / "reference" / "20261129-021707-c61b"
@@ -105,7 +105,7 @@ def test_probes_separate_the_flags_the_suite_cannot(scenarios):
 def test_identify_command_records_and_reanalyses(tmp_path, capsys):
     from argparse import Namespace
 
-    from ksmbench.identify import identify_command, load_rundir, main
+    from ksmbench.compare.identify import identify_command, load_rundir, main
 
     args = Namespace(kernel=["emulator:linux-6.12.57,-fork_counter_fix"], memory="2G", cpus=2,
                      accel="auto", modules=None, wait=0, out=str(tmp_path), jobs=None,

@@ -21,7 +21,7 @@ from ksmbench.compare.builds import WorkTree, KernelSource, read_patch, variants
 from ksmbench.compare.judge import EXPLAINED, MISSING, UNEXPLAINED, judge, parse_expect, with_flags
 from ksmbench.emulator import predict
 from ksmbench.errors import UsageError
-from ksmbench.identify import probe_scenarios
+from ksmbench.compare.identify import probe_scenarios
 from ksmbench.scenario import builtin_suite
 
 REPO = Path(__file__).resolve().parents[1]

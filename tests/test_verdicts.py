@@ -18,9 +18,9 @@ from pathlib import Path
 
 import pytest
 
-from ksmbench.differential import compare
+from ksmbench.compare.differential import compare
 from ksmbench.emulator import Predictor, predict, unmodelled_for
-from ksmbench.identify import load_rundir, score
+from ksmbench.compare.identify import load_rundir, score
 from ksmbench.metrics import RSS_ANON, UNMODELLED, judge, unmodelled, unmodelled_markdown
 from ksmbench.observation import BackendInfo, PointObserved, ScenarioFinished, ScenarioStarted
 from ksmbench.pytest_plugin import KsmEmulator, ScenarioResult, comparable

@@ -75,7 +75,7 @@ def format_expect(expect: Mapping[str, bool]) -> str:
 def with_flags(profile: str, flags: Mapping[str, bool]) -> str:
     """``profile`` with ``flags`` switched: a profile name the emulator accepts."""
     from ..emulator.profiles import get_profile
-    from ..identify import _with
+    from .identify import _with
 
     setting = {name: name in get_profile(profile).flags for name in _flag_names()}
     setting.update(flags)
@@ -174,7 +174,7 @@ class Judgement:
 
 def _predictions(scenarios: Sequence[m.Scenario], profile: str, names: set[str]
                  ) -> dict[tuple[str, int, int | None], Mapping]:
-    from ..identify import _predicted
+    from .identify import _predicted
 
     out = {}
     for s in scenarios:
@@ -246,7 +246,7 @@ def blame_flags(observed: Observed, scenarios: Sequence[m.Scenario], base_profil
     coordinate descent); the flags that fit differently, and the cells the
     variant's fitted profile still gets wrong."""
     from ..emulator.profiles import get_profile
-    from ..identify import analyse
+    from .identify import analyse
 
     from ..metrics import RSS_ANON, RSS_ANON_SCENARIO
 
@@ -271,7 +271,7 @@ def blame_flags(observed: Observed, scenarios: Sequence[m.Scenario], base_profil
 def fitted_profile(base: Observed, scenarios: Sequence[m.Scenario], release: str | None
                    ) -> tuple[str, int]:
     """The base kernel's fitted profile and how many cells it still gets wrong."""
-    from ..identify import analyse
+    from .identify import analyse
 
     known = [s for s in scenarios if s.name in base]
     result = analyse(base, known, release)

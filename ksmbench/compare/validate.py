@@ -258,7 +258,7 @@ def validate_command(args: argparse.Namespace) -> int:
 
     from ..backends.vm.build import FRAGMENT
     from ..console import make_console
-    from ..identify import probe_scenarios
+    from .identify import probe_scenarios
     from ..results import RunDir
     from ..scenario import resolve_scenarios
 
@@ -527,7 +527,7 @@ def _print_results(console, results: Sequence[VariantResult], timings, expect) -
 def rejudge(rundir: Path, expect_text: str | None = None, console=None) -> list[VariantResult]:
     """Judge the observations of a validate run directory again (e.g. with other
     ``--expect`` flags); rewrites validate.csv and validate-cells.csv."""
-    from ..identify import load_rundir, probe_scenarios
+    from .identify import load_rundir, probe_scenarios
     from ..scenario import builtin_suite
 
     meta_path = rundir / "metadata.json"

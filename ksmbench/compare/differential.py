@@ -16,14 +16,14 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Iterable, Sequence
 
-from .console import esc, make_console
-from .kernel.policy import FOREIGN_USERS, HostPolicy, refusal
-from .metrics import judge
-from .observation import BASELINE, Event, ObservationPoint, ScenarioFinished, baseline_of, rebase
-from .runner import KernelOutcome, Observer, PointCollector, Runner
-from .scenario import model as m
-from .scenario.generate import random_scenario, shrink
-from .scenario.serialise import to_toml
+from ..console import esc, make_console
+from ..kernel.policy import FOREIGN_USERS, HostPolicy, refusal
+from ..metrics import judge
+from ..observation import BASELINE, Event, ObservationPoint, ScenarioFinished, baseline_of, rebase
+from ..runner import KernelOutcome, Observer, PointCollector, Runner
+from ..scenario import model as m
+from ..scenario.generate import random_scenario, shrink
+from ..scenario.serialise import to_toml
 
 
 @dataclass
@@ -71,8 +71,8 @@ class HostRunner:
     """Runs scenarios on this machine's kernel, one session per batch."""
 
     def __init__(self) -> None:
-        from .kernel.features import kernel_release
-        from .emulator.profiles import profile_for_release
+        from ..kernel.features import kernel_release
+        from ..emulator.profiles import profile_for_release
 
         self.release = kernel_release()
         self.profile = profile_for_release(self.release)
@@ -84,8 +84,8 @@ class HostRunner:
     def run(self, scenarios: Sequence[m.Scenario]) -> dict[str, tuple[list[ObservationPoint], str | None]]:
         import time
 
-        from .backends.host import HostBackend
-        from .errors import Busy
+        from ..backends.host import HostBackend
+        from ..errors import Busy
 
         policy = HostPolicy()
         deadline = time.monotonic() + self.busy_timeout
@@ -141,7 +141,7 @@ class BackendRunner:
     """Runs scenarios on any ``--kernel`` backend (e.g. a Debian kernel in QEMU)."""
 
     def __init__(self, spec: str, **options) -> None:
-        from .backends import resolve_backend
+        from ..backends import resolve_backend
 
         self.backend = resolve_backend(spec, **options)
         self.backend.preflight()  # an unknown series: one line, now
@@ -149,7 +149,7 @@ class BackendRunner:
         self.profile: str | None = None
 
     def run(self, scenarios: Sequence[m.Scenario]) -> dict[str, tuple[list[ObservationPoint], str | None]]:
-        from .emulator.profiles import profile_for_release
+        from ..emulator.profiles import profile_for_release
 
         outcome, got = _run_collecting(self.backend, scenarios)
         if outcome.info.get("kernel_release"):
@@ -172,7 +172,7 @@ def check_scenarios(scenarios: Sequence[m.Scenario], runner, profile: str | None
                     ) -> list[tuple[m.Scenario, list[Cell], str | None]]:
     results = runner.run(scenarios)
     profile = profile or runner.profile
-    from .emulator.emulate import ScenarioRun
+    from ..emulator.emulate import ScenarioRun
 
     out = []
     for scenario in scenarios:
@@ -237,7 +237,7 @@ def run_differential(seeds: Iterable[int], out_dir: Path, *, runner: HostRunner 
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    from .kernel.lock import RunLock
+    from ..kernel.lock import RunLock
 
     ap = argparse.ArgumentParser(prog="python -m ksmbench.differential",
                                  description="random scenarios: host kernel vs emulator")

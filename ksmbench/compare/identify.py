@@ -25,11 +25,11 @@ from argparse import Namespace
 from dataclasses import dataclass, field
 from typing import Mapping, Sequence
 
-from .console import esc, make_console
-from .metrics import judge
-from .observation import BASELINE, TEARDOWN, ObservationPoint, baseline_of, rebase
-from .scenario import builtin_set, builtin_suite
-from .scenario import model as m
+from ..console import esc, make_console
+from ..metrics import judge
+from ..observation import BASELINE, TEARDOWN, ObservationPoint, baseline_of, rebase
+from ..scenario import builtin_set, builtin_suite
+from ..scenario import model as m
 
 def probe_scenarios() -> list[m.Scenario]:
     """Probes for behaviours the built-in suite does not separate (the
@@ -57,8 +57,8 @@ def _predicted(scenario: m.Scenario, profile: str, observed_baseline=None) -> di
     """Predictions by (scenario, flag set): profiles with the same flags behave
     alike.  Absolute counters start from ``observed_baseline`` (the scenario's
     measured baseline point values), when given."""
-    from .emulator import predict
-    from .emulator.profiles import get_profile
+    from ..emulator import predict
+    from ..emulator.profiles import get_profile
 
     prof = get_profile(profile)
     key = (scenario, prof.flags)
@@ -76,7 +76,7 @@ def residue(observed: Mapping[str, Sequence[ObservationPoint]], scenarios: Seque
             profile: str, kernel: str = "") -> list:
     """Every scenario's residue (absolute counters not back at their baseline
     after teardown), each with whether ``profile`` predicts it."""
-    from .runner import find_residue
+    from ..runner import find_residue
 
     out = []
     for scenario in scenarios:
@@ -93,7 +93,7 @@ def residue(observed: Mapping[str, Sequence[ObservationPoint]], scenarios: Seque
 
 def score(observed: Mapping[str, Sequence[ObservationPoint]], scenarios: Sequence[m.Scenario],
           profile: str) -> Score:
-    from .emulator import unmodelled_for
+    from ..emulator import unmodelled_for
 
     out = Score()
     for scenario in scenarios:
@@ -139,7 +139,7 @@ def score(observed: Mapping[str, Sequence[ObservationPoint]], scenarios: Sequenc
 
 
 def _with(base: str, flags: Mapping[str, bool]) -> str:
-    from .emulator.profiles import get_profile
+    from ..emulator.profiles import get_profile
 
     prof = get_profile(base.split(",")[0])
     mods = [("+" if on else "-") + name for name, on in sorted(flags.items())
@@ -184,7 +184,7 @@ class Identification:
 
 def analyse(observed: Mapping[str, Sequence[ObservationPoint]], scenarios: Sequence[m.Scenario],
             release: str | None, *, base: str | None = None, kernel: str = "") -> Identification:
-    from .emulator.profiles import FLAG_NAMES, PRESETS, get_profile, profile_for_release
+    from ..emulator.profiles import FLAG_NAMES, PRESETS, get_profile, profile_for_release
 
     base = base or profile_for_release(release or "") or "linux-6.18"
     base_flags = get_profile(base).flags
@@ -226,12 +226,12 @@ def identify_command(args: Namespace) -> int:
     """Run the probes on each kernel (observations go to a run directory under
     ./results, with the release's profile as prediction), then judge the flags."""
 
-    from .backends import expand_kernel_specs, resolve_backend
-    from .emulator import Predictor
-    from .kernel.lock import RunLock
-    from .progress import StatusLine
-    from .results import RunDir
-    from .runner import PointCollector, RunRecorder, Runner
+    from ..backends import expand_kernel_specs, resolve_backend
+    from ..emulator import Predictor
+    from ..kernel.lock import RunLock
+    from ..progress import StatusLine
+    from ..results import RunDir
+    from ..runner import PointCollector, RunRecorder, Runner
 
     console = make_console()
     scenarios = builtin_suite() + probe_scenarios()
@@ -245,9 +245,9 @@ def identify_command(args: Namespace) -> int:
         backend.preflight()
     from contextlib import nullcontext
 
-    from .emulator.backend import EmulatorBackend
+    from ..emulator.backend import EmulatorBackend
 
-    from .matrix import jobs_for
+    from ..matrix import jobs_for
 
     jobs = jobs_for(args, backends)
     if args.scheduler or jobs > 1:
@@ -295,8 +295,8 @@ def identify_command(args: Namespace) -> int:
 def _identify_on_cluster(args: Namespace, console, scenarios, specs, backends, jobs: int) -> int:
     """--jobs N / --scheduler: the kernels run as in ``ksmbench run``
     (ksmbench.matrix); the flags are then judged from the run directory."""
-    from .emulator import Predictor
-    from .matrix import run_kernels
+    from ..emulator import Predictor
+    from ..matrix import run_kernels
 
     rundir, outcomes = run_kernels(args, console=console, scenarios=scenarios, specs=specs,
                                    backends=backends, predictor=Predictor(), jobs=jobs)
@@ -385,7 +385,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 def report(console, label: str, r: Identification) -> None:
     from rich.table import Table
 
-    from .emulator.profiles import FLAG_BY_NAME
+    from ..emulator.profiles import FLAG_BY_NAME
 
     console.print(f"[bold]{esc(label)}[/bold]: kernel {esc(r.release or '?')}; {r.scenarios} scenarios, "
                   f"{r.points} observation points; release suggests profile {r.base}")
