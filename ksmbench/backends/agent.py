@@ -32,7 +32,7 @@ from typing import Any
 from ..errors import KsmbenchError, SyscallError
 from ..kernel import syscalls
 from ..kernel.procfs import FrameReader, ProcFS
-from ..scenario.patterns import FillId, fill_pages, parse_pattern
+from ..scenario.patterns import FillId, fill_pages, parse_pattern, write_byte_values
 
 _HEADER = struct.Struct("!I")
 #: Scenario regions are placed by us, not by the kernel: ascending addresses
@@ -94,6 +94,7 @@ class Agent:
         self._zero_pfn: int | None = None
         self._buf = bytearray(1 << 16)
         self._next_addr = REGION_BASE  # a forked child continues from its parent's value
+        self._mem_fd: int | None = None  # /proc/self/mem, for write_byte
 
     # -- plumbing ------------------------------------------------------------
     def frames(self) -> FrameReader:
@@ -189,7 +190,36 @@ class Agent:
         self.regions[region].read_pages(first, end)
 
     def op_madvise(self, region: str, first: int, end: int, advice: str) -> None:
+        if advice == "pageout":
+            # folios still in a per-CPU LRU batch cannot be isolated for reclaim
+            syscalls.drain_lru_batches()
         self.regions[region].madvise(advice, first, end)
+
+    # --- vma-ops -----------------------------------------------------------------
+    def op_mprotect(self, region: str, first: int, end: int, prot: str) -> None:
+        self.regions[region].mprotect(prot, first, end)
+
+    def op_mremap(self, region: str, pages: int, move: bool) -> int:
+        """Grow or shrink in place, or move to the next free address (the
+        emulator places a moved region where a new one would go)."""
+        r = self.regions[region]
+        if move:
+            addr = self._next_addr
+            r.mremap(pages, new_addr=addr)
+            self._next_addr = addr + r.length + syscalls.PAGE_SIZE
+        else:
+            grows_top = r.addr + r.length + syscalls.PAGE_SIZE == self._next_addr
+            r.mremap(pages)
+            if grows_top:
+                self._next_addr = r.addr + r.length + syscalls.PAGE_SIZE
+        return r.addr
+
+    def op_write_byte(self, region: str, first: int, end: int, pattern: str) -> None:
+        values = write_byte_values(parse_pattern(pattern), end - first)
+        if self._mem_fd is None:
+            self._mem_fd = os.open("/proc/self/mem", os.O_RDWR | os.O_CLOEXEC)
+        self.regions[region].write_byte_forced(self._mem_fd, values, first)
+    # --- end vma-ops -------------------------------------------------------------
 
     def op_prctl(self, merge: bool) -> None:
         syscalls.prctl_set_memory_merge(merge)
@@ -239,6 +269,9 @@ class Agent:
                 self.sock.close()
                 self.sock = theirs
                 self.name = name
+                if self._mem_fd is not None:  # /proc/self/mem was the parent's too
+                    os.close(self._mem_fd)
+                    self._mem_fd = None
                 if self._frames is not None:  # /proc/self/pagemap was the parent's
                     self._frames.close()
                     self._frames = None

@@ -339,6 +339,16 @@ class HostSession:
                 regions[step.child] = dict(regions[step.proc])
             elif isinstance(step, m.Exit):
                 self._exit_agent(step.proc, budget)
+            # --- vma-ops ---
+            elif isinstance(step, m.Mprotect):
+                agent.call("mprotect", step.region, step.first, step.end, step.prot, timeout=budget)
+            elif isinstance(step, m.Mremap):
+                agent.call("mremap", step.region, step.pages, step.move, timeout=budget)
+                regions[step.proc][step.region] = step.pages
+            elif isinstance(step, m.WriteByte):
+                agent.call("write_byte", step.region, step.first, step.end, str(step.pattern),
+                           timeout=budget)
+            # --- end vma-ops ---
             elif isinstance(step, m.Expect):
                 pass  # checked by the runner against this step's observation
             yield observe(step, None)

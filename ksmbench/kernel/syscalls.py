@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import errno as _errno
 import mmap as _mmap
+import os
 
 import cffi
 import numpy as np
@@ -29,12 +30,20 @@ _ffi.cdef(
     int madvise(void *addr, size_t length, int advice);
     int prctl(int option, unsigned long arg2, unsigned long arg3,
               unsigned long arg4, unsigned long arg5);
+    int mprotect(void *addr, size_t length, int prot);
+    void *mremap(void *old_address, size_t old_size, size_t new_size, int flags, ...);
+    int mlock(const void *addr, size_t len);
+    int munlock(const void *addr, size_t len);
     """
 )
 _libc = _ffi.dlopen(None)
 
+PROT_NONE = 0x0
 PROT_READ = 0x1
 PROT_WRITE = 0x2
+PROTS = {"none": PROT_NONE, "read": PROT_READ, "read-write": PROT_READ | PROT_WRITE}
+MREMAP_MAYMOVE = 1
+MREMAP_FIXED = 2
 MAP_PRIVATE = 0x02
 MAP_ANONYMOUS = 0x20
 MAP_FIXED_NOREPLACE = 0x100000  # 4.17; older kernels treat the address as a hint
@@ -42,6 +51,11 @@ _MAP_FAILED = _ffi.cast("void *", -1)
 
 # include/uapi/asm-generic/mman-common.h
 MADV_DONTNEED = 4
+MADV_FREE = 8          # 4.5
+MADV_DONTFORK = 10
+MADV_WIPEONFORK = 18   # 4.14
+MADV_COLD = 20         # 5.4
+MADV_PAGEOUT = 21      # 5.4
 MADV_MERGEABLE = 12    # 2.6.32
 MADV_UNMERGEABLE = 13  # 2.6.32
 MADV_HUGEPAGE = 14
@@ -50,6 +64,11 @@ ADVICE = {
     "mergeable": MADV_MERGEABLE,
     "unmergeable": MADV_UNMERGEABLE,
     "dontneed": MADV_DONTNEED,
+    "free": MADV_FREE,
+    "dontfork": MADV_DONTFORK,
+    "wipeonfork": MADV_WIPEONFORK,
+    "cold": MADV_COLD,
+    "pageout": MADV_PAGEOUT,
     "hugepage": MADV_HUGEPAGE,
     "nohugepage": MADV_NOHUGEPAGE,
 }
@@ -143,6 +162,45 @@ class Region:
         self._check(first, end)
         return int(self._view[first * PAGE_SIZE:end * PAGE_SIZE:PAGE_SIZE].sum())
 
+    # --- vma-ops ---------------------------------------------------------------
+    def mprotect(self, prot: str, first: int = 0, end: int | None = None) -> None:
+        end = self.npages if end is None else end
+        self._check(first, end)
+        if _libc.mprotect(self._ptr + first * PAGE_SIZE, (end - first) * PAGE_SIZE, PROTS[prot]) != 0:
+            raise _fail(f"mprotect({hex(self.addr + first * PAGE_SIZE)}, {end - first} pages, "
+                        f"{prot})")
+
+    def mremap(self, npages: int, new_addr: int | None = None) -> None:
+        """Resize in place, or move to ``new_addr`` (MREMAP_MAYMOVE|MREMAP_FIXED)."""
+        self._check(0, self.npages)
+        length = npages * PAGE_SIZE
+        if new_addr is None:
+            ptr = _libc.mremap(self._ptr, self.length, length, _ffi.cast("int", 0))
+        else:
+            ptr = _libc.mremap(self._ptr, self.length, length,
+                               _ffi.cast("int", MREMAP_MAYMOVE | MREMAP_FIXED),
+                               _ffi.cast("void *", new_addr))
+        if ptr == _MAP_FAILED:
+            where = "in place" if new_addr is None else f"to {hex(new_addr)}"
+            raise _fail(f"mremap({hex(self.addr)}, {self.npages} -> {npages} pages {where})")
+        self._view = None
+        self._ptr = _ffi.cast("char *", ptr)
+        self.addr = int(_ffi.cast("unsigned long", ptr))
+        self.npages = npages
+        self.length = length
+        self._view = np.frombuffer(_ffi.buffer(ptr, length), dtype=np.uint8)
+
+    def write_byte_forced(self, mem_fd: int, values: np.ndarray, first: int) -> None:
+        """Store values[i] at byte 0 of page first+i through /proc/self/mem:
+        a FOLL_FORCE write, which works under any protection (as ptrace
+        does) and breaks CoW like a write fault."""
+        self._check(first, first + len(values))
+        for i, v in enumerate(values.tolist()):
+            addr = self.addr + (first + i) * PAGE_SIZE
+            if os.pwrite(mem_fd, bytes((v,)), addr) != 1:
+                raise SyscallError(f"pwrite(/proc/self/mem, {hex(addr)}, 1 byte)", _errno.EIO)
+    # --- end vma-ops -----------------------------------------------------------
+
     def munmap(self) -> None:
         if self._ptr is None:
             return
@@ -178,6 +236,20 @@ def die_with_parent() -> None:
 def prctl_set_child_subreaper() -> None:
     if _libc.prctl(PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0) != 0:
         raise _fail("prctl(PR_SET_CHILD_SUBREAPER, 1)")
+
+
+def drain_lru_batches() -> None:
+    """lru_add_drain_all(): empty every CPU's LRU batches (folios written
+    lately, or just marked lazy-free, sit in per-CPU batches and cannot be
+    isolated for reclaim until drained).  mlock() calls it (do_mlock() in
+    mm/mlock.c), so lock and unlock one private page."""
+    region = Region(1)
+    try:
+        if _libc.mlock(region._ptr, PAGE_SIZE) != 0:
+            raise _fail("mlock(1 page)")
+        _libc.munlock(region._ptr, PAGE_SIZE)
+    finally:
+        region.munmap()
 
 
 def madvise_range(addr: int, length: int, advice: str) -> None:

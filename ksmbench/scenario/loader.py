@@ -17,7 +17,7 @@ from typing import Any
 from ..errors import ScenarioError
 from ..metrics import parse_metric
 from . import model as m
-from .patterns import parse_pattern
+from .patterns import parse_pattern, write_byte_values
 
 NAME_RE = re.compile(r"[a-z0-9-]+\Z")
 IDENT_RE = re.compile(r"[A-Za-z0-9_-]+\Z")
@@ -41,6 +41,10 @@ _OP_FIELDS: dict[str, dict[str, bool]] = {
     "fork": {"child": True},
     "exit": {},
     "munmap": {"region": True},
+    # vma-ops (README "Ops")
+    "mprotect": {"region": True, "range": False, "prot": True},
+    "mremap": {"region": True, "pages": True, "move": False},
+    "write_byte": {"region": True, "range": True, "pattern": True},
 }
 #: the most pages one region can have: x86-64's 47-bit user address space
 #: (128 TiB) in 4 KiB pages; a larger mmap can never succeed
@@ -142,6 +146,11 @@ class _StepValidator:
         self.procs: dict[str, dict[str, int]] = {m.MAIN: {}}
         self.ever_procs: set[str] = {m.MAIN}
         self.all_regions: dict[tuple[str, str], int] = {}
+        #: vma-ops: page attributes that decide which ops a page allows
+        self.vmas: dict[tuple[str, str], _Runs] = {}
+        #: vma-ops: per process, the region placed last (the only one that
+        #: can grow in place: the agent places regions upwards, see agent.py)
+        self.top: dict[str, str | None] = {m.MAIN: None}
 
     def fail(self, index: int, message: str, fieldname: str | None = None) -> ScenarioError:
         return ScenarioError(self.source, message, step=index, field=fieldname)
@@ -219,6 +228,8 @@ class _StepValidator:
         thp = self._typed(index, raw, "thp", bool) if "thp" in raw else False
         self.procs[proc][region] = pages
         self.all_regions[(proc, region)] = max(pages, self.all_regions.get((proc, region), 0))
+        self.vmas[(proc, region)] = _Runs(pages)
+        self.top[proc] = region
         return m.Mmap(index, proc, region, pages, thp)
 
     def _fill(self, index, proc, raw):
@@ -228,11 +239,13 @@ class _StepValidator:
             pattern = parse_pattern(raw["pattern"])
         except ValueError as exc:
             raise self.fail(index, str(exc), "pattern") from None
+        self._need_access(index, proc, region, first, end, "read-write")
         return m.Fill(index, proc, region, first, end, pattern)
 
     def _read(self, index, proc, raw):
         region, pages = self._region(index, proc, raw)
         first, end = self._range(index, raw, pages)
+        self._need_access(index, proc, region, first, end, "read")
         return m.Read(index, proc, region, first, end)
 
     def _madvise(self, index, proc, raw):
@@ -241,6 +254,9 @@ class _StepValidator:
         advice = raw["advice"]
         if advice not in m.ADVICES:
             raise self.fail(index, f"unknown advice {advice!r} (known: {', '.join(m.ADVICES)})", "advice")
+        self._need_access(index, proc, region, first, end, None)
+        if advice in ("dontfork", "wipeonfork"):
+            self.vmas[(proc, region)].set(first, end, advice, True)
         return m.Madvise(index, proc, region, first, end, advice)
 
     def _prctl(self, index, proc, raw):
@@ -263,6 +279,10 @@ class _StepValidator:
             raise self.fail(index, f"process name '{child}' is already used in this scenario", "child")
         self.procs[child] = dict(self.procs[proc])
         self.ever_procs.add(child)
+        self.top[child] = self.top[proc]
+        for region in self.procs[child]:
+            # dup_mmap() copies no VM_DONTCOPY VMA (MADV_DONTFORK)
+            self.vmas[(child, region)] = self.vmas[(proc, region)].forked()
         for region, pages in self.procs[child].items():
             self.all_regions[(child, region)] = pages
         return m.Fork(index, proc, child)
@@ -274,7 +294,77 @@ class _StepValidator:
     def _munmap(self, index, proc, raw):
         region, _ = self._region(index, proc, raw)
         del self.procs[proc][region]
+        if self.top.get(proc) == region:
+            self.top[proc] = None
         return m.Munmap(index, proc, region)
+
+    # --- vma-ops: access checks ------------------------------------------------
+    def _need_access(self, index: int, proc: str, region: str, first: int, end: int,
+                     prot: str | None) -> None:
+        """Refuse an op on pages the process cannot touch: pages a fork did not
+        copy (MADV_DONTFORK), or, for ``prot``, pages whose protection lacks it
+        (the agent would die of SIGSEGV)."""
+        runs = self.vmas[(proc, region)]
+        if runs.any(first, end, "absent", True):
+            raise self.fail(index, f"pages of [{first}, {end}) are not mapped in process "
+                            f"'{proc}' (MADV_DONTFORK kept them out of the fork)", "range")
+        if prot == "read-write" and runs.any(first, end, "prot", "none", "read"):
+            raise self.fail(index, f"pages of [{first}, {end}) are not writable (mprotect); "
+                            "write_byte writes through /proc/self/mem, fill cannot", "range")
+        if prot == "read" and runs.any(first, end, "prot", "none"):
+            raise self.fail(index, f"pages of [{first}, {end}) are PROT_NONE (mprotect)", "range")
+
+    # --- vma-ops: mprotect -----------------------------------------------------
+    def _mprotect(self, index, proc, raw):
+        region, pages = self._region(index, proc, raw)
+        first, end = self._range(index, raw, pages)
+        prot = raw["prot"]
+        if prot not in m.PROTS:
+            raise self.fail(index, f"unknown prot {prot!r} (known: {', '.join(m.PROTS)})", "prot")
+        self._need_access(index, proc, region, first, end, None)
+        self.vmas[(proc, region)].set(first, end, "prot", prot)
+        return m.Mprotect(index, proc, region, first, end, prot)
+    # --- end mprotect ----------------------------------------------------------
+
+    # --- vma-ops: mremap -------------------------------------------------------
+    def _mremap(self, index, proc, raw):
+        region, old = self._region(index, proc, raw)
+        pages = self._typed(index, raw, "pages", int)
+        move = self._typed(index, raw, "move", bool) if "move" in raw else False
+        if not 1 <= pages <= MAX_REGION_PAGES:
+            raise self.fail(index, f"must be between 1 and {MAX_REGION_PAGES}, got {pages}", "pages")
+        runs = self.vmas[(proc, region)]
+        if (move or pages > old) and not runs.uniform():
+            # vma_to_resize()/mremap_to(): the old range must be one VMA
+            raise self.fail(index, f"region '{region}' is split into several VMAs (mprotect or "
+                            "madvise on part of it); mremap can only move or grow one VMA", "region")
+        if pages > old and not move and self.top.get(proc) != region:
+            raise self.fail(index, f"region '{region}' cannot grow in place: a later region "
+                            "follows it; use move = true", "pages")
+        if move:
+            runs = _Runs(pages, runs.runs[0][2])
+            self.top[proc] = region
+        else:
+            runs = runs.resized(pages)
+        self.vmas[(proc, region)] = runs
+        self.procs[proc][region] = pages
+        self.all_regions[(proc, region)] = max(pages, self.all_regions.get((proc, region), 0))
+        return m.Mremap(index, proc, region, pages, move)
+    # --- end mremap ------------------------------------------------------------
+
+    # --- vma-ops: write_byte ---------------------------------------------------
+    def _write_byte(self, index, proc, raw):
+        region, pages = self._region(index, proc, raw)
+        first, end = self._range(index, raw, pages)
+        try:
+            pattern = parse_pattern(raw["pattern"])
+            write_byte_values(pattern, 0)
+        except ValueError as exc:
+            raise self.fail(index, str(exc), "pattern") from None
+        # through /proc/self/mem (FOLL_FORCE): any protection will do
+        self._need_access(index, proc, region, first, end, None)
+        return m.WriteByte(index, proc, region, first, end, pattern)
+    # --- end write_byte --------------------------------------------------------
 
     def _expect(self, index, proc, raw):
         table: dict[str, Any] = {}
@@ -310,6 +400,53 @@ class _StepValidator:
                 raise self.fail(index, f"expected value must be an integer or \"none\", got {value!r}",
                                 metric)
         return m.Expect(index, proc, tuple(values))
+
+
+# --- vma-ops: page attributes per region -----------------------------------------
+class _Runs:
+    """A region's pages as runs [first, end) of equal attributes (prot,
+    dontfork, wipeonfork, absent); regions can be far too large for a list
+    per page."""
+
+    DEFAULT = (("prot", "read-write"), ("dontfork", False), ("wipeonfork", False),
+               ("absent", False))
+
+    def __init__(self, pages: int, attrs: tuple = DEFAULT):
+        self.runs: list[list] = [[0, pages, attrs]]
+
+    def _split(self, at: int) -> None:
+        for i, (lo, hi, attrs) in enumerate(self.runs):
+            if lo < at < hi:
+                self.runs[i:i + 1] = [[lo, at, attrs], [at, hi, attrs]]
+                return
+
+    def set(self, first: int, end: int, key: str, value) -> None:
+        self._split(first)
+        self._split(end)
+        for run in self.runs:
+            if first <= run[0] and run[1] <= end:
+                run[2] = tuple((k, value if k == key else v) for k, v in run[2])
+
+    def any(self, first: int, end: int, key: str, *values) -> bool:
+        return any(dict(attrs)[key] in values for lo, hi, attrs in self.runs
+                   if lo < end and first < hi)
+
+    def uniform(self) -> bool:
+        return len({attrs for _, _, attrs in self.runs}) == 1
+
+    def forked(self) -> "_Runs":
+        out = _Runs(0)
+        out.runs = [[lo, hi, tuple((k, v or dict(attrs)["dontfork"]) if k == "absent" else (k, v)
+                                   for k, v in attrs)] for lo, hi, attrs in self.runs]
+        return out
+
+    def resized(self, pages: int) -> "_Runs":
+        """mremap in place: shrinking drops the tail, growing extends the last run."""
+        out = _Runs(0)
+        out.runs = [[lo, min(hi, pages), attrs] for lo, hi, attrs in self.runs if lo < pages]
+        out.runs[-1][1] = pages
+        return out
+# --- end page attributes ---------------------------------------------------------
 
 
 def _flatten(table: dict[str, Any], prefix: str, out: dict[str, Any]) -> None:

@@ -12,8 +12,12 @@ from typing import Literal, Union
 
 from .patterns import Pattern
 
-Advice = Literal["mergeable", "unmergeable", "dontneed"]
-ADVICES: tuple[str, ...] = ("mergeable", "unmergeable", "dontneed")
+Advice = Literal["mergeable", "unmergeable", "dontneed", "free", "dontfork", "wipeonfork",
+                 "cold", "pageout"]
+ADVICES: tuple[str, ...] = ("mergeable", "unmergeable", "dontneed",
+                            # vma-ops: MADV_FREE, MADV_DONTFORK, MADV_WIPEONFORK,
+                            # MADV_COLD, MADV_PAGEOUT (README "Ops")
+                            "free", "dontfork", "wipeonfork", "cold", "pageout")
 MAIN = "main"
 
 
@@ -110,7 +114,45 @@ class Expect(Step):
                 for metric, expected in self.values]
 
 
-AnyStep = Union[Mmap, Fill, Read, Madvise, Prctl, Scan, UnmergeAll, Fork, Exit, Munmap, Expect]
+# --- vma-ops: mprotect -------------------------------------------------------
+#: mprotect() protections a scenario can ask for
+PROTS: tuple[str, ...] = ("none", "read", "read-write")
+
+
+@dataclass(frozen=True)
+class Mprotect(Step):
+    region: str
+    first: int
+    end: int
+    prot: str  # one of PROTS
+# --- end mprotect ------------------------------------------------------------
+
+
+# --- vma-ops: mremap ---------------------------------------------------------
+@dataclass(frozen=True)
+class Mremap(Step):
+    region: str
+    #: the region's new size in pages
+    pages: int
+    #: True: move the region to a new address (MREMAP_MAYMOVE|MREMAP_FIXED);
+    #: False: grow or shrink in place
+    move: bool = False
+# --- end mremap --------------------------------------------------------------
+
+
+# --- vma-ops: write_byte -----------------------------------------------------
+@dataclass(frozen=True)
+class WriteByte(Step):
+    region: str
+    first: int
+    end: int
+    #: gives the byte written at offset 0 of each page (patterns.write_byte_values)
+    pattern: Pattern
+# --- end write_byte ----------------------------------------------------------
+
+
+AnyStep = Union[Mmap, Fill, Read, Madvise, Prctl, Scan, UnmergeAll, Fork, Exit, Munmap, Expect,
+                Mprotect, Mremap, WriteByte]
 
 OP_NAMES: dict[type, str] = {
     Mmap: "mmap",
@@ -124,6 +166,9 @@ OP_NAMES: dict[type, str] = {
     Exit: "exit",
     Munmap: "munmap",
     Expect: "expect",
+    Mprotect: "mprotect",
+    Mremap: "mremap",
+    WriteByte: "write_byte",
 }
 OPS: dict[str, type] = {name: cls for cls, name in OP_NAMES.items()}
 
