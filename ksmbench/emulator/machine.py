@@ -234,6 +234,19 @@ class SNode(RBNode):
         self.alive = True
 
 
+class UNode(RBNode):
+    """vma-ops: an rmap item in the unstable tree, kept as a real rbtree only
+    where the path of a search matters (see Ksm.unstable_rb)."""
+
+    __slots__ = ("cid", "seg", "idx")
+
+    def __init__(self, cid: int, seg: "Segment", idx: int):
+        super().__init__()
+        self.cid = cid
+        self.seg = seg
+        self.idx = idx
+
+
 @dataclass
 class Settings:
     use_zero_pages: bool = False
@@ -267,6 +280,11 @@ class Ksm:
         # this scan's unstable tree: content -> (segment, index)
         self.unstable: dict[int, tuple[Segment, int]] = {}
         self._unstable_key: dict[tuple[int, int], int] = {}
+        #: vma-ops: this scan's unstable tree as an rbtree, when a search can
+        #: fail on the way (a PROT_NONE tree page before protnone_follow), so
+        #: that which pages a search passes matters; else None (the dict is exact)
+        self.unstable_rb: Optional[RBRoot] = None
+        self._unstable_nodes: dict[tuple[int, int], UNode] = {}
         self.tracking = profile.has("zero_page_tracking")
         self.checksum_first = profile.has("checksum_first")
         self.smart = profile.has("smart_scan") and settings.smart_scan
@@ -818,6 +836,9 @@ class Ksm:
             key = self._unstable_key.pop((seg.sid, idx), None)
             if key is not None and self.unstable.get(key) == (seg, idx):
                 del self.unstable[key]  # inserted by this scan: rb_erase()
+                unode = self._unstable_nodes.pop((seg.sid, idx), None)
+                if unode is not None:
+                    self.unstable_rb.erase(unode)
 
     def _left_stable_tree(self, seg: Segment, idx) -> None:
         """An rmap item (or items) just left the stable tree.  Since 7.3
@@ -884,6 +905,8 @@ class Ksm:
         change the answer.  A dict keyed by content is therefore exact.
         """
         cid = int(self.frames.content[frame])
+        if self.unstable_rb is not None:
+            return self._unstable_walk(seg, idx, frame, cid)
         hit = self.unstable.get(cid)
         if hit is None:
             seg.ist[idx] = UNSTABLE
@@ -895,12 +918,39 @@ class Ksm:
         tframe = int(tseg.pte[tidx])
         if tframe == frame:
             return None
-        if not self.protnone_follow and tseg.prot[tidx] == PROT_NONE:
-            # vma-ops: before d74943a2f3cd (6.5) get_mergeable_page()'s
-            # follow_page() does not find a PROT_NONE tree page: the search
-            # gives up, and this page is not inserted either
-            return None
         return tseg, tidx, tframe
+
+    def _unstable_walk(self, seg: Segment, idx: int, frame: int, cid: int):
+        """vma-ops: unstable_tree_search_insert() node by node.  Before
+        protnone_follow (d74943a2f3cd, 6.5) get_mergeable_page() finds no page
+        behind a PROT_NONE PTE, and the search returns NULL at that node:
+        no merge, and this page is not inserted."""
+        node = self.unstable_rb.node
+        parent: Optional[UNode] = None
+        left = False
+        compare = self.contents.compare
+        while node is not None:
+            tframe = int(node.seg.pte[node.idx])
+            if not self.protnone_follow and node.seg.prot[node.idx] == PROT_NONE:
+                return None
+            if tframe == frame:
+                return None  # "don't substitute a ksm page for a forked page"
+            c = compare(cid, node.cid)
+            parent = node
+            if c < 0:
+                left, node = True, node.rb_left
+            elif c > 0:
+                left, node = False, node.rb_right
+            else:
+                return node.seg, node.idx, tframe
+        unode = UNode(cid, seg, idx)
+        self.unstable_rb.link(unode, parent, left)
+        seg.ist[idx] = UNSTABLE
+        self.pages_unshared += 1
+        self.unstable[cid] = (seg, idx)
+        self._unstable_key[(seg.sid, idx)] = cid
+        self._unstable_nodes[(seg.sid, idx)] = unode
+        return None
 
     def _cmp_and_merge_page(self, seg: Segment, idx: int, frame: int) -> None:
         fr = self.frames
@@ -1011,6 +1061,8 @@ class Ksm:
         :func:`.scan.full_scan`."""
         self.unstable.clear()
         self._unstable_key.clear()
+        self._unstable_nodes.clear()
+        self.unstable_rb = RBRoot() if self.needs_page_walks() else None
 
     def scan_slots(self, scan_mm) -> None:
         """Visit the mm slots in list order; ``scan_mm(mm)`` False means the

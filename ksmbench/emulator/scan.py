@@ -14,7 +14,7 @@ from .machine import Ksm
 
 def full_scan(ksm: Ksm, *, fast: bool = True) -> None:
     ksm.start_scan()
-    if fast and not ksm.needs_page_walks():
+    if fast and ksm.unstable_rb is None:
         FastScan(ksm).run()
     else:
         ksm.scan_slots(ksm.scan_mm_slow)
