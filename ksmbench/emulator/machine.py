@@ -58,6 +58,12 @@ NO_CHECKSUM = -1
 U8_MAX = 255
 
 
+def rb_child(c: int, node: RBNode) -> tuple[bool, Optional[RBNode]]:
+    """One step down an rbtree for a memcmp() result ``c`` (not 0): (went
+    left, the child)."""
+    return (True, node.rb_left) if c < 0 else (False, node.rb_right)
+
+
 def skip_age(age: int) -> int:
     """mm/ksm.c skip_age() (6.7, 5e924ff54d08)."""
     if age <= 3:
@@ -774,13 +780,10 @@ class Ksm:
                         break
                 c = compare(cid, node.cid)
                 parent = node
-                if c < 0:
-                    left, node = True, node.rb_left
-                elif c > 0:
-                    left, node = False, node.rb_right
-                else:
+                if c == 0:
                     need_chain = True
                     break
+                left, node = rb_child(c, node)
             if not restart:
                 break
         dup = self._new_node(cid, kpfn=kframe)
@@ -936,13 +939,10 @@ class Ksm:
             if tframe == frame:
                 return None  # "don't substitute a ksm page for a forked page"
             c = compare(cid, node.cid)
-            parent = node
-            if c < 0:
-                left, node = True, node.rb_left
-            elif c > 0:
-                left, node = False, node.rb_right
-            else:
+            if c == 0:
                 return node.seg, node.idx, tframe
+            parent = node
+            left, node = rb_child(c, node)
         unode = UNode(cid, seg, idx)
         self.unstable_rb.link(unode, parent, left)
         seg.ist[idx] = UNSTABLE

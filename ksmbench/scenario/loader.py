@@ -193,6 +193,10 @@ class _StepValidator:
             raise self.fail(index, f"region '{region}' is not mapped in process '{proc}'", "region")
         return region, pages
 
+    def _set_pages(self, proc: str, region: str, pages: int) -> None:
+        self.procs[proc][region] = pages
+        self.all_regions[(proc, region)] = max(pages, self.all_regions.get((proc, region), 0))
+
     def _range(self, index: int, raw: dict[str, Any], pages: int) -> tuple[int, int]:
         if "range" not in raw:
             return 0, pages
@@ -226,8 +230,7 @@ class _StepValidator:
             raise self.fail(index, f"{pages} pages is more than a 47-bit user address space "
                             f"holds (at most {MAX_REGION_PAGES})", "pages")
         thp = self._typed(index, raw, "thp", bool) if "thp" in raw else False
-        self.procs[proc][region] = pages
-        self.all_regions[(proc, region)] = max(pages, self.all_regions.get((proc, region), 0))
+        self._set_pages(proc, region, pages)
         self.vmas[(proc, region)] = _Runs(pages)
         self.top[proc] = region
         return m.Mmap(index, proc, region, pages, thp)
@@ -347,8 +350,7 @@ class _StepValidator:
         else:
             runs = runs.resized(pages)
         self.vmas[(proc, region)] = runs
-        self.procs[proc][region] = pages
-        self.all_regions[(proc, region)] = max(pages, self.all_regions.get((proc, region), 0))
+        self._set_pages(proc, region, pages)
         return m.Mremap(index, proc, region, pages, move)
     # --- end mremap ------------------------------------------------------------
 
