@@ -190,8 +190,9 @@ class Agent:
         self.regions[region].read_pages(first, end)
 
     def op_madvise(self, region: str, first: int, end: int, advice: str) -> None:
-        if advice == "pageout":
-            # folios still in a per-CPU LRU batch cannot be isolated for reclaim
+        if advice in ("free", "pageout"):
+            # a folio still in another CPU's LRU batch cannot be made lazy-free
+            # or isolated for reclaim (syscalls.drain_lru_batches)
             syscalls.drain_lru_batches()
         self.regions[region].madvise(advice, first, end)
 

@@ -261,6 +261,14 @@ class HostSession:
             if not detect(self.sysfs, self.procfs)["prctl_memory_merge"]:
                 raise NotApplicable("needs PR_SET_MEMORY_MERGE (Linux 6.4, d7597f59d1d3), "
                                     "which this kernel lacks")
+        # vma-ops: write_byte under PROT_NONE/PROT_READ writes through /proc/self/mem
+        if (any(isinstance(step, m.WriteByte) for step in scenario.steps)
+                and any(isinstance(step, m.Mprotect) and step.prot != "read-write"
+                        for step in scenario.steps)):
+            if not syscalls.forced_mem_writes():
+                raise NotApplicable("needs forced writes through /proc/self/mem to pages "
+                                    "mprotect forbids, which this kernel refuses "
+                                    "(CONFIG_PROC_MEM_FORCE_PTRACE or _NO_FORCE)")
 
     def _run(self, scenario: m.Scenario) -> Iterator[ObservationPoint]:
         self.check_applicable(scenario)

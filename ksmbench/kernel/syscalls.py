@@ -32,8 +32,7 @@ _ffi.cdef(
               unsigned long arg4, unsigned long arg5);
     int mprotect(void *addr, size_t length, int prot);
     void *mremap(void *old_address, size_t old_size, size_t new_size, int flags, ...);
-    int mlock(const void *addr, size_t len);
-    int munlock(const void *addr, size_t len);
+    long syscall(long number, ...);
     """
 )
 _libc = _ffi.dlopen(None)
@@ -238,17 +237,54 @@ def prctl_set_child_subreaper() -> None:
         raise _fail("prctl(PR_SET_CHILD_SUBREAPER, 1)")
 
 
+SYS_MOVE_PAGES = 279  # x86-64
+
+
 def drain_lru_batches() -> None:
-    """lru_add_drain_all(): empty every CPU's LRU batches (folios written
-    lately, or just marked lazy-free, sit in per-CPU batches and cannot be
-    isolated for reclaim until drained).  mlock() calls it (do_mlock() in
-    mm/mlock.c), so lock and unlock one private page."""
+    """Empty every CPU's LRU batches (``__lru_add_drain_all(true)``).
+
+    A folio in a per-CPU batch (just faulted in, deactivated, or being made
+    lazy-free, on whichever CPU the process ran) is off the LRU since 6.11
+    and cannot be isolated: MADV_FREE and MADV_PAGEOUT would skip it, and the
+    outcome would depend on CPU migration.  move_pages() starts with
+    lru_cache_disable() (do_pages_move(), 5.13), which drains all CPUs; it is
+    asked to "move" one page of our own to the node it is already on."""
     region = Region(1)
     try:
-        if _libc.mlock(region._ptr, PAGE_SIZE) != 0:
-            raise _fail("mlock(1 page)")
-        _libc.munlock(region._ptr, PAGE_SIZE)
+        region.write_byte_per_page(1)
+        pages = _ffi.new("void *[1]", [region._ptr])
+        status = _ffi.new("int[1]")
+        nodes = _ffi.new("int[1]")
+        calls = ((_ffi.NULL, "query"), (nodes, "move"))
+        for node_arg, what in calls:
+            if node_arg != _ffi.NULL:
+                nodes[0] = status[0]  # where the page is
+            ret = _libc.syscall(_ffi.cast("long", SYS_MOVE_PAGES), _ffi.cast("int", 0),
+                                _ffi.cast("unsigned long", 1), pages, node_arg, status,
+                                _ffi.cast("int", 0))
+            if ret != 0:
+                raise _fail(f"move_pages(self, 1 page, {what})")
     finally:
+        region.munmap()
+
+
+def forced_mem_writes() -> bool:
+    """Whether this process may write through /proc/self/mem to a page its
+    protection forbids (FOLL_FORCE, as ptrace does).  Kernels built with
+    CONFIG_PROC_MEM_FORCE_PTRACE or CONFIG_PROC_MEM_NO_FORCE (6.12+), or
+    booted with proc_mem.force_override, refuse it with EIO."""
+    region = Region(1)
+    fd = os.open("/proc/self/mem", os.O_RDWR | os.O_CLOEXEC)
+    try:
+        region.mprotect("none")
+        os.pwrite(fd, b"\x01", region.addr)
+        return True
+    except OSError as exc:
+        if exc.errno in (_errno.EIO, _errno.EPERM, _errno.EACCES):
+            return False
+        raise
+    finally:
+        os.close(fd)
         region.munmap()
 
 
