@@ -267,8 +267,8 @@ class HostSession:
                         for step in scenario.steps)):
             if not syscalls.forced_mem_writes():
                 raise NotApplicable("needs forced writes through /proc/self/mem to pages "
-                                    "mprotect forbids, which this kernel refuses "
-                                    "(CONFIG_PROC_MEM_FORCE_PTRACE or _NO_FORCE)")
+                                    "mprotect forbids, which this kernel refuses with EIO "
+                                    "(e.g. CONFIG_PROC_MEM_FORCE_PTRACE or _NO_FORCE)")
 
     def _run(self, scenario: m.Scenario) -> Iterator[ObservationPoint]:
         self.check_applicable(scenario)
