@@ -32,7 +32,7 @@ ROOT = Path(__file__).resolve().parents[1]
 REFERENCE = ROOT / "results" / "reference" / "20261201-133152-b920"
 #: the same eight kernels running scenarios added to the suite after REFERENCE
 #: was recorded (vma-ops: mprotect, mremap, write_byte, the new madvise advices)
-SUPPLEMENTS = (ROOT / "results" / "reference" / "20261201-155352-5270",)
+SUPPLEMENTS = (ROOT / "results" / "reference" / "20261201-160351-2e72",)
 
 
 class Replay:
