@@ -128,8 +128,11 @@ def test_mremap_grows_in_place_only_the_last_region_and_moves_only_one_vma():
     assert s.region_pages[("main", "a")] == 8
     err = refused([mmap("a"), mprotect("none", rng=(0, 1)), {**grow, "move": True}])
     assert err.field == "region" and "several VMAs" in str(err)
+    err = refused([mmap("a"), madvise("mergeable", rng=(1, 3)), {**grow, "move": True}])
+    assert "several VMAs" in str(err)
     # attributes made uniform again: one VMA again
     scen([mmap("a"), mprotect("none", rng=(0, 1)), mprotect("read-write", rng=(0, 1)), grow])
+    scen([mmap("a"), madvise("mergeable", rng=(1, 3)), {"op": "prctl", "merge": True}, grow])
 
 
 def test_a_forked_child_cannot_touch_what_madv_dontfork_kept_from_it():

@@ -260,10 +260,15 @@ class _StepValidator:
         self._need_access(index, proc, region, first, end, None)
         if advice in ("dontfork", "wipeonfork"):
             self.vmas[(proc, region)].set(first, end, advice, True)
+        elif advice in ("mergeable", "unmergeable"):
+            self.vmas[(proc, region)].set(first, end, "mergeable", advice == "mergeable")
         return m.Madvise(index, proc, region, first, end, advice)
 
     def _prctl(self, index, proc, raw):
-        return m.Prctl(index, proc, self._typed(index, raw, "merge", bool))
+        merge = self._typed(index, raw, "merge", bool)
+        for region, pages in self.procs[proc].items():  # vma-ops: every VMA changes
+            self.vmas[(proc, region)].set(0, pages, "mergeable", merge)
+        return m.Prctl(index, proc, merge)
 
     def _scan(self, index, proc, raw):
         count = self._typed(index, raw, "count", int)
@@ -407,11 +412,11 @@ class _StepValidator:
 # --- vma-ops: page attributes per region -----------------------------------------
 class _Runs:
     """A region's pages as runs [first, end) of equal attributes (prot,
-    dontfork, wipeonfork, absent); regions can be far too large for a list
-    per page."""
+    dontfork, wipeonfork, absent, and VM_MERGEABLE as madvise and prctl set
+    it: each splits VMAs); regions can be far too large for a list per page."""
 
     DEFAULT = (("prot", "read-write"), ("dontfork", False), ("wipeonfork", False),
-               ("absent", False))
+               ("absent", False), ("mergeable", False))
 
     def __init__(self, pages: int, attrs: tuple = DEFAULT):
         self.runs: list[list] = [[0, pages, attrs]]
