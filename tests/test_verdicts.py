@@ -30,6 +30,9 @@ from ksmbench.scenario import builtin_suite
 
 ROOT = Path(__file__).resolve().parents[1]
 REFERENCE = ROOT / "results" / "reference" / "20261201-133152-b920"
+#: the same eight kernels running scenarios added to the suite after REFERENCE
+#: was recorded (vma-ops: mprotect, mremap, write_byte, the new madvise advices)
+SUPPLEMENTS = (ROOT / "results" / "reference" / "20261201-160351-2e72",)
 
 
 class Replay:
@@ -59,6 +62,14 @@ def reference():
     observed, releases = load_rundir(REFERENCE)
     meta = json.loads((REFERENCE / "metadata.json").read_text())
     verdicts = {k["kernel"]: k["verdicts"] for k in meta["kernels"]}
+    for extra in SUPPLEMENTS:
+        more, more_releases = load_rundir(extra)
+        assert more_releases == releases, f"{extra.name} ran on other kernels"
+        assert not any(set(more[k]) & set(observed[k]) for k in more), "a scenario twice"
+        for k in more:
+            observed[k].update(more[k])
+        for k in json.loads((extra / "metadata.json").read_text())["kernels"]:
+            verdicts[k["kernel"]].update(k["verdicts"])
     return observed, releases, verdicts
 
 

@@ -38,7 +38,7 @@ from ..errors import KsmbenchError, NotApplicable, SyscallError
 from ..kernel import syscalls
 from ..kernel.procfs import FrameReader, ProcFS
 from ..scenario.model import Step
-from ..scenario.patterns import FillId, Pattern, fill_pages, parse_pattern
+from ..scenario.patterns import FillId, Pattern, fill_pages, parse_pattern, write_byte_values
 
 _HEADER = struct.Struct("!I")
 #: Scenario regions are placed by us, not by the kernel: ascending addresses
@@ -103,6 +103,7 @@ class Agent:
         #: the scenario step being run (op_step), which names a fill's content
         self._step_id: FillId | None = None
         self._uffd: syscalls.UffdWriteProtect | None = None  # op uffd_wp: one per process
+        self._mem_fd: int | None = None  # /proc/self/mem, for write_byte
 
     # -- plumbing ------------------------------------------------------------
     def frames(self) -> FrameReader:
@@ -211,7 +212,38 @@ class Agent:
         self.regions[region].read_pages(first, end)
 
     def op_madvise(self, region: str, first: int, end: int, advice: str) -> None:
+        if advice in ("free", "pageout"):
+            # a folio still in another CPU's LRU batch cannot be made lazy-free
+            # or isolated for reclaim (syscalls.drain_lru_batches)
+            syscalls.drain_lru_batches()
         self.regions[region].madvise(advice, first, end)
+
+    # --- vma-ops -----------------------------------------------------------------
+    def op_mprotect(self, region: str, first: int, end: int, prot: str) -> None:
+        self.regions[region].mprotect(prot, first, end)
+
+    def op_mremap(self, region: str, pages: int, move: bool) -> int:
+        """Grow or shrink in place, or move to the next free address (the
+        emulator places a moved region where a new one would go)."""
+        r = self.regions[region]
+        if move:
+            addr = self._next_addr
+            r.mremap(pages, new_addr=addr)
+            self._next_addr = addr + r.length + syscalls.PAGE_SIZE
+        else:
+            grows_top = r.addr + r.length + syscalls.PAGE_SIZE == self._next_addr
+            r.mremap(pages)
+            if grows_top:
+                self._next_addr = r.addr + r.length + syscalls.PAGE_SIZE
+        return r.addr
+
+    def op_write_byte(self, region: str, first: int, end: int, pattern: Pattern | str) -> None:
+        pat = parse_pattern(pattern) if isinstance(pattern, str) else pattern
+        values = write_byte_values(pat, end - first)
+        if self._mem_fd is None:
+            self._mem_fd = os.open("/proc/self/mem", os.O_RDWR | os.O_CLOEXEC)
+        self.regions[region].write_byte_forced(self._mem_fd, values, first)
+    # --- end vma-ops -------------------------------------------------------------
 
     def op_prctl(self, merge: bool) -> None:
         syscalls.prctl_set_memory_merge(merge)
@@ -261,6 +293,9 @@ class Agent:
                 self.sock.close()
                 self.sock = theirs
                 self.name = name
+                if self._mem_fd is not None:  # /proc/self/mem was the parent's too
+                    os.close(self._mem_fd)
+                    self._mem_fd = None
                 if self._frames is not None:  # /proc/self/pagemap was the parent's
                     self._frames.close()
                     self._frames = None

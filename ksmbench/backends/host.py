@@ -288,6 +288,14 @@ class HostSession:
             if not syscalls.uffd_wp_available():
                 raise NotApplicable("needs userfaultfd write-protect on anonymous memory "
                                     "(Linux 5.7, CONFIG_USERFAULTFD), which is unavailable here")
+        # write_byte under PROT_NONE/PROT_READ writes through /proc/self/mem
+        if (any(isinstance(step, m.WriteByte) for step in scenario.steps)
+                and any(isinstance(step, m.Mprotect) and step.prot != "read-write"
+                        for step in scenario.steps)):
+            if not syscalls.forced_mem_writes():
+                raise NotApplicable("needs forced writes through /proc/self/mem to pages "
+                                    "mprotect forbids, which this kernel refuses with EIO "
+                                    "(e.g. CONFIG_PROC_MEM_FORCE_PTRACE or _NO_FORCE)")
 
     def _run(self, scenario: m.Scenario) -> Iterator[ObservationPoint]:
         self.check_applicable(scenario)

@@ -36,6 +36,9 @@ class ContentTable:
         self._tags: dict[str, int] = {}
         #: id -> content key (patterns.key_bytes) for the rare full comparison
         self._unique_blocks: list[tuple[int, int, str, int]] = []  # (first id, count, scenario, step)
+        #: write_byte: (root id, byte 0) -> id, and id -> (root id, byte 0)
+        self._derived: dict[tuple[int, int], int] = {}
+        self._root: dict[int, tuple[int, int]] = {}
 
     def __len__(self) -> int:
         return self._n
@@ -88,6 +91,35 @@ class ContentTable:
         self._lo[first:first + lo.size] = lo
         return np.arange(first, first + hi.size, dtype=np.int64)
 
+    def with_first_byte(self, cids: np.ndarray, values: np.ndarray) -> np.ndarray:
+        """Content ids after ``write_byte`` stored ``values`` at byte 0 of pages
+        holding ``cids``.  A page keeps its content when the byte is already
+        there; pages that held one content and got the same byte hold one
+        content again (they may merge).  Byte 0 is the top byte of the order
+        key, so the new key is the old one with that byte replaced."""
+        out = np.empty(cids.size, dtype=np.int64)
+        pairs: dict[tuple[int, int], list[int]] = {}
+        for i, (cid, v) in enumerate(zip(cids.tolist(), values.tolist())):
+            pairs.setdefault((cid, v), []).append(i)
+        for (cid, v), where in pairs.items():
+            root = self._root.get(cid, (cid, -1))[0]
+            new = self._derive(root, v)
+            out[where] = new
+        return out
+
+    def _derive(self, root: int, v: int) -> int:
+        hi, lo = self.key(root)
+        if hi >> 56 == v:
+            return root
+        new = self._derived.get((root, v))
+        if new is None:
+            new = self._reserve(1)
+            self._hi[new] = (hi & ((1 << 56) - 1)) | (v << 56)
+            self._lo[new] = lo
+            self._derived[(root, v)] = new
+            self._root[new] = (root, v)
+        return new
+
     # -- ordering --------------------------------------------------------------------
     def key(self, cid: int) -> tuple[int, int]:
         # Python ints, converted once per id: tree walks compare millions of
@@ -112,6 +144,9 @@ class ContentTable:
         return (ba > bb) - (ba < bb)
 
     def _bytes(self, cid: int) -> bytes:  # pragma: no cover - used only on prefix ties
+        if cid in self._root:
+            root, v = self._root[cid]
+            return bytes([v]) + self._bytes(root)[1:]
         if cid == ZERO:
             return bytes(PAGE_SIZE)
         for name, tid in self._tags.items():

@@ -18,7 +18,7 @@ from ..metrics import (GLOBAL_COUNTERS, KSM_STAT_FIELDS, RSS_ANON, RSS_ANON_SCEN
 from ..observation import (ABSOLUTE_METRICS, BASELINE, BASELINE_STEP, TEARDOWN, ObservationPoint,
                            teardown_step)
 from ..scenario import model as m
-from ..scenario.patterns import FillId
+from ..scenario.patterns import FillId, write_byte_values
 from .machine import Ksm, Settings
 from .scan import full_scan, partial_scan
 from .profiles import Profile, get_profile
@@ -85,6 +85,13 @@ class ScenarioRun:
             k.exec(k.mms[step.proc])
         elif isinstance(step, m.UffdWp):  # issue 14
             k.uffd_wp(k.mms[step.proc], step.region, step.first, step.end)
+        elif isinstance(step, m.Mprotect):
+            k.mprotect(k.mms[step.proc], step.region, step.first, step.end, step.prot)
+        elif isinstance(step, m.Mremap):
+            k.mremap(k.mms[step.proc], step.region, step.pages, step.move)
+        elif isinstance(step, m.WriteByte):
+            values = write_byte_values(step.pattern, step.end - step.first)
+            k.write_byte(k.mms[step.proc], step.region, step.first, step.end, values)
         elif isinstance(step, (m.Expect, m.Scan)):
             pass
         else:  # pragma: no cover - the loader knows every op

@@ -42,6 +42,10 @@ from .content import ZERO, ContentTable
 from .profiles import Profile
 from .rbtree import RBNode, RBRoot
 
+# vma-ops: Segment.prot values
+PROT_NONE, PROT_READ, PROT_RW = 0, 1, 2
+PROT_CODES = {"none": PROT_NONE, "read": PROT_READ, "read-write": PROT_RW}
+
 # rmap item tree state (the STABLE_FLAG / UNSTABLE_FLAG bits of rmap_item->address)
 NONE, UNSTABLE, STABLE = 0, 1, 2
 #: sizeof(struct ksm_rmap_item) on 64-bit (ksm.rst; the 6.7 age/remaining_skips
@@ -52,6 +56,12 @@ PAGE_SIZE = 4096
 #: content has checksum 0, so "never checksummed" is its own value
 NO_CHECKSUM = -1
 U8_MAX = 255
+
+
+def rb_child(c: int, node: RBNode) -> tuple[bool, Optional[RBNode]]:
+    """One step down an rbtree for a memcmp() result ``c`` (not 0): (went
+    left, the child)."""
+    return (True, node.rb_left) if c < 0 else (False, node.rb_right)
 
 
 def skip_age(age: int) -> int:
@@ -72,6 +82,9 @@ class Frames:
         self.content = np.zeros(1024, dtype=np.int64)
         self.mapcount = np.zeros(1024, dtype=np.int64)
         self.node = np.full(1024, -1, dtype=np.int64)
+        #: vma-ops: MADV_FREE made the folio lazy-free and clean; the value is
+        #: its stable node then (-1: not a KSM page), -2 when not lazy-free
+        self.lazy = np.full(1024, -2, dtype=np.int64)
         self.n = 1  # frame 0 is the shared zero page
 
     def alloc(self, contents: np.ndarray) -> np.ndarray:
@@ -84,9 +97,11 @@ class Frames:
             self.mapcount = np.resize(self.mapcount, size)
             grow = size - self.node.size
             self.node = np.concatenate([self.node, np.full(grow, -1, dtype=np.int64)])
+            self.lazy = np.concatenate([self.lazy, np.full(grow, -2, dtype=np.int64)])
         self.content[first:need] = contents
         self.mapcount[first:need] = 1
         self.node[first:need] = -1
+        self.lazy[first:need] = -2
         self.n = need
         return np.arange(first, need, dtype=np.int64)
 
@@ -132,6 +147,12 @@ class Segment:
         # are never reused, so "the PTE still maps wp_frame" is "the bit is set"
         self.uffd = np.zeros(npages, dtype=bool)
         self.wp_frame = np.full(npages, -1, dtype=np.int64)
+        # vma-ops: VMA attributes per page (mprotect, MADV_DONTFORK/WIPEONFORK)
+        self.prot = np.full(npages, PROT_RW, dtype=np.int8)
+        self.dontcopy = np.zeros(npages, dtype=bool)
+        self.wipe = np.zeros(npages, dtype=bool)
+        #: pages the VMA covers (mremap may shrink it below the arrays' length)
+        self.vma_end = npages
 
     def copy_for_fork(self, child: "MM") -> "Segment":
         seg = Segment(child, self.name, self.start, self.n, self.thp)
@@ -143,14 +164,40 @@ class Segment:
         seg.zdirty[:] = self.zdirty & self.anon
         seg.merge[:] = self.merge
         seg.anon[:] = self.anon
+        seg.prot[:] = self.prot
+        seg.dontcopy[:] = self.dontcopy
+        seg.wipe[:] = self.wipe
+        seg.vma_end = self.vma_end
+        # vma-ops: dup_mmap() skips VM_DONTCOPY VMAs (MADV_DONTFORK): the child
+        # has nothing there; a VM_WIPEONFORK VMA is copied without its pages
+        # and without an anon_vma ("a clean slate in the child")
+        gone = self.dontcopy | self.wipe
+        seg.pte[gone] = -1
+        seg.zdirty[gone] = False
+        seg.anon[gone] = False
+        seg.merge[self.dontcopy] = False
         return seg
+
+    def grow(self, npages: int) -> None:
+        """vma-ops: mremap grows the region in place (arrays only)."""
+        extra = npages - self.n
+        fills = {"pte": -1, "inode": -1, "ick": NO_CHECKSUM, "prot": PROT_RW}
+        for name in ("pte", "zdirty", "merge", "anon", "item", "ist", "inode", "ick", "iage",
+                     "iskip", "prot", "dontcopy", "wipe"):
+            arr = getattr(self, name)
+            setattr(self, name, np.concatenate([arr, np.full(extra, fills.get(name, 0),
+                                                             dtype=arr.dtype)]))
+        self.n = npages
 
     def vma_runs(self) -> list[tuple[int, int]]:
         """[start, end) page runs of equal VM_MERGEABLE: the VMAs madvise left."""
         if self.n == 0:
             return []
         change = np.flatnonzero((self.merge[1:] != self.merge[:-1])
-                                | (self.uffd[1:] != self.uffd[:-1])) + 1
+                                | (self.uffd[1:] != self.uffd[:-1])
+                                | (self.prot[1:] != self.prot[:-1])
+                                | (self.dontcopy[1:] != self.dontcopy[:-1])
+                                | (self.wipe[1:] != self.wipe[:-1])) + 1
         bounds = [0, *change.tolist(), self.n]
         return list(zip(bounds[:-1], bounds[1:]))
 
@@ -210,6 +257,19 @@ class SNode(RBNode):
 EBUSY = 16
 
 
+class UNode(RBNode):
+    """vma-ops: an rmap item in the unstable tree, kept as a real rbtree only
+    where the path of a search matters (see Ksm.unstable_rb)."""
+
+    __slots__ = ("cid", "seg", "idx")
+
+    def __init__(self, cid: int, seg: "Segment", idx: int):
+        super().__init__()
+        self.cid = cid
+        self.seg = seg
+        self.idx = idx
+
+
 @dataclass
 class Settings:
     use_zero_pages: bool = False
@@ -255,11 +315,18 @@ class Ksm:
         # this scan's unstable tree: content -> (segment, index)
         self.unstable: dict[int, tuple[Segment, int]] = {}
         self._unstable_key: dict[tuple[int, int], int] = {}
+        #: vma-ops: this scan's unstable tree as an rbtree, when a search can
+        #: fail on the way (a PROT_NONE tree page before protnone_follow), so
+        #: that which pages a search passes matters; else None (the dict is exact)
+        self.unstable_rb: Optional[RBRoot] = None
+        self._unstable_nodes: dict[tuple[int, int], UNode] = {}
         self.tracking = profile.has("zero_page_tracking")
         self.checksum_first = profile.has("checksum_first")
         self.smart = profile.has("smart_scan") and settings.smart_scan
         self.count_scanned = profile.has("pages_scanned_fix")
         self.stable_reset = profile.has("stable_item_reset")
+        #: vma-ops: follow_page() finds PROT_NONE pages (d74943a2f3cd, 6.5)
+        self.protnone_follow = profile.has("protnone_follow")
 
     # -- helpers ---------------------------------------------------------------------
     def stale(self, node: SNode) -> bool:
@@ -328,6 +395,7 @@ class Ksm:
         inplace = anon & ~cow
         if inplace.any():
             fr.content[pte[inplace]] = contents[inplace]
+            fr.lazy[pte[inplace]] = -2  # a write dirties a lazy-free folio again
         zero = pte == 0
         if zero.any():
             self._drop_zero_ptes(seg, first + np.flatnonzero(zero))
@@ -378,6 +446,10 @@ class Ksm:
             # which userfaultfd-wp answers with VM_FAULT_SIGBUS for a PTE that
             # has the uffd-wp bit; break_ksm() then returned 0, page still merged
             ksm &= ~(seg.uffd[first:end] & (seg.wp_frame[first:end] == pte))
+        if not self.protnone_follow:
+            # before d74943a2f3cd (6.5) break_ksm()'s follow_page() treats a
+            # PROT_NONE PTE as absent (pte_protnone, 474098edac26): not unshared
+            ksm &= seg.prot[first:end] != PROT_NONE
         if ksm.any():
             old = pte[ksm]
             fr.unmap(old)
@@ -409,8 +481,107 @@ class Ksm:
             self._unmerge_range(seg, first, end)
         elif advice == "dontneed":
             self.zap(seg, first, end)
+        elif advice in ("free", "cold", "pageout", "dontfork", "wipeonfork"):
+            self._madvise_vma_ops(seg, first, end, advice)
         else:  # pragma: no cover - the loader validates advice
             raise ValueError(advice)
+
+    # --- vma-ops -------------------------------------------------------------------
+    def _madvise_vma_ops(self, seg: Segment, first: int, end: int, advice: str) -> None:
+        fr = self.frames
+        if advice == "dontfork":
+            seg.dontcopy[first:end] = True  # VM_DONTCOPY, read by dup_mmap()
+        elif advice == "wipeonfork":
+            seg.wipe[first:end] = True  # VM_WIPEONFORK
+        elif advice == "free":
+            # madvise_free_pte_range(): a folio mapped once is made clean and
+            # lazy-free (folio_mark_lazyfree()); a shared one (KSM, fork) and the
+            # zero page are skipped.  Nothing is freed until reclaim
+            pte = seg.pte[first:end]
+            frames = pte[pte > 0]
+            once = frames[fr.mapcount[frames] == 1]
+            fr.lazy[once] = fr.node[once]
+        elif advice == "pageout":
+            # madvise_cold_or_pageout_pte_range() + reclaim_pages(): folios
+            # mapped once are reclaimed.  Without swap an anonymous folio cannot
+            # be (add_to_swap() fails, it stays mapped), except a clean
+            # lazy-free one, which is discarded (try_to_unmap_one()).  A folio
+            # made a KSM page after MADV_FREE was dirtied by the merge
+            # (try_to_merge_one_page()), so it stays
+            pte = seg.pte[first:end]
+            idx = np.flatnonzero(pte > 0)
+            frames = pte[idx]
+            gone = (fr.mapcount[frames] == 1) & (fr.lazy[frames] == fr.node[frames])
+            gone &= fr.lazy[frames] != -2
+            if gone.any():
+                fr.unmap(frames[gone])
+                pte[idx[gone]] = -1
+        # "cold" only deactivates: nothing a scenario observes changes
+
+    def mprotect(self, mm: MM, region: str, first: int, end: int, prot: str) -> None:
+        """mprotect(): the VMA's protection (the range becomes its own VMA).
+        change_pte_range() keeps every PTE, its dirty bit (a KSM zero page
+        stays one) and a KSM page's write protection."""
+        mm.regions[region].prot[first:end] = PROT_CODES[prot]
+
+    def write_byte(self, mm: MM, region: str, first: int, end: int, values: np.ndarray) -> None:
+        """A FOLL_FORCE write of one byte per page (/proc/self/mem): the same
+        faults as ``fill`` (do_anonymous_page(), do_wp_page(): a KSM page or a
+        zero page is copied), the page keeping its other bytes."""
+        seg = mm.regions[region]
+        pte = seg.pte[first:end]
+        old = np.where(pte > 0, self.frames.content[np.maximum(pte, 0)], ZERO)
+        self.fill(mm, region, first, end, self.contents.with_first_byte(old, values))
+
+    def mremap(self, mm: MM, region: str, pages: int, move: bool) -> None:
+        seg = mm.regions[region]
+        old = self._vma_pages(seg)
+        if pages < old:
+            # the tail is unmapped (do_vmi_munmap()); its rmap items wait for ksmd
+            self.zap(seg, pages, old)
+            seg.merge[pages:old] = False
+            seg.anon[pages:old] = False
+        if not move:
+            if pages > seg.n:
+                seg.grow(pages)
+            if pages > old:
+                # vma_expand(): the new pages are part of the same VMA
+                for arr in (seg.merge, seg.anon, seg.prot, seg.dontcopy, seg.wipe):
+                    arr[old:pages] = arr[old - 1]
+                mm.next_addr = max(mm.next_addr, seg.start + pages + 1)
+            seg.vma_end = pages
+            return
+        # move_vma(): ksm_madvise(MADV_UNMERGEABLE) on the old range first, with
+        # a copy of vm_flags, so the VMA stays VM_MERGEABLE: every KSM page (and
+        # since 6.6 KSM zero page) is unshared; then the page tables move
+        keep = min(pages, old)
+        if seg.merge[0] and seg.anon[0]:
+            self._unshare(seg, 0, keep)
+        new = Segment(mm, region, mm.next_addr, pages, seg.thp)
+        mm.next_addr = new.start + pages + 1
+        for name in ("pte", "zdirty", "merge", "anon", "prot", "dontcopy", "wipe"):
+            src = getattr(seg, name)
+            dst = getattr(new, name)
+            dst[:keep] = src[:keep]
+            if name not in ("pte", "zdirty"):
+                dst[keep:] = src[0]  # one VMA: uniform (the loader checks)
+        seg.pte[:] = -1
+        seg.zdirty[:] = False
+        mm.segments.append(new)
+        mm.regions[region] = new
+        self._unmap_segment(mm, seg)
+
+    @staticmethod
+    def _vma_pages(seg: Segment) -> int:
+        return seg.vma_end
+
+    def needs_page_walks(self) -> bool:
+        """True when the scan must go page by page: before protnone_follow a
+        PROT_NONE page in the unstable tree makes searches fail, which the
+        windows of fastscan do not model."""
+        return not self.protnone_follow and any(
+            (seg.prot == PROT_NONE).any() for seg in self.all_segments() if seg.mapped)
+    # --- end vma-ops ---------------------------------------------------------------
 
     def prctl(self, mm: MM, merge: bool) -> None:
         if merge:
@@ -730,13 +901,10 @@ class Ksm:
                         break
                 c = compare(cid, node.cid)
                 parent = node
-                if c < 0:
-                    left, node = True, node.rb_left
-                elif c > 0:
-                    left, node = False, node.rb_right
-                else:
+                if c == 0:
                     need_chain = True
                     break
+                left, node = rb_child(c, node)
             if not restart:
                 break
         dup = self._new_node(cid, kpfn=kframe)
@@ -793,6 +961,9 @@ class Ksm:
             key = self._unstable_key.pop((seg.sid, idx), None)
             if key is not None and self.unstable.get(key) == (seg, idx):
                 del self.unstable[key]  # inserted by this scan: rb_erase()
+                unode = self._unstable_nodes.pop((seg.sid, idx), None)
+                if unode is not None:
+                    self.unstable_rb.erase(unode)
 
     def _left_stable_tree(self, seg: Segment, idx) -> None:
         """An rmap item (or items) just left the stable tree.  Since 7.3
@@ -859,6 +1030,8 @@ class Ksm:
         change the answer.  A dict keyed by content is therefore exact.
         """
         cid = int(self.frames.content[frame])
+        if self.unstable_rb is not None:
+            return self._unstable_walk(seg, idx, frame, cid)
         hit = self.unstable.get(cid)
         if hit is None:
             seg.ist[idx] = UNSTABLE
@@ -871,6 +1044,35 @@ class Ksm:
         if tframe == frame:
             return None
         return tseg, tidx, tframe
+
+    def _unstable_walk(self, seg: Segment, idx: int, frame: int, cid: int):
+        """vma-ops: unstable_tree_search_insert() node by node.  Before
+        protnone_follow (d74943a2f3cd, 6.5) get_mergeable_page() finds no page
+        behind a PROT_NONE PTE, and the search returns NULL at that node:
+        no merge, and this page is not inserted."""
+        node = self.unstable_rb.node
+        parent: Optional[UNode] = None
+        left = False
+        compare = self.contents.compare
+        while node is not None:
+            tframe = int(node.seg.pte[node.idx])
+            if not self.protnone_follow and node.seg.prot[node.idx] == PROT_NONE:
+                return None
+            if tframe == frame:
+                return None  # "don't substitute a ksm page for a forked page"
+            c = compare(cid, node.cid)
+            if c == 0:
+                return node.seg, node.idx, tframe
+            parent = node
+            left, node = rb_child(c, node)
+        unode = UNode(cid, seg, idx)
+        self.unstable_rb.link(unode, parent, left)
+        seg.ist[idx] = UNSTABLE
+        self.pages_unshared += 1
+        self.unstable[cid] = (seg, idx)
+        self._unstable_key[(seg.sid, idx)] = cid
+        self._unstable_nodes[(seg.sid, idx)] = unode
+        return None
 
     def _cmp_and_merge_page(self, seg: Segment, idx: int, frame: int) -> None:
         fr = self.frames
@@ -1052,6 +1254,8 @@ class Ksm:
         :func:`.scan.full_scan`."""
         self.unstable.clear()
         self._unstable_key.clear()
+        self._unstable_nodes.clear()
+        self.unstable_rb = RBRoot() if self.needs_page_walks() else None
 
     def scan_slots(self, scan_mm) -> None:
         """Visit the mm slots in list order; ``scan_mm(mm)`` False means the

@@ -85,6 +85,18 @@ FLAGS: tuple[Flag, ...] = (
     Flag("zero_page_tracking", "79271476b336+e2942062e01d+6080d19f0704+1a8e84305783", (6, 6),
          "KSM zero PTEs are marked dirty, unshared by MADV_UNMERGEABLE/prctl/run=2, counted in "
          "sysfs and ksm_stat ksm_zero_pages, and counted in both profits"),
+    # vma-ops.  474098edac26 (6.1) made follow_page_pte() treat a PROT_NONE
+    # PTE as absent unless FOLL_FORCE, so KSM's follow_page() calls in
+    # break_ksm() and get_mergeable_page() stopped seeing PROT_NONE pages; the
+    # fix reintroduced the flag as FOLL_HONOR_NUMA_FAULT, which follow_page()
+    # never sets.  Debian 6.1.176 still has the 6.1 gup_can_follow_protnone(),
+    # and its scan walks page tables itself (ksm_next_page_pmd_entry(), from
+    # f5548c318d65), so there PROT_NONE pages are scanned but neither unshared
+    # nor found as unstable-tree pages.
+    Flag("protnone_follow", "d74943a2f3cd", (6, 5),
+         "follow_page() finds pages in PROT_NONE VMAs again: MADV_UNMERGEABLE unshares them and "
+         "an unstable-tree search can merge with them (before: break_ksm() skips them and a "
+         "search that meets one gives up)"),
     Flag("pages_scanned", "b348b5fe2b5f", (6, 6), "sysfs pages_scanned"),
     Flag("pages_scanned_fix", "730cdc2c72c6", (6, 10),
          "pages_scanned counted per item; before it, a batch that completes a full scan adds "

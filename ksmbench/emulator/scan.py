@@ -18,8 +18,11 @@ def full_scan(ksm: Ksm, *, fast: bool = True) -> None:
     the full scan completes.  After a partial batch that is the rest of the
     scan under way, from the cursor.  The fast path serves whole scans only,
     and not the per-batch prune clock, whose chain_prune_time updates happen
-    in the tree walks that its windows leave out."""
-    if not fast or ksm.cursor is not None or ksm.settings.prune == "per-batch":
+    in the tree walks that its windows leave out, nor an unstable tree whose
+    searches can fail on the way (a PROT_NONE tree page before
+    protnone_follow), where which pages a search passes matters."""
+    if (not fast or ksm.cursor is not None or ksm.settings.prune == "per-batch"
+            or ksm.needs_page_walks()):
         ksm.batch(None)
         return
     ksm.batches += 1

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import errno as _errno
 import mmap as _mmap
+import os
 
 import cffi
 import numpy as np
@@ -36,12 +37,18 @@ _ffi.cdef(
     struct uffdio_range { uint64_t start; uint64_t len; };
     struct uffdio_register { struct uffdio_range range; uint64_t mode; uint64_t ioctls; };
     struct uffdio_writeprotect { struct uffdio_range range; uint64_t mode; };
+    int mprotect(void *addr, size_t length, int prot);
+    void *mremap(void *old_address, size_t old_size, size_t new_size, int flags, ...);
     """
 )
 _libc = _ffi.dlopen(None)
 
+PROT_NONE = 0x0
 PROT_READ = 0x1
 PROT_WRITE = 0x2
+PROTS = {"none": PROT_NONE, "read": PROT_READ, "read-write": PROT_READ | PROT_WRITE}
+MREMAP_MAYMOVE = 1
+MREMAP_FIXED = 2
 MAP_PRIVATE = 0x02
 MAP_ANONYMOUS = 0x20
 MAP_FIXED_NOREPLACE = 0x100000  # 4.17; older kernels treat the address as a hint
@@ -49,6 +56,11 @@ _MAP_FAILED = _ffi.cast("void *", -1)
 
 # include/uapi/asm-generic/mman-common.h
 MADV_DONTNEED = 4
+MADV_FREE = 8          # 4.5
+MADV_DONTFORK = 10
+MADV_WIPEONFORK = 18   # 4.14
+MADV_COLD = 20         # 5.4
+MADV_PAGEOUT = 21      # 5.4
 MADV_MERGEABLE = 12    # 2.6.32
 MADV_UNMERGEABLE = 13  # 2.6.32
 MADV_HUGEPAGE = 14
@@ -57,6 +69,11 @@ ADVICE = {
     "mergeable": MADV_MERGEABLE,
     "unmergeable": MADV_UNMERGEABLE,
     "dontneed": MADV_DONTNEED,
+    "free": MADV_FREE,
+    "dontfork": MADV_DONTFORK,
+    "wipeonfork": MADV_WIPEONFORK,
+    "cold": MADV_COLD,
+    "pageout": MADV_PAGEOUT,
     "hugepage": MADV_HUGEPAGE,
     "nohugepage": MADV_NOHUGEPAGE,
 }
@@ -175,6 +192,45 @@ class Region:
         self._check(first, end)
         return int(self._view[first * PAGE_SIZE:end * PAGE_SIZE:PAGE_SIZE].sum())
 
+    # --- vma-ops ---------------------------------------------------------------
+    def mprotect(self, prot: str, first: int = 0, end: int | None = None) -> None:
+        end = self.npages if end is None else end
+        self._check(first, end)
+        if _libc.mprotect(self._ptr + first * PAGE_SIZE, (end - first) * PAGE_SIZE, PROTS[prot]) != 0:
+            raise _fail(f"mprotect({hex(self.addr + first * PAGE_SIZE)}, {end - first} pages, "
+                        f"{prot})")
+
+    def mremap(self, npages: int, new_addr: int | None = None) -> None:
+        """Resize in place, or move to ``new_addr`` (MREMAP_MAYMOVE|MREMAP_FIXED)."""
+        self._check(0, self.npages)
+        length = npages * PAGE_SIZE
+        if new_addr is None:
+            ptr = _libc.mremap(self._ptr, self.length, length, _ffi.cast("int", 0))
+        else:
+            ptr = _libc.mremap(self._ptr, self.length, length,
+                               _ffi.cast("int", MREMAP_MAYMOVE | MREMAP_FIXED),
+                               _ffi.cast("void *", new_addr))
+        if ptr == _MAP_FAILED:
+            where = "in place" if new_addr is None else f"to {hex(new_addr)}"
+            raise _fail(f"mremap({hex(self.addr)}, {self.npages} -> {npages} pages {where})")
+        self._view = None
+        self._ptr = _ffi.cast("char *", ptr)
+        self.addr = int(_ffi.cast("unsigned long", ptr))
+        self.npages = npages
+        self.length = length
+        self._view = np.frombuffer(_ffi.buffer(ptr, length), dtype=np.uint8)
+
+    def write_byte_forced(self, mem_fd: int, values: np.ndarray, first: int) -> None:
+        """Store values[i] at byte 0 of page first+i through /proc/self/mem:
+        a FOLL_FORCE write, which works under any protection (as ptrace
+        does) and breaks CoW like a write fault."""
+        self._check(first, first + len(values))
+        for i, v in enumerate(values.tolist()):
+            addr = self.addr + (first + i) * PAGE_SIZE
+            if os.pwrite(mem_fd, bytes((v,)), addr) != 1:
+                raise SyscallError(f"pwrite(/proc/self/mem, {hex(addr)}, 1 byte)", _errno.EIO)
+    # --- end vma-ops -----------------------------------------------------------
+
     def munmap(self) -> None:
         if self._ptr is None:
             return
@@ -210,6 +266,57 @@ def die_with_parent() -> None:
 def prctl_set_child_subreaper() -> None:
     if _libc.prctl(PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0) != 0:
         raise _fail("prctl(PR_SET_CHILD_SUBREAPER, 1)")
+
+
+SYS_MOVE_PAGES = 279  # x86-64
+
+
+def drain_lru_batches() -> None:
+    """Empty every CPU's LRU batches (``__lru_add_drain_all(true)``).
+
+    A folio in a per-CPU batch (just faulted in, deactivated, or being made
+    lazy-free, on whichever CPU the process ran) is off the LRU since 6.11
+    and cannot be isolated: MADV_FREE and MADV_PAGEOUT would skip it, and the
+    outcome would depend on CPU migration.  move_pages() starts with
+    lru_cache_disable() (do_pages_move(), 5.13), which drains all CPUs; it is
+    asked to "move" one page of our own to the node it is already on."""
+    region = Region(1)
+    try:
+        region.write_byte_per_page(1)
+        pages = _ffi.new("void *[1]", [region._ptr])
+        status = _ffi.new("int[1]")
+        nodes = _ffi.new("int[1]")
+        calls = ((_ffi.NULL, "query"), (nodes, "move"))
+        for node_arg, what in calls:
+            if node_arg != _ffi.NULL:
+                nodes[0] = status[0]  # where the page is
+            ret = _libc.syscall(_ffi.cast("long", SYS_MOVE_PAGES), _ffi.cast("int", 0),
+                                _ffi.cast("unsigned long", 1), pages, node_arg, status,
+                                _ffi.cast("int", 0))
+            if ret != 0:
+                raise _fail(f"move_pages(self, 1 page, {what})")
+    finally:
+        region.munmap()
+
+
+def forced_mem_writes() -> bool:
+    """Whether this process may write through /proc/self/mem to a page its
+    protection forbids (FOLL_FORCE, as ptrace does).  Kernels built with
+    CONFIG_PROC_MEM_FORCE_PTRACE or CONFIG_PROC_MEM_NO_FORCE (6.12+), or
+    booted with proc_mem.force_override, refuse it with EIO."""
+    region = Region(1)
+    fd = os.open("/proc/self/mem", os.O_RDWR | os.O_CLOEXEC)
+    try:
+        region.mprotect("none")
+        os.pwrite(fd, b"\x01", region.addr)
+        return True
+    except OSError as exc:
+        if exc.errno in (_errno.EIO, _errno.EPERM, _errno.EACCES):
+            return False
+        raise
+    finally:
+        os.close(fd)
+        region.munmap()
 
 
 def madvise_range(addr: int, length: int, advice: str) -> None:

@@ -19,10 +19,14 @@ from dataclasses import dataclass, field
 from typing import Any, ClassVar, Literal, Union
 
 from ..metrics import SET_TUNABLE_NAMES
-from .patterns import Pattern
+from .patterns import Pattern, write_byte_values
 
-Advice = Literal["mergeable", "unmergeable", "dontneed"]
-ADVICES: tuple[str, ...] = ("mergeable", "unmergeable", "dontneed")
+Advice = Literal["mergeable", "unmergeable", "dontneed", "free", "dontfork", "wipeonfork",
+                 "cold", "pageout"]
+ADVICES: tuple[str, ...] = ("mergeable", "unmergeable", "dontneed",
+                            # vma-ops: MADV_FREE, MADV_DONTFORK, MADV_WIPEONFORK,
+                            # MADV_COLD, MADV_PAGEOUT (README "Ops")
+                            "free", "dontfork", "wipeonfork", "cold", "pageout")
 MAIN = "main"
 #: the most pages one region can have: x86-64's 47-bit user address space
 #: (128 TiB) in 4 KiB pages; a larger mmap can never succeed
@@ -137,6 +141,53 @@ class KsmSettings:
 
 # -- processes and regions, as steps change them ------------------------------------
 
+class PageRuns:
+    """A region's pages as runs [first, end) of equal VMA attributes (prot,
+    dontfork, wipeonfork, absent, and VM_MERGEABLE as madvise and prctl set
+    it: each splits VMAs); regions can be far too large for a list per page."""
+
+    DEFAULT = (("prot", "read-write"), ("dontfork", False), ("wipeonfork", False),
+               ("absent", False), ("mergeable", False))
+
+    def __init__(self, pages: int, attrs: tuple = DEFAULT):
+        self.runs: list[list] = [[0, pages, attrs]]
+
+    def _split(self, at: int) -> None:
+        for i, (lo, hi, attrs) in enumerate(self.runs):
+            if lo < at < hi:
+                self.runs[i:i + 1] = [[lo, at, attrs], [at, hi, attrs]]
+                return
+
+    def set(self, first: int, end: int, key: str, value: Any) -> None:
+        self._split(first)
+        self._split(end)
+        for run in self.runs:
+            if first <= run[0] and run[1] <= end:
+                run[2] = tuple((k, value if k == key else v) for k, v in run[2])
+
+    def any(self, first: int, end: int, key: str, *values: Any) -> bool:
+        return any(dict(attrs)[key] in values for lo, hi, attrs in self.runs
+                   if lo < end and first < hi)
+
+    def uniform(self) -> bool:
+        return len({attrs for _, _, attrs in self.runs}) == 1
+
+    def forked(self) -> "PageRuns":
+        """The child's copy: pages of a VM_DONTCOPY run are absent there."""
+        out = PageRuns(0)
+        out.runs = [[lo, hi, tuple((k, v or dict(attrs)["dontfork"]) if k == "absent" else (k, v)
+                                   for k, v in attrs)] for lo, hi, attrs in self.runs]
+        return out
+
+    def resized(self, pages: int) -> "PageRuns":
+        """mremap in place: shrinking drops the tail, growing extends the last run."""
+        out = PageRuns(0)
+        out.runs = [[lo, min(hi, pages), attrs] for lo, hi, attrs in self.runs if lo < pages]
+        out.runs[-1][1] = pages
+        return out
+
+
+
 class World:
     """Which processes live and which regions each maps, walked step by step
     (the loader validates against it, the serialiser and generator read it).
@@ -154,19 +205,46 @@ class World:
         #: uffd_wp); a forked child's copy is not protected: without
         #: UFFD_FEATURE_EVENT_FORK fork drops the registration
         self.write_protected: dict[tuple[str, str], list[tuple[int, int]]] = {}
+        #: what decides which ops a page allows: its VMA's attributes, by (proc, region)
+        self.vmas: dict[tuple[str, str], PageRuns] = {}
+        #: per process, the region placed last (the only one that can grow in
+        #: place: the agent places regions upwards, see backends/agent.py)
+        self.top: dict[str, str | None] = {MAIN: None}
 
     def map(self, proc: str, region: str, pages: int) -> None:
+        self._size(proc, region, pages)
+        self.vmas[(proc, region)] = PageRuns(pages)
+        self.top[proc] = region
+
+    def _size(self, proc: str, region: str, pages: int) -> None:
         self.procs.setdefault(proc, {})[region] = pages
         self.all_regions[(proc, region)] = max(pages, self.all_regions.get((proc, region), 0))
+
+    def remap(self, proc: str, region: str, pages: int, move: bool) -> None:
+        """mremap: a moved region is one VMA at the top; in place, shrinking
+        drops the tail and growing extends the last run."""
+        runs = self.vmas[(proc, region)]
+        if move:
+            self.vmas[(proc, region)] = PageRuns(pages, runs.runs[0][2])
+            self.top[proc] = region
+        else:
+            self.vmas[(proc, region)] = runs.resized(pages)
+        self._size(proc, region, pages)
 
     def unmap(self, proc: str, region: str) -> None:
         self.procs.get(proc, {}).pop(region, None)
         self.write_protected.pop((proc, region), None)
+        self.vmas.pop((proc, region), None)
+        if self.top.get(proc) == region:
+            self.top[proc] = None
 
     def exec(self, proc: str) -> None:
         """execve() replaces the mm: the process keeps its name, not its regions."""
         self._forget_write_protection(proc)
+        for region in self.procs.get(proc, {}):
+            self.vmas.pop((proc, region), None)
         self.procs[proc] = {}
+        self.top[proc] = None
 
     def write_blocked(self, proc: str, region: str, first: int, end: int) -> str | None:
         """Why a write to pages [first, end) would block (userfaultfd write
@@ -178,6 +256,22 @@ class World:
                         "write would block; write before protecting, or in a forked child")
         return None
 
+    def access_problem(self, proc: str, region: str, first: int, end: int,
+                       prot: str | None) -> tuple[str, str] | None:
+        """Why an op cannot touch pages [first, end): pages a fork did not copy
+        (MADV_DONTFORK), or, for ``prot``, pages whose protection lacks it (the
+        agent would die of SIGSEGV); None when it can."""
+        runs = self.vmas[(proc, region)]
+        if runs.any(first, end, "absent", True):
+            return ("range", f"pages of [{first}, {end}) are not mapped in process '{proc}' "
+                    "(MADV_DONTFORK kept them out of the fork)")
+        if prot == "read-write" and runs.any(first, end, "prot", "none", "read"):
+            return ("range", f"pages of [{first}, {end}) are not writable (mprotect); "
+                    "write_byte writes through /proc/self/mem, fill cannot")
+        if prot == "read" and runs.any(first, end, "prot", "none"):
+            return ("range", f"pages of [{first}, {end}) are PROT_NONE (mprotect)")
+        return None
+
     def _forget_write_protection(self, proc: str) -> None:
         for key in [k for k in self.write_protected if k[0] == proc]:
             del self.write_protected[key]
@@ -185,6 +279,10 @@ class World:
     def fork(self, parent: str, child: str) -> None:
         self.procs[child] = dict(self.procs.get(parent, {}))
         self.ever_procs.add(child)
+        self.top[child] = self.top.get(parent)
+        for region in self.procs[child]:
+            # dup_mmap() copies no VM_DONTCOPY VMA (MADV_DONTFORK)
+            self.vmas[(child, region)] = self.vmas[(parent, region)].forked()
         for region, pages in self.procs[child].items():
             self.all_regions[(child, region)] = pages
 
@@ -268,7 +366,9 @@ class Fill(Step):
 
     def problem(self, world: World) -> tuple[str, str] | None:
         blocked = world.write_blocked(self.proc, self.region, self.first, self.end)
-        return ("range", blocked) if blocked else None
+        if blocked:
+            return ("range", blocked)
+        return world.access_problem(self.proc, self.region, self.first, self.end, "read-write")
 
 
 @op("read")
@@ -277,6 +377,9 @@ class Read(Step):
     region: str = region_field()
     first: int = range_first()
     end: int = range_end()
+
+    def problem(self, world: World) -> tuple[str, str] | None:
+        return world.access_problem(self.proc, self.region, self.first, self.end, "read")
 
 
 @op("madvise")
@@ -287,6 +390,16 @@ class Madvise(Step):
     end: int = range_end()
     advice: str = spec("choice", choices=ADVICES, what="advice")
 
+    def problem(self, world: World) -> tuple[str, str] | None:
+        return world.access_problem(self.proc, self.region, self.first, self.end, None)
+
+    def track(self, world: World) -> None:
+        runs = world.vmas[(self.proc, self.region)]
+        if self.advice in ("dontfork", "wipeonfork"):
+            runs.set(self.first, self.end, self.advice, True)
+        elif self.advice in ("mergeable", "unmergeable"):
+            runs.set(self.first, self.end, "mergeable", self.advice == "mergeable")
+
 
 @op("prctl")
 @dataclass(frozen=True)
@@ -294,6 +407,10 @@ class Prctl(Step):
     requires: ClassVar[tuple[str, str] | None] = (
         "prctl_memory_merge", "PR_SET_MEMORY_MERGE (Linux 6.4, d7597f59d1d3)")
     merge: bool = spec("bool")
+
+    def track(self, world: World) -> None:
+        for region, pages in world.procs[self.proc].items():  # every VMA changes
+            world.vmas[(self.proc, region)].set(0, pages, "mergeable", self.merge)
 
 
 @op("scan")
@@ -429,8 +546,81 @@ class UffdWp(Step):
             (self.first, self.end))
 
 
+#: mprotect() protections a scenario can ask for
+PROTS: tuple[str, ...] = ("none", "read", "read-write")
+
+
+@op("mprotect")
+@dataclass(frozen=True)
+class Mprotect(Step):
+    """mprotect() on pages [first, end) of a region (a range splits the VMA)."""
+
+    region: str = region_field()
+    first: int = range_first()
+    end: int = range_end()
+    prot: str = spec("choice", choices=PROTS, what="prot")
+
+    def problem(self, world: World) -> tuple[str, str] | None:
+        return world.access_problem(self.proc, self.region, self.first, self.end, None)
+
+    def track(self, world: World) -> None:
+        world.vmas[(self.proc, self.region)].set(self.first, self.end, "prot", self.prot)
+
+
+@op("mremap")
+@dataclass(frozen=True)
+class Mremap(Step):
+    """Grow or shrink a region in place, or move it (MREMAP_MAYMOVE|MREMAP_FIXED)."""
+
+    region: str = region_field()
+    #: the region's new size in pages
+    pages: int = spec("int", minimum=1, maximum=MAX_REGION_PAGES,
+                      too_big="{value} pages is more than a 47-bit user address space "
+                              "holds (at most {maximum})")
+    #: True: move the region to a new address; False: grow or shrink in place
+    move: bool = spec("bool", default=False)
+
+    def problem(self, world: World) -> tuple[str, str] | None:
+        old = world.procs[self.proc][self.region]
+        runs = world.vmas[(self.proc, self.region)]
+        if (self.move or self.pages > old) and not runs.uniform():
+            # vma_to_resize()/mremap_to(): the old range must be one VMA
+            return ("region", f"region '{self.region}' is split into several VMAs (mprotect or "
+                    "madvise on part of it); mremap can only move or grow one VMA")
+        if self.pages > old and not self.move and world.top.get(self.proc) != self.region:
+            return ("pages", f"region '{self.region}' cannot grow in place: a later region "
+                    "follows it; use move = true")
+        return None
+
+    def track(self, world: World) -> None:
+        world.remap(self.proc, self.region, self.pages, self.move)
+
+
+@op("write_byte")
+@dataclass(frozen=True)
+class WriteByte(Step):
+    """Byte 0 of each page of [first, end) written through /proc/self/mem
+    (FOLL_FORCE, so under any protection)."""
+
+    region: str = region_field()
+    first: int = spec("range", key="range")
+    end: int = spec("range_end", key="range")
+    #: gives the byte written at offset 0 of each page (patterns.write_byte_values)
+    pattern: Pattern = spec("pattern")
+
+    def problem(self, world: World) -> tuple[str, str] | None:
+        try:
+            write_byte_values(self.pattern, 0)
+        except ValueError as exc:
+            return ("pattern", str(exc))
+        blocked = world.write_blocked(self.proc, self.region, self.first, self.end)
+        if blocked:
+            return ("range", blocked)
+        return world.access_problem(self.proc, self.region, self.first, self.end, None)
+
+
 AnyStep = Union[Mmap, Fill, Read, Madvise, Prctl, Scan, UnmergeAll, Fork, Exit, Munmap, Expect, Set,
-                Exec, UffdWp]
+                Exec, UffdWp, Mprotect, Mremap, WriteByte]
 
 
 @dataclass(frozen=True)

@@ -156,3 +156,31 @@ def fill_pages(pattern: Pattern, npages: int, fill: FillId, *, offset: int = 0,
     out[:, 0] = _fill_word(fill.scenario, fill.step)
     out[:, 1] = np.arange(offset + 1, offset + npages + 1, dtype=np.uint64)
     return out.view(np.uint8)
+
+
+# --- vma-ops: write_byte -----------------------------------------------------
+#: the byte ``write_byte`` stores at offset 0 of each page
+WRITE_BYTE_OFFSET = 0
+
+
+@lru_cache(maxsize=4096)
+def _byte_of(name: str) -> int:
+    return hashlib.shake_256(b"ksmbench/v1/byte/" + name.encode()).digest(1)[0]
+
+
+def write_byte_values(pattern: Pattern, npages: int, *, offset: int = 0) -> np.ndarray:
+    """The byte ``write_byte`` stores in each of ``npages`` pages (uint8), page i
+    counted from ``offset`` within the step's range: 0 for ``zero``, one byte
+    derived from the name for ``tag:<name>``, the byte of ``<name>#(i mod k)``
+    for ``cycle:<name>:<k>``.  ``unique`` is refused: one byte cannot make more
+    than 256 pages differ."""
+    if pattern.kind == "zero":
+        return np.zeros(npages, dtype=np.uint8)
+    if pattern.kind == "tag":
+        return np.full(npages, _byte_of(pattern.name), dtype=np.uint8)
+    if pattern.kind == "cycle":
+        table = np.array([_byte_of(f"{pattern.name}#{j}") for j in range(pattern.k)], dtype=np.uint8)
+        return table[(np.arange(npages) + offset) % pattern.k]
+    raise ValueError("write_byte takes zero, tag:<name> or cycle:<name>:<k> "
+                     "(one byte cannot make every page unique)")
+# --- end write_byte ----------------------------------------------------------

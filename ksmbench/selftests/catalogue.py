@@ -160,8 +160,21 @@ PEERS: tuple[Peer, ...] = (
          note="the selftest skips where userfaultfd or its write-protect mode is missing; "
               "ksmbench then reports the scenario n/a"),
     Peer(FUNCTIONAL, (), "test_prot_none",
-         "MADV_UNMERGEABLE unshares PROT_NONE pages (written through /proc/self/mem)", None,
-         note="no counterpart: the scenario format has no mprotect op"),
+         "PROT_NONE pages merge, and are unshared by a write through /proc/self/mem and by "
+         "MADV_UNMERGEABLE (needs 6.5, d74943a2f3cd: before it KSM's follow_page() does not "
+         "see PROT_NONE pages)",
+         "prot-none-unmerge", (
+             Check(4, 2, "region.main.a.distinct_frames", "==", 2,
+                   "merged first: 512 PROT_NONE pages in 2 KSM pages (mmap_and_merge_range() "
+                   "fails on ksm_merging_pages == 0)"),
+             Check(5, None, "region.main.a.present", "==", 512,
+                   "ksmbench only: the /proc/self/mem writes (the selftest's 'ptrace write') "
+                   "left every page mapped"),
+             _same_frames(6, None, "main.a", _NO_DUPLICATES),
+         ),
+         note="the selftest writes an int (its offset) into each page of the first half; "
+              "write_byte writes one byte from a 256-entry cycle, which breaks the sharing "
+              "the same way (range_maps_duplicates() looks at frames, not contents)"),
     Peer(FUNCTIONAL, (), "test_prctl",
          "PR_SET_MEMORY_MERGE=1 / =0 take effect (6.4, d7597f59d1d3)",
          "prctl-merge", (
