@@ -104,10 +104,47 @@ def rebase(predicted: Sequence[ObservationPoint], observed_baseline: Mapping[str
             offset[metric] = o - p
     if not offset:
         return pred
-    return [ObservationPoint(p.step, p.op, p.scan,
-                             {k: (v + offset[k] if v is not None and k in offset else v)
-                              for k, v in p.values.items()})
-            for p in pred]
+    return [ObservationPoint(p.step, p.op, p.scan, _shifted(p.values, offset)) for p in pred]
+
+
+def absolute_levels(counters: Mapping[str, Value]) -> dict[str, Value]:
+    """The absolute global counters (bare sysfs names) of a dict read from
+    /sys/kernel/mm/ksm: what a measurement's baseline holds."""
+    return {name: counters.get(name) for name in GLOBAL_LEVELS}
+
+
+def from_baseline(values: Mapping[str, Value], baseline: Mapping[str, Value] | None
+                  ) -> dict[str, Value]:
+    """``values`` with every counter ``baseline`` holds counted from it
+    (value - baseline), the way every measurement judges absolute counters.
+
+    What KSM held before a measurement started is not the measurement's doing:
+    on 6.18.44 a KSM zero page in a MADV_DONTFORK or MADV_WIPEONFORK region
+    across fork stays counted in ksm_zero_pages (and general_profit) after
+    every process has exited, until reboot.  A baseline holds absolute
+    counters only: a scenario's baseline point (metric names) or
+    :func:`absolute_levels` (sysfs names).  A counter either side lacks is
+    left as it is (None stays None); other keys pass through.
+    """
+    if not baseline:
+        return dict(values)
+    return _shifted(values, {name: -value for name, value in baseline.items() if value})
+
+
+def baseline_note(baseline: Mapping[str, Value] | None) -> str | None:
+    """One line for the user when a measurement did not start from zero
+    (None when it did): which counters, what they read, what was done."""
+    nonzero = [f"{name.removeprefix('global.')} read {value}"
+               for name, value in (baseline or {}).items() if value]
+    if not nonzero:
+        return None
+    return (f"{', '.join(nonzero)} before the run, with KSM clean: counted from there "
+            "(a kernel leak of KSM zero pages stays until reboot)")
+
+
+def _shifted(values: Mapping[str, Value], offset: Mapping[str, int]) -> dict[str, Value]:
+    """``values`` with ``offset`` added to each counter it has (None stays None)."""
+    return {k: (v + offset[k] if v is not None and k in offset else v) for k, v in values.items()}
 
 
 # -- events -------------------------------------------------------------------

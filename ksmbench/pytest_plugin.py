@@ -285,11 +285,9 @@ class ScenarioResult:
         return self._from_baseline(steps[-1].values)
 
     def _from_baseline(self, values: Mapping[str, int | None]) -> Mapping[str, int | None]:
-        base = self.baseline
-        if not base:
-            return values
-        return {metric: value - base[metric] if value is not None and base.get(metric) is not None
-                else value for metric, value in values.items()}
+        from .observation import from_baseline
+
+        return from_baseline(values, self.baseline)
 
     @property
     def baseline(self) -> Mapping[str, int | None] | None:

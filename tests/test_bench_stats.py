@@ -14,7 +14,7 @@ from ksmbench.bench import probes, stats
 from ksmbench.bench.crosscheck import parse_ksm_tests_output
 from ksmbench.bench.outcome import CrosscheckNotDone, CrosscheckResult, SavingsResult
 from ksmbench.sources.kernel_tools import closest_series
-from ksmbench.bench.savings import Snapshot, Workload, _dup_merge, combine, reconcile
+from ksmbench.bench.savings import Snapshot, Workload, _dup_merge, combine, reconcile, series_rows
 from ksmbench.bench.store import BenchStore, read_bench
 from ksmbench.bench.timings import plan
 
@@ -197,6 +197,51 @@ def test_reconcile_expected_changes_follow_the_page_tables():
     assert by["system: /proc/meminfo MemAvailable"]["saved_bytes"] == 0
     assert rec["unmerge"]["predicted_bytes_by_counters"] == 250 * page
     assert rec["unmerge"]["measured_anon_bytes"] == 250 * page
+
+
+def test_reconcile_counts_the_counters_from_a_non_zero_baseline():
+    """A kernel that leaked 72 KSM zero pages before the run (6.18.44: zero
+    pages in a MADV_DONTFORK region across fork, kept until reboot) shows them
+    in ksm_zero_pages and general_profit at every snapshot; the savings count
+    from the baseline read before the workload, which the result records."""
+    page, leaked = 4096, 72
+    baseline = {"pages_shared": 0, "pages_sharing": 0, "pages_unshared": 0, "pages_volatile": 0,
+                "ksm_zero_pages": leaked, "general_profit": leaked * page,
+                "stable_node_chains": 0, "stable_node_dups": 0}
+    before = _snap(counters=dict(baseline), baseline=baseline)
+    # 30 mappings of 10 KSM pages (20 saved) + 50 KSM zero pages, 100 rmap items
+    after = _snap(counters={**baseline, "pages_shared": 10, "pages_sharing": 20,
+                            "ksm_zero_pages": leaked + 50,
+                            "general_profit": (leaked + 70) * page - 100 * 64},
+                  baseline=baseline, rmap_items=100, zero_pfn=50, ksm_frames_mapped=30,
+                  ksm_frames=10)
+    unmerged = _snap(counters=dict(baseline), baseline=baseline)
+    rec = reconcile(before, before, after, unmerged, 0.01, {}, 1)
+    by = {v["view"]: v for v in rec["views"]}
+    counters = by["KSM counters: (pages_sharing + ksm_zero_pages) x 4 KiB"]
+    assert counters["saved_bytes"] == 70 * page and counters["residual_bytes"] == 0
+    assert by["KSM general_profit"]["saved_bytes"] == 70 * page - 100 * 64
+    assert by["KSM general_profit"]["residual_bytes"] == 0
+    assert rec["unmerge"]["predicted_bytes_by_counters"] == 70 * page
+    assert rec["counters"]["ksm_zero_pages"] == 50
+    assert rec["counters_baseline"]["ksm_zero_pages"] == leaked
+    assert rec["after"]["counters"]["general_profit"] == 70 * page - 100 * 64
+    rows = {(point, metric): value for _k, _u, _r, point, _s, _t, metric, value
+            in series_rows("host", 1, 0, [("before", None, before), ("scan", 1, after)])}
+    assert rows[("before", "counters.ksm_zero_pages")] == 0
+    assert rows[("scan", "counters.ksm_zero_pages")] == 50
+    assert rows[("scan", "counters.saved_bytes")] == 70 * page
+    assert after.counters["ksm_zero_pages"] == leaked + 50  # kept as read
+
+
+def test_baseline_note_names_what_was_not_zero():
+    from ksmbench.observation import baseline_note
+
+    assert baseline_note({"ksm_zero_pages": 0, "general_profit": 0, "pages_shared": None}) is None
+    assert baseline_note(None) is None
+    note = baseline_note({"pages_sharing": 0, "ksm_zero_pages": 72, "general_profit": 72 * 4096})
+    assert note.startswith("ksm_zero_pages read 72, general_profit read 294912 before the run")
+    assert "\n" not in note and "until reboot" in note
 
 
 def test_reconcile_without_ksm_zero_pages_counter_says_so():

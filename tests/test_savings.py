@@ -194,6 +194,38 @@ def test_churn_counts_changed_gone_and_new_pages():
     assert churn.gone == 3 and churn.pages == 3
 
 
+def test_measured_counters_count_from_the_baseline_before_the_copies():
+    """A kernel that leaked 72 KSM zero pages before the run (6.18.44: zero
+    pages in a MADV_DONTFORK region across fork, kept until reboot) reads them
+    at every scan; the measured side counts from the baseline read before the
+    copies started, so a prediction that is right is judged right."""
+    from ksmbench.savings.measure import Reading, error_summary, row_values
+    from ksmbench.savings.predict import ScanPrediction
+
+    leaked, pid = 72, 4242
+    baseline = {"pages_shared": 0, "pages_sharing": 0, "pages_unshared": 0, "pages_volatile": 0,
+                "ksm_zero_pages": leaked, "general_profit": leaked * PAGE_SIZE,
+                "stable_node_chains": 0, "stable_node_dups": 0}
+    stat = {"ksm_rmap_items": 100, "ksm_zero_pages": 50, "ksm_merging_pages": 20,
+            "ksm_process_profit": 70 * PAGE_SIZE - 100 * 64}
+    pred = ScanPrediction(3, {**baseline, "pages_shared": 10, "pages_sharing": 20,
+                              "ksm_zero_pages": 50, "general_profit": 70 * PAGE_SIZE - 100 * 64},
+                          {pid: stat}, visits=0, merges=0, seconds=0.0, cpu_seconds=0.0)
+    read = {**baseline, "pages_shared": 10, "pages_sharing": 20, "ksm_zero_pages": leaked + 50,
+            "general_profit": (leaked + 70) * PAGE_SIZE - 100 * 64, "pages_scanned": 900}
+    reading = Reading(read, {pid: stat}, 0, 0, 0, {}, None, baseline)
+    err = error_summary(pred, reading, [pid])
+    assert err["ksm_zero_pages_measured"] == err["ksm_zero_pages_predicted"] == 50
+    assert err["measured_saved_bytes"] == err["predicted_saved_bytes"] == 70 * PAGE_SIZE
+    assert err["saved_error_pct"] == 0 and err["general_profit_error_pct"] == 0
+    row = row_values(pred, reading, None, [pid])
+    assert row["global.ksm_zero_pages"] == (50, 50)
+    assert row["global.general_profit"] == (70 * PAGE_SIZE - 100 * 64,) * 2
+    assert row["saved_bytes"] == (70 * PAGE_SIZE,) * 2
+    assert row[f"proc.{pid}.ksm_zero_pages"] == (50, 50)  # per process: never rebased
+    assert reading.counted["pages_scanned"] == 900  # cumulative: not a level, not moved
+
+
 def test_ready_parsing():
     assert Ready.parse("2.5", 10).kind == "seconds"
     assert Ready.parse("file:/tmp/x", 10).value == "/tmp/x"

@@ -15,6 +15,7 @@ from ..console import esc
 from ..errors import Busy, KsmbenchError, UsageError
 from ..kernel.lock import RunLock
 from ..kernel.features import detect, kernel_release
+from ..observation import baseline_note
 from ..results import now_iso
 from .savings import SavingsRun, Workload, combine, savings_metrics, series_rows
 from .config import BenchConfig, FreeRunTunables
@@ -169,6 +170,7 @@ def run_host(store: BenchStore, label: str, config: BenchConfig, console) -> Non
                 frames.close()
         if workload:
             results = {}
+            said = None
             for uzp in (0, 1):
                 recs = []
                 for r in range(config.savings_repeats):
@@ -181,6 +183,10 @@ def run_host(store: BenchStore, label: str, config: BenchConfig, console) -> Non
                         lambda uzp=uzp, say=say: SavingsRun(session, workload, uzp,
                                                             progress=say).run(),
                         wait=config.wait, console=console)
+                    note = baseline_note(rec["counters_baseline"])
+                    if note and note != said:  # once, unless it changes
+                        console.print(f"[yellow]savings: {esc(note)}[/yellow]")
+                        said = note
                     store.add_savings_rows(series_rows(label, uzp, r, series))
                     store.add_sample(label, "savings", "workload",
                                      workload.processes * workload.mib_per_process, uzp, r,

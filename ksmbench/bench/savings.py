@@ -18,6 +18,13 @@ scan the same instant is seen three ways:
 * **processes** (psutil): sums of RSS, USS and PSS over the K processes;
 * **system** (/proc/meminfo): AnonPages, MemAvailable, SUnreclaim.
 
+The KSM counters are counted from a baseline read once KSM is clean for the
+run and before any workload process exists (:func:`~ksmbench.observation.from_baseline`):
+a kernel may keep counting KSM zero pages nobody maps any more (on 6.18.44, those
+left in a MADV_DONTFORK or MADV_WIPEONFORK region across fork, until reboot),
+and those are not this workload's saving.  Each repeat records the baseline
+(``counters_baseline``).
+
 Each view moves by a different amount, for reasons that follow from how the
 kernel accounts pages; :func:`reconcile` states each reason as an expected
 change computed from the counters and pagemap, and shows what was measured
@@ -39,6 +46,7 @@ import numpy as np
 from ..backends.host import AgentHandle
 from ..kernel.procfs import FrameReader, ProcFS
 from ..kernel.syscalls import PAGE_SIZE
+from ..observation import absolute_levels, from_baseline
 from .probes import classify_frames, process_memory, read_meminfo, read_pcp_pages
 from .outcome import MachineDrift, SavingsResult, SavingsView, SavingsWorkload, UnmergeCost
 from .session import BenchSession
@@ -114,6 +122,14 @@ class Snapshot:
     ksm_frames_mapped: int  # workload mappings of KSM pages (pagemap + kpageflags)
     ksm_frames: int         # distinct KSM pages among them
     per_process: dict = field(default_factory=dict)
+    #: the absolute global counters (sysfs names) before the workload started;
+    #: ``counters`` are read as they are, :attr:`counted` from here
+    baseline: dict = field(default_factory=dict)
+
+    @property
+    def counted(self) -> dict:
+        """The KSM counters counted from the run's baseline: this workload's own."""
+        return from_baseline(self.counters, self.baseline)
 
     @property
     def sharing(self) -> int:
@@ -121,7 +137,7 @@ class Snapshot:
         return self.ksm_frames_mapped - self.ksm_frames
 
     def saved_counter_bytes(self) -> int:
-        c = self.counters
+        c = self.counted
         return ((c.get("pages_sharing") or 0) + (c.get("ksm_zero_pages") or 0)) * PAGE_SIZE
 
 
@@ -139,6 +155,8 @@ class SavingsRun:
         self.t0 = time.monotonic()
         self._reader = FrameReader(ProcFS(), "self")
         self.zero_pfn = self._reader.discover_zero_pfn()
+        #: read in :meth:`run` once KSM is clean, before any agent exists
+        self.baseline: dict = {}
 
     def snapshot(self) -> Snapshot:
         counters = self.session.counters()
@@ -160,7 +178,7 @@ class SavingsRun:
         return Snapshot(time.monotonic() - self.t0, counters, rmap, rss, uss, pss,
                         info.get("AnonPages", 0), info.get("MemAvailable", 0),
                         info.get("SUnreclaim", 0), info.get("MemFree", 0), pcp,
-                        zero, mapped, distinct, per)
+                        zero, mapped, distinct, per, dict(self.baseline))
 
     def _frames(self, agent: AgentHandle) -> np.ndarray:
         """Frame of every page of the agent's region, read from its pagemap here
@@ -182,6 +200,7 @@ class SavingsRun:
         s.clean()
         s.set_use_zero_pages(self.uzp)
         s.stepper.prepare()
+        self.baseline = absolute_levels(s.counters())
         series: list[tuple[str, int | None, Snapshot]] = []
         try:
             self.progress(f"starting {w.processes} processes")
@@ -235,7 +254,7 @@ def reconcile(before0: Snapshot, before: Snapshot, after: Snapshot, unmerged: Sn
     wrote every page, so each one was placed by KSM).  That truth does not
     depend on the KSM counters, so the counters are checked against it too.
     """
-    c = after.counters
+    c = after.counted
     sharing = after.sharing
     zero = after.zero_pfn
     freed = (sharing + zero) * PAGE_SIZE
@@ -324,6 +343,8 @@ def reconcile(before0: Snapshot, before: Snapshot, after: Snapshot, unmerged: Sn
                                  "sharing": sharing, "zero_pages": zero},
         "counters": {k: c.get(k) for k in ("pages_shared", "pages_sharing", "pages_unshared",
                                            "pages_volatile", "ksm_zero_pages", "general_profit")},
+        # read once KSM was clean, before the workload: "counters" count from it
+        "counters_baseline": dict(after.baseline),
         "rmap_items": after.rmap_items,
         "rmap_bytes": rmap_bytes,
         "slab_unreclaimable_delta_bytes": (after.sunreclaim_kb - before.sunreclaim_kb) * 1024,
@@ -343,19 +364,20 @@ def _brief(s: Snapshot) -> dict[str, Any]:
             "free_bytes": s.free_kb * 1024, "pcp_bytes": s.pcp_pages * PAGE_SIZE,
             "available_bytes": s.available_kb * 1024, "rmap_items": s.rmap_items,
             "zero_pfn": s.zero_pfn, "ksm_mappings": s.ksm_frames_mapped, "ksm_pages": s.ksm_frames,
-            "counters": dict(s.counters), "per_process": s.per_process}
+            "counters": s.counted, "per_process": s.per_process}
 
 
 def series_rows(kernel: str, uzp: int, repeat: int, series) -> list[tuple]:
     """savings.csv rows: (kernel, use_zero_pages, repeat, point, scan, seconds, metric, value)."""
     rows = []
     for point, scan, snap in series:
+        c = snap.counted
         values = {
             "counters.saved_bytes": snap.saved_counter_bytes(),
-            "counters.general_profit": snap.counters.get("general_profit"),
-            "counters.pages_shared": snap.counters.get("pages_shared"),
-            "counters.pages_sharing": snap.counters.get("pages_sharing"),
-            "counters.ksm_zero_pages": snap.counters.get("ksm_zero_pages"),
+            "counters.general_profit": c.get("general_profit"),
+            "counters.pages_shared": c.get("pages_shared"),
+            "counters.pages_sharing": c.get("pages_sharing"),
+            "counters.ksm_zero_pages": c.get("ksm_zero_pages"),
             "counters.rmap_items": snap.rmap_items,
             "processes.rss_bytes": snap.rss,
             "processes.uss_bytes": snap.uss,

@@ -30,6 +30,7 @@ import numpy as np
 from ..backends.host import HostSession
 from ..errors import Busy, WaitTimeout
 from ..kernel import syscalls
+from ..observation import absolute_levels, from_baseline
 from ..waiting import time_scale
 from .affinity import repair_ksmd_affinity
 from .config import FreeRunTunables
@@ -46,7 +47,7 @@ class MergeTiming:
     seconds: float            # MADV_MERGEABLE .. full_scans +2
     first_scan_seconds: float  # MADV_MERGEABLE .. full_scans +1 (checksums only)
     ksmd_cpu: CpuTime         # ksmd's CPU time over the interval
-    counters: dict            # KSM counters right after
+    counters: dict            # KSM counters right after, counted from before MADV_MERGEABLE
     #: TLB-shootdown interrupts over the interval, all CPUs (None: not x86)
     tlb_shootdowns: int | None = None
 
@@ -188,6 +189,7 @@ class BenchSession:
         if apply:
             self.apply_free_tunables(tun, use_zero_pages)
         start_scans = self._full_scans()  # 0 after run=2 (ksm_scan.seqnr = 0)
+        baseline = absolute_levels(self.counters())  # a leaked ksm_zero_pages is not this merge's
         timeout = (30 + npages * 200e-6) * time_scale()
         tlb0 = read_tlb_shootdowns()
         cpu0 = self.cpu.sample()
@@ -200,7 +202,7 @@ class BenchSession:
         cpu1 = self.cpu.sample()
         tlb1 = read_tlb_shootdowns()
         self.stop_ksmd()
-        counters = self.counters()
+        counters = from_baseline(self.counters(), baseline)
         return MergeTiming(seconds=t_end - t0, first_scan_seconds=t_first - t0,
                            ksmd_cpu=cpu1 - cpu0, counters=counters,
                            tlb_shootdowns=None if tlb0 is None or tlb1 is None else tlb1 - tlb0)

@@ -13,6 +13,13 @@ prediction could not know it, and it is reported beside the error.
 ``--pid``: the processes are snapshotted and predicted only; nothing about
 them or about KSM changes.
 
+KSM's absolute global counters (ksm_zero_pages, general_profit, ...) are
+counted from a baseline read once KSM is clean and before the copies start
+(``counters_baseline`` in metadata.json; :func:`~ksmbench.observation.from_baseline`):
+a kernel may keep counting KSM zero pages nobody maps (on 6.18.44, those left
+in a MADV_DONTFORK or MADV_WIPEONFORK region across fork, until reboot), and
+those are not the copies' saving.
+
 Output (a run directory): ``metadata.json`` and ``savings.csv`` with the
 columns ``scan, metric, predicted, measured``, written as measured.  Scan 0
 is the snapshot (before any merging), ``final`` is convergence: the
@@ -34,6 +41,7 @@ import numpy as np
 
 from ..errors import KsmbenchError
 from ..kernel.syscalls import PAGE_SIZE
+from ..observation import from_baseline
 from ..results import RunDir
 from .predict import SAVINGS_COUNTERS, Predictor, Tunables
 from .snapshot import ProcessImage, Snapshotter, is_zero
@@ -73,16 +81,23 @@ class SavingsTable:
 class Reading:
     """One instant of the real system."""
 
-    counters: dict[str, int | None]
+    counters: dict[str, int | None]  # as read
     procs: dict[int, dict[str, int | None]]
     rss: int
     pss: int
     uss: int
     meminfo: dict[str, int]
     ksmd_cpu: float | None = None
+    #: the absolute global counters before the copies started (sysfs names)
+    baseline: dict[str, int | None] = field(default_factory=dict)
+
+    @property
+    def counted(self) -> dict[str, int | None]:
+        """The global counters counted from the run's baseline: the copies' own."""
+        return from_baseline(self.counters, self.baseline)
 
 
-def read_system(session, pids: Sequence[int], ksmd) -> Reading:
+def read_system(session, pids: Sequence[int], ksmd, baseline: dict[str, int | None]) -> Reading:
     from ..bench.probes import process_memory, read_meminfo
 
     counters = session.sysfs.counters()
@@ -92,7 +107,7 @@ def read_system(session, pids: Sequence[int], ksmd) -> Reading:
         mem = process_memory(pid)
         rss, pss, uss = rss + mem.rss, pss + mem.pss, uss + mem.uss
     cpu = ksmd.sample().seconds if ksmd is not None else None
-    return Reading(counters, procs, rss, pss, uss, read_meminfo(), cpu)
+    return Reading(counters, procs, rss, pss, uss, read_meminfo(), cpu, baseline)
 
 
 def row_values(pred, reading: Reading | None, base: Reading | None, pids: Sequence[int],
@@ -105,11 +120,11 @@ def row_values(pred, reading: Reading | None, base: Reading | None, pids: Sequen
     absent = {k for k, v in (template.globals if template is not None else {}).items() if v is None}
     for name in GLOBALS:
         p = g.get(name) if pred is not None else (None if name in absent else 0)
-        out[f"global.{name}"] = (p, reading.counters.get(name) if reading else None)
+        out[f"global.{name}"] = (p, reading.counted.get(name) if reading else None)
     saved = None if pred is None else pred.saved_pages()
     msaved = None
     if reading:
-        c = reading.counters
+        c = reading.counted
         msaved = (c.get("pages_sharing") or 0) + (c.get("ksm_zero_pages") or 0)
     out["saved_bytes"] = (0 if saved is None else saved * PAGE_SIZE,
                           None if msaved is None else msaved * PAGE_SIZE)
@@ -204,7 +219,7 @@ def _flat(im: ProcessImage) -> tuple[np.ndarray, np.ndarray]:
 
 def error_summary(pred_final, reading: Reading, pids: Sequence[int]) -> dict[str, Any]:
     """Prediction error at convergence, relative to the measured saving."""
-    c = reading.counters
+    c = reading.counted
     meas_saved = ((c.get("pages_sharing") or 0) + (c.get("ksm_zero_pages") or 0)) * PAGE_SIZE
     pred_saved = pred_final.saved_pages() * PAGE_SIZE
 

@@ -8,7 +8,9 @@ from pathlib import Path
 from typing import Any, Sequence
 
 from ..kernel.features import kernel_release
+from ..console import esc
 from ..kernel.syscalls import PAGE_SIZE
+from ..observation import absolute_levels, baseline_note
 from ..results import RunDir
 from .measure import (SavingsTable, churn_between, error_summary, measured_converged,
                       read_system, row_values, wall_at_tunables)
@@ -180,6 +182,11 @@ def _measure(args, command, tunables, profile, ready, merge_any, session, rundir
     meta = rundir.metadata
     _apply(session, tunables)
     session.stepper.prepare()
+    baseline = absolute_levels(session.sysfs.counters())  # KSM clean, no copy yet
+    meta["counters_baseline"] = baseline
+    note = baseline_note(baseline)
+    if note:
+        console.print(f"[yellow]{esc(note)}[/yellow]")
     with Copies(command, args.copies, rundir.path, merge_any=merge_any) as copies:
         pids = copies.pids
         meta["pids"] = pids
@@ -191,7 +198,7 @@ def _measure(args, command, tunables, profile, ready, merge_any, session, rundir
         with Snapshotter() as snap:
             t0, c0 = time.perf_counter(), time.process_time()
             images, snap_s = _snapshot(snap, pids, args.scope, console)
-            base = read_system(session, pids, ksmd)
+            base = read_system(session, pids, ksmd, baseline)
             base_cpu, base.ksmd_cpu = base.ksmd_cpu, 0.0
             predictor = _predict(images, tunables, profile, args.max_scans, console)
             meta["snapshot_seconds"] = snap_s
@@ -210,7 +217,7 @@ def _measure(args, command, tunables, profile, ready, merge_any, session, rundir
                 copies.check_alive(f"during scan {scan}")
                 session.policy.require_ksm_to_ourselves()
                 session.stepper.scan(pages_hint=pages, label="savings")
-                r = read_system(session, pids, ksmd)
+                r = read_system(session, pids, ksmd, baseline)
                 r.ksmd_cpu = (r.ksmd_cpu - base_cpu
                               if r.ksmd_cpu is not None and base_cpu is not None else None)
                 readings.append(r)
@@ -220,7 +227,7 @@ def _measure(args, command, tunables, profile, ready, merge_any, session, rundir
                 if r.ksmd_cpu is not None and cpu_prev is not None:
                     row["ksmd_cpu_seconds"] = (row["ksmd_cpu_seconds"][0], r.ksmd_cpu - cpu_prev)
                 table.add(scan, row)
-                c = r.counters
+                c = r.counted
                 console.print(f"  scan {scan}: pages_sharing {c.get('pages_sharing')} "
                               f"(predicted {predictor.prediction.at(scan).globals['pages_sharing']}), "
                               f"ksm_zero_pages {c.get('ksm_zero_pages')} "
