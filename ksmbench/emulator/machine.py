@@ -181,9 +181,9 @@ class Segment:
     def grow(self, npages: int) -> None:
         """vma-ops: mremap grows the region in place (arrays only)."""
         extra = npages - self.n
-        fills = {"pte": -1, "inode": -1, "ick": NO_CHECKSUM, "prot": PROT_RW}
+        fills = {"pte": -1, "inode": -1, "ick": NO_CHECKSUM, "prot": PROT_RW, "wp_frame": -1}
         for name in ("pte", "zdirty", "merge", "anon", "item", "ist", "inode", "ick", "iage",
-                     "iskip", "prot", "dontcopy", "wipe"):
+                     "iskip", "uffd", "wp_frame", "prot", "dontcopy", "wipe"):
             arr = getattr(self, name)
             setattr(self, name, np.concatenate([arr, np.full(extra, fills.get(name, 0),
                                                              dtype=arr.dtype)]))
