@@ -26,7 +26,7 @@ import operator
 from dataclasses import dataclass
 from typing import Iterable, Mapping
 
-from ..observation import ObservationPoint
+from ..observation import ObservationPoint, baseline_of, from_baseline
 
 _OPS = {"==": operator.eq, "!=": operator.ne, ">": operator.gt, ">=": operator.ge,
         "<": operator.lt, "<=": operator.le}
@@ -78,7 +78,14 @@ class CheckResult:
 
 
 def index_points(points: Iterable[ObservationPoint]) -> dict[tuple[int, int | None], ObservationPoint]:
-    return {(p.step, p.scan): p for p in points}
+    """The points by (step, scan), absolute global counters counted from the
+    scenario's baseline, as every comparison judges them: a KSM zero page an
+    earlier run leaked stays counted until reboot, and is not this scenario's."""
+    points = list(points)
+    base = baseline_of(points)
+    return {(p.step, p.scan): ObservationPoint(p.step, p.op, p.scan,
+                                               from_baseline(p.values, base and base.values))
+            for p in points}
 
 
 def judge(check: Check, points: Mapping[tuple[int, int | None], ObservationPoint]) -> CheckResult:
