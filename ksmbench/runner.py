@@ -21,7 +21,7 @@ from .errors import KsmbenchError, rebuild
 from .metrics import judge, metric_sort_key
 from .observation import (ABSOLUTE_METRICS, BASELINE, TEARDOWN, BackendInfo, Event,
                           ObservationPoint, PointObserved, ScenarioFinished, ScenarioStarted,
-                          rebase)
+                          from_baseline, rebase)
 from .results import RunDir, now_iso
 from .scenario import model as m
 
@@ -434,7 +434,11 @@ class RunRecorder(Observer):
 
     def _check_expect(self, outcome: ScenarioOutcome, step: m.Expect, point: ObservationPoint) -> None:
         rows = []
-        for metric, expected, observed, holds in step.check(point.values):
+        # absolute global counters from the scenario's baseline, as predictions
+        # are: what the kernel held before (a leaked ksm_zero_pages) is not the
+        # scenario's doing
+        base = outcome.baseline.values if outcome.baseline is not None else None
+        for metric, expected, observed, holds in step.check(from_baseline(point.values, base)):
             outcome.expect_checked += 1
             if not holds:
                 outcome.expect_failures.append(Mismatch(outcome.scenario, outcome.kernel, step.index,

@@ -230,3 +230,37 @@ def test_an_interrupt_is_recorded_where_it_hit_with_the_restored_tunables(tmp_pa
     assert entry["ksm_tunables_after"] == {"run": "0", "use_zero_pages": "0"}
     # no predictor: rows without predictions, written as they came
     assert {r["predicted"] for r in _rows(rundir)} == {""}
+
+
+def test_expect_counts_absolute_counters_from_the_baseline(tmp_path):
+    """An expect of a global counter holds when the kernel started the
+    scenario with that counter already off (a leak stays until reboot)."""
+    from ksmbench.observation import (BASELINE, BASELINE_STEP, ObservationPoint, PointObserved,
+                                      ScenarioFinished, ScenarioStarted)
+    from ksmbench.results import RunDir
+    from ksmbench.runner import RunRecorder, Runner
+    from ksmbench.scenario import parse_scenario
+
+    scenario = parse_scenario('name = "t"\n[[step]]\nop = "mmap"\nregion = "a"\npages = 1\n'
+                              '[[step]]\nop = "expect"\n"global.ksm_zero_pages" = 0\n')
+
+    class Leaked:
+        label = "fake"
+        tunables_after: dict = {}
+
+        def preflight(self):
+            pass
+
+        def events(self, scenarios, *, artifacts_dir=None):
+            yield ScenarioStarted("t", 2, 0)
+            yield PointObserved("t", ObservationPoint(BASELINE_STEP, BASELINE, None,
+                                                      {"global.ksm_zero_pages": 103}))
+            yield PointObserved("t", ObservationPoint(0, "mmap", None, {"global.ksm_zero_pages": 103}))
+            yield PointObserved("t", ObservationPoint(1, "expect", None,
+                                                      {"global.ksm_zero_pages": 103}))
+            yield ScenarioFinished("t")
+
+    rundir = RunDir(tmp_path)
+    outcome = Runner([RunRecorder(rundir)]).run_kernel(Leaked(), [scenario])
+    result = outcome.scenarios["t"]
+    assert result.expect_checked == 1 and result.expect_failures == []
