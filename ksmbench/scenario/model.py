@@ -223,7 +223,7 @@ class World:
     def remap(self, proc: str, region: str, pages: int, move: bool) -> None:
         """mremap: a moved region is one VMA at the top; in place, shrinking
         drops the tail and growing extends the last run."""
-        runs = self.vmas[(proc, region)]
+        runs = self.vmas.get((proc, region)) or PageRuns(pages)
         if move:
             self.vmas[(proc, region)] = PageRuns(pages, runs.runs[0][2])
             self.top[proc] = region
@@ -282,7 +282,7 @@ class World:
         self.top[child] = self.top.get(parent)
         for region in self.procs[child]:
             # dup_mmap() copies no VM_DONTCOPY VMA (MADV_DONTFORK)
-            self.vmas[(child, region)] = self.vmas[(parent, region)].forked()
+            self.vmas[(child, region)] = self.vmas.get((parent, region), PageRuns(0)).forked()
         for region, pages in self.procs[child].items():
             self.all_regions[(child, region)] = pages
 
@@ -394,7 +394,9 @@ class Madvise(Step):
         return world.access_problem(self.proc, self.region, self.first, self.end, None)
 
     def track(self, world: World) -> None:
-        runs = world.vmas[(self.proc, self.region)]
+        runs = world.vmas.get((self.proc, self.region))
+        if runs is None:
+            return  # a shrink candidate without the region's mmap (the loader refuses it)
         if self.advice in ("dontfork", "wipeonfork"):
             runs.set(self.first, self.end, self.advice, True)
         elif self.advice in ("mergeable", "unmergeable"):
@@ -409,7 +411,7 @@ class Prctl(Step):
     merge: bool = spec("bool")
 
     def track(self, world: World) -> None:
-        for region, pages in world.procs[self.proc].items():  # every VMA changes
+        for region, pages in world.procs.get(self.proc, {}).items():  # every VMA changes
             world.vmas[(self.proc, region)].set(0, pages, "mergeable", self.merge)
 
 
@@ -564,7 +566,9 @@ class Mprotect(Step):
         return world.access_problem(self.proc, self.region, self.first, self.end, None)
 
     def track(self, world: World) -> None:
-        world.vmas[(self.proc, self.region)].set(self.first, self.end, "prot", self.prot)
+        runs = world.vmas.get((self.proc, self.region))
+        if runs is not None:  # else a shrink candidate the loader refuses
+            runs.set(self.first, self.end, "prot", self.prot)
 
 
 @op("mremap")
