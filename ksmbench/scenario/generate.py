@@ -237,12 +237,12 @@ def rebuild(scenario: m.Scenario, steps: Sequence[m.Step],
     candidate = dataclasses.replace(
         scenario, ksm=scenario.ksm if ksm is None else ksm,
         steps=tuple(dataclasses.replace(s, index=i) for i, s in enumerate(steps)))
-    if leaks_zero_pages(candidate.steps, candidate.ksm):  # never run (module docstring)
-        return None
     try:
-        return parse_scenario(to_toml(candidate), source=scenario.source)
+        loaded = parse_scenario(to_toml(candidate), source=scenario.source)
     except ScenarioError:
         return None
+    # valid, but never run (module docstring)
+    return None if leaks_zero_pages(loaded.steps, loaded.ksm) else loaded
 
 
 def valid(scenario: m.Scenario) -> bool:

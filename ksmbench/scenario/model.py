@@ -220,10 +220,15 @@ class World:
         self.procs.setdefault(proc, {})[region] = pages
         self.all_regions[(proc, region)] = max(pages, self.all_regions.get((proc, region), 0))
 
+    def runs(self, proc: str, region: str) -> PageRuns:
+        """The region's VMA attributes; for a region ``proc`` does not map, a
+        throwaway (the serialiser tracks shrink candidates the loader refuses)."""
+        return self.vmas.get((proc, region)) or PageRuns(0)
+
     def remap(self, proc: str, region: str, pages: int, move: bool) -> None:
         """mremap: a moved region is one VMA at the top; in place, shrinking
         drops the tail and growing extends the last run."""
-        runs = self.vmas[(proc, region)]
+        runs = self.runs(proc, region)
         if move:
             self.vmas[(proc, region)] = PageRuns(pages, runs.runs[0][2])
             self.top[proc] = region
@@ -282,7 +287,7 @@ class World:
         self.top[child] = self.top.get(parent)
         for region in self.procs[child]:
             # dup_mmap() copies no VM_DONTCOPY VMA (MADV_DONTFORK)
-            self.vmas[(child, region)] = self.vmas[(parent, region)].forked()
+            self.vmas[(child, region)] = self.runs(parent, region).forked()
         for region, pages in self.procs[child].items():
             self.all_regions[(child, region)] = pages
 
@@ -394,7 +399,7 @@ class Madvise(Step):
         return world.access_problem(self.proc, self.region, self.first, self.end, None)
 
     def track(self, world: World) -> None:
-        runs = world.vmas[(self.proc, self.region)]
+        runs = world.runs(self.proc, self.region)
         if self.advice in ("dontfork", "wipeonfork"):
             runs.set(self.first, self.end, self.advice, True)
         elif self.advice in ("mergeable", "unmergeable"):
@@ -409,8 +414,8 @@ class Prctl(Step):
     merge: bool = spec("bool")
 
     def track(self, world: World) -> None:
-        for region, pages in world.procs[self.proc].items():  # every VMA changes
-            world.vmas[(self.proc, region)].set(0, pages, "mergeable", self.merge)
+        for region, pages in world.procs.get(self.proc, {}).items():  # every VMA changes
+            world.runs(self.proc, region).set(0, pages, "mergeable", self.merge)
 
 
 @op("scan")
@@ -564,7 +569,7 @@ class Mprotect(Step):
         return world.access_problem(self.proc, self.region, self.first, self.end, None)
 
     def track(self, world: World) -> None:
-        world.vmas[(self.proc, self.region)].set(self.first, self.end, "prot", self.prot)
+        world.runs(self.proc, self.region).set(self.first, self.end, "prot", self.prot)
 
 
 @op("mremap")
