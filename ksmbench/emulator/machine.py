@@ -181,9 +181,9 @@ class Segment:
     def grow(self, npages: int) -> None:
         """vma-ops: mremap grows the region in place (arrays only)."""
         extra = npages - self.n
-        fills = {"pte": -1, "inode": -1, "ick": NO_CHECKSUM, "prot": PROT_RW}
+        fills = {"pte": -1, "inode": -1, "ick": NO_CHECKSUM, "prot": PROT_RW, "wp_frame": -1}
         for name in ("pte", "zdirty", "merge", "anon", "item", "ist", "inode", "ick", "iage",
-                     "iskip", "prot", "dontcopy", "wipe"):
+                     "iskip", "uffd", "wp_frame", "prot", "dontcopy", "wipe"):
             arr = getattr(self, name)
             setattr(self, name, np.concatenate([arr, np.full(extra, fills.get(name, 0),
                                                              dtype=arr.dtype)]))
@@ -545,8 +545,9 @@ class Ksm:
             if pages > seg.n:
                 seg.grow(pages)
             if pages > old:
-                # vma_expand(): the new pages are part of the same VMA
-                for arr in (seg.merge, seg.anon, seg.prot, seg.dontcopy, seg.wipe):
+                # vma_expand(): the new pages are part of the same VMA (VM_UFFD_WP
+                # too; an empty PTE there has no uffd-wp bit, so writes go through)
+                for arr in (seg.merge, seg.anon, seg.uffd, seg.prot, seg.dontcopy, seg.wipe):
                     arr[old:pages] = arr[old - 1]
                 mm.next_addr = max(mm.next_addr, seg.start + pages + 1)
             seg.vma_end = pages

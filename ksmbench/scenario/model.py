@@ -143,11 +143,13 @@ class KsmSettings:
 
 class PageRuns:
     """A region's pages as runs [first, end) of equal VMA attributes (prot,
-    dontfork, wipeonfork, absent, and VM_MERGEABLE as madvise and prctl set
-    it: each splits VMAs); regions can be far too large for a list per page."""
+    dontfork, wipeonfork, absent, VM_MERGEABLE as madvise and prctl set it,
+    and uffd: registered with userfaultfd by uffd_wp, in this process or the
+    parent it was forked from, whose split the child's copy keeps): each
+    splits VMAs; regions can be far too large for a list per page."""
 
     DEFAULT = (("prot", "read-write"), ("dontfork", False), ("wipeonfork", False),
-               ("absent", False), ("mergeable", False))
+               ("absent", False), ("mergeable", False), ("uffd", False))
 
     def __init__(self, pages: int, attrs: tuple = DEFAULT):
         self.runs: list[list] = [[0, pages, attrs]]
@@ -549,6 +551,8 @@ class UffdWp(Step):
     def track(self, world: World) -> None:
         world.write_protected.setdefault((self.proc, self.region), []).append(
             (self.first, self.end))
+        # UFFDIO_REGISTER on part of a VMA splits it (mremap cannot move or grow it then)
+        world.runs(self.proc, self.region).set(self.first, self.end, "uffd", True)
 
 
 #: mprotect() protections a scenario can ask for
