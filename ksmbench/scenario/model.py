@@ -145,11 +145,12 @@ class PageRuns:
     """A region's pages as runs [first, end) of equal VMA attributes (prot,
     dontfork, wipeonfork, absent, VM_MERGEABLE as madvise and prctl set it,
     and uffd: registered with userfaultfd by uffd_wp, in this process or the
-    parent it was forked from, whose split the child's copy keeps): each
-    splits VMAs; regions can be far too large for a list per page."""
+    parent it was forked from, whose split the child's copy keeps; vma: see
+    :meth:`pin`): each splits VMAs; regions can be far too large for a list
+    per page."""
 
     DEFAULT = (("prot", "read-write"), ("dontfork", False), ("wipeonfork", False),
-               ("absent", False), ("mergeable", False), ("uffd", False))
+               ("absent", False), ("mergeable", False), ("uffd", False), ("vma", 0))
 
     def __init__(self, pages: int, attrs: tuple = DEFAULT):
         self.runs: list[list] = [[0, pages, attrs]]
@@ -173,6 +174,14 @@ class PageRuns:
 
     def uniform(self) -> bool:
         return len({attrs for _, _, attrs in self.runs}) == 1
+
+    def pin(self) -> None:
+        """Keep today's VMAs apart even when their attributes become equal:
+        prctl(PR_SET_MEMORY_MERGE) sets VM_MERGEABLE on each VMA in place,
+        without vma_merge() (found by a random run: mremap EFAULT)."""
+        if not self.uniform():
+            for run in self.runs:
+                run[2] = tuple((k, run[0] if k == "vma" else v) for k, v in run[2])
 
     def forked(self) -> "PageRuns":
         """The child's copy: pages of a VM_DONTCOPY run are absent there."""
@@ -417,7 +426,9 @@ class Prctl(Step):
 
     def track(self, world: World) -> None:
         for region, pages in world.procs.get(self.proc, {}).items():  # every VMA changes
-            world.runs(self.proc, region).set(0, pages, "mergeable", self.merge)
+            runs = world.runs(self.proc, region)
+            runs.pin()
+            runs.set(0, pages, "mergeable", self.merge)
 
 
 @op("scan")
