@@ -6,7 +6,8 @@ candidate re-run on the kernel) and written as a TOML file that reproduces it;
 the failure message names the file.
 
 Size: ``KSMBENCH_DIFF_COUNT`` scenarios (default 8, about 10 s here), first
-seed ``KSMBENCH_DIFF_SEED`` (default 1000), files written to
+seed ``KSMBENCH_DIFF_SEED`` (default 1300: a batch that holds every op and
+tunable of issue 14, which a test checks), files written to
 ``KSMBENCH_DIFF_OUT`` (default: pytest's tmp_path).
 """
 
@@ -19,7 +20,7 @@ import pytest
 
 from ksmbench.compare.differential import HostRunner, compare, run_differential
 from ksmbench.scenario import model as m
-from ksmbench.scenario.generate import random_scenario, rebuild, shrink, valid
+from ksmbench.scenario.generate import leaks_zero_pages, random_scenario, rebuild, shrink, valid
 from ksmbench.scenario.loader import parse_scenario
 from ksmbench.scenario.patterns import parse_pattern
 from ksmbench.scenario.serialise import to_toml
@@ -32,6 +33,64 @@ def test_random_scenarios_are_valid_and_roundtrip_through_toml():
         scenario = random_scenario(seed)
         again = parse_scenario(to_toml(scenario, "comment\nlines"), source=scenario.source)
         assert again == scenario and again.region_pages == scenario.region_pages
+
+
+#: the real run's default batch (test_random_scenarios_match_the_host_kernel)
+DEFAULT_FIRST, DEFAULT_COUNT = 1300, 8
+#: what the generator reaches beyond the v1 ops: issue 14's ops, advices and tunables
+ISSUE14 = {"set:use_zero_pages", "set:max_page_sharing", "set:smart_scan",
+           "set:merge_across_nodes", "scan:pages", "mprotect", "mremap:move", "mremap:in-place",
+           "write_byte", "exec", "uffd_wp", "madvise:free", "madvise:dontfork",
+           "madvise:wipeonfork", "madvise:cold", "madvise:pageout",
+           "ksm:stable_node_chains_prune_millisecs"}
+
+
+def features(scenario):
+    out = set()
+    for st in scenario.steps:
+        if isinstance(st, m.Set):
+            out.add(f"set:{st.tunable}")
+        elif isinstance(st, m.Scan) and st.pages is not None:
+            out.add("scan:pages")
+        elif isinstance(st, m.Madvise):
+            out.add(f"madvise:{st.advice}")
+        elif isinstance(st, m.Mremap):
+            out.add("mremap:move" if st.move else "mremap:in-place")
+        else:
+            out.add(st.op)
+    if scenario.ksm.stable_node_chains_prune_millisecs:
+        out.add("ksm:stable_node_chains_prune_millisecs")
+    return out
+
+
+def test_the_real_runs_seeded_batch_holds_every_new_op_and_tunable():
+    seen = set().union(*(features(random_scenario(seed))
+                         for seed in range(DEFAULT_FIRST, DEFAULT_FIRST + DEFAULT_COUNT)))
+    assert ISSUE14 <= seen, ISSUE14 - seen
+    # the same seed gives the same scenario
+    assert random_scenario(DEFAULT_FIRST) == random_scenario(DEFAULT_FIRST)
+
+
+def test_no_zero_pages_are_forked_out_of_dontfork_or_wipeonfork_ranges():
+    """The host's ksm_zero_pages would leak until reboot (generate.py's docstring)."""
+    hazards = 0
+    for seed in range(400):
+        s = random_scenario(seed)
+        assert not leaks_zero_pages(s.steps, s.ksm)
+        hazards += any(isinstance(st, m.Madvise) and st.advice in ("dontfork", "wipeonfork")
+                       for st in s.steps) and any(isinstance(st, m.Fork) for st in s.steps)
+    assert hazards > 10  # DONTFORK and fork still meet, without zero pages
+    steps = [m.Mmap(0, m.MAIN, "a", 4), m.Fill(1, m.MAIN, "a", 0, 4, parse_pattern("zero")),
+             m.Madvise(2, m.MAIN, "a", 0, 4, "mergeable"), m.Scan(3, m.MAIN),
+             m.Madvise(4, m.MAIN, "a", 0, 2, "wipeonfork"), m.Fork(5, m.MAIN, "c"),
+             m.Exit(6, "c")]
+    scenario = m.Scenario("leak", "", m.KsmSettings(use_zero_pages=True), tuple(steps))
+    assert leaks_zero_pages(steps, scenario.ksm)
+    assert rebuild(scenario, steps) is None  # the shrinker never tries it
+    assert rebuild(scenario, steps, m.KsmSettings()) is not None
+    # use_zero_pages turned on by a step counts as well
+    on = [m.Set(0, m.MAIN, "use_zero_pages", 1), *steps]
+    assert leaks_zero_pages(on, m.KsmSettings())
 
 
 def test_shrink_finds_a_small_failing_scenario():
@@ -48,6 +107,17 @@ def test_shrink_finds_a_small_failing_scenario():
     assert fails(small) and valid(small)
     assert len(small.steps) <= 4 < len(scenario.steps)
     assert tried > 0
+
+
+def test_shrink_keeps_the_new_ops_valid():
+    """Candidates with a step on a region they no longer map are written (and
+    refused) on the way: tracking them must not fail (mprotect did)."""
+    for seed in range(DEFAULT_FIRST, DEFAULT_FIRST + DEFAULT_COUNT):
+        scenario = random_scenario(seed, max_steps=30)
+        for op in sorted(features(scenario) & ISSUE14)[:4]:
+            small, _ = shrink(scenario, lambda c, op=op: op in features(c), budget=60)
+            assert valid(small) and op in features(small)
+            assert len(small.steps) < len(scenario.steps)
 
 
 def test_compare_reports_differences_and_missing_metrics():
@@ -72,8 +142,8 @@ def test_random_scenarios_match_the_host_kernel(tmp_path):
     from ksmbench.errors import Busy
     from ksmbench.kernel.lock import RunLock
 
-    count = int(os.environ.get("KSMBENCH_DIFF_COUNT", "8"))
-    first = int(os.environ.get("KSMBENCH_DIFF_SEED", "1000"))
+    count = int(os.environ.get("KSMBENCH_DIFF_COUNT", str(DEFAULT_COUNT)))
+    first = int(os.environ.get("KSMBENCH_DIFF_SEED", str(DEFAULT_FIRST)))
     out = Path(os.environ.get("KSMBENCH_DIFF_OUT", tmp_path))
     try:
         with RunLock(timeout=RUN_LOCK_WAIT):
