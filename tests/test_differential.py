@@ -18,7 +18,7 @@ from pathlib import Path
 
 import pytest
 
-from ksmbench.compare.differential import HostRunner, compare, run_differential
+from ksmbench.compare.differential import HostRunner, Tally, compare, run_differential
 from ksmbench.scenario import model as m
 from ksmbench.scenario.generate import leaks_zero_pages, random_scenario, rebuild, shrink, valid
 from ksmbench.scenario.loader import parse_scenario
@@ -148,12 +148,19 @@ def test_random_scenarios_match_the_host_kernel(tmp_path):
     try:
         with RunLock(timeout=RUN_LOCK_WAIT):
             runner = HostRunner()
+            tally = Tally()
             checked, findings, errors = run_differential(range(first, first + count), out,
-                                                         runner=runner)
+                                                         runner=runner, tally=tally)
     except Busy as exc:
         pytest.skip(f"host KSM is in use: {exc.one_line()}")
     assert not errors, errors
     assert checked == count
+    assert tally.cells > 50 * count  # every point's counters, not just a few
+    if (first, count) == (DEFAULT_FIRST, DEFAULT_COUNT):  # the new ops ran on the kernel
+        assert {"set:use_zero_pages", "set:max_page_sharing", "set:smart_scan",
+                "set:merge_across_nodes", "scan:pages", "write_byte", "exec", "uffd_wp",
+                "mprotect", "mremap", "madvise:free", "madvise:dontfork", "madvise:wipeonfork",
+                "madvise:cold", "madvise:pageout"} <= set(tally.ops)
     assert not findings, "emulator and kernel disagree; shrunk reproducers: " + ", ".join(
         f"{f.path} ({f.cells[0].describe()})" for f in findings)
 

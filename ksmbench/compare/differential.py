@@ -11,8 +11,10 @@ writes the shrunk scenario as a TOML file that reproduces the mismatch.
 from __future__ import annotations
 
 import argparse
+import json
 import sys
-from dataclasses import dataclass
+import time
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Callable, Iterable, Sequence
 
@@ -24,6 +26,23 @@ from ..runner import KernelOutcome, Observer, PointCollector, Runner
 from ..scenario import model as m
 from ..scenario.generate import random_scenario, shrink
 from ..scenario.serialise import to_toml
+
+
+@dataclass
+class Tally:
+    """What a campaign compared: cells judged (both sides have a value, or one
+    side and the metric is not excused), and steps by op (with the madvise
+    advice and set tunable) in the scenarios checked."""
+
+    cells: int = 0
+    ops: dict[str, int] = field(default_factory=dict)
+
+    def add_ops(self, scenario: m.Scenario) -> None:
+        for step in scenario.steps:
+            key = step.op + {"madvise": f":{getattr(step, 'advice', '')}",
+                             "set": f":{getattr(step, 'tunable', '')}",
+                             "scan": ":pages" if getattr(step, "pages", None) else ""}.get(step.op, "")
+            self.ops[key] = self.ops.get(key, 0) + 1
 
 
 @dataclass
@@ -40,13 +59,14 @@ class Cell:
 
 
 def compare(observed: Sequence[ObservationPoint], predicted: Sequence[ObservationPoint],
-            unmodelled: Callable[[str], bool] = lambda metric: False) -> list[Cell]:
+            unmodelled: Callable[[str], bool] = lambda metric: False,
+            tally: Tally | None = None) -> list[Cell]:
     """Every cell that does not match: both sides have a value and they differ,
     or only one side has a value (shown with None) and ``unmodelled`` (the
     documented list, :func:`ksmbench.emulator.unmodelled_for`) does not excuse
     the metric; a point only one side has is a ``<point>`` cell.  Predicted
     absolute counters start from the observed baseline point, which is itself
-    measured, not compared."""
+    measured, not compared.  ``tally`` counts the cells judged."""
     base = baseline_of(observed)
     pred = {(p.step, p.scan): p for p in rebase(predicted, base.values if base else None)
             if p.op != BASELINE}
@@ -60,7 +80,10 @@ def compare(observed: Sequence[ObservationPoint], predicted: Sequence[Observatio
             continue
         for metric in {**o.values, **p.values}:
             ov, pv = o.values.get(metric), p.values.get(metric)
-            if judge(ov, pv, excused=unmodelled(metric)) is False:
+            verdict = judge(ov, pv, excused=unmodelled(metric))
+            if tally is not None and verdict is not None:
+                tally.cells += 1
+            if verdict is False:
                 out.append(Cell(o.step, o.scan, metric, ov, pv))
     for p in pred.values():
         out.append(Cell(p.step, p.scan, "<point>", None, 1))
@@ -168,8 +191,8 @@ class Finding:
     tried: int = 0
 
 
-def check_scenarios(scenarios: Sequence[m.Scenario], runner, profile: str | None
-                    ) -> list[tuple[m.Scenario, list[Cell], str | None]]:
+def check_scenarios(scenarios: Sequence[m.Scenario], runner, profile: str | None,
+                    tally: Tally | None = None) -> list[tuple[m.Scenario, list[Cell], str | None]]:
     results = runner.run(scenarios)
     profile = profile or runner.profile
     from ..emulator.emulate import ScenarioRun
@@ -181,7 +204,9 @@ def check_scenarios(scenarios: Sequence[m.Scenario], runner, profile: str | None
         predicted = list(run.points())
         if error is not None and any(not run.supported(s) for s in scenario.steps) and points:
             error = None  # the kernel refused an op its profile lacks (prctl before 6.4)
-        cells = compare(points, predicted, run.unmodelled) if error is None else []
+        cells = compare(points, predicted, run.unmodelled, tally) if error is None else []
+        if tally is not None and error is None:
+            tally.add_ops(scenario)
         out.append((scenario, cells, error))
     return out
 
@@ -189,9 +214,10 @@ def check_scenarios(scenarios: Sequence[m.Scenario], runner, profile: str | None
 def run_differential(seeds: Iterable[int], out_dir: Path, *, runner: HostRunner | None = None,
                      profile: str | None = None, shrink_budget: int = 40,
                      progress: Callable[[str], None] = lambda msg: None,
-                     batch: int = 10, max_pages: int = 48, max_steps: int = 18
-                     ) -> tuple[int, list[Finding], list[str]]:
-    """Returns (scenarios checked, findings, errors)."""
+                     batch: int = 10, max_pages: int = 48, max_steps: int = 18,
+                     tally: Tally | None = None) -> tuple[int, list[Finding], list[str]]:
+    """Returns (scenarios checked, findings, errors); ``tally`` counts what
+    the scenarios compared (shrinking runs not included)."""
     runner = runner or HostRunner()
     seeds = list(seeds)
     findings: list[Finding] = []
@@ -201,7 +227,7 @@ def run_differential(seeds: Iterable[int], out_dir: Path, *, runner: HostRunner 
         chunk = seeds[start:start + batch]
         scenarios = [random_scenario(seed, max_pages=max_pages, max_steps=max_steps)
                      for seed in chunk]
-        results = check_scenarios(scenarios, runner, profile)
+        results = check_scenarios(scenarios, runner, profile, tally)
         profile = profile or runner.profile
         for seed, (scenario, cells, error) in zip(chunk, results):
             if error is not None:
@@ -254,6 +280,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = ap.parse_args(argv)
 
     err = make_console(stderr=True)
+    tally = Tally()
+    started = time.monotonic()
     with RunLock(timeout=args.wait), err.status("differential run") as status:
         runner = HostRunner() if args.kernel == "host" else BackendRunner(args.kernel)
 
@@ -264,14 +292,26 @@ def main(argv: Sequence[str] | None = None) -> int:
         checked, findings, errors = run_differential(
             range(args.seed, args.seed + args.count), Path(args.out), profile=args.profile,
             runner=runner, progress=progress, max_pages=args.max_pages,
-            max_steps=args.max_steps, batch=args.batch)
+            max_steps=args.max_steps, batch=args.batch, tally=tally)
     for e in errors:
         print("error:", e)
     for f in findings:
         print(f"MISMATCH seed {f.seed}: {f.path}")
         for c in f.cells[:5]:
             print("   ", c.describe())
-    print(f"{checked} random scenarios checked, {len(findings)} mismatching, {len(errors)} errors")
+    seconds = round(time.monotonic() - started, 1)
+    print(f"{checked} random scenarios checked, {tally.cells} cells compared, "
+          f"{len(findings)} mismatching, {len(errors)} errors, {seconds} s")
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    summary = {"kernel": args.kernel, "release": runner.release, "profile": args.profile
+               or runner.profile, "seeds": [args.seed, args.seed + args.count - 1],
+               "max_pages": args.max_pages, "max_steps": args.max_steps,
+               "scenarios_checked": checked, "cells_compared": tally.cells,
+               "mismatching": [{"seed": f.seed, "reproducer": f.path.name if f.path else None,
+                                "cells": [asdict(c) for c in f.cells[:10]]} for f in findings],
+               "errors": errors, "seconds": seconds, "steps_by_op": dict(sorted(tally.ops.items()))}
+    (out / "summary.json").write_text(json.dumps(summary, indent=1) + "\n")
     return 1 if findings else (2 if errors and not checked else 0)
 
 
