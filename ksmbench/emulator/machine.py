@@ -549,7 +549,12 @@ class Ksm:
                 # too; an empty PTE there has no uffd-wp bit, so writes go through)
                 for arr in (seg.merge, seg.anon, seg.uffd, seg.prot, seg.dontcopy, seg.wipe):
                     arr[old:pages] = arr[old - 1]
-                mm.next_addr = max(mm.next_addr, seg.start + pages + 1)
+            if mm.next_addr == seg.start + old + 1:
+                # the agent places the next region just after the top one, as
+                # it is now, shrunk or grown (agent.op_mremap): found by the
+                # differential test, a region mapped after a shrink lay behind
+                # ksmd's cursor
+                mm.next_addr = seg.start + pages + 1
             seg.vma_end = pages
             return
         # move_vma(): ksm_madvise(MADV_UNMERGEABLE) on the old range first, with
