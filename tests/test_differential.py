@@ -284,3 +284,28 @@ def test_the_reproducers_match_the_host_kernel():
     for scenario, cells, error in results:
         assert error is None, (scenario.name, error)
         assert not cells, f"{scenario.name}: {cells[0].describe()}"
+
+
+def test_a_scenario_the_kernel_cannot_run_is_not_applicable_only_where_the_profile_agrees(tmp_path):
+    """debian:6.1 refuses every random scenario with prctl (6.4) as a whole;
+    such a scenario is counted as not applicable, not as a mismatch of every
+    predicted point, unless the profile says the kernel has all it needs."""
+    from ksmbench.compare.differential import NOT_APPLICABLE
+
+    class Refusing:
+        release, profile = "6.1.0-test", "linux-6.1"
+
+        def run(self, scenarios):
+            return {s.name: ([], NOT_APPLICABLE + "PR_SET_MEMORY_MERGE is missing")
+                    for s in scenarios}
+
+    seeds = range(DEFAULT_FIRST, DEFAULT_FIRST + DEFAULT_COUNT)
+    with_prctl = [seed for seed in seeds if "prctl" in features(random_scenario(seed))]
+    assert 0 < len(with_prctl) < DEFAULT_COUNT
+    tally = Tally()
+    checked, findings, errors = run_differential(seeds, tmp_path, runner=Refusing(),
+                                                 tally=tally)
+    assert checked == 0 and not findings
+    assert [int(n.split(":")[0].split()[1]) for n in tally.not_applicable] == with_prctl
+    assert len(errors) == DEFAULT_COUNT - len(with_prctl)
+    assert all("has every feature it needs" in e for e in errors)

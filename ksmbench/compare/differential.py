@@ -28,6 +28,11 @@ from ..scenario.generate import random_scenario, shrink
 from ..scenario.serialise import to_toml
 
 
+#: how an error string starts for a scenario the kernel cannot run at all (a
+#: random scenario with prctl on a kernel before 6.4): not compared, not an error
+NOT_APPLICABLE = "n/a: "
+
+
 @dataclass
 class Tally:
     """What a campaign compared: cells judged (both sides have a value, or one
@@ -36,6 +41,8 @@ class Tally:
 
     cells: int = 0
     ops: dict[str, int] = field(default_factory=dict)
+    #: scenarios the kernel could not run (:data:`NOT_APPLICABLE`), and why
+    not_applicable: list[str] = field(default_factory=list)
 
     def add_ops(self, scenario: m.Scenario) -> None:
         for step in scenario.steps:
@@ -153,10 +160,12 @@ class _JoinedKsm(Observer):
 
 def _run_collecting(backend, scenarios: Sequence[m.Scenario], *observers: Observer
                     ) -> tuple[KernelOutcome, dict[str, tuple[list[ObservationPoint], str | None]]]:
-    """The scenarios through the Runner: each one's points and error (None: no error)."""
+    """The scenarios through the Runner: each one's points and error (None:
+    no error; :data:`NOT_APPLICABLE` and the reason: the kernel lacks what it needs)."""
     points = PointCollector()
     outcome = Runner([points, *observers]).run_kernel(backend, scenarios)
-    return outcome, {name: (points.points.get(name, []), o.error)
+    return outcome, {name: (points.points.get(name, []),
+                            NOT_APPLICABLE + o.skipped if o.skipped else o.error)
                      for name, o in outcome.scenarios.items()}
 
 
@@ -202,8 +211,13 @@ def check_scenarios(scenarios: Sequence[m.Scenario], runner, profile: str | None
         points, error = results.get(scenario.name, ([], "not run"))
         run = ScenarioRun(scenario, profile)
         predicted = list(run.points())
-        if error is not None and any(not run.supported(s) for s in scenario.steps) and points:
+        unsupported = any(not run.supported(s) for s in scenario.steps)
+        if error is not None and unsupported and points:
             error = None  # the kernel refused an op its profile lacks (prctl before 6.4)
+        if error is not None and error.startswith(NOT_APPLICABLE) and not unsupported:
+            # the kernel and the profile disagree on what the kernel has
+            error = (f"the kernel refused the scenario ({error[len(NOT_APPLICABLE):]}), but "
+                     f"profile {profile} has every feature it needs")
         cells = compare(points, predicted, run.unmodelled, tally) if error is None else []
         if tally is not None and error is None:
             tally.add_ops(scenario)
@@ -230,6 +244,10 @@ def run_differential(seeds: Iterable[int], out_dir: Path, *, runner: HostRunner 
         results = check_scenarios(scenarios, runner, profile, tally)
         profile = profile or runner.profile
         for seed, (scenario, cells, error) in zip(chunk, results):
+            if error is not None and error.startswith(NOT_APPLICABLE):
+                if tally is not None:
+                    tally.not_applicable.append(f"seed {seed}: {error[len(NOT_APPLICABLE):]}")
+                continue
             if error is not None:
                 errors.append(f"seed {seed}: {error}")
                 continue
@@ -301,7 +319,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             print("   ", c.describe())
     seconds = round(time.monotonic() - started, 1)
     print(f"{checked} random scenarios checked, {tally.cells} cells compared, "
-          f"{len(findings)} mismatching, {len(errors)} errors, {seconds} s")
+          f"{len(findings)} mismatching, {len(errors)} errors, "
+          f"{len(tally.not_applicable)} not applicable to this kernel, {seconds} s")
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     summary = {"kernel": args.kernel, "release": runner.release, "profile": args.profile
@@ -310,7 +329,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                "scenarios_checked": checked, "cells_compared": tally.cells,
                "mismatching": [{"seed": f.seed, "reproducer": f.path.name if f.path else None,
                                 "cells": [asdict(c) for c in f.cells[:10]]} for f in findings],
-               "errors": errors, "seconds": seconds, "steps_by_op": dict(sorted(tally.ops.items()))}
+               "errors": errors, "not_applicable": tally.not_applicable, "seconds": seconds, "steps_by_op": dict(sorted(tally.ops.items()))}
     (out / "summary.json").write_text(json.dumps(summary, indent=1) + "\n")
     return 1 if findings else (2 if errors and not checked else 0)
 
