@@ -56,9 +56,8 @@ def _forks_zero_pages_out(world: m.World, step: m.Step, zero_pages_seen: bool) -
     counted in the global ksm_zero_pages until reboot (module docstring)."""
     if not (zero_pages_seen and isinstance(step, m.Fork)):
         return False
-    return any(runs.any(0, pages, advice, True)
+    return any(world.runs(step.proc, region).any(0, pages, advice, True)
                for region, pages in world.procs.get(step.proc, {}).items()
-               for runs in (world.vmas[(step.proc, region)],)
                for advice in ("dontfork", "wipeonfork"))
 
 
