@@ -132,7 +132,11 @@ def test_mremap_grows_in_place_only_the_last_region_and_moves_only_one_vma():
     assert "several VMAs" in str(err)
     # attributes made uniform again: one VMA again
     scen([mmap("a"), mprotect("none", rng=(0, 1)), mprotect("read-write", rng=(0, 1)), grow])
-    scen([mmap("a"), madvise("mergeable", rng=(1, 3)), {"op": "prctl", "merge": True}, grow])
+    # but not by prctl: ksm_add_vmas() sets VM_MERGEABLE on each VMA in place,
+    # without vma_merge() (measured on this host's 6.18: mremap EFAULT, random seed 100011)
+    err = refused([mmap("a"), madvise("mergeable", rng=(1, 3)), {"op": "prctl", "merge": True},
+                   grow])
+    assert "several VMAs" in str(err)
 
 
 def test_a_forked_child_cannot_touch_what_madv_dontfork_kept_from_it():

@@ -11,8 +11,10 @@ writes the shrunk scenario as a TOML file that reproduces the mismatch.
 from __future__ import annotations
 
 import argparse
+import json
 import sys
-from dataclasses import dataclass
+import time
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Callable, Iterable, Sequence
 
@@ -24,6 +26,30 @@ from ..runner import KernelOutcome, Observer, PointCollector, Runner
 from ..scenario import model as m
 from ..scenario.generate import random_scenario, shrink
 from ..scenario.serialise import to_toml
+
+
+#: how an error string starts for a scenario the kernel cannot run at all (a
+#: random scenario with prctl on a kernel before 6.4): not compared, not an error
+NOT_APPLICABLE = "n/a: "
+
+
+@dataclass
+class Tally:
+    """What a campaign compared: cells judged (both sides have a value, or one
+    side and the metric is not excused), and steps by op (with the madvise
+    advice and set tunable) in the scenarios checked."""
+
+    cells: int = 0
+    ops: dict[str, int] = field(default_factory=dict)
+    #: scenarios the kernel could not run (:data:`NOT_APPLICABLE`), and why
+    not_applicable: list[str] = field(default_factory=list)
+
+    def add_ops(self, scenario: m.Scenario) -> None:
+        for step in scenario.steps:
+            key = step.op + {"madvise": f":{getattr(step, 'advice', '')}",
+                             "set": f":{getattr(step, 'tunable', '')}",
+                             "scan": ":pages" if getattr(step, "pages", None) else ""}.get(step.op, "")
+            self.ops[key] = self.ops.get(key, 0) + 1
 
 
 @dataclass
@@ -40,13 +66,14 @@ class Cell:
 
 
 def compare(observed: Sequence[ObservationPoint], predicted: Sequence[ObservationPoint],
-            unmodelled: Callable[[str], bool] = lambda metric: False) -> list[Cell]:
+            unmodelled: Callable[[str], bool] = lambda metric: False,
+            tally: Tally | None = None) -> list[Cell]:
     """Every cell that does not match: both sides have a value and they differ,
     or only one side has a value (shown with None) and ``unmodelled`` (the
     documented list, :func:`ksmbench.emulator.unmodelled_for`) does not excuse
     the metric; a point only one side has is a ``<point>`` cell.  Predicted
     absolute counters start from the observed baseline point, which is itself
-    measured, not compared."""
+    measured, not compared.  ``tally`` counts the cells judged."""
     base = baseline_of(observed)
     pred = {(p.step, p.scan): p for p in rebase(predicted, base.values if base else None)
             if p.op != BASELINE}
@@ -60,7 +87,10 @@ def compare(observed: Sequence[ObservationPoint], predicted: Sequence[Observatio
             continue
         for metric in {**o.values, **p.values}:
             ov, pv = o.values.get(metric), p.values.get(metric)
-            if judge(ov, pv, excused=unmodelled(metric)) is False:
+            verdict = judge(ov, pv, excused=unmodelled(metric))
+            if tally is not None and verdict is not None:
+                tally.cells += 1
+            if verdict is False:
                 out.append(Cell(o.step, o.scan, metric, ov, pv))
     for p in pred.values():
         out.append(Cell(p.step, p.scan, "<point>", None, 1))
@@ -130,10 +160,12 @@ class _JoinedKsm(Observer):
 
 def _run_collecting(backend, scenarios: Sequence[m.Scenario], *observers: Observer
                     ) -> tuple[KernelOutcome, dict[str, tuple[list[ObservationPoint], str | None]]]:
-    """The scenarios through the Runner: each one's points and error (None: no error)."""
+    """The scenarios through the Runner: each one's points and error (None:
+    no error; :data:`NOT_APPLICABLE` and the reason: the kernel lacks what it needs)."""
     points = PointCollector()
     outcome = Runner([points, *observers]).run_kernel(backend, scenarios)
-    return outcome, {name: (points.points.get(name, []), o.error)
+    return outcome, {name: (points.points.get(name, []),
+                            NOT_APPLICABLE + o.skipped if o.skipped else o.error)
                      for name, o in outcome.scenarios.items()}
 
 
@@ -168,8 +200,8 @@ class Finding:
     tried: int = 0
 
 
-def check_scenarios(scenarios: Sequence[m.Scenario], runner, profile: str | None
-                    ) -> list[tuple[m.Scenario, list[Cell], str | None]]:
+def check_scenarios(scenarios: Sequence[m.Scenario], runner, profile: str | None,
+                    tally: Tally | None = None) -> list[tuple[m.Scenario, list[Cell], str | None]]:
     results = runner.run(scenarios)
     profile = profile or runner.profile
     from ..emulator.emulate import ScenarioRun
@@ -179,9 +211,16 @@ def check_scenarios(scenarios: Sequence[m.Scenario], runner, profile: str | None
         points, error = results.get(scenario.name, ([], "not run"))
         run = ScenarioRun(scenario, profile)
         predicted = list(run.points())
-        if error is not None and any(not run.supported(s) for s in scenario.steps) and points:
+        unsupported = any(not run.supported(s) for s in scenario.steps)
+        if error is not None and unsupported and points:
             error = None  # the kernel refused an op its profile lacks (prctl before 6.4)
-        cells = compare(points, predicted, run.unmodelled) if error is None else []
+        if error is not None and error.startswith(NOT_APPLICABLE) and not unsupported:
+            # the kernel and the profile disagree on what the kernel has
+            error = (f"the kernel refused the scenario ({error[len(NOT_APPLICABLE):]}), but "
+                     f"profile {profile} has every feature it needs")
+        cells = compare(points, predicted, run.unmodelled, tally) if error is None else []
+        if tally is not None and error is None:
+            tally.add_ops(scenario)
         out.append((scenario, cells, error))
     return out
 
@@ -189,9 +228,10 @@ def check_scenarios(scenarios: Sequence[m.Scenario], runner, profile: str | None
 def run_differential(seeds: Iterable[int], out_dir: Path, *, runner: HostRunner | None = None,
                      profile: str | None = None, shrink_budget: int = 40,
                      progress: Callable[[str], None] = lambda msg: None,
-                     batch: int = 10, max_pages: int = 48, max_steps: int = 18
-                     ) -> tuple[int, list[Finding], list[str]]:
-    """Returns (scenarios checked, findings, errors)."""
+                     batch: int = 10, max_pages: int = 48, max_steps: int = 18,
+                     tally: Tally | None = None) -> tuple[int, list[Finding], list[str]]:
+    """Returns (scenarios checked, findings, errors); ``tally`` counts what
+    the scenarios compared (shrinking runs not included)."""
     runner = runner or HostRunner()
     seeds = list(seeds)
     findings: list[Finding] = []
@@ -201,9 +241,13 @@ def run_differential(seeds: Iterable[int], out_dir: Path, *, runner: HostRunner 
         chunk = seeds[start:start + batch]
         scenarios = [random_scenario(seed, max_pages=max_pages, max_steps=max_steps)
                      for seed in chunk]
-        results = check_scenarios(scenarios, runner, profile)
+        results = check_scenarios(scenarios, runner, profile, tally)
         profile = profile or runner.profile
         for seed, (scenario, cells, error) in zip(chunk, results):
+            if error is not None and error.startswith(NOT_APPLICABLE):
+                if tally is not None:
+                    tally.not_applicable.append(f"seed {seed}: {error[len(NOT_APPLICABLE):]}")
+                continue
             if error is not None:
                 errors.append(f"seed {seed}: {error}")
                 continue
@@ -254,6 +298,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = ap.parse_args(argv)
 
     err = make_console(stderr=True)
+    tally = Tally()
+    started = time.monotonic()
     with RunLock(timeout=args.wait), err.status("differential run") as status:
         runner = HostRunner() if args.kernel == "host" else BackendRunner(args.kernel)
 
@@ -264,14 +310,27 @@ def main(argv: Sequence[str] | None = None) -> int:
         checked, findings, errors = run_differential(
             range(args.seed, args.seed + args.count), Path(args.out), profile=args.profile,
             runner=runner, progress=progress, max_pages=args.max_pages,
-            max_steps=args.max_steps, batch=args.batch)
+            max_steps=args.max_steps, batch=args.batch, tally=tally)
     for e in errors:
         print("error:", e)
     for f in findings:
         print(f"MISMATCH seed {f.seed}: {f.path}")
         for c in f.cells[:5]:
             print("   ", c.describe())
-    print(f"{checked} random scenarios checked, {len(findings)} mismatching, {len(errors)} errors")
+    seconds = round(time.monotonic() - started, 1)
+    print(f"{checked} random scenarios checked, {tally.cells} cells compared, "
+          f"{len(findings)} mismatching, {len(errors)} errors, "
+          f"{len(tally.not_applicable)} not applicable to this kernel, {seconds} s")
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    summary = {"kernel": args.kernel, "release": runner.release, "profile": args.profile
+               or runner.profile, "seeds": [args.seed, args.seed + args.count - 1],
+               "max_pages": args.max_pages, "max_steps": args.max_steps,
+               "scenarios_checked": checked, "cells_compared": tally.cells,
+               "mismatching": [{"seed": f.seed, "reproducer": f.path.name if f.path else None,
+                                "cells": [asdict(c) for c in f.cells[:10]]} for f in findings],
+               "errors": errors, "not_applicable": tally.not_applicable, "seconds": seconds, "steps_by_op": dict(sorted(tally.ops.items()))}
+    (out / "summary.json").write_text(json.dumps(summary, indent=1) + "\n")
     return 1 if findings else (2 if errors and not checked else 0)
 
 

@@ -545,10 +545,16 @@ class Ksm:
             if pages > seg.n:
                 seg.grow(pages)
             if pages > old:
-                # vma_expand(): the new pages are part of the same VMA
-                for arr in (seg.merge, seg.anon, seg.prot, seg.dontcopy, seg.wipe):
+                # vma_expand(): the new pages are part of the same VMA (VM_UFFD_WP
+                # too; an empty PTE there has no uffd-wp bit, so writes go through)
+                for arr in (seg.merge, seg.anon, seg.uffd, seg.prot, seg.dontcopy, seg.wipe):
                     arr[old:pages] = arr[old - 1]
-                mm.next_addr = max(mm.next_addr, seg.start + pages + 1)
+            if mm.next_addr == seg.start + old + 1:
+                # the agent places the next region just after the top one, as
+                # it is now, shrunk or grown (agent.op_mremap): found by the
+                # differential test, a region mapped after a shrink lay behind
+                # ksmd's cursor
+                mm.next_addr = seg.start + pages + 1
             seg.vma_end = pages
             return
         # move_vma(): ksm_madvise(MADV_UNMERGEABLE) on the old range first, with
@@ -961,9 +967,11 @@ class Ksm:
             key = self._unstable_key.pop((seg.sid, idx), None)
             if key is not None and self.unstable.get(key) == (seg, idx):
                 del self.unstable[key]  # inserted by this scan: rb_erase()
-                unode = self._unstable_nodes.pop((seg.sid, idx), None)
-                if unode is not None:
-                    self.unstable_rb.erase(unode)
+            # the rbtree holds exactly this scan's insertions (its content key
+            # may have been taken over by a node whose tree page changed)
+            unode = self._unstable_nodes.pop((seg.sid, idx), None)
+            if unode is not None:
+                self.unstable_rb.erase(unode)
 
     def _left_stable_tree(self, seg: Segment, idx) -> None:
         """An rmap item (or items) just left the stable tree.  Since 7.3
@@ -1022,12 +1030,15 @@ class Ksm:
     def _unstable_search_insert(self, seg: Segment, idx: int, frame: int):
         """unstable_tree_search_insert().
 
-        The unstable tree is rebuilt every scan and ksmd alone changes page
-        tables while it scans (the scenario's processes are blocked), so every
-        node keeps a valid page and its content for the whole scan: a search
-        then fails only at a node with the same content (same page: "don't
-        substitute a ksm page for a forked page"), and the path taken cannot
-        change the answer.  A dict keyed by content is therefore exact.
+        The unstable tree is rebuilt every scan and, within one batch, ksmd
+        alone changes page tables (the scenario's processes are blocked), so
+        in a scan run as one batch every node keeps a valid page and its
+        content: a search then fails only at a node with the same content
+        (same page: "don't substitute a ksm page for a forked page"), and the
+        path taken cannot change the answer.  A dict keyed by content is
+        therefore exact.  A scan begun by a partial batch may see steps
+        between its batches change tree pages: it walks the rbtree
+        (:meth:`_unstable_walk`).
         """
         cid = int(self.frames.content[frame])
         if self.unstable_rb is not None:
@@ -1046,21 +1057,21 @@ class Ksm:
         return tseg, tidx, tframe
 
     def _unstable_walk(self, seg: Segment, idx: int, frame: int, cid: int):
-        """vma-ops: unstable_tree_search_insert() node by node.  Before
-        protnone_follow (d74943a2f3cd, 6.5) get_mergeable_page() finds no page
-        behind a PROT_NONE PTE, and the search returns NULL at that node:
-        no merge, and this page is not inserted."""
+        """vma-ops: unstable_tree_search_insert() node by node.  Where
+        get_mergeable_page() finds no page for a node (:meth:`_tree_page`)
+        the search returns NULL: no merge, and this page is not inserted.
+        Each node is compared with what its page holds now."""
         node = self.unstable_rb.node
         parent: Optional[UNode] = None
         left = False
         compare = self.contents.compare
         while node is not None:
-            tframe = int(node.seg.pte[node.idx])
-            if not self.protnone_follow and node.seg.prot[node.idx] == PROT_NONE:
+            tframe = self._tree_page(node.seg, node.idx)
+            if tframe is None:
                 return None
             if tframe == frame:
                 return None  # "don't substitute a ksm page for a forked page"
-            c = compare(cid, node.cid)
+            c = compare(cid, int(self.frames.content[tframe]))
             if c == 0:
                 return node.seg, node.idx, tframe
             parent = node
@@ -1073,6 +1084,23 @@ class Ksm:
         self._unstable_key[(seg.sid, idx)] = cid
         self._unstable_nodes[(seg.sid, idx)] = unode
         return None
+
+    def _tree_page(self, seg: Segment, idx: int) -> Optional[int]:
+        """get_mergeable_page() for an unstable tree item: the frame mapped
+        at its address now, or None where find_mergeable_vma() finds no VMA
+        (mm exiting, unmapped, not VM_MERGEABLE, no anon_vma) or the walk no
+        anonymous page (none, the zero page, or before protnone_follow,
+        d74943a2f3cd (6.5), PROT_NONE).  Between the batches of a scan begun
+        by ``scan pages = N`` any step can make this so (found by the
+        differential test: madvise unmergeable between batches)."""
+        mm = seg.mm
+        if (mm.exiting or not mm.alive or not seg.mapped or idx >= seg.vma_end
+                or not (seg.merge[idx] and seg.anon[idx])):
+            return None
+        frame = int(seg.pte[idx])
+        if frame <= 0 or (not self.protnone_follow and seg.prot[idx] == PROT_NONE):
+            return None
+        return frame
 
     def _cmp_and_merge_page(self, seg: Segment, idx: int, frame: int) -> None:
         fr = self.frames
@@ -1213,7 +1241,9 @@ class Ksm:
         """
         self.batches += 1
         if self.cursor is None:
-            self.start_scan()
+            # steps may come between the batches of this scan: its searches
+            # walk the rbtree, where a changed tree page matters
+            self.start_scan(walks=npages is not None)
             i, start = 0, 0
         else:
             i, start = self.slots.index(self.cursor), self.cursor_addr
@@ -1248,14 +1278,15 @@ class Ksm:
                 and self.profile.has("pages_scanned")):
             self.pages_scanned += npages + 1
 
-    def start_scan(self) -> None:
+    def start_scan(self, walks: bool = False) -> None:
         """What a full scan starts with: an empty unstable tree
-        (root_unstable_tree[nid] = RB_ROOT).  The scan itself:
+        (root_unstable_tree[nid] = RB_ROOT), searched node by node when
+        ``walks`` or :meth:`needs_page_walks`.  The scan itself:
         :func:`.scan.full_scan`."""
         self.unstable.clear()
         self._unstable_key.clear()
         self._unstable_nodes.clear()
-        self.unstable_rb = RBRoot() if self.needs_page_walks() else None
+        self.unstable_rb = RBRoot() if walks or self.needs_page_walks() else None
 
     def scan_slots(self, scan_mm) -> None:
         """Visit the mm slots in list order; ``scan_mm(mm)`` False means the

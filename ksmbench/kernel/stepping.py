@@ -32,7 +32,9 @@ the wall clock follow the emulator's modelled one (docs/stepping.md).
 
 A *partial batch* (:meth:`ScanStepper.batch`) runs ksm_do_scan() once with
 ``pages_to_scan`` = N: the end of the batch is seen as ksmd going back to sleep
-(state S) after at least one voluntary context switch since the kick.
+(state S) after at least one voluntary context switch since the kick.  Before
+a batch that resumes a full scan the per-CPU LRU batches are emptied, as ksmd
+does at the start of every full scan (:meth:`ScanStepper._drain_if_resuming`).
 """
 
 from __future__ import annotations
@@ -41,6 +43,7 @@ import time
 
 from ..errors import WaitTimeout
 from ..waiting import time_scale, wait_until
+from . import syscalls
 from .procfs import ProcFS
 from .sysfs import KsmSysfs
 from .tunables import TunableChanges
@@ -66,6 +69,8 @@ class ScanStepper:
         #: full scans completed through this stepper (monotonic, unlike the
         #: kernel's full_scans, which run=2 resets to 0)
         self.scans_done = 0
+        #: a partial batch left ksmd's cursor inside the mm list
+        self._mid_scan = False
         self.prepared = False
         #: the prune clock (hold_prune_clock): the interval in seconds, its
         #: regime, when the last batch ended and when the scenario started
@@ -155,6 +160,18 @@ class ScanStepper:
                               hint="raise stable_node_chains_prune_millisecs in the scenario")
 
     # -- stepping ------------------------------------------------------------
+    def _drain_if_resuming(self) -> None:
+        """Before a batch that resumes a full scan, empty every CPU's LRU
+        batches, as ksmd's lru_add_drain_all() does at the start of each full
+        scan (scan_get_next_rmap_item()).  A page the scenario wrote between
+        two batches of one scan would otherwise sit in a per-CPU batch with
+        an extra reference; write_protect_page() refuses a page whose refcount
+        exceeds its mapcount + 1, so whether it merged would depend on which
+        CPU the write ran on and how full that CPU's batch was (found by the
+        differential test: the same scenario merged 2, then 0, of 26 pages)."""
+        if self._mid_scan:
+            syscalls.drain_lru_batches()
+
     def full_scans(self) -> int:
         value = self.sysfs.read_int("full_scans")
         return 0 if value is None else value
@@ -166,6 +183,7 @@ class ScanStepper:
         number = self.scans_done + 1
         where = f"{label} scan {number}" if label else f"scan {number}"
         before = self.full_scans()
+        self._drain_if_resuming()
         started = self._before_batch()
         self.changes.set("run", 1)
         timeout = self._timeout(pages_hint)
@@ -182,6 +200,7 @@ class ScanStepper:
             raise WaitTimeout(f"{where}: ksmd ran {after - before} full scans instead of 1",
                               hint="something else woke ksmd; is another tool driving KSM?")
         self.scans_done += 1
+        self._mid_scan = False
 
     def batch(self, pages: int, *, pages_hint: int = 0, label: str = "") -> None:
         """Run exactly one ksmd batch of ``pages`` pages (ksm_do_scan() with
@@ -196,6 +215,7 @@ class ScanStepper:
         before = self.full_scans()
         switches = self.procfs.voluntary_switches(self.ksmd_pid)
         self.changes.set("pages_to_scan", pages)
+        self._drain_if_resuming()
         started = self._before_batch()
         self.changes.set("run", 1)
         # asleep (S: ksm_iter_wait; sleeps inside a batch are D) after going to
@@ -213,9 +233,11 @@ class ScanStepper:
             raise WaitTimeout(f"{where}: ksmd completed {grew} full scans in one batch",
                               hint="something else woke ksmd; is another tool driving KSM?")
         self.scans_done += grew
+        self._mid_scan = grew == 0
 
     def unmerge_all(self) -> None:
         """``echo 2 > run``: unshare everything, drop all rmap items (synchronous)."""
         if not self.prepared:
             self.prepare()
+        self._mid_scan = False  # run=2 puts ksmd's cursor back at the list head
         self.changes.set("run", 2)

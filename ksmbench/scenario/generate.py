@@ -3,8 +3,23 @@
 :func:`random_scenario` builds a valid v1 scenario (model objects, as the
 loader would return them) from a seed: random ops over a few processes and
 regions, biased towards what makes KSM do something (duplicate fills,
-MADV_MERGEABLE, scans) but reaching every op.  :func:`shrink` removes steps
-(and simplifies the rest) while a predicate keeps failing.  A scenario's
+MADV_MERGEABLE, scans) but reaching every op and every tunable a ``set`` step
+may change.  Each candidate step is checked with the op's own rules
+(``Step.problem`` against the :class:`~.model.World` so far) and drawn again
+when they refuse it, so every scenario is valid by construction; the rules
+live in the model only.  :func:`shrink` removes steps (and simplifies the
+rest) while a predicate keeps failing.
+
+One combination is never generated (nor kept by :func:`rebuild`): a fork of
+a process with MADV_DONTFORK or MADV_WIPEONFORK ranges once use_zero_pages
+has been on.  KSM zero pages in those ranges stay counted in the global
+``ksm_zero_pages`` after the child exits (``dup_mm()`` copies the per-mm
+count, ``ksm_fork()`` adds it; measured on 6.12 to 7.3, see docs/emulator.md
+"dontfork") and the leak lasts until reboot, so a random run would leave the
+host changed.  The built-in scenario ``dontfork-wipeonfork`` covers the fork
+behaviour without zero pages.  ``stable_node_chains_prune_millisecs`` is
+drawn from the two regimes that cost no time (0 and "never"): the per-batch
+regime makes the host wait the interval before every batch.  A scenario's
 reproducer file comes from :func:`ksmbench.scenario.serialise.to_toml`, and
 every candidate is checked by loading that text back, so what is saved is
 what was run.
@@ -24,6 +39,41 @@ from .serialise import to_toml
 
 _TAGS = ("a", "b", "c")
 
+#: madvise advices and their weights (the first three as before the VMA ops)
+_ADVICE_WEIGHTS = {"mergeable": 6, "unmergeable": 2, "dontneed": 1.5, "free": 0.8,
+                   "dontfork": 0.5, "wipeonfork": 0.5, "cold": 0.4, "pageout": 0.7}
+#: tunables a ``set`` step changes, their weights and the values drawn
+_SET_WEIGHTS = {"use_zero_pages": 3, "max_page_sharing": 3, "smart_scan": 2,
+                "merge_across_nodes": 0.7}
+_MAX_PAGE_SHARING = (2, 3, 4, 5, 8, 256)
+#: how often a candidate step is drawn again when the model refuses it
+_DRAWS = 8
+
+
+def _forks_zero_pages_out(world: m.World, step: m.Step, zero_pages_seen: bool) -> bool:
+    """Whether ``step`` forks a process that has MADV_DONTFORK/MADV_WIPEONFORK
+    ranges after use_zero_pages has been on: KSM zero pages there would stay
+    counted in the global ksm_zero_pages until reboot (module docstring)."""
+    if not (zero_pages_seen and isinstance(step, m.Fork)):
+        return False
+    return any(world.runs(step.proc, region).any(0, pages, advice, True)
+               for region, pages in world.procs.get(step.proc, {}).items()
+               for advice in ("dontfork", "wipeonfork"))
+
+
+def leaks_zero_pages(steps: Sequence[m.Step], ksm: m.KsmSettings) -> bool:
+    """Whether a step of these forks KSM zero pages out of DONTFORK or
+    WIPEONFORK ranges (:func:`_forks_zero_pages_out`), which the generator
+    and the shrinker never run."""
+    world, seen = m.World(), ksm.use_zero_pages
+    for step in steps:
+        if _forks_zero_pages_out(world, step, seen):
+            return True
+        if isinstance(step, m.Set) and step.tunable == "use_zero_pages" and step.value:
+            seen = True
+        step.track(world)
+    return False
+
 
 def random_scenario(seed: int, *, max_steps: int = 18, max_pages: int = 48,
                     name_prefix: str = "random") -> m.Scenario:
@@ -39,12 +89,30 @@ def random_scenario(seed: int, *, max_steps: int = 18, max_pages: int = 48,
         ksm["max_page_sharing"] = rng.choice((2, 3, 4, 5, 8, 256))
     if rng.random() < 0.2:
         ksm["smart_scan"] = False
+    if rng.random() < 0.15:  # the time-free regimes only (module docstring)
+        ksm["stable_node_chains_prune_millisecs"] = m.PRUNE_NEVER_MS
     region_counter = 0
+    zero_pages_seen = bool(ksm.get("use_zero_pages"))
 
     def add(cls: type, proc: str = m.MAIN, **fields: Any) -> None:
         step = cls(len(steps), proc, **fields)
         step.track(world)
         steps.append(step)
+
+    def draw(make: Callable[[], tuple[type, str, dict[str, Any]]]) -> None:
+        """Add the first of a few candidates from ``make`` that the model
+        accepts (``problem``) and that forks no zero pages out; none if all fail."""
+        nonlocal zero_pages_seen
+        for _ in range(_DRAWS):
+            cls, at, fields = make()
+            step = cls(len(steps), at, **fields)
+            if step.problem(world) is None and not _forks_zero_pages_out(
+                    world, step, zero_pages_seen):
+                step.track(world)
+                steps.append(step)
+                if isinstance(step, m.Set) and step.tunable == "use_zero_pages" and step.value:
+                    zero_pages_seen = True
+                return
 
     def pattern():
         r = rng.random()
@@ -93,9 +161,17 @@ def random_scenario(seed: int, *, max_steps: int = 18, max_pages: int = 48,
             "fork": 1 if len(procs) < 3 else 0,
             "exit": 0.7 if len(procs) > 1 else 0.1,
             "munmap": 0.7 if regions else 0,
+            # the ops and tunables of issue 14
+            "set": 1.2,
+            "write_byte": 1.2 if regions else 0,
+            "mprotect": 0.8 if regions else 0,
+            "mremap": 0.7 if regions else 0,
+            "uffd_wp": 0.4 if regions else 0,
+            # a new interpreter per exec: slow under TCG
+            "exec": 0.25,
         }
         if proc is None:
-            weights = {"scan": 1, "unmerge_all": 0.2}
+            weights = {"scan": 1, "unmerge_all": 0.2, "set": 0.3}
         ops = [op for op, w in weights.items() if w > 0]
         op = rng.choices(ops, [weights[o] for o in ops])[0]
         cls = m.OPS[op]
@@ -103,27 +179,47 @@ def random_scenario(seed: int, *, max_steps: int = 18, max_pages: int = 48,
         if op == "mmap":
             region_counter += 1
             add(cls, at, region=f"r{region_counter}", pages=rng.randint(1, max_pages))
-        elif op in ("fill", "read", "madvise"):
-            name = rng.choice(list(regions))
-            span = some_range(regions[name])
-            if op == "fill":
-                add(cls, at, region=name, pattern=pattern(), **span)
-            elif op == "madvise":
-                advice = rng.choices(("mergeable", "unmergeable", "dontneed"), (6, 2, 1.5))[0]
-                add(cls, at, region=name, advice=advice, **span)
-            else:
-                add(cls, at, region=name, **span)
+        elif op in ("fill", "read", "madvise", "write_byte", "mprotect", "uffd_wp"):
+            def make(cls=cls, at=at, op=op):
+                name = rng.choice(list(regions))
+                fields: dict[str, Any] = {"region": name, **some_range(regions[name])}
+                if op in ("fill", "write_byte"):
+                    fields["pattern"] = pattern()
+                elif op == "madvise":
+                    fields["advice"] = rng.choices(list(_ADVICE_WEIGHTS),
+                                                   list(_ADVICE_WEIGHTS.values()))[0]
+                elif op == "mprotect":
+                    fields["prot"] = rng.choices(m.PROTS, (2, 1, 3))[0]
+                return cls, at, fields
+            draw(make)
+        elif op == "mremap":
+            def make(cls=cls, at=at):
+                name = rng.choice(list(regions))
+                return cls, at, {"region": name, "pages": rng.randint(1, max_pages),
+                                 "move": rng.random() < 0.4}
+            draw(make)
         elif op == "munmap":
             add(cls, at, region=rng.choice(list(regions)))
         elif op == "prctl":
             add(cls, at, merge=rng.random() < 0.6)
         elif op == "scan":
-            add(cls, at, count=rng.choice((1, 1, 2, 2, 3, 4)))
+            if rng.random() < 0.25:  # one partial batch, up to about two full scans
+                add(cls, at, pages=rng.randint(1, 2 * max_pages))
+            else:
+                add(cls, at, count=rng.choice((1, 1, 2, 2, 3, 4)))
+        elif op == "set":
+            def make(cls=cls, at=at):
+                tunable = rng.choices(list(_SET_WEIGHTS), list(_SET_WEIGHTS.values()))[0]
+                value = (rng.choice(_MAX_PAGE_SHARING) if tunable == "max_page_sharing"
+                         else int(rng.random() < 0.5))
+                return cls, at, {"tunable": tunable, "value": value}
+            draw(make)
         elif op == "fork":
             child = f"p{len(used_names)}"
-            used_names.add(child)
-            add(cls, at, child=child)
-        else:  # exit, unmerge_all
+            draw(lambda cls=cls, at=at: (cls, at, {"child": child}))
+            if isinstance(steps[-1], m.Fork) and steps[-1].child == child:
+                used_names.add(child)
+        else:  # exit, unmerge_all, exec
             add(cls, at)
     # end with scans so that the last changes are seen by ksmd
     add(m.Scan, count=rng.choice((1, 2, 3)))
@@ -141,9 +237,11 @@ def rebuild(scenario: m.Scenario, steps: Sequence[m.Step],
         scenario, ksm=scenario.ksm if ksm is None else ksm,
         steps=tuple(dataclasses.replace(s, index=i) for i, s in enumerate(steps)))
     try:
-        return parse_scenario(to_toml(candidate), source=scenario.source)
+        loaded = parse_scenario(to_toml(candidate), source=scenario.source)
     except ScenarioError:
         return None
+    # valid, but never run (module docstring)
+    return None if leaks_zero_pages(loaded.steps, loaded.ksm) else loaded
 
 
 def valid(scenario: m.Scenario) -> bool:

@@ -143,11 +143,14 @@ class KsmSettings:
 
 class PageRuns:
     """A region's pages as runs [first, end) of equal VMA attributes (prot,
-    dontfork, wipeonfork, absent, and VM_MERGEABLE as madvise and prctl set
-    it: each splits VMAs); regions can be far too large for a list per page."""
+    dontfork, wipeonfork, absent, VM_MERGEABLE as madvise and prctl set it,
+    and uffd: registered with userfaultfd by uffd_wp, in this process or the
+    parent it was forked from, whose split the child's copy keeps; vma: see
+    :meth:`pin`): each splits VMAs; regions can be far too large for a list
+    per page."""
 
     DEFAULT = (("prot", "read-write"), ("dontfork", False), ("wipeonfork", False),
-               ("absent", False), ("mergeable", False))
+               ("absent", False), ("mergeable", False), ("uffd", False), ("vma", 0))
 
     def __init__(self, pages: int, attrs: tuple = DEFAULT):
         self.runs: list[list] = [[0, pages, attrs]]
@@ -171,6 +174,14 @@ class PageRuns:
 
     def uniform(self) -> bool:
         return len({attrs for _, _, attrs in self.runs}) == 1
+
+    def pin(self) -> None:
+        """Keep today's VMAs apart even when their attributes become equal:
+        prctl(PR_SET_MEMORY_MERGE) sets VM_MERGEABLE on each VMA in place,
+        without vma_merge() (found by a random run: mremap EFAULT)."""
+        if not self.uniform():
+            for run in self.runs:
+                run[2] = tuple((k, run[0] if k == "vma" else v) for k, v in run[2])
 
     def forked(self) -> "PageRuns":
         """The child's copy: pages of a VM_DONTCOPY run are absent there."""
@@ -220,10 +231,15 @@ class World:
         self.procs.setdefault(proc, {})[region] = pages
         self.all_regions[(proc, region)] = max(pages, self.all_regions.get((proc, region), 0))
 
+    def runs(self, proc: str, region: str) -> PageRuns:
+        """The region's VMA attributes; for a region ``proc`` does not map, a
+        throwaway (the serialiser tracks shrink candidates the loader refuses)."""
+        return self.vmas.get((proc, region)) or PageRuns(0)
+
     def remap(self, proc: str, region: str, pages: int, move: bool) -> None:
         """mremap: a moved region is one VMA at the top; in place, shrinking
         drops the tail and growing extends the last run."""
-        runs = self.vmas.get((proc, region)) or PageRuns(pages)
+        runs = self.runs(proc, region)
         if move:
             self.vmas[(proc, region)] = PageRuns(pages, runs.runs[0][2])
             self.top[proc] = region
@@ -282,7 +298,7 @@ class World:
         self.top[child] = self.top.get(parent)
         for region in self.procs[child]:
             # dup_mmap() copies no VM_DONTCOPY VMA (MADV_DONTFORK)
-            self.vmas[(child, region)] = self.vmas.get((parent, region), PageRuns(0)).forked()
+            self.vmas[(child, region)] = self.runs(parent, region).forked()
         for region, pages in self.procs[child].items():
             self.all_regions[(child, region)] = pages
 
@@ -394,9 +410,7 @@ class Madvise(Step):
         return world.access_problem(self.proc, self.region, self.first, self.end, None)
 
     def track(self, world: World) -> None:
-        runs = world.vmas.get((self.proc, self.region))
-        if runs is None:
-            return  # a shrink candidate without the region's mmap (the loader refuses it)
+        runs = world.runs(self.proc, self.region)
         if self.advice in ("dontfork", "wipeonfork"):
             runs.set(self.first, self.end, self.advice, True)
         elif self.advice in ("mergeable", "unmergeable"):
@@ -412,7 +426,9 @@ class Prctl(Step):
 
     def track(self, world: World) -> None:
         for region, pages in world.procs.get(self.proc, {}).items():  # every VMA changes
-            world.vmas[(self.proc, region)].set(0, pages, "mergeable", self.merge)
+            runs = world.runs(self.proc, region)
+            runs.pin()
+            runs.set(0, pages, "mergeable", self.merge)
 
 
 @op("scan")
@@ -546,6 +562,8 @@ class UffdWp(Step):
     def track(self, world: World) -> None:
         world.write_protected.setdefault((self.proc, self.region), []).append(
             (self.first, self.end))
+        # UFFDIO_REGISTER on part of a VMA splits it (mremap cannot move or grow it then)
+        world.runs(self.proc, self.region).set(self.first, self.end, "uffd", True)
 
 
 #: mprotect() protections a scenario can ask for
@@ -566,9 +584,7 @@ class Mprotect(Step):
         return world.access_problem(self.proc, self.region, self.first, self.end, None)
 
     def track(self, world: World) -> None:
-        runs = world.vmas.get((self.proc, self.region))
-        if runs is not None:  # else a shrink candidate the loader refuses
-            runs.set(self.first, self.end, "prot", self.prot)
+        world.runs(self.proc, self.region).set(self.first, self.end, "prot", self.prot)
 
 
 @op("mremap")

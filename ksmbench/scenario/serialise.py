@@ -69,7 +69,8 @@ def step_items(step: m.Step, world: m.World) -> list[tuple[str, Any]]:
             continue
         if decl.kind == "range":
             whole = (0, world.procs.get(step.proc, {}).get(step.region))
-            if (step.first, step.end) != whole:
+            # a required range (write_byte) is written even when it is the whole region
+            if decl.required or (step.first, step.end) != whole:
                 out.append((m.toml_key(attr, decl), [step.first, step.end]))
         elif decl.kind == "tunable_value" and m.SET_TUNABLES[step.tunable] is bool:
             out.append((m.toml_key(attr, decl), bool(value)))
