@@ -7,7 +7,7 @@ the failure message names the file.
 
 Size: ``KSMBENCH_DIFF_COUNT`` scenarios (default 8, about 10 s here), first
 seed ``KSMBENCH_DIFF_SEED`` (default 1300: a batch that holds every op and
-tunable of issue 14, which a test checks), files written to
+tunable added after v1, which a test checks), files written to
 ``KSMBENCH_DIFF_OUT`` (default: pytest's tmp_path).
 """
 
@@ -37,7 +37,7 @@ def test_random_scenarios_are_valid_and_roundtrip_through_toml():
 
 #: the real run's default batch (test_random_scenarios_match_the_host_kernel)
 DEFAULT_FIRST, DEFAULT_COUNT = 1300, 8
-#: what the generator reaches beyond the v1 ops: issue 14's ops, advices and tunables
+#: what the generator reaches beyond the v1 ops: the ops, advices and tunables added after v1
 ISSUE14 = {"set:use_zero_pages", "set:max_page_sharing", "set:smart_scan",
            "set:merge_across_nodes", "scan:pages", "mprotect", "mremap:move", "mremap:in-place",
            "write_byte", "exec", "uffd_wp", "madvise:free", "madvise:dontfork",

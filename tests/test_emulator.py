@@ -530,7 +530,7 @@ def test_predictions_start_from_the_measured_baseline_and_residue_is_attributed(
     assert not r.explained and "not explained (linux-6.18 predicts -128)" in r.describe()
 
 
-# -- issue 14: exec and userfaultfd-wp ----------------------------------------------------------
+# -- exec and userfaultfd-wp ----------------------------------------------------------
 
 def _prctl_fork_exec_then_merge():
     return scen([{"op": "prctl", "merge": True}, {"op": "fork", "child": "c"},

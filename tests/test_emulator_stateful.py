@@ -186,7 +186,7 @@ class KsmMachine(RuleBasedStateMachine):
         self.both("exit", proc)
         del self.procs[proc]
 
-    # -- vma-ops -----------------------------------------------------------------------
+    # -- the VMA ops -------------------------------------------------------------------
     @precondition(lambda self: any(self.procs.values()))
     @rule(data=st.data(), advice=st.sampled_from(["free", "pageout", "cold", "dontfork",
                                                    "wipeonfork"]))

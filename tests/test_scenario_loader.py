@@ -184,7 +184,7 @@ def test_resolve_scenarios_by_path_name_and_builtin_fallback(tmp_path):
         resolve_scenarios(["zero-pages", "zero-pages"])
 
 
-# -- issue 14: exec and uffd_wp --------------------------------------------------------------
+# -- exec and uffd_wp --------------------------------------------------------------
 
 def _load(steps):
     from ksmbench.scenario.loader import scenario_from_dict

@@ -31,7 +31,7 @@ from ksmbench.scenario import builtin_suite
 ROOT = Path(__file__).resolve().parents[1]
 REFERENCE = ROOT / "results" / "reference" / "20261201-133152-b920"
 #: the same eight kernels running scenarios added to the suite after REFERENCE
-#: was recorded (vma-ops: mprotect, mremap, write_byte, the new madvise advices)
+#: was recorded (the VMA ops: mprotect, mremap, write_byte, the new madvise advices)
 SUPPLEMENTS = (ROOT / "results" / "reference" / "20261201-160351-2e72",
                ROOT / "results" / "reference" / "20261201-162817-1f43")
 

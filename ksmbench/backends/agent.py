@@ -218,7 +218,7 @@ class Agent:
             syscalls.drain_lru_batches()
         self.regions[region].madvise(advice, first, end)
 
-    # --- vma-ops -----------------------------------------------------------------
+    # --- the VMA ops: mprotect, mremap, write_byte, madvise advices -------------
     def op_mprotect(self, region: str, first: int, end: int, prot: str) -> None:
         self.regions[region].mprotect(prot, first, end)
 
@@ -243,7 +243,7 @@ class Agent:
         if self._mem_fd is None:
             self._mem_fd = os.open("/proc/self/mem", os.O_RDWR | os.O_CLOEXEC)
         self.regions[region].write_byte_forced(self._mem_fd, values, first)
-    # --- end vma-ops -------------------------------------------------------------
+    # --- end of the VMA ops -----------------------------------------------------
 
     def op_prctl(self, merge: bool) -> None:
         syscalls.prctl_set_memory_merge(merge)
@@ -312,7 +312,7 @@ class Agent:
     def op_exit(self) -> None:
         return None
 
-    # -- op "exec" (issue 14) ----------------------------------------------------
+    # -- op "exec" ----------------------------------------------------
     def op_exec(self) -> None:
         """execve() this agent again.  Only the control socket crosses: every
         other descriptor is close-on-exec (PEP 446), and the uffd is opened
@@ -325,7 +325,7 @@ class Agent:
         finally:  # only reached when execv failed
             os.set_inheritable(fd, False)
 
-    # -- op "uffd_wp" (issue 14) ---------------------------------------------------
+    # -- op "uffd_wp" ---------------------------------------------------
     def op_uffd_wp(self, region: str, first: int, end: int) -> None:
         if self._uffd is None:
             try:
@@ -335,7 +335,7 @@ class Agent:
                                     hint=exc.hint) from None
         r = self.regions[region]
         self._uffd.protect(r.addr + first * syscalls.PAGE_SIZE, (end - first) * syscalls.PAGE_SIZE)
-    # -- end of the issue 14 ops ---------------------------------------------------
+    # -- end of exec and uffd_wp --------------------------------------------------
 
     def op_observe(self) -> dict[str, Any]:
         stat = self.procfs.ksm_stat("self")

@@ -257,7 +257,7 @@ class HostSession:
         prune = ksm.stable_node_chains_prune_millisecs
         self.stepper.hold_prune_clock(prune, m.prune_regime(prune) or "always")
 
-    # -- op "set" (issue 14) -------------------------------------------------------
+    # -- op "set" -------------------------------------------------------
     def _set_tunable(self, step: m.Set) -> dict[str, int | None]:
         """Write the tunable through the undo stack; the observation gets the
         errno the write returned (0: taken) and the value now in force, both

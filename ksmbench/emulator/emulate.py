@@ -81,9 +81,9 @@ class ScenarioRun:
             self._set_values = {SET_ERROR: error, tunable_metric(step.tunable): value}
         elif isinstance(step, m.Scan) and step.pages is not None:
             partial_scan(k, step.pages)
-        elif isinstance(step, m.Exec):  # issue 14
+        elif isinstance(step, m.Exec):
             k.exec(k.mms[step.proc])
-        elif isinstance(step, m.UffdWp):  # issue 14
+        elif isinstance(step, m.UffdWp):
             k.uffd_wp(k.mms[step.proc], step.region, step.first, step.end)
         elif isinstance(step, m.Mprotect):
             k.mprotect(k.mms[step.proc], step.region, step.first, step.end, step.prot)

@@ -42,7 +42,7 @@ from .content import ZERO, ContentTable
 from .profiles import Profile
 from .rbtree import RBNode, RBRoot
 
-# vma-ops: Segment.prot values
+# Segment.prot values
 PROT_NONE, PROT_READ, PROT_RW = 0, 1, 2
 PROT_CODES = {"none": PROT_NONE, "read": PROT_READ, "read-write": PROT_RW}
 
@@ -82,7 +82,7 @@ class Frames:
         self.content = np.zeros(1024, dtype=np.int64)
         self.mapcount = np.zeros(1024, dtype=np.int64)
         self.node = np.full(1024, -1, dtype=np.int64)
-        #: vma-ops: MADV_FREE made the folio lazy-free and clean; the value is
+        #: MADV_FREE made the folio lazy-free and clean; the value is
         #: its stable node then (-1: not a KSM page), -2 when not lazy-free
         self.lazy = np.full(1024, -2, dtype=np.int64)
         self.n = 1  # frame 0 is the shared zero page
@@ -139,7 +139,7 @@ class Segment:
         self.ick = np.full(npages, NO_CHECKSUM, dtype=np.int64)
         self.iage = np.zeros(npages, dtype=np.uint8)
         self.iskip = np.zeros(npages, dtype=np.uint8)
-        # op uffd_wp (issue 14): VM_UFFD_WP on the page's VMA, and the frame
+        # op uffd_wp: VM_UFFD_WP on the page's VMA, and the frame
         # each PTE mapped when UFFDIO_WRITEPROTECT set its uffd-wp bit.  The
         # bit lives as long as that PTE: replace_page() (a merge into another
         # KSM page, or the zero page) and a zap build a new PTE without it,
@@ -147,7 +147,7 @@ class Segment:
         # are never reused, so "the PTE still maps wp_frame" is "the bit is set"
         self.uffd = np.zeros(npages, dtype=bool)
         self.wp_frame = np.full(npages, -1, dtype=np.int64)
-        # vma-ops: VMA attributes per page (mprotect, MADV_DONTFORK/WIPEONFORK)
+        # VMA attributes per page (mprotect, MADV_DONTFORK/WIPEONFORK)
         self.prot = np.full(npages, PROT_RW, dtype=np.int8)
         self.dontcopy = np.zeros(npages, dtype=bool)
         self.wipe = np.zeros(npages, dtype=bool)
@@ -168,7 +168,7 @@ class Segment:
         seg.dontcopy[:] = self.dontcopy
         seg.wipe[:] = self.wipe
         seg.vma_end = self.vma_end
-        # vma-ops: dup_mmap() skips VM_DONTCOPY VMAs (MADV_DONTFORK): the child
+        # dup_mmap() skips VM_DONTCOPY VMAs (MADV_DONTFORK): the child
         # has nothing there; a VM_WIPEONFORK VMA is copied without its pages
         # and without an anon_vma ("a clean slate in the child")
         gone = self.dontcopy | self.wipe
@@ -179,7 +179,7 @@ class Segment:
         return seg
 
     def grow(self, npages: int) -> None:
-        """vma-ops: mremap grows the region in place (arrays only)."""
+        """mremap grows the region in place (arrays only)."""
         extra = npages - self.n
         fills = {"pte": -1, "inode": -1, "ick": NO_CHECKSUM, "prot": PROT_RW, "wp_frame": -1}
         for name in ("pte", "zdirty", "merge", "anon", "item", "ist", "inode", "ick", "iage",
@@ -258,7 +258,7 @@ EBUSY = 16
 
 
 class UNode(RBNode):
-    """vma-ops: an rmap item in the unstable tree, kept as a real rbtree only
+    """an rmap item in the unstable tree, kept as a real rbtree only
     where the path of a search matters (see Ksm.unstable_rb)."""
 
     __slots__ = ("cid", "seg", "idx")
@@ -315,7 +315,7 @@ class Ksm:
         # this scan's unstable tree: content -> (segment, index)
         self.unstable: dict[int, tuple[Segment, int]] = {}
         self._unstable_key: dict[tuple[int, int], int] = {}
-        #: vma-ops: this scan's unstable tree as an rbtree, when a search can
+        #: this scan's unstable tree as an rbtree, when a search can
         #: fail on the way (a PROT_NONE tree page before protnone_follow), so
         #: that which pages a search passes matters; else None (the dict is exact)
         self.unstable_rb: Optional[RBRoot] = None
@@ -325,7 +325,7 @@ class Ksm:
         self.smart = profile.has("smart_scan") and settings.smart_scan
         self.count_scanned = profile.has("pages_scanned_fix")
         self.stable_reset = profile.has("stable_item_reset")
-        #: vma-ops: follow_page() finds PROT_NONE pages (d74943a2f3cd, 6.5)
+        #: follow_page() finds PROT_NONE pages (d74943a2f3cd, 6.5)
         self.protnone_follow = profile.has("protnone_follow")
 
     # -- helpers ---------------------------------------------------------------------
@@ -486,7 +486,7 @@ class Ksm:
         else:  # pragma: no cover - the loader validates advice
             raise ValueError(advice)
 
-    # --- vma-ops -------------------------------------------------------------------
+    # --- the VMA ops: mprotect, mremap, write_byte, madvise advices ---------------
     def _madvise_vma_ops(self, seg: Segment, first: int, end: int, advice: str) -> None:
         fr = self.frames
         if advice == "dontfork":
@@ -587,7 +587,7 @@ class Ksm:
         windows of fastscan do not model."""
         return not self.protnone_follow and any(
             (seg.prot == PROT_NONE).any() for seg in self.all_segments() if seg.mapped)
-    # --- end vma-ops ---------------------------------------------------------------
+    # --- end of the VMA ops -------------------------------------------------------
 
     def prctl(self, mm: MM, merge: bool) -> None:
         if merge:
@@ -659,7 +659,7 @@ class Ksm:
             del mm.regions[name]
             self._unmap_segment(mm, seg)
 
-    # -- op "exec" (issue 14) ----------------------------------------------------------------
+    # -- op "exec" ----------------------------------------------------------------
     def exec(self, mm: MM) -> MM:
         """execve(): bprm_mm_init() builds a new mm, which takes the old one's
         MMF_INIT_MASK flags, then exec_mmap() drops the old mm (__mmput():
@@ -678,7 +678,7 @@ class Ksm:
         self.mms[mm.name] = new  # same key: same place in creation order
         return new
 
-    # -- op "uffd_wp" (issue 14) -------------------------------------------------------------
+    # -- op "uffd_wp" -------------------------------------------------------------
     def uffd_wp(self, mm: MM, region: str, first: int, end: int) -> None:
         """UFFDIO_REGISTER_MODE_WP (sets VM_UFFD_WP, splitting the VMA) and
         UFFDIO_WRITEPROTECT (the uffd-wp bit on every present PTE; an empty
@@ -687,7 +687,7 @@ class Ksm:
         seg.uffd[first:end] = True
         pte = seg.pte[first:end]
         seg.wp_frame[first:end] = np.where(pte >= 0, pte, seg.wp_frame[first:end])
-    # -- end of the issue 14 ops -------------------------------------------------------------
+    # -- end of exec and uffd_wp ------------------------------------------------------------
 
     # -- run=2 ---------------------------------------------------------------------------
     def unmerge_all(self) -> None:
@@ -1057,7 +1057,7 @@ class Ksm:
         return tseg, tidx, tframe
 
     def _unstable_walk(self, seg: Segment, idx: int, frame: int, cid: int):
-        """vma-ops: unstable_tree_search_insert() node by node.  Where
+        """unstable_tree_search_insert() node by node.  Where
         get_mergeable_page() finds no page for a node (:meth:`_tree_page`)
         the search returns NULL: no merge, and this page is not inserted.
         Each node is compared with what its page holds now."""

@@ -85,7 +85,7 @@ FLAGS: tuple[Flag, ...] = (
     Flag("zero_page_tracking", "79271476b336+e2942062e01d+6080d19f0704+1a8e84305783", (6, 6),
          "KSM zero PTEs are marked dirty, unshared by MADV_UNMERGEABLE/prctl/run=2, counted in "
          "sysfs and ksm_stat ksm_zero_pages, and counted in both profits"),
-    # vma-ops.  474098edac26 (6.1) made follow_page_pte() treat a PROT_NONE
+    # 474098edac26 (6.1) made follow_page_pte() treat a PROT_NONE
     # PTE as absent unless FOLL_FORCE, so KSM's follow_page() calls in
     # break_ksm() and get_mergeable_page() stopped seeing PROT_NONE pages; the
     # fix reintroduced the flag as FOLL_HONOR_NUMA_FAULT, which follow_page()

@@ -192,7 +192,7 @@ class Region:
         self._check(first, end)
         return int(self._view[first * PAGE_SIZE:end * PAGE_SIZE:PAGE_SIZE].sum())
 
-    # --- vma-ops ---------------------------------------------------------------
+    # --- the VMA ops: mprotect, mremap, write_byte, madvise advices -----------
     def mprotect(self, prot: str, first: int = 0, end: int | None = None) -> None:
         end = self.npages if end is None else end
         self._check(first, end)
@@ -229,7 +229,7 @@ class Region:
             addr = self.addr + (first + i) * PAGE_SIZE
             if os.pwrite(mem_fd, bytes((v,)), addr) != 1:
                 raise SyscallError(f"pwrite(/proc/self/mem, {hex(addr)}, 1 byte)", _errno.EIO)
-    # --- end vma-ops -----------------------------------------------------------
+    # --- end of the VMA ops ---------------------------------------------------
 
     def munmap(self) -> None:
         if self._ptr is None:

@@ -161,7 +161,7 @@ def random_scenario(seed: int, *, max_steps: int = 18, max_pages: int = 48,
             "fork": 1 if len(procs) < 3 else 0,
             "exit": 0.7 if len(procs) > 1 else 0.1,
             "munmap": 0.7 if regions else 0,
-            # the ops and tunables of issue 14
+            # the ops and tunables added after v1
             "set": 1.2,
             "write_byte": 1.2 if regions else 0,
             "mprotect": 0.8 if regions else 0,

@@ -24,7 +24,7 @@ from .patterns import Pattern, write_byte_values
 Advice = Literal["mergeable", "unmergeable", "dontneed", "free", "dontfork", "wipeonfork",
                  "cold", "pageout"]
 ADVICES: tuple[str, ...] = ("mergeable", "unmergeable", "dontneed",
-                            # vma-ops: MADV_FREE, MADV_DONTFORK, MADV_WIPEONFORK,
+                            # MADV_FREE, MADV_DONTFORK, MADV_WIPEONFORK,
                             # MADV_COLD, MADV_PAGEOUT (README "Ops")
                             "free", "dontfork", "wipeonfork", "cold", "pageout")
 MAIN = "main"

@@ -158,7 +158,7 @@ def fill_pages(pattern: Pattern, npages: int, fill: FillId, *, offset: int = 0,
     return out.view(np.uint8)
 
 
-# --- vma-ops: write_byte -----------------------------------------------------
+# --- write_byte -----------------------------------------------------
 #: the byte ``write_byte`` stores at offset 0 of each page
 WRITE_BYTE_OFFSET = 0
 
