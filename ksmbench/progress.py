@@ -45,6 +45,23 @@ class StatusLine(Observer):
             self.show(run.label, message)
 
 
+class LogLines(Observer):
+    """Where no terminal shows the bar (CI, a pipe, a log file), a rich bar is
+    drawn only once, at the end: print one line per backend status and per
+    finished scenario instead, so a long run shows how far it got."""
+
+    def __init__(self, console):
+        self.console = console
+
+    def event(self, run: KernelOutcome, event: Event) -> None:
+        if isinstance(event, (BackendInfo, ScenarioFinished)):
+            message = progress_message(run, event)
+            if message is not None:
+                done = sum(1 for o in run.scenarios.values() if o.finished)
+                self.console.print(f"{run.label}: {message} ({done} done)", markup=False,
+                                   highlight=False)
+
+
 class ProgressBar(Observer):
     """One rich progress task per kernel, counting points (steps and scans): a
     scenario that ends early (skipped, failed) counts the points it will not
@@ -91,8 +108,9 @@ def run_kernel_with_progress(console, rundir, backend, scenarios, predictor, pro
                   MofNCompleteColumn(), TextColumn("{task.description}", markup=False),
                   TimeElapsedColumn(), console=console, transient=False) as progress:
         recorder = RunRecorder(rundir, predictor=predictor, profile=profile)
-        runner = Runner([recorder, *observers, ProgressBar(progress, scenarios)],
-                        artifacts_root=rundir.path)
+        display: Observer = (ProgressBar(progress, scenarios) if console.is_terminal
+                             else LogLines(console))
+        runner = Runner([recorder, *observers, display], artifacts_root=rundir.path)
         outcome = runner.run_kernel(backend, scenarios)
     if outcome.error:
         console.print(f"[red]{esc(backend.label)}: {esc(outcome.error)}[/red]")

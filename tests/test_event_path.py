@@ -264,3 +264,41 @@ def test_expect_counts_absolute_counters_from_the_baseline(tmp_path):
     outcome = Runner([RunRecorder(rundir)]).run_kernel(Leaked(), [scenario])
     result = outcome.scenarios["t"]
     assert result.expect_checked == 1 and result.expect_failures == []
+
+
+def test_without_a_terminal_each_finished_scenario_is_a_line(tmp_path):
+    """CI logs and pipes get no live bar (rich draws it once, at the end):
+    the run prints a line per backend status and per finished scenario."""
+    import io
+
+    from rich.console import Console
+
+    from ksmbench.observation import (BackendInfo, ObservationPoint, PointObserved,
+                                      ScenarioFinished, ScenarioStarted)
+    from ksmbench.progress import run_kernel_with_progress
+    from ksmbench.results import RunDir
+    from ksmbench.scenario import parse_scenario
+
+    scenarios = [parse_scenario(f'name = "{n}"\n[[step]]\nop = "mmap"\nregion = "a"\npages = 1\n')
+                 for n in ("one", "two")]
+
+    class Quiet:
+        label = "fake"
+        tunables_after: dict = {}
+
+        def preflight(self):
+            pass
+
+        def events(self, scenarios, *, artifacts_dir=None):
+            yield BackendInfo({"status": "booting"})
+            for s in scenarios:
+                yield ScenarioStarted(s.name, 1, 0)
+                yield PointObserved(s.name, ObservationPoint(0, "mmap", None, {}))
+                yield ScenarioFinished(s.name)
+
+    out = io.StringIO()
+    console = Console(file=out, force_terminal=False, width=120)
+    run_kernel_with_progress(console, RunDir(tmp_path), Quiet(), scenarios, None, None)
+    lines = out.getvalue().splitlines()
+    assert lines[:3] == ["fake: booting (0 done)", "fake: one: observed (1 done)",
+                         "fake: two: observed (2 done)"]
