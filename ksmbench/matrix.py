@@ -327,11 +327,14 @@ class MatrixRun:
     scenario) once."""
 
     def __init__(self, rundir: RunDir, tasks: Sequence[KernelTask], scenarios: Sequence[m.Scenario],
-                 on_change: Callable[[_KernelState, str], None] | None = None):
+                 on_change: Callable[[_KernelState, str, bool], None] | None = None):
+        """``on_change(state, message, milestone)``: milestone is True for an
+        attempt starting, a scenario committed and a kernel ending (what a log
+        without a live bar shows), False for a step."""
         self.rundir = rundir
         self.scenarios = list(scenarios)
         self.state = {t.label: _KernelState(t) for t in tasks}
-        self.on_change = on_change or (lambda state, message: None)
+        self.on_change = on_change or (lambda state, message, milestone: None)
         for t in tasks:
             rundir.kernel_entry(t.label)
 
@@ -347,7 +350,7 @@ class MatrixRun:
         if kind == "attempt":
             state.attempts.setdefault(attempt, {"attempt": attempt, **message[3], "committed": []})
             self._write_attempts(state)
-            self.on_change(state, f"attempt on {message[3].get('worker')}")
+            self.on_change(state, f"attempt on {message[3].get('worker')}", True)
         elif kind == "info":
             if state.outcome is not None:
                 return  # late: the task's result has already given the final facts
@@ -357,7 +360,7 @@ class MatrixRun:
             self.rundir.write_metadata()
         elif kind == "progress" and state.outcome is None:
             state.points = message[3]
-            self.on_change(state, message[4])
+            self.on_change(state, message[4], False)
 
     def commit(self, batch: Batch) -> bool:
         state = self.state.get(batch.kernel)
@@ -369,7 +372,7 @@ class MatrixRun:
         state.attempts.setdefault(batch.attempt, {"attempt": batch.attempt, "committed": []})[
             "committed"].append(batch.scenario)
         self._write_attempts(state)
-        self.on_change(state, f"{batch.scenario}: {batch.outcome.verdict}")
+        self.on_change(state, f"{batch.scenario}: {batch.outcome.verdict}", True)
         return True
 
     def finish(self, label: str, result: TaskResult | None, error: str | None) -> KernelOutcome:
@@ -396,7 +399,7 @@ class MatrixRun:
         entry["verdicts"] = {name: o.verdict for name, o in outcome.scenarios.items()}
         self._write_attempts(state)
         state.outcome = outcome
-        self.on_change(state, "failed" if error else "done")
+        self.on_change(state, "failed" if error else "done", True)
         return outcome
 
     def _write_attempts(self, state: _KernelState) -> None:
@@ -460,14 +463,20 @@ def run_matrix(*, console, rundir: RunDir, tasks: Sequence[KernelTask],
     with Progress(SpinnerColumn(), TextColumn("[bold]{task.fields[kernel]}"), BarColumn(),
                   MofNCompleteColumn(), TextColumn("{task.description}"), TimeElapsedColumn(),
                   console=console, transient=False) as progress:
-        def on_change(state: _KernelState, message: str) -> None:
+        def on_change(state: _KernelState, message: str, milestone: bool) -> None:
+            if not console.is_terminal:
+                # no live bar where no terminal shows it (rich draws it once, at the end)
+                if milestone:
+                    console.print(f"{state.task.label}: {message} ({len(state.committed)} "
+                                  f"of {len(scenarios)} scenarios)", markup=False, highlight=False)
+                return
             if state.progress_task is None:
                 return
             progress.update(state.progress_task, completed=min(state.points, total),
                             description=message[:70])
 
         matrix = MatrixRun(rundir, tasks, scenarios, on_change)
-        for t in tasks:
+        for t in tasks if console.is_terminal else ():
             matrix.state[t.label].progress_task = progress.add_task("queued", total=total,
                                                                     kernel=t.label)
         futures = {client.submit(run_kernel_task, t, list(scenarios), pure=False,
@@ -495,8 +504,9 @@ def run_matrix(*, console, rundir: RunDir, tasks: Sequence[KernelTask],
                     outcomes[t.label] = outcome
                     if outcome.error:
                         progress.console.print(f"[red]{t.label}: {outcome.error}[/red]")
-                    progress.update(matrix.state[t.label].progress_task, completed=total,
-                                    description="failed" if outcome.error else "done")
+                    if matrix.state[t.label].progress_task is not None:
+                        progress.update(matrix.state[t.label].progress_task, completed=total,
+                                        description="failed" if outcome.error else "done")
                 time.sleep(0.2)
         except OSError as exc:  # the comm to the scheduler closed (distributed's CommClosedError)
             raise KsmbenchError(f"lost the Dask scheduler during the run ({str(exc)[:160]})",

@@ -337,3 +337,15 @@ def test_identify_on_a_local_cluster_judges_each_kernel(tmp_path, capsys):
     fitted = {k["kernel"]: k["identify"]["fitted_disagreeing_cells"] for k in meta["kernels"]}
     assert fitted == {"emulator:linux-6.6": 0, "emulator:linux-6.12": 0}
     assert meta["matrix"]["scheduler"] == "LocalCluster"
+
+
+@pytest.mark.slow
+def test_without_a_terminal_each_committed_scenario_is_a_line(tmp_path, capsys):
+    """A CI log gets no live bar: the matrix prints a line per attempt, per
+    committed scenario and per kernel ending."""
+    assert main(["run", "--kernel", "emulator:linux-6.6", "--kernel", "emulator:linux-6.12",
+                 "--jobs", "2", "--out", str(tmp_path), "zero-pages"]) == 0
+    out = capsys.readouterr().out
+    for kernel in ("emulator:linux-6.6", "emulator:linux-6.12"):
+        assert f"{kernel}: zero-pages: match (1 of 1 scenarios)" in out
+        assert f"{kernel}: done (1 of 1 scenarios)" in out
