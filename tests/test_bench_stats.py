@@ -492,3 +492,17 @@ def test_a_killed_crosscheck_gives_ksmd_its_cpus_back(state_dir):
     finally:
         ksmd.kill()
         ksmd.wait()
+
+
+def test_live_cpu_clock_reads_ksmd_at_least_as_far_as_schedstat():
+    """The process CPU clock includes the slice ksmd is running now; schedstat
+    only what was accounted.  Read second, the clock can never be behind."""
+    from ksmbench.kernel.procfs import ProcFS
+
+    pid = ProcFS().find_kthread("ksmd")
+    if pid is None:
+        pytest.skip("this kernel has no ksmd")
+    before = probes.parse_schedstat(ProcFS().path(pid, "schedstat").read_text())
+    live = probes.live_runtime_ns(pid)
+    assert live is not None and live >= before
+    assert probes.live_runtime_ns(2**22 + 12345) is None  # no such process

@@ -7,7 +7,7 @@ use_zero_pages=1, max_page_sharing=256, smart_scan=1) is
 * scanned by the real ksmd, one full scan per kick through the kernel layer
   (:class:`~ksmbench.backends.host.HostSession`: RunLock held by us,
   tunables through TunableChanges, ksmd stepped by ScanStepper), timing each
-  scan by ksmd's own CPU time (``/proc/<ksmd>/schedstat``, nanoseconds) and
+  scan by ksmd's own CPU time (its CPU clock, nanoseconds) and
   by wall time from the kick to the completed scan; and
 * emulated, the same scenario through the model, timing each full scan by
   this thread's CPU time (the emulator is single-threaded Python + numpy).
@@ -27,13 +27,13 @@ import argparse
 import csv
 import sys
 import time
-from pathlib import Path
 from typing import Any, Sequence
 
 from ..console import esc, make_console
 from ..scenario.loader import scenario_from_dict
 from ..emulator.emulate import ScenarioRun
 from ..emulator.scan import full_scan
+from .probes import live_runtime_ns
 
 MIB = 1 << 20
 PAGE = 4096
@@ -90,11 +90,6 @@ def emulate_scans(npages: int, scans: int, profile: str, repeat: int = 1
     return [_median([r[i] for r in runs]) for i in range(scans)], counters
 
 
-def _ksmd_runtime_ns(pid: int) -> int | None:
-    try:
-        return int(Path(f"/proc/{pid}/schedstat").read_text().split()[0])
-    except (OSError, ValueError, IndexError):
-        return None
 
 
 def _median(values: list) -> float | None:
@@ -142,11 +137,11 @@ def kernel_scans(session, npages: int, scans: int, repeat: int = 1
                 session.stepper.prepared = False
             cpu, wall, counters = [], [], []
             for _ in range(scans):
-                c0 = _ksmd_runtime_ns(pid) if pid else None
+                c0 = live_runtime_ns(pid) if pid else None
                 t0 = time.perf_counter()
                 session.stepper.scan(pages_hint=npages, label="emulator bench")
                 t1 = time.perf_counter()
-                c1 = _ksmd_runtime_ns(pid) if pid else None
+                c1 = live_runtime_ns(pid) if pid else None
                 cpu.append(None if c0 is None or c1 is None else (c1 - c0) / 1e9)
                 wall.append(t1 - t0)
                 counters.append({k: session.sysfs.read_int(k) for k in COUNTERS})

@@ -8,13 +8,14 @@ does) so that they can be tested against fake files.
 from __future__ import annotations
 
 import os
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
 from ..errors import KernelIOError, KsmUnavailable, os_boundary
-from ..kernel.procfs import KPF_KSM, FrameReader, ProcFS
+from ..kernel.procfs import DEFAULT_ROOT, KPF_KSM, FrameReader, ProcFS
 
 CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
 
@@ -70,13 +71,32 @@ class ThreadCpu:
         stat_path = self.procfs.path(self.pid, "stat")
         with os_boundary(f"reading {stat_path}"):
             stat = stat_path.read_text()
-        runtime = None
-        sched_path = self.procfs.path(self.pid, "schedstat")
-        try:
-            runtime = parse_schedstat(sched_path.read_text())
-        except (OSError, ValueError, IndexError):
-            runtime = None  # no CONFIG_SCHED_INFO: ticks only
+        runtime = live_runtime_ns(self.pid) if self.procfs.root == Path(DEFAULT_ROOT) else None
+        if runtime is None:
+            sched_path = self.procfs.path(self.pid, "schedstat")
+            try:
+                runtime = parse_schedstat(sched_path.read_text())
+            except (OSError, ValueError, IndexError):
+                runtime = None  # no CONFIG_SCHED_INFO: ticks only
         return CpuTime(parse_stat_cpu(stat), runtime)
+
+
+def live_runtime_ns(pid: int) -> int | None:
+    """The CPU clock of process ``pid`` (clock_getcpuclockid(3)), in ns.
+
+    /proc/<pid>/schedstat prints se.sum_exec_runtime as last accounted, which
+    for a thread on a CPU lags by up to a tick: a merge of a few MiB that ksmd
+    does without sleeping (sleep_millisecs=0) can read as 0 ns.  The process
+    CPU clock goes through task_sched_runtime(), which adds the running
+    slice.  Its id is the kernel's MAKE_PROCESS_CPUCLOCK(pid, CPUCLOCK_SCHED)
+    (include/linux/posix-timers_types.h), the value glibc's
+    clock_getcpuclockid() returns; ksmd leads its own thread group, so the
+    process clock is its own.
+    """
+    try:
+        return time.clock_gettime_ns(((~pid) << 3) | 2)
+    except (OSError, OverflowError):
+        return None  # gone, or a kernel that refuses other processes' clocks
 
 
 def ksmd_cpu(procfs: ProcFS | None = None, pid: int | None = None) -> ThreadCpu:

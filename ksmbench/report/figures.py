@@ -254,7 +254,7 @@ def costs(data: RunData) -> list[Figure]:
                    "Each kernel at the largest size it measured. Unmerge: MADV_UNMERGEABLE "
                    "(case/madvise) and writing run=2 (case/run2); CoW: one byte written per merged "
                    "page (a KSM page, or with use_zero_pages=1 a KSM zero page); ksmd CPU: "
-                   "schedstat run time of ksmd over the two scans that merge, per merged page.")]
+                   "ksmd's CPU clock over the two scans that merge, per merged page.")]
     out.extend(scan_cpu(data))
     return out
 
@@ -284,7 +284,7 @@ def scan_cpu(data: RunData) -> list[Figure]:
     fig.tight_layout()
     return [Figure("ksmd-cpu-per-scan", "ksmd CPU time per full scan", fig,
                    f"Stepped scans (one full scan per kick) of a {int(rows['size_mib'].max())} MiB "
-                   "region; CPU time is ksmd's schedstat run time (utime+stime from "
+                   "region; CPU time is ksmd's CPU clock, read in ns (utime+stime from "
                    "/proc/<ksmd>/stat is recorded too, at 10 ms resolution). Scan 1 only "
                    "checksums, scan 2 merges, scan 3 finds nothing left to do.")]
 
