@@ -88,10 +88,7 @@ class VMBackend:
 
         yield BackendInfo({"status": f"preparing {self.label}"})
         kernel = _kernels.resolve(self.spec, modules=self.modules)
-        nodes = self.numa_nodes or max((s.numa_nodes for s in scenarios), default=1)
-        if nodes > MAX_GUEST_NODES:
-            raise errors.UsageError(f"a scenario binds a region to NUMA node {nodes - 1}; guests "
-                                    f"have at most {MAX_GUEST_NODES} nodes")
+        nodes = guest_numa_nodes(self.numa_nodes, scenarios)
         info: dict[str, Any] = {"backend": "vm", "kernel": self.label,
                                 "kernel_image": str(kernel.image), "qemu_version": qemu_version(),
                                 "memory": self.memory, "cpus": self.cpus, "numa_nodes": nodes}
@@ -185,6 +182,17 @@ class VMBackend:
                           f"(exit {result.returncode}): {tail[0][:200]}",
                           hint=f"guest stderr: {run.work / 'stderr'}")
         yield BackendInfo({"vm_seconds": round(result.seconds, 1)})
+
+
+def guest_numa_nodes(requested: int | None, scenarios: Sequence[m.Scenario]) -> int:
+    """The NUMA nodes to boot with: ``requested`` (--numa-nodes), else as many
+    as the scenarios bind regions to (op mmap, node); 1 boots without -numa.
+    A scenario that needs more nodes than requested reads n/a in the guest."""
+    nodes = requested or max((s.numa_nodes for s in scenarios), default=1)
+    if nodes > MAX_GUEST_NODES:
+        raise errors.UsageError(f"a scenario binds a region to NUMA node {nodes - 1}; guests "
+                                f"have at most {MAX_GUEST_NODES} nodes")
+    return nodes
 
 
 def _translate(event: Event) -> Event:
