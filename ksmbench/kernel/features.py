@@ -88,7 +88,8 @@ def memory_nodes(root: str = NODE_SYSFS) -> frozenset[int] | None:
     mbind(MPOL_BIND) can place pages on.  None on a kernel without
     CONFIG_NUMA (no such directory: no mbind either)."""
     try:
-        text = open(os.path.join(root, "has_memory")).read().strip()
+        with open(os.path.join(root, "has_memory")) as fh:
+            text = fh.read().strip()
     except FileNotFoundError:
         return None
     except OSError as exc:
