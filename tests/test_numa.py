@@ -298,3 +298,16 @@ def test_one_tree_for_all_nodes_disagrees_with_the_recorded_kernels(kernel, tmp_
     wrong = {name for name, o in outcome.scenarios.items() if o.mismatches}
     assert wrong == {"numa-per-node-trees", "numa-chains", "numa-zero-pages", "ltp-ksm06",
                      "numa-partial-switch"}
+
+
+def test_random_scenarios_bind_nodes_only_when_asked():
+    from ksmbench.scenario.generate import random_scenario
+
+    one = [random_scenario(seed) for seed in range(40)]
+    assert all(s.numa_nodes == 1 for s in one)
+    assert [random_scenario(seed, numa_nodes=1) for seed in range(40)] == one
+    two = [random_scenario(seed, numa_nodes=2) for seed in range(40)]
+    assert sum(s.numa_nodes == 2 for s in two) > 20
+    assert any(not s.ksm.merge_across_nodes for s in two)
+    for s in two:
+        assert parse_scenario(to_toml(s), source=s.source) == s
