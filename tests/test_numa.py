@@ -311,3 +311,50 @@ def test_random_scenarios_bind_nodes_only_when_asked():
     assert any(not s.ksm.merge_across_nodes for s in two)
     for s in two:
         assert parse_scenario(to_toml(s), source=s.source) == s
+
+
+def test_random_two_node_scenarios_never_merge_across_nodes_under_0():
+    """At every step and scan of 120 random two-node scenarios: a page is
+    always on its region's node, KSM pages included while merge_across_nodes
+    is 0 (a merge never crosses nodes then), and every stable node sits in
+    the tree of its page's node."""
+    from ksmbench.emulator.emulate import ScenarioRun
+    from ksmbench.emulator.scan import full_scan, partial_scan
+    from ksmbench.scenario.generate import random_scenario
+
+    checked = 0
+    for seed in range(120):
+        s = random_scenario(seed, numa_nodes=2)
+        run = ScenarioRun(s, "linux-6.12.117")
+        k = run.ksm
+
+        def check():
+            across = k.settings.merge_across_nodes
+            for mm in k.mms.values():
+                for seg in mm.segments:
+                    frames = seg.pte[seg.pte > 0]
+                    ksm = k.frames.node[frames] >= 0
+                    own = frames if not across else frames[~ksm]
+                    assert (k.frames.numa[own] == seg.numa).all(), (seed, seg.name)
+            for tree, root in k.roots.items():
+                for node in root.inorder():
+                    for dup in (node.dups if node.is_chain else [node]):
+                        assert dup.tree == tree
+                        if not across and not k.stale(dup):
+                            assert k.frames.numa[dup.kpfn] == tree, (seed, tree)
+            k.check()
+
+        for step in s.steps:
+            if not run.supported(step):
+                break
+            if isinstance(step, m.Scan) and step.pages is not None:
+                partial_scan(k, step.pages)
+            elif isinstance(step, m.Scan):
+                for _ in range(step.count):
+                    full_scan(k)
+                    check()
+            else:
+                run.apply(step)
+            check()
+            checked += 1
+    assert checked > 1500
