@@ -1,7 +1,7 @@
 """Two NUMA nodes for real (marker ``vm``): one debian:6.12 guest booted with
 two nodes (QEMU -numa) runs the ``numa`` set and LTP ksm06 restated; every
 cell is judged against the emulator and every expectation must hold.  Under
-TCG on a 2-core machine the boot and the five scenarios take 1.5-2.5 min.
+TCG on a 2-core machine the boot and the five scenarios took 61 s.
 """
 
 from __future__ import annotations
