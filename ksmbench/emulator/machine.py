@@ -809,8 +809,9 @@ class Ksm:
         on merge_across_nodes decides which tree a page's searches and inserts
         use (:meth:`tree_of`); on one NUMA node it changes nothing else.  The
         unstable items of the scan under way stay in the tree they were put in
-        (rmap_item->nid), as in merge_across_nodes_store() (90bd6fd31c80,
-        ef53d16cded7: root_unstable_tree[0] keeps the one tree's items).
+        (rmap_item->nid), as in merge_across_nodes_store() (90bd6fd31c80 and
+        "ksm: allocate roots when needed", both 3.9: root_unstable_tree[0]
+        keeps the one tree's items).
         """
         st = self.settings
         if name == "smart_scan":
