@@ -113,6 +113,9 @@ metadata.json, observations.csv and expectations.csv, written as measured.""")
     run.add_argument("scenarios", nargs="*", metavar="SCENARIO",
                      help="scenario files, directories or built-in names (default: the built-in suite)")
     _kernel_options(run)
+    run.add_argument("--numa-nodes", type=int, default=None, metavar="N",
+                     help="NUMA nodes of VM guests (default: as many as the scenarios bind "
+                          "regions to, op mmap node; 1 boots without -numa)")
     run.add_argument("--out", default="results", help="parent of the run directory (default: results)")
     run.add_argument("--profile", default="auto",
                      help="emulator profile to compare with (default: auto, by kernel version)")
@@ -248,7 +251,8 @@ def cmd_run(args: argparse.Namespace) -> int:
     scenarios = resolve_scenarios(args.scenarios)
     kernels = expand_kernel_specs(args.kernel)
     backends = [resolve_backend(k, memory=args.memory, cpus=args.cpus, accel=args.accel,
-                                modules=args.modules) for k in kernels]
+                                modules=args.modules, numa_nodes=args.numa_nodes)
+                for k in kernels]
     for backend in backends:
         backend.preflight()
     console = _console(stderr=args.format == "ktap")

@@ -628,7 +628,8 @@ def run_kernels(args, *, console, scenarios: Sequence[m.Scenario], specs: Sequen
                 local = args.scheduler is None
                 tasks = [KernelTask(labels.index(b.label), spec, b.label,
                                     {"memory": args.memory, "cpus": args.cpus, "accel": args.accel,
-                                     "modules": args.modules},
+                                     "modules": args.modules,
+                                     "numa_nodes": getattr(args, "numa_nodes", None)},
                                     profile, rundir.run_id, queue,
                                     str(rundir.path.resolve()) if local else None)
                          for spec, b in remote]

@@ -238,4 +238,4 @@ def test_uffd_wp_fields_are_checked():
 
 def test_the_ltp_set_loads_by_name():
     names = [s.name for s in resolve_scenarios(["ltp"])]
-    assert names == ["ltp-ksm01", "ltp-ksm06-across-nodes", "ltp-ksm06-per-node", "ltp-ksm07"]
+    assert names == ["ltp-ksm01", "ltp-ksm06", "ltp-ksm07"]

@@ -183,12 +183,19 @@ class Agent:
         finally:
             self._step_id = None
 
-    def op_mmap(self, region: str, pages: int, thp: bool) -> int:
+    def op_mmap(self, region: str, pages: int, thp: bool, node: int | None = None) -> int:
         addr = self._next_addr
         if thp:
             addr = -(-addr // _PMD_SIZE) * _PMD_SIZE
         r = syscalls.Region(pages, addr=addr)
         self._next_addr = addr + r.length + syscalls.PAGE_SIZE
+        if node is not None:
+            # before any page is faulted in, so that every page lands on the node
+            try:
+                r.bind(node)
+            except SyscallError:
+                r.munmap()
+                raise
         # THP would let a zero-filled region merge over more scans; regions are
         # NOHUGEPAGE unless the scenario asks for THP.
         r.madvise("hugepage" if thp else "nohugepage")

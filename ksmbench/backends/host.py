@@ -284,6 +284,22 @@ class HostSession:
             for feature, what in sorted(needed):
                 if not have[feature]:
                     raise NotApplicable(f"needs {what}, which this kernel lacks")
+        bound = sorted({s.node for s in scenario.steps if isinstance(s, m.Mmap) and s.node is not None})
+        if bound:
+            from ..kernel.features import memory_nodes
+
+            have_nodes = memory_nodes()
+            if have_nodes is None:
+                raise NotApplicable("binds regions to NUMA nodes (op mmap, node), and this "
+                                    "kernel has no NUMA (CONFIG_NUMA)")
+            missing = [n for n in bound if n not in have_nodes]
+            if missing:
+                raise NotApplicable(
+                    f"needs NUMA node{'s' if len(missing) > 1 else ''} "
+                    f"{', '.join(map(str, missing))} (op mmap, node) and this kernel has memory "
+                    f"on node{'s' if len(have_nodes) > 1 else ''} "
+                    f"{', '.join(map(str, sorted(have_nodes)))} only: run it in a guest, "
+                    f"which gets {scenario.numa_nodes} nodes (--kernel debian:X.Y)")
         if any(isinstance(step, m.UffdWp) for step in scenario.steps):
             if not syscalls.uffd_wp_available():
                 raise NotApplicable("needs userfaultfd write-protect on anonymous memory "
@@ -428,8 +444,13 @@ class HostBackend:
     def _events(self, session: "HostSession", scenarios: Sequence[m.Scenario],
                 release: str) -> Iterator[Event]:
         with session:
+            from ..kernel.features import memory_nodes
+
+            nodes = memory_nodes()
             info: dict[str, Any] = {"backend": "host", "kernel_release": release,
-                                    "ksm_tunables_before": session.tunables_before}
+                                    "ksm_tunables_before": session.tunables_before,
+                                    # where op mmap's node can bind (None: no CONFIG_NUMA)
+                                    "numa_memory_nodes": None if nodes is None else sorted(nodes)}
             if session.repair_message:
                 info["repaired"] = session.repair_message
             yield BackendInfo(info)

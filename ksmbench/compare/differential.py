@@ -14,6 +14,7 @@ import argparse
 import json
 import sys
 import time
+from contextlib import nullcontext
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Callable, Iterable, Sequence
@@ -229,7 +230,8 @@ def run_differential(seeds: Iterable[int], out_dir: Path, *, runner: HostRunner 
                      profile: str | None = None, shrink_budget: int = 40,
                      progress: Callable[[str], None] = lambda msg: None,
                      batch: int = 10, max_pages: int = 48, max_steps: int = 18,
-                     tally: Tally | None = None) -> tuple[int, list[Finding], list[str]]:
+                     tally: Tally | None = None,
+                     numa_nodes: int = 1) -> tuple[int, list[Finding], list[str]]:
     """Returns (scenarios checked, findings, errors); ``tally`` counts what
     the scenarios compared (shrinking runs not included)."""
     runner = runner or HostRunner()
@@ -239,8 +241,8 @@ def run_differential(seeds: Iterable[int], out_dir: Path, *, runner: HostRunner 
     checked = 0
     for start in range(0, len(seeds), batch):
         chunk = seeds[start:start + batch]
-        scenarios = [random_scenario(seed, max_pages=max_pages, max_steps=max_steps)
-                     for seed in chunk]
+        scenarios = [random_scenario(seed, max_pages=max_pages, max_steps=max_steps,
+                                     numa_nodes=numa_nodes) for seed in chunk]
         results = check_scenarios(scenarios, runner, profile, tally)
         profile = profile or runner.profile
         for seed, (scenario, cells, error) in zip(chunk, results):
@@ -295,12 +297,17 @@ def main(argv: Sequence[str] | None = None) -> int:
     ap.add_argument("--batch", type=int, default=10, help="scenarios per kernel session / VM boot")
     ap.add_argument("--max-pages", type=int, default=48, help="largest random region")
     ap.add_argument("--max-steps", type=int, default=18, help="random steps after the set-up")
+    ap.add_argument("--numa-nodes", type=int, default=1,
+                    help="bind random regions to this many NUMA nodes (op mmap, node); a VM "
+                         "kernel then boots with the nodes its batch binds to")
     args = ap.parse_args(argv)
 
     err = make_console(stderr=True)
     tally = Tally()
     started = time.monotonic()
-    with RunLock(timeout=args.wait), err.status("differential run") as status:
+    # the lock guards the host's KSM; a guest has its own (as ksmbench run decides)
+    lock = RunLock(timeout=args.wait) if args.kernel == "host" else nullcontext()
+    with lock, err.status("differential run") as status:
         runner = HostRunner() if args.kernel == "host" else BackendRunner(args.kernel)
 
         def progress(msg: str) -> None:
@@ -310,7 +317,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         checked, findings, errors = run_differential(
             range(args.seed, args.seed + args.count), Path(args.out), profile=args.profile,
             runner=runner, progress=progress, max_pages=args.max_pages,
-            max_steps=args.max_steps, batch=args.batch, tally=tally)
+            max_steps=args.max_steps, batch=args.batch, tally=tally, numa_nodes=args.numa_nodes)
     for e in errors:
         print("error:", e)
     for f in findings:
@@ -326,6 +333,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     summary = {"kernel": args.kernel, "release": runner.release, "profile": args.profile
                or runner.profile, "seeds": [args.seed, args.seed + args.count - 1],
                "max_pages": args.max_pages, "max_steps": args.max_steps,
+               "numa_nodes": args.numa_nodes,
                "scenarios_checked": checked, "cells_compared": tally.cells,
                "mismatching": [{"seed": f.seed, "reproducer": f.path.name if f.path else None,
                                 "cells": [asdict(c) for c in f.cells[:10]]} for f in findings],

@@ -18,8 +18,8 @@ shown in the README) get no prediction, and every comparison excuses exactly
 those; a cell where only one side has a value is otherwise a mismatch.
 Outside the scenario format:
 
-* merge_across_nodes=0 / several NUMA nodes, the 6.8 advisor, partial
-  batches (a scan step is always whole full scans), swap, migration,
+* the 6.8 advisor, swap, migration (between NUMA nodes too: the trees per
+  node of merge_across_nodes=0 are modelled, moving pages is not),
   compaction, races (e.g. 6.6-6.9's non-atomic ksm_zero_pages).
 """
 

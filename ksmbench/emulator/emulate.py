@@ -57,7 +57,8 @@ class ScenarioRun:
     def apply(self, step: m.Step) -> None:
         k = self.ksm
         if isinstance(step, m.Mmap):
-            k.mmap(k.mms[step.proc], step.region, step.pages, step.thp)
+            k.mmap(k.mms[step.proc], step.region, step.pages, step.thp,
+                   0 if step.node is None else step.node)
         elif isinstance(step, m.Fill):
             fill = FillId(self.scenario.name, step.index)
             contents = k.contents.fill(step.pattern, step.end - step.first, fill)

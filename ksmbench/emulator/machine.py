@@ -85,9 +85,13 @@ class Frames:
         #: MADV_FREE made the folio lazy-free and clean; the value is
         #: its stable node then (-1: not a KSM page), -2 when not lazy-free
         self.lazy = np.full(1024, -2, dtype=np.int64)
+        #: the NUMA node the folio lives on (page_to_nid()): the node its
+        #: region is bound to (op mmap, node), else node 0, where every guest
+        #: CPU is (the default local policy; backends/vm/boot.py)
+        self.numa = np.zeros(1024, dtype=np.int64)
         self.n = 1  # frame 0 is the shared zero page
 
-    def alloc(self, contents: np.ndarray) -> np.ndarray:
+    def alloc(self, contents: np.ndarray, numa: int = 0) -> np.ndarray:
         k = int(contents.size)
         first = self.n
         need = first + k
@@ -98,10 +102,12 @@ class Frames:
             grow = size - self.node.size
             self.node = np.concatenate([self.node, np.full(grow, -1, dtype=np.int64)])
             self.lazy = np.concatenate([self.lazy, np.full(grow, -2, dtype=np.int64)])
+            self.numa = np.resize(self.numa, size)
         self.content[first:need] = contents
         self.mapcount[first:need] = 1
         self.node[first:need] = -1
         self.lazy[first:need] = -2
+        self.numa[first:need] = numa
         self.n = need
         return np.arange(first, need, dtype=np.int64)
 
@@ -128,6 +134,9 @@ class Segment:
         self.start = start
         self.n = npages
         self.thp = thp
+        #: the node of the VMA's MPOL_BIND policy (op mmap, node), 0 without one:
+        #: where its faults (first touch, CoW, unshare) allocate
+        self.numa = 0
         self.mapped = True
         self.pte = np.full(npages, -1, dtype=np.int64)
         self.zdirty = np.zeros(npages, dtype=bool)
@@ -156,6 +165,7 @@ class Segment:
 
     def copy_for_fork(self, child: "MM") -> "Segment":
         seg = Segment(child, self.name, self.start, self.n, self.thp)
+        seg.numa = self.numa  # dup_mmap() -> vma_dup_policy()
         # copy_page_range() skips VMAs without an anon_vma (their zero-page
         # PTEs from read faults are simply faulted again in the child)
         seg.pte[:] = np.where(self.anon, self.pte, -1)
@@ -236,11 +246,15 @@ class SNode(RBNode):
     """struct ksm_stable_node: a regular node, a dup in a chain, or a chain."""
 
     __slots__ = ("nid", "cid", "is_chain", "chain", "kpfn", "len", "dups", "alive",
-                 "prune_batch")
+                 "prune_batch", "tree")
 
-    def __init__(self, nid: int, cid: int, *, kpfn: int = -1, is_chain: bool = False):
+    def __init__(self, nid: int, cid: int, *, kpfn: int = -1, is_chain: bool = False,
+                 tree: int = 0):
         super().__init__()
         self.nid = nid
+        #: which root_stable_tree[] holds it (stable_node->nid, DO_NUMA):
+        #: get_kpfn_nid() of its page when it was inserted
+        self.tree = tree
         self.cid = cid
         self.is_chain = is_chain
         self.chain: Optional[SNode] = None  # the chain holding this dup
@@ -261,11 +275,12 @@ class UNode(RBNode):
     """an rmap item in the unstable tree, kept as a real rbtree only
     where the path of a search matters (see Ksm.unstable_rb)."""
 
-    __slots__ = ("cid", "seg", "idx")
+    __slots__ = ("cid", "seg", "idx", "tree")
 
-    def __init__(self, cid: int, seg: "Segment", idx: int):
+    def __init__(self, cid: int, seg: "Segment", idx: int, tree: int = 0):
         super().__init__()
         self.cid = cid
+        self.tree = tree  # rmap_item->nid: its root_unstable_tree[]
         self.seg = seg
         self.idx = idx
 
@@ -291,7 +306,10 @@ class Ksm:
         self.frames = Frames()
         self.mms: dict[str, MM] = {}
         self.slots: list[MM] = []  # ksmd's mm list (the sentinel, always first, is implicit)
-        self.root = RBRoot()
+        #: root_stable_tree[nid]: one tree while merge_across_nodes=1 (every
+        #: page's get_kpfn_nid() is 0), one per NUMA node while it is 0
+        #: (90bd6fd31c80, 3.9); created as pages need them
+        self.roots: dict[int, RBRoot] = {0: RBRoot()}
         self.nodes: list[SNode] = []
         # counters (mm/ksm.c statics)
         self.pages_shared = 0
@@ -319,6 +337,12 @@ class Ksm:
         #: fail on the way (a PROT_NONE tree page before protnone_follow), so
         #: that which pages a search passes matters; else None (the dict is exact)
         self.unstable_rb: Optional[RBRoot] = None
+        #: root_unstable_tree[nid] of the other NUMA nodes, as rbtrees (the
+        #: dict keys their items by (node, content), see _unstable_search_insert)
+        self._unstable_rbs: dict[int, RBRoot] = {}
+        #: a region was bound to a NUMA node other than 0 (op mmap, node):
+        #: full scans then take the per-visit path, which models the trees per node
+        self.numa_used = False
         self._unstable_nodes: dict[tuple[int, int], UNode] = {}
         self.tracking = profile.has("zero_page_tracking")
         self.checksum_first = profile.has("checksum_first")
@@ -329,6 +353,39 @@ class Ksm:
         self.protnone_follow = profile.has("protnone_follow")
 
     # -- helpers ---------------------------------------------------------------------
+    @property
+    def root(self) -> RBRoot:
+        """root_stable_tree[0]: the only tree while merge_across_nodes=1
+        (the numpy path, :mod:`.fastscan`, runs only where it is the only one)."""
+        return self.roots[0]
+
+    def tree_of(self, frame: int) -> int:
+        """get_kpfn_nid(): the tree (stable and unstable) a page belongs to:
+        0 while merge_across_nodes=1, else the page's NUMA node."""
+        if self.settings.merge_across_nodes:
+            return 0
+        return int(self.frames.numa[frame])
+
+    def _stable_root(self, tree: int) -> RBRoot:
+        root = self.roots.get(tree)
+        if root is None:
+            root = self.roots[tree] = RBRoot()
+        return root
+
+    def _unstable_root(self, tree: int) -> RBRoot:
+        if tree == 0:
+            return self.unstable_rb
+        root = self._unstable_rbs.get(tree)
+        if root is None:
+            root = self._unstable_rbs[tree] = RBRoot()
+        return root
+
+    @staticmethod
+    def _unstable_dict_key(tree: int, cid: int):
+        """The unstable dict's key: the content on tree 0 (what the numpy
+        path uses), (tree, content) on the other nodes' trees."""
+        return cid if tree == 0 else (tree, cid)
+
     def stale(self, node: SNode) -> bool:
         return self.frames.mapcount[node.kpfn] <= 0
 
@@ -336,8 +393,9 @@ class Ksm:
         """__is_page_sharing_candidate()."""
         return node.len > 0 and node.len + offset < self.settings.max_page_sharing
 
-    def _new_node(self, cid: int, *, kpfn: int = -1, is_chain: bool = False) -> SNode:
-        node = SNode(len(self.nodes), cid, kpfn=kpfn, is_chain=is_chain)
+    def _new_node(self, cid: int, *, kpfn: int = -1, is_chain: bool = False,
+                  tree: int = 0) -> SNode:
+        node = SNode(len(self.nodes), cid, kpfn=kpfn, is_chain=is_chain, tree=tree)
         self.nodes.append(node)
         return node
 
@@ -363,13 +421,15 @@ class Ksm:
             else:
                 self.slots.insert(self.slots.index(self.cursor), mm)
 
-    def mmap(self, mm: MM, region: str, npages: int, thp: bool) -> None:
+    def mmap(self, mm: MM, region: str, npages: int, thp: bool, numa: int = 0) -> None:
         # the agent places regions in creation order, one guard page apart,
         # THP regions on a 512-page boundary (backends/agent.py)
         start = mm.next_addr
         if thp:
             start = -(-start // 512) * 512
         seg = Segment(mm, region, start, npages, thp)
+        seg.numa = numa
+        self.numa_used = self.numa_used or numa != 0
         mm.next_addr = start + npages + 1
         mm.segments.append(seg)
         mm.regions[region] = seg
@@ -402,7 +462,7 @@ class Ksm:
         if cow.any():
             fr.unmap(pte[cow])
         if fresh.any():
-            pte[fresh] = fr.alloc(contents[fresh])
+            pte[fresh] = fr.alloc(contents[fresh], seg.numa)
         written = np.zeros(seg.n, dtype=bool)
         written[first:end] = True
         seg.mark_anon_vma(written)
@@ -453,13 +513,13 @@ class Ksm:
         if ksm.any():
             old = pte[ksm]
             fr.unmap(old)
-            pte[ksm] = fr.alloc(fr.content[old])
+            pte[ksm] = fr.alloc(fr.content[old], seg.numa)
         if self.tracking:
             zero = seg.zdirty[first:end] & (pte == 0)
             if zero.any():
                 idx = np.flatnonzero(zero) + first
                 self._drop_zero_ptes(seg, idx)
-                seg.pte[idx] = fr.alloc(np.zeros(idx.size, dtype=np.int64))
+                seg.pte[idx] = fr.alloc(np.zeros(idx.size, dtype=np.int64), seg.numa)
 
     def _unmerge_range(self, seg: Segment, first: int, end: int) -> None:
         """ksm_madvise(MADV_UNMERGEABLE) / __ksm_del_vma() on part of a segment:
@@ -564,6 +624,7 @@ class Ksm:
         if seg.merge[0] and seg.anon[0]:
             self._unshare(seg, 0, keep)
         new = Segment(mm, region, mm.next_addr, pages, seg.thp)
+        new.numa = seg.numa  # the policy moves with the VMA; pages are not migrated
         mm.next_addr = new.start + pages + 1
         for name in ("pte", "zdirty", "merge", "anon", "prot", "dontcopy", "wipe"):
             src = getattr(seg, name)
@@ -715,18 +776,21 @@ class Ksm:
 
     def _remove_all_stable_nodes(self) -> bool:
         """remove_all_stable_nodes(): a node whose page is still mapped is busy
-        (-EBUSY) and stops the walk of the tree; False when one was busy."""
-        while self.root.node is not None:
-            node = self.root.node
-            if node.is_chain:
-                for dup in list(node.dups):
-                    if not self._remove_stable_node(dup):
-                        return False
-                self.root.erase(node)
-                node.alive = False
-                self.chains -= 1
-            elif not self._remove_stable_node(node):
-                return False
+        (-EBUSY) and stops the walk of the trees (root_stable_tree[nid], node
+        by node); False when one was busy."""
+        for tree in sorted(self.roots):
+            root = self.roots[tree]
+            while root.node is not None:
+                node = root.node
+                if node.is_chain:
+                    for dup in list(node.dups):
+                        if not self._remove_stable_node(dup):
+                            return False
+                    root.erase(node)
+                    node.alive = False
+                    self.chains -= 1
+                elif not self._remove_stable_node(node):
+                    return False
         return True
 
     # -- op "set": one tunable written between steps ------------------------------------
@@ -741,8 +805,13 @@ class Ksm:
         max_page_sharing_store() and merge_across_nodes_store() refuse a new
         value with -EBUSY while pages_shared is not 0 or remove_all_stable_nodes()
         finds a node still mapped; otherwise that call has emptied the stable
-        tree (stale nodes, chains and all) before the value changes.  The model
-        has one NUMA node, where merge_across_nodes changes nothing else.
+        tree (stale nodes, chains and all) before the value changes.  From then
+        on merge_across_nodes decides which tree a page's searches and inserts
+        use (:meth:`tree_of`); on one NUMA node it changes nothing else.  The
+        unstable items of the scan under way stay in the tree they were put in
+        (rmap_item->nid), as in merge_across_nodes_store() (90bd6fd31c80 and
+        "ksm: allocate roots when needed", both 3.9: root_unstable_tree[0]
+        keeps the one tree's items).
         """
         st = self.settings
         if name == "smart_scan":
@@ -795,7 +864,7 @@ class Ksm:
             node.chain = None
             self.dups -= 1
         else:
-            self.root.erase(node)
+            self.roots[node.tree].erase(node)
         node.alive = False
 
     def _get_folio(self, node: SNode) -> Optional[int]:
@@ -829,13 +898,13 @@ class Ksm:
                     break
         if found is None:
             # free_stable_node_chain(): its hlist must be empty
-            self.root.erase(node)
+            self.roots[node.tree].erase(node)
             node.alive = False
             self.chains -= 1
             return None, None, node
         if len(node.dups) == 1:
             # one dup left: drop the chain, the dup takes its place in the tree
-            self.root.replace(node, found)
+            self.roots[node.tree].replace(node, found)
             found.chain = None
             node.dups = []
             node.alive = False
@@ -868,8 +937,10 @@ class Ksm:
             return frame  # "ksm page forked"
         cid = int(fr.content[frame])
         compare = self.contents.compare
+        # root_stable_tree + get_kpfn_nid(): never a page of another node's tree
+        root = self._stable_root(self.tree_of(frame))
         while True:  # "again:"
-            node = self.root.node
+            node = root.node
             restart = False
             while node is not None:
                 tree_page, dup, node = self._chain(node, prune=True)
@@ -893,10 +964,12 @@ class Ksm:
         the tree (see fastscan), so the chain() calls on the way are skipped."""
         cid = int(self.frames.content[kframe])
         compare = self.contents.compare
+        tree = self.tree_of(kframe)
+        root = self._stable_root(tree)
         while True:
             parent: Optional[SNode] = None
             left = False
-            node = self.root.node
+            node = root.node
             need_chain = False
             restart = False
             while node is not None:
@@ -913,17 +986,17 @@ class Ksm:
                 left, node = rb_child(c, node)
             if not restart:
                 break
-        dup = self._new_node(cid, kpfn=kframe)
+        dup = self._new_node(cid, kpfn=kframe, tree=tree)
         if not need_chain:
-            self.root.link(dup, parent, left)
+            root.link(dup, parent, left)
         else:
             chain = parent
             if not chain.is_chain:
                 # alloc_stable_node_chain(): the chain takes the node's place
                 orig = chain
-                chain = self._new_node(cid, is_chain=True)
+                chain = self._new_node(cid, is_chain=True, tree=tree)
                 chain.prune_batch = self.batches  # alloc_stable_node_chain(): jiffies
-                self.root.replace(orig, chain)
+                root.replace(orig, chain)
                 self.chains += 1
                 orig.chain = chain
                 chain.dups.insert(0, orig)
@@ -971,7 +1044,7 @@ class Ksm:
             # may have been taken over by a node whose tree page changed)
             unode = self._unstable_nodes.pop((seg.sid, idx), None)
             if unode is not None:
-                self.unstable_rb.erase(unode)
+                self._unstable_root(unode.tree).erase(unode)
 
     def _left_stable_tree(self, seg: Segment, idx) -> None:
         """An rmap item (or items) just left the stable tree.  Since 7.3
@@ -1041,27 +1114,41 @@ class Ksm:
         (:meth:`_unstable_walk`).
         """
         cid = int(self.frames.content[frame])
+        # root_unstable_tree + get_kpfn_nid(): per node while merge_across_nodes=0
+        tree = self.tree_of(frame)
         if self.unstable_rb is not None:
-            return self._unstable_walk(seg, idx, frame, cid)
-        hit = self.unstable.get(cid)
+            return self._unstable_walk(seg, idx, frame, cid, tree)
+        key = self._unstable_dict_key(tree, cid)
+        hit = self.unstable.get(key)
         if hit is None:
             seg.ist[idx] = UNSTABLE
             self.pages_unshared += 1
-            self.unstable[cid] = (seg, idx)
-            self._unstable_key[(seg.sid, idx)] = cid
+            self.unstable[key] = (seg, idx)
+            self._unstable_key[(seg.sid, idx)] = key
             return None
         tseg, tidx = hit
         tframe = int(tseg.pte[tidx])
-        if tframe == frame:
+        if tframe == frame or self._tree_page_elsewhere(tframe, tree):
             return None
         return tseg, tidx, tframe
 
-    def _unstable_walk(self, seg: Segment, idx: int, frame: int, cid: int):
+    def _tree_page_elsewhere(self, tframe: int, tree: int) -> bool:
+        """unstable_tree_search_insert() on an equal page: with
+        merge_across_nodes=0 a tree page on another node than this tree's
+        is not merged with (nor is the page inserted): the tree was built
+        under merge_across_nodes=1 earlier in this scan (a set step between
+        batches; migration, the case the kernel's comment names, is not
+        modelled)."""
+        return (not self.settings.merge_across_nodes
+                and int(self.frames.numa[tframe]) != tree)
+
+    def _unstable_walk(self, seg: Segment, idx: int, frame: int, cid: int, tree: int = 0):
         """unstable_tree_search_insert() node by node.  Where
         get_mergeable_page() finds no page for a node (:meth:`_tree_page`)
         the search returns NULL: no merge, and this page is not inserted.
         Each node is compared with what its page holds now."""
-        node = self.unstable_rb.node
+        root = self._unstable_root(tree)
+        node = root.node
         parent: Optional[UNode] = None
         left = False
         compare = self.contents.compare
@@ -1073,15 +1160,18 @@ class Ksm:
                 return None  # "don't substitute a ksm page for a forked page"
             c = compare(cid, int(self.frames.content[tframe]))
             if c == 0:
+                if self._tree_page_elsewhere(tframe, tree):
+                    return None
                 return node.seg, node.idx, tframe
             parent = node
             left, node = rb_child(c, node)
-        unode = UNode(cid, seg, idx)
-        self.unstable_rb.link(unode, parent, left)
+        unode = UNode(cid, seg, idx, tree)
+        root.link(unode, parent, left)
         seg.ist[idx] = UNSTABLE
         self.pages_unshared += 1
-        self.unstable[cid] = (seg, idx)
-        self._unstable_key[(seg.sid, idx)] = cid
+        key = self._unstable_dict_key(tree, cid)
+        self.unstable[key] = (seg, idx)
+        self._unstable_key[(seg.sid, idx)] = key
         self._unstable_nodes[(seg.sid, idx)] = unode
         return None
 
@@ -1286,6 +1376,7 @@ class Ksm:
         self.unstable.clear()
         self._unstable_key.clear()
         self._unstable_nodes.clear()
+        self._unstable_rbs = {}
         self.unstable_rb = RBRoot() if walks or self.needs_page_walks() else None
 
     def scan_slots(self, scan_mm) -> None:
@@ -1373,7 +1464,8 @@ class Ksm:
         assert stable == self.pages_shared + self.pages_sharing
         unstable = sum(int(np.count_nonzero(s.ist == UNSTABLE)) for s in self.all_segments())
         assert unstable == self.pages_unshared
-        self.root.check()
+        for root in self.roots.values():
+            root.check()
         nodes = [n for n in self.nodes if n.alive]
         assert sum(1 for n in nodes if n.is_chain) == self.chains
         assert sum(1 for n in nodes if n.chain is not None) == self.dups

@@ -20,9 +20,11 @@ def full_scan(ksm: Ksm, *, fast: bool = True) -> None:
     and not the per-batch prune clock, whose chain_prune_time updates happen
     in the tree walks that its windows leave out, nor an unstable tree whose
     searches can fail on the way (a PROT_NONE tree page before
-    protnone_follow), where which pages a search passes matters."""
+    protnone_follow), where which pages a search passes matters, nor a
+    scenario with regions bound to NUMA nodes, whose trees are per node
+    under merge_across_nodes=0."""
     if (not fast or ksm.cursor is not None or ksm.settings.prune == "per-batch"
-            or ksm.needs_page_walks()):
+            or ksm.needs_page_walks() or ksm.numa_used):
         ksm.batch(None)
         return
     ksm.batches += 1

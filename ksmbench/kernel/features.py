@@ -79,6 +79,28 @@ def detect(sysfs: KsmSysfs | None = None, procfs: ProcFS | None = None) -> dict[
     return found
 
 
+#: where the kernel lists its NUMA nodes (drivers/base/node.c; CONFIG_NUMA only)
+NODE_SYSFS = "/sys/devices/system/node"
+
+
+def memory_nodes(root: str = NODE_SYSFS) -> frozenset[int] | None:
+    """The NUMA nodes that have memory (``has_memory``, N_MEMORY): the nodes
+    mbind(MPOL_BIND) can place pages on.  None on a kernel without
+    CONFIG_NUMA (no such directory: no mbind either)."""
+    try:
+        with open(os.path.join(root, "has_memory")) as fh:
+            text = fh.read().strip()
+    except FileNotFoundError:
+        return None
+    except OSError as exc:
+        raise SyscallError(f"read {root}/has_memory", exc.errno or 0) from None
+    nodes: set[int] = set()
+    for part in filter(None, text.split(",")):
+        lo, _, hi = part.partition("-")
+        nodes.update(range(int(lo), int(hi or lo) + 1))
+    return frozenset(nodes)
+
+
 def _has_prctl_memory_merge() -> bool:
     from .syscalls import prctl_get_memory_merge
 

@@ -85,6 +85,10 @@ PR_SET_MEMORY_MERGE = 67  # 6.4, d7597f59d1d3
 PR_GET_MEMORY_MERGE = 68
 
 
+# mbind(2) (x86-64 syscall number; include/uapi/linux/mempolicy.h): CONFIG_NUMA
+NR_MBIND = 237
+MPOL_BIND = 2
+
 # include/uapi/linux/userfaultfd.h (x86-64 syscall number).  Write-protect
 # mode on private anonymous memory: 63ae4391f2b8 (5.7)
 NR_USERFAULTFD = 323
@@ -117,6 +121,9 @@ def _fail(call: str) -> SyscallError:
     elif call.startswith("userfaultfd") and err in (_errno.ENOSYS, _errno.EPERM):
         hint = ("the kernel lacks CONFIG_USERFAULTFD, or vm.unprivileged_userfaultfd=0 "
                 "and the caller is not privileged")
+    elif call.startswith("mbind") and err in (_errno.ENOSYS, _errno.EINVAL):
+        hint = ("the kernel lacks CONFIG_NUMA, or the node is not online with memory "
+                "(/sys/devices/system/node/has_memory)")
     elif err == _errno.ENOMEM:
         hint = "not enough memory, or the range is not mapped"
     return SyscallError(call, err, hint=hint)
@@ -230,6 +237,20 @@ class Region:
             if os.pwrite(mem_fd, bytes((v,)), addr) != 1:
                 raise SyscallError(f"pwrite(/proc/self/mem, {hex(addr)}, 1 byte)", _errno.EIO)
     # --- end of the VMA ops ---------------------------------------------------
+
+    def bind(self, node: int) -> None:
+        """mbind(MPOL_BIND) to one NUMA node: every page faulted in later
+        (first touch, CoW, unshare) is allocated there, in forked children
+        too (dup_mmap() copies the VMA's policy)."""
+        self._check(0, self.npages)
+        mask = _ffi.new("unsigned long[2]")
+        mask[node // 64] = 1 << (node % 64)
+        # get_nodes() reads maxnode - 1 bits (the historic off-by-one): 65 reads 64
+        ret = _libc.syscall(NR_MBIND, _ffi.cast("unsigned long", self.addr),
+                            _ffi.cast("unsigned long", self.length), _ffi.cast("int", MPOL_BIND),
+                            mask, _ffi.cast("unsigned long", 65), _ffi.cast("unsigned int", 0))
+        if ret != 0:
+            raise _fail(f"mbind({hex(self.addr)}, {self.npages} pages, MPOL_BIND, node {node})")
 
     def munmap(self) -> None:
         if self._ptr is None:

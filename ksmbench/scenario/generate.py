@@ -76,7 +76,10 @@ def leaks_zero_pages(steps: Sequence[m.Step], ksm: m.KsmSettings) -> bool:
 
 
 def random_scenario(seed: int, *, max_steps: int = 18, max_pages: int = 48,
-                    name_prefix: str = "random") -> m.Scenario:
+                    name_prefix: str = "random", numa_nodes: int = 1) -> m.Scenario:
+    """``numa_nodes`` > 1: regions are bound to random nodes (op mmap, node) and
+    merge_across_nodes starts at 0 half the time; with 1 (the default) no draw
+    is spent on nodes, so a seed gives the scenario it always gave."""
     rng = random.Random(seed)
     world = m.World()
     procs = world.procs  # live processes -> their regions, in creation order
@@ -91,8 +94,16 @@ def random_scenario(seed: int, *, max_steps: int = 18, max_pages: int = 48,
         ksm["smart_scan"] = False
     if rng.random() < 0.15:  # the time-free regimes only (module docstring)
         ksm["stable_node_chains_prune_millisecs"] = m.PRUNE_NEVER_MS
+    if numa_nodes > 1 and rng.random() < 0.5:
+        ksm["merge_across_nodes"] = False
     region_counter = 0
     zero_pages_seen = bool(ksm.get("use_zero_pages"))
+
+    def node() -> dict[str, int]:
+        """op mmap's ``node``: none on one node; else mostly a random node."""
+        if numa_nodes <= 1 or rng.random() < 0.2:
+            return {}
+        return {"node": rng.randrange(numa_nodes)}
 
     def add(cls: type, proc: str = m.MAIN, **fields: Any) -> None:
         step = cls(len(steps), proc, **fields)
@@ -137,7 +148,7 @@ def random_scenario(seed: int, *, max_steps: int = 18, max_pages: int = 48,
         region_counter += 1
         name = f"r{region_counter}"
         pages = rng.randint(1, max_pages)
-        add(m.Mmap, region=name, pages=pages)
+        add(m.Mmap, region=name, pages=pages, **node())
         for _ in range(rng.randint(1, 3)):
             pat = pattern()
             add(m.Fill, region=name, pattern=pat, **some_range(pages))
@@ -178,7 +189,7 @@ def random_scenario(seed: int, *, max_steps: int = 18, max_pages: int = 48,
         at = proc if cls.needs_proc else m.MAIN
         if op == "mmap":
             region_counter += 1
-            add(cls, at, region=f"r{region_counter}", pages=rng.randint(1, max_pages))
+            add(cls, at, region=f"r{region_counter}", pages=rng.randint(1, max_pages), **node())
         elif op in ("fill", "read", "madvise", "write_byte", "mprotect", "uffd_wp"):
             def make(cls=cls, at=at, op=op):
                 name = rng.choice(list(regions))

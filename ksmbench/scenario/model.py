@@ -28,6 +28,9 @@ ADVICES: tuple[str, ...] = ("mergeable", "unmergeable", "dontneed",
                             # MADV_COLD, MADV_PAGEOUT (README "Ops")
                             "free", "dontfork", "wipeonfork", "cold", "pageout")
 MAIN = "main"
+#: the largest NUMA node a region may be bound to (op mmap, ``node``): the
+#: agent's mbind() nodemask is one unsigned long
+MAX_NUMA_NODE = 63
 #: the most pages one region can have: x86-64's 47-bit user address space
 #: (128 TiB) in 4 KiB pages; a larger mmap can never succeed
 MAX_REGION_PAGES = (1 << 47) // 4096
@@ -367,6 +370,12 @@ class Mmap(Step):
                       too_big="{value} pages is more than a 47-bit user address space "
                               "holds (at most {maximum})")
     thp: bool = spec("bool", default=False)
+    #: NUMA node the region's pages are bound to (mbind(MPOL_BIND) before any
+    #: page is faulted in); None: the default policy (the local node).  A
+    #: kernel without that node makes the scenario not applicable.
+    node: int | None = spec("int", default=None, minimum=0, maximum=MAX_NUMA_NODE,
+                            too_big="node {value} is past the largest NUMA node id "
+                                    "ksmbench binds to ({maximum})")
 
     def track(self, world: World) -> None:
         world.map(self.proc, self.region, self.pages)
@@ -657,6 +666,13 @@ class Scenario:
     @property
     def scan_count(self) -> int:
         return sum(s.count for s in self.steps if isinstance(s, Scan))
+
+    @property
+    def numa_nodes(self) -> int:
+        """How many NUMA nodes the scenario needs: one more than the highest
+        node a region is bound to (op mmap, ``node``), else 1."""
+        return 1 + max((s.node for s in self.steps if isinstance(s, Mmap) and s.node is not None),
+                       default=0)
 
     @property
     def max_pages(self) -> int:

@@ -33,8 +33,12 @@ from .boot import GuestRun, qemu_version
 #: the host backend's own timeouts to fire first) is considered hung
 IDLE_SECONDS = 120.0
 
+#: the most NUMA nodes a guest is booted with (boot.numa_qemu_opts splits its memory evenly)
+MAX_GUEST_NODES = 8
+
 #: the guest's host-backend facts worth passing through (its "backend" is "host")
-_GUEST_INFO_KEYS = ("kernel_release", "ksm_tunables_before", "ksm_tunables_after", "repaired")
+_GUEST_INFO_KEYS = ("kernel_release", "ksm_tunables_before", "ksm_tunables_after", "repaired",
+                    "numa_memory_nodes")
 
 
 class VMBackend:
@@ -42,8 +46,13 @@ class VMBackend:
 
     def __init__(self, spec: str, *, memory: str = "2G", cpus: int = 2, accel: str = "auto",
                  modules: str | None = None, append: Sequence[str] = (),
-                 boot_timeout: float | None = None):
+                 boot_timeout: float | None = None, numa_nodes: int | None = None):
         _kernels.check_spec(spec, modules)
+        if numa_nodes is not None and not 1 <= numa_nodes <= MAX_GUEST_NODES:
+            raise errors.UsageError(f"--numa-nodes {numa_nodes}: a guest can have 1 to "
+                                    f"{MAX_GUEST_NODES} NUMA nodes")
+        #: None: as many as the run's scenarios bind regions to (Scenario.numa_nodes)
+        self.numa_nodes = numa_nodes
         self.spec = spec
         self.label = _kernels.label_for(spec)
         self.memory = memory
@@ -79,9 +88,10 @@ class VMBackend:
 
         yield BackendInfo({"status": f"preparing {self.label}"})
         kernel = _kernels.resolve(self.spec, modules=self.modules)
+        nodes = guest_numa_nodes(self.numa_nodes, scenarios)
         info: dict[str, Any] = {"backend": "vm", "kernel": self.label,
                                 "kernel_image": str(kernel.image), "qemu_version": qemu_version(),
-                                "memory": self.memory, "cpus": self.cpus}
+                                "memory": self.memory, "cpus": self.cpus, "numa_nodes": nodes}
         if kernel.package:
             info["kernel_package"] = kernel.package
         yield BackendInfo({"status": "choosing the accelerator (KVM probe if not cached)"})
@@ -103,7 +113,7 @@ class VMBackend:
         # the host backend's timeouts come first; ours only catches a dead guest
         run = GuestRun(kernel, argv, shared_dir=shared, accelerator=decision.accelerator,
                        memory=self.memory, cpus=self.cpus, console_log=shared / "console.log",
-                       append=self.append, boot_timeout=self.boot_timeout,
+                       append=self.append, boot_timeout=self.boot_timeout, numa_nodes=nodes,
                        timeout=_run_budget(scenarios, decision.accelerator))
         idle_limit = IDLE_SECONDS * (10 if decision.accelerator == "tcg" else 1)
         with run:
@@ -172,6 +182,17 @@ class VMBackend:
                           f"(exit {result.returncode}): {tail[0][:200]}",
                           hint=f"guest stderr: {run.work / 'stderr'}")
         yield BackendInfo({"vm_seconds": round(result.seconds, 1)})
+
+
+def guest_numa_nodes(requested: int | None, scenarios: Sequence[m.Scenario]) -> int:
+    """The NUMA nodes to boot with: ``requested`` (--numa-nodes), else as many
+    as the scenarios bind regions to (op mmap, node); 1 boots without -numa.
+    A scenario that needs more nodes than requested reads n/a in the guest."""
+    nodes = requested or max((s.numa_nodes for s in scenarios), default=1)
+    if nodes > MAX_GUEST_NODES:
+        raise errors.UsageError(f"a scenario binds a region to NUMA node {nodes - 1}; guests "
+                                f"have at most {MAX_GUEST_NODES} nodes")
+    return nodes
 
 
 def _translate(event: Event) -> Event:

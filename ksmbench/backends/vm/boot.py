@@ -140,6 +140,37 @@ def _check_host_tools() -> None:
                       hint="run vm/install-host-deps (as root)")
 
 
+def _mebibytes(size: str) -> int:
+    """QEMU's and virtme-ng's memory size (``2G``, ``1536M``, ``1536``: MiB) in MiB."""
+    m = re.fullmatch(r"(\d+)([MmGg]?)", size.strip())
+    if not m:
+        raise VMError(f"guest memory {size!r}: give MiB or GiB, like 2G or 1536M")
+    return int(m[1]) * (1024 if m[2] in ("G", "g") else 1)
+
+
+def numa_qemu_opts(memory: str, cpus: int, nodes: int) -> list[str]:
+    """QEMU options for a guest with ``nodes`` NUMA nodes (none for 1): the
+    memory split evenly over one RAM backend per node (merge=off, as for the
+    whole guest above), and every vCPU on node 0.  With no CPU on the other
+    nodes, the default (local) policy allocates on node 0, so a region a
+    scenario does not bind stays on node 0 as the emulator assumes; a bound
+    region goes where mbind() puts it."""
+    if nodes <= 1:
+        return []
+    total = _mebibytes(memory)
+    if total % nodes or total // nodes < 256:
+        raise VMError(f"guest memory {memory} does not split into {nodes} NUMA nodes of "
+                      "equal whole MiB, at least 256 MiB each",
+                      hint=f"give --memory a multiple of {nodes * 256}M")
+    opts: list[str] = []
+    for node in range(nodes):
+        opts += ["-object", f"memory-backend-ram,id=ksmnuma{node},size={total // nodes}M,"
+                            "merge=off",
+                 "-numa", f"node,nodeid={node},memdev=ksmnuma{node}"
+                          + (f",cpus=0-{cpus - 1}" if node == 0 else "")]
+    return opts
+
+
 class GuestRun:
     """One VM running one command; use as a context manager (the VM dies on exit)."""
 
@@ -148,7 +179,7 @@ class GuestRun:
                  env: Mapping[str, str] | None = None, cwd: str | None = None,
                  console_log: Path | None = None, append: Sequence[str] = (),
                  boot_timeout: float | None = None, timeout: float = 600.0,
-                 cached_dirs: Sequence[str] | None = None):
+                 cached_dirs: Sequence[str] | None = None, numa_nodes: int = 1):
         if accelerator not in ("kvm", "tcg"):
             raise ValueError(f"accelerator must be kvm or tcg, not {accelerator!r}")
         self.kernel = kernel
@@ -157,6 +188,9 @@ class GuestRun:
         self.accelerator = accelerator
         self.memory = memory
         self.cpus = cpus
+        self.numa_nodes = numa_nodes
+        #: checked here, before any VM starts: the size must split over the nodes
+        self._numa_opts = numa_qemu_opts(memory, cpus, numa_nodes)
         self.env = dict(env or {})
         self.cwd = cwd
         self.append = list(append)
@@ -201,13 +235,18 @@ class GuestRun:
             argv.append("--disable-microvm")
         if os.geteuid() != 0:
             argv += ["--user", "root"]
-        for arg in self.append:
+        append = list(self.append)
+        if self.numa_nodes > 1:
+            # automatic NUMA balancing would unmap PTEs (PROT_NONE hinting faults)
+            # and migrate pages of unbound regions at times the kernel picks
+            append.append("numa_balancing=disable")
+        for arg in append:
             argv += ["--append", arg]
         # QEMU marks guest RAM MADV_MERGEABLE by default (mem-merge=on): the host's
         # ksmd would then scan it, and host runs refuse while a guest runs ("other
         # processes already have KSM-mergeable memory").  QEMU merges repeated
         # -machine options, so this adds to virtme-ng's own -machine.
-        opts: list[str] = ["-machine", "mem-merge=off"]
+        opts: list[str] = ["-machine", "mem-merge=off", *self._numa_opts]
         for i, path in enumerate(self.cached_dirs):
             opts += ["-fsdev", f"local,id=ksmfs{i},path={path},security_model=none,readonly=on,"
                                "multidevs=remap",
