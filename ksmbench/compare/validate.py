@@ -771,7 +771,7 @@ class _Outputs:
         """Rewrite the (closed) files with their rows in ``labels`` order
         (stable: a variant's cells keep theirs); atomic, file by file."""
         rank = {label: i for i, label in enumerate(labels)}
-        for fh, _w in self.files:
+        for fh in self.files:
             path = Path(fh.name)
             with open(path, newline="") as f:
                 rows = list(csv.reader(f))
