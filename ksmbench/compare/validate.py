@@ -586,9 +586,10 @@ class _OnCluster:
             self.start("base", base_image, timing, "auto")
         else:
             self.ended["base"] = (None, timing)
-        # the variants are built while the base runs on the cluster
+        # the variants are built while the base runs on the cluster (none
+        # when the base could not be built: nothing to judge them against)
         built: list[tuple[Variant, BuiltImage, dict]] = []
-        for v in variants:
+        for v in variants if base_image is not None else ():
             self.poll()
             vt = _new_timing(v.name)
             image = _build_one(self.progress, self.tasks[v.name], self.bars[v.name], v,
