@@ -31,6 +31,11 @@ The host kernel never goes to the cluster: it runs first, alone, in this
 process, under the machine's run lock (:mod:`ksmbench.kernel.lock`), with
 no guest booting beside it.
 
+``ksmbench validate`` sends its kernels through the same
+:class:`MatrixSession`: it builds the images on the client, ships each with
+its task (:class:`ShippedImage`) and keeps the returned event stream as the
+image's replay cache (``KernelTask.record``).
+
 Row order: while the run goes on, batches are appended as they are
 committed.  When the run ends, observations.csv and expectations.csv are
 rewritten (atomically) in the order a sequential run writes: kernels in
