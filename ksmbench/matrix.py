@@ -31,6 +31,11 @@ The host kernel never goes to the cluster: it runs first, alone, in this
 process, under the machine's run lock (:mod:`ksmbench.kernel.lock`), with
 no guest booting beside it.
 
+``ksmbench validate`` sends its kernels through the same
+:class:`MatrixSession`: it builds the images on the client, ships each with
+its task (:class:`ShippedImage`) and keeps the returned event stream as the
+image's replay cache (``KernelTask.record``).
+
 Row order: while the run goes on, batches are appended as they are
 committed.  When the run ends, observations.csv and expectations.csv are
 rewritten (atomically) in the order a sequential run writes: kernels in
@@ -155,6 +160,56 @@ class KernelTask:
     #: this machine, or None on a remote cluster (a directory of the worker's
     #: cache, named in metadata.json)
     artifacts_parent: str | None
+    #: a kernel image built on the client (validate's base and variants),
+    #: shipped with the task: ``spec`` is its path on the client
+    image: "ShippedImage | None" = None
+    #: return the kernel's event stream in the result (validate keeps it as
+    #: the replay cache of the image, on the client)
+    record: bool = False
+
+
+@dataclass(frozen=True)
+class ShippedImage:
+    """A boot image's bytes, carried in the task to workers that may not see
+    the client's filesystem.  A tinyconfig bzImage is about 2 MiB, and
+    validate's images have no modules to carry (tinyconfig leaves
+    CONFIG_MODULES unset)."""
+
+    path: str        #: where it is on the client
+    sha256: str
+    data: bytes
+
+    @classmethod
+    def read(cls, path: str | os.PathLike) -> "ShippedImage":
+        import hashlib
+
+        data = Path(path).read_bytes()
+        return cls(str(path), hashlib.sha256(data).hexdigest(), data)
+
+    def materialize(self) -> str:
+        """The image's path on this worker: the client's path when this
+        machine has the same file there (a LocalCluster, a shared filesystem),
+        else a copy in this worker's cache, keyed by its digest."""
+        import hashlib
+
+        from .errors import os_boundary
+        from .sources.cache import cache_root
+
+        here = Path(self.path)
+        try:
+            if here.is_file() and here.stat().st_size == len(self.data) and \
+                    hashlib.sha256(here.read_bytes()).hexdigest() == self.sha256:
+                return str(here)
+        except OSError:
+            pass  # not readable here: use the shipped bytes
+        with os_boundary(f"writing the shipped kernel image {here.name} into this worker's cache"):
+            target = cache_root() / "cluster-images" / self.sha256[:16] / here.name
+            if not (target.is_file() and target.stat().st_size == len(self.data)):
+                target.parent.mkdir(parents=True, exist_ok=True)
+                tmp = target.with_suffix(f".tmp-{os.getpid()}")
+                tmp.write_bytes(self.data)
+                os.replace(tmp, target)
+        return str(target)
 
 
 @dataclass
@@ -177,6 +232,22 @@ class TaskResult:
     outcome: KernelOutcome
     entry: dict
     batches: list[Batch]
+    #: the kernel's run (boot and every scenario) on the worker
+    seconds: float | None = None
+    #: the event stream as JSON lines (KernelTask.record), else None
+    events: list[str] | None = None
+
+
+class _EventLog(Observer):
+    """Every event of the stream, as the JSON lines a replay reads."""
+
+    def __init__(self) -> None:
+        self.lines: list[str] = []
+
+    def event(self, run: KernelOutcome, event: Event) -> None:
+        from .observation import event_to_json
+
+        self.lines.append(event_to_json(event))
 
 
 class _TaskSink(Observer):
@@ -281,14 +352,22 @@ def run_kernel_task(task: KernelTask, scenarios: Sequence[m.Scenario]) -> TaskRe
     try:
         publish(("attempt", task.label, attempt, {**ident, "started_at": now_iso()}))
         sink = _TaskSink(task, attempt, publish)
+        log = _EventLog() if task.record else None
+        started = time.monotonic()
         try:
             predictor = _predictor()
-            backend = resolve_backend(task.spec, **task.options)
-            runner = Runner([RunRecorder(sink, predictor=predictor, profile=task.profile), sink],
-                            artifacts_root=sink.path)
+            spec = task.image.materialize() if task.image is not None else task.spec
+            backend = resolve_backend(spec, **task.options)
+            backend.label = task.label  # e.g. validate's "base" for an image path
+            observers: list[Observer] = [RunRecorder(sink, predictor=predictor,
+                                                     profile=task.profile), sink]
+            if log is not None:
+                observers.append(log)
+            runner = Runner(observers, artifacts_root=sink.path)
             outcome = runner.run_kernel(backend, scenarios)
         except KsmbenchError as exc:
             outcome = KernelOutcome(task.label, None, error=exc.one_line())
+        seconds = round(time.monotonic() - started, 1)
         if outcome.error:
             outcome.error = f"{outcome.error} [on {ident['host']} {ident['worker']}]"
             sink.entry["error"] = outcome.error
@@ -296,7 +375,8 @@ def run_kernel_task(task: KernelTask, scenarios: Sequence[m.Scenario]) -> TaskRe
         if task.artifacts_parent is None:
             sink.entry["artifacts"] = f"{ident['host']}:{sink.path / _safe_label(task.label)}"
         batches = sink.batches + sink.unfinished(outcome)
-        return TaskResult(task.label, attempt, ident, outcome, sink.entry, batches)
+        return TaskResult(task.label, attempt, ident, outcome, sink.entry, batches, seconds,
+                          log.lines if log is not None else None)
     finally:
         if queue is not None:
             queue.close()
@@ -333,10 +413,16 @@ class MatrixRun:
         without a live bar shows), False for a step."""
         self.rundir = rundir
         self.scenarios = list(scenarios)
-        self.state = {t.label: _KernelState(t) for t in tasks}
+        self.state: dict[str, _KernelState] = {}
         self.on_change = on_change or (lambda state, message, milestone: None)
         for t in tasks:
-            rundir.kernel_entry(t.label)
+            self.add(t)
+
+    def add(self, task: KernelTask) -> _KernelState:
+        """A kernel whose batches are to be committed (before its task is submitted)."""
+        state = self.state[task.label] = _KernelState(task)
+        self.rundir.kernel_entry(task.label)
+        return state
 
     def handle(self, message: tuple) -> None:
         kind = message[0]
@@ -449,17 +535,93 @@ def connect(scheduler: str | None, jobs: int):
     return client, cluster
 
 
+class MatrixSession:
+    """Tasks on a Dask cluster whose batches are committed into one run
+    directory as they come home (:class:`MatrixRun`).  Tasks may be submitted
+    while others run: ``run`` submits every kernel at once, ``validate``
+    submits its variants once the base has been judged.  ``poll()`` commits
+    what has arrived and returns the kernels that ended since the last call."""
+
+    def __init__(self, client, rundir: RunDir, scenarios: Sequence[m.Scenario], queue: str | None,
+                 on_change: Callable[[_KernelState, str, bool], None] | None = None):
+        from distributed import Queue
+
+        self.client = client
+        self.scenarios = list(scenarios)
+        self.queue = Queue(queue, client=client) if queue else None
+        self.matrix = MatrixRun(rundir, [], scenarios, on_change)
+        self.futures: dict[Any, KernelTask] = {}
+        self.pending: dict[Any, KernelTask] = {}
+        self.outcomes: dict[str, KernelOutcome] = {}
+        #: each ended kernel's task result (None when the task failed as a whole)
+        self.results: dict[str, TaskResult | None] = {}
+
+    def submit(self, task: KernelTask) -> None:
+        self.matrix.add(task)
+        future = self.client.submit(run_kernel_task, task, self.scenarios, pure=False,
+                                    key=f"ksmbench-{task.run_id}-{task.index}-{_safe_label(task.label)}")
+        self.futures[future] = task
+        self.pending[future] = task
+
+    def _drain(self) -> None:
+        if self.queue is not None:
+            for raw in self.queue.get(batch=True):
+                self.matrix.handle(pickle.loads(raw))
+
+    def poll(self) -> list[KernelOutcome]:
+        """Commit the batches that came home; finish the tasks that ended."""
+        ended = []
+        try:
+            self._drain()
+            for future, t in list(self.pending.items()):
+                if not future.done():
+                    continue
+                del self.pending[future]
+                result = None
+                if future.status == "finished":
+                    try:
+                        result = future.result(timeout=CLOSE_TIMEOUT)
+                    except Exception as exc:  # noqa: BLE001 - e.g. the result was lost with its worker
+                        error = f"the task's result could not be fetched: {type(exc).__name__}: {exc}"
+                else:
+                    error = _error_text(future)
+                outcome = self.matrix.finish(t.label, result, None if result else error)
+                self.outcomes[t.label] = outcome
+                self.results[t.label] = result
+                ended.append(outcome)
+        except OSError as exc:  # the comm to the scheduler closed (distributed's CommClosedError)
+            raise KsmbenchError(f"lost the Dask scheduler during the run ({str(exc)[:160]})",
+                                hint="the scenarios committed so far are in the run directory"
+                                ) from None
+        return ended
+
+    def close(self) -> None:
+        """Cancel what is still running, commit what already came home; the
+        kernels that did not end are named in metadata.json."""
+        for future in self.futures:
+            if not future.done():
+                future.cancel()
+        if self.queue is not None:
+            try:
+                self._drain()
+            except Exception:  # noqa: BLE001 - the cluster may already be gone
+                pass
+            self.queue.close()
+        rundir = self.matrix.rundir
+        unfinished = [t.label for t in self.futures.values() if t.label not in self.outcomes]
+        if unfinished:
+            rundir.metadata.setdefault("matrix", {})["unfinished_kernels"] = unfinished
+            rundir.write_metadata()
+
+
 def run_matrix(*, console, rundir: RunDir, tasks: Sequence[KernelTask],
                scenarios: Sequence[m.Scenario], client) -> list[KernelOutcome]:
     """Submit every task to ``client``'s cluster and commit what comes back.
     Returns the outcomes in ``tasks`` order."""
-    from distributed import Queue
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
 
-    queue = Queue(tasks[0].queue, client=client) if tasks and tasks[0].queue else None
     total = sum(len(s.steps) - sum(1 for st in s.steps if st.op == "scan") + s.scan_count
                 for s in scenarios)
-    outcomes: dict[str, KernelOutcome] = {}
     with Progress(SpinnerColumn(), TextColumn("[bold]{task.fields[kernel]}"), BarColumn(),
                   MofNCompleteColumn(), TextColumn("{task.description}"), TimeElapsedColumn(),
                   console=console, transient=False) as progress:
@@ -475,59 +637,26 @@ def run_matrix(*, console, rundir: RunDir, tasks: Sequence[KernelTask],
             progress.update(state.progress_task, completed=min(state.points, total),
                             description=message[:70])
 
-        matrix = MatrixRun(rundir, tasks, scenarios, on_change)
-        for t in tasks if console.is_terminal else ():
-            matrix.state[t.label].progress_task = progress.add_task("queued", total=total,
-                                                                    kernel=t.label)
-        futures = {client.submit(run_kernel_task, t, list(scenarios), pure=False,
-                                 key=f"ksmbench-{t.run_id}-{t.index}-{_safe_label(t.label)}"): t
-                   for t in tasks}
+        session = MatrixSession(client, rundir, scenarios, tasks[0].queue if tasks else None,
+                                on_change)
         try:
-            pending = dict(futures)
-            while pending:
-                if queue is not None:
-                    for raw in queue.get(batch=True):
-                        matrix.handle(pickle.loads(raw))
-                for future, t in list(pending.items()):
-                    if not future.done():
-                        continue
-                    del pending[future]
-                    result = None
-                    if future.status == "finished":
-                        try:
-                            result = future.result(timeout=CLOSE_TIMEOUT)
-                        except Exception as exc:  # noqa: BLE001 - e.g. the result was lost with its worker
-                            error = f"the task's result could not be fetched: {type(exc).__name__}: {exc}"
-                    else:
-                        error = _error_text(future)
-                    outcome = matrix.finish(t.label, result, None if result else error)
-                    outcomes[t.label] = outcome
+            for t in tasks:
+                session.submit(t)
+                if console.is_terminal:
+                    session.matrix.state[t.label].progress_task = progress.add_task(
+                        "queued", total=total, kernel=t.label)
+            while session.pending:
+                for outcome in session.poll():
                     if outcome.error:
-                        progress.console.print(f"[red]{t.label}: {outcome.error}[/red]")
-                    if matrix.state[t.label].progress_task is not None:
-                        progress.update(matrix.state[t.label].progress_task, completed=total,
+                        progress.console.print(f"[red]{outcome.label}: {outcome.error}[/red]")
+                    bar = session.matrix.state[outcome.label].progress_task
+                    if bar is not None:
+                        progress.update(bar, completed=total,
                                         description="failed" if outcome.error else "done")
                 time.sleep(0.2)
-        except OSError as exc:  # the comm to the scheduler closed (distributed's CommClosedError)
-            raise KsmbenchError(f"lost the Dask scheduler during the run ({str(exc)[:160]})",
-                                hint="the scenarios committed so far are in the run directory"
-                                ) from None
         finally:
-            for future in futures:
-                if not future.done():
-                    future.cancel()
-            if queue is not None:
-                try:
-                    for raw in queue.get(batch=True):
-                        matrix.handle(pickle.loads(raw))
-                except Exception:  # noqa: BLE001 - the cluster may already be gone
-                    pass
-                queue.close()
-            unfinished = [t.label for t in tasks if t.label not in outcomes]
-            if unfinished:
-                rundir.metadata.setdefault("matrix", {})["unfinished_kernels"] = unfinished
-                rundir.write_metadata()
-    return [outcomes[t.label] for t in tasks]
+            session.close()
+    return [session.outcomes[t.label] for t in tasks]
 
 
 def close_cluster(client, cluster) -> None:

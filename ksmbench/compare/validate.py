@@ -91,7 +91,14 @@ def add_parser(sub) -> None:
                         "or -zero_page_tracking,-fork_counter_fix (default: none: nothing "
                         "observable may change)")
     p.add_argument("--out", default="results", help="parent of the run directory (default: results)")
-    p.add_argument("--jobs", type=int, metavar="N", help="make -jN (default: all CPUs)")
+    p.add_argument("--jobs", type=int, default=None, metavar="N",
+                   help="boot up to N kernels at once on an embedded Dask cluster, as `ksmbench "
+                        "run --jobs` does: the base first, then the variants side by side "
+                        "(default: 1, one after the other in this process)")
+    p.add_argument("--scheduler", metavar="tcp://HOST:PORT",
+                   help="boot the kernels on this Dask cluster (workers need ksmbench and QEMU; "
+                        "the images are built here and shipped with each task)")
+    p.add_argument("--make-jobs", type=int, metavar="N", help="make -jN (default: all CPUs)")
     p.add_argument("--rerun", action="store_true",
                    help="boot every kernel again even if its observations are cached")
     p.add_argument("scenarios", nargs="*", metavar="SCENARIO",
@@ -253,20 +260,16 @@ class VariantResult:
 
 
 def validate_command(args: argparse.Namespace) -> int:
-    from rich.progress import (BarColumn, MofNCompleteColumn, Progress, SpinnerColumn, TextColumn,
-                               TimeElapsedColumn)
-
-    from ..backends.vm.build import FRAGMENT
     from ..console import make_console
     from .identify import probe_scenarios
-    from ..results import RunDir
     from ..scenario import resolve_scenarios
 
     console = make_console()
     err_console = make_console(stderr=True)
     expect = parse_expect(args.expect)
-    if args.jobs is not None and args.jobs < 1:
-        raise ValidateInputError(f"--jobs {args.jobs}: must be at least 1")
+    for option, value in (("--jobs", args.jobs), ("--make-jobs", args.make_jobs)):
+        if value is not None and value < 1:
+            raise ValidateInputError(f"{option} {value}: must be at least 1")
     scenarios = list(resolve_scenarios(args.scenarios))
     have = {s.name for s in scenarios}
     scenarios += [p for p in probe_scenarios() if p.name not in have]
@@ -276,9 +279,33 @@ def validate_command(args: argparse.Namespace) -> int:
                                  hint="run vm/install-host-deps --build (as root)")
     variants = variants_from(args.patches.expanduser(), each=args.each)
     _unique_names(variants)
+    client = cluster = None
+    jobs = args.jobs or 1
+    if args.scheduler or jobs > 1:
+        from ..matrix import connect
+
+        # before the source is fetched and before any run directory: an
+        # unreachable scheduler is one line naming it, and nothing is left behind
+        client, cluster = connect(args.scheduler, min(jobs, max(1, len(variants))))
+    try:
+        return _validate(args, console, err_console, expect, scenarios, variants, client)
+    finally:
+        if client is not None:
+            from ..matrix import close_cluster
+
+            close_cluster(client, cluster)
+
+
+def _validate(args, console, err_console, expect, scenarios, variants, client) -> int:
+    from rich.progress import (BarColumn, MofNCompleteColumn, Progress, SpinnerColumn, TextColumn,
+                               TimeElapsedColumn)
+
+    from ..backends.vm.build import FRAGMENT
+    from ..results import RunDir
+
     source = resolve_source(args.source, console=err_console)
     tree = WorkTree(source)
-    cache = ImageCache(tree, FRAGMENT, jobs=args.jobs)
+    cache = ImageCache(tree, FRAGMENT, jobs=args.make_jobs)
     check_space(cache_dir(), cache.space_needed(variants))
     with console.status(f"preparing the source tree ({source.identity})"), tree.locked():
         tree.ensure()
@@ -298,9 +325,15 @@ def validate_command(args: argparse.Namespace) -> int:
         "source": source.spec, "source_identity": source.identity, "expect": format_expect(expect),
         "each": args.each, "variants": [{"variant": v.name, "patches": [p.name for p in v.patches],
                                          "description": v.description} for v in variants]}
+    if client is not None:
+        rundir.metadata["matrix"] = {
+            "jobs": None if args.scheduler else args.jobs,
+            "scheduler": args.scheduler or "LocalCluster",
+            "workers": len(client.scheduler_info().get("workers", {}))}
     rundir.write_metadata()
+    where = f" on {args.scheduler or f'{args.jobs} local workers'}" if client is not None else ""
     console.print(f"validate {rundir.run_id}: {source.identity}, {len(variants)} variant(s), "
-                  f"{len(scenarios)} scenarios, expect {format_expect(expect)} -> {rundir.path}")
+                  f"{len(scenarios)} scenarios, expect {format_expect(expect)}{where} -> {rundir.path}")
     results: list[VariantResult] = []
     timings: list[dict] = []
     started = time.monotonic()
@@ -315,46 +348,30 @@ def validate_command(args: argparse.Namespace) -> int:
             tasks = {label: progress.add_task("waiting", total=total, kernel=label, phase="",
                                               start=False)
                      for label in ["base", *[v.name for v in variants]]}
-            base_run, base_image, base_timing = _run_one(progress, tasks["base"], "base", None,
-                                                        cache, rundir, scenarios, args, suite_key)
-            timings.append(base_timing)
-            out.timing(base_timing)
-            base_error = base_run.error if base_run else None
-            if base_run is not None and not base_error and not base_run.observed:
-                base_error = "the base kernel reported no observations"
-            if base_run is None or base_error:
-                err_console.print(f"ksmbench: error: base: {base_error or base_timing['error']}")
-                return 2
-            base_profile, base_bad = fitted_profile(base_run.observed, scenarios, base_run.release)
-            rundir.metadata["validate"]["base_profile"] = base_profile
-            rundir.metadata["validate"]["base_unmodelled_cells"] = base_bad
-            # each variant's rows in observations.csv are compared with what it
-            # should do: the base's fitted profile with the --expect flags switched
-            expected_profile = with_flags(base_profile, expect) if expect else base_profile
-            rundir.metadata["validate"]["expected_profile"] = expected_profile
-            rundir.write_metadata()
-            for v in variants:
-                task = tasks[v.name]
-                run, image, timing = _run_one(progress, task, v.name, v, cache, rundir, scenarios,
-                                              args, suite_key, expected_profile)
-                timings.append(timing)
-                out.timing(timing)
-                if run is None or run.error:
-                    res = VariantResult(v, v.name, error=(run.error if run else timing["error"]))
-                else:
-                    progress.update(task, phase="judge", description="fitting and comparing")
-                    res = VariantResult(v, v.name, judge(v.name, base_run.observed, run.observed,
-                                                         scenarios, base_profile, expect,
-                                                         errors=run.errors))
-                    progress.update(task, phase="done", description=res.verdict)
-                results.append(res)
-                out.variant(res)
-                if res.verdict == "error":
-                    progress.console.print(f"[red]{v.name}: {res.error or res.judgement.errors[0]}[/red]")
+            if client is not None:
+                on_cluster = _OnCluster(client, progress, tasks, cache, rundir, scenarios, args,
+                                        suite_key, console)
+                try:
+                    early = on_cluster.validate(variants, expect, results, timings, out,
+                                                err_console)
+                finally:
+                    on_cluster.close()
+            else:
+                early = _sequential(progress, tasks, cache, rundir, scenarios, args, suite_key,
+                                    variants, expect, results, timings, out, err_console)
+            if early is not None:
+                return early
     except KeyboardInterrupt:
         interrupted = True
     finally:
         out.close()
+        order = ["base", *[v.name for v in variants]]
+        if client is not None:
+            # kernels end in any order on a cluster: the files and lists get the
+            # sequential run's order (variants as given) once every row is written
+            out.reorder(order)
+            results.sort(key=lambda r: order.index(r.label))
+            timings.sort(key=lambda t: order.index(t["kernel"]))
         rundir.metadata["validate"]["results"] = [
             {"variant": r.label, "verdict": r.verdict, "error": r.error,
              "flags_blamed": r.judgement.flags_blamed if r.judgement else [],
@@ -365,6 +382,10 @@ def validate_command(args: argparse.Namespace) -> int:
         if interrupted:
             rundir.metadata["interrupted"] = True
         rundir.close()
+        if client is not None:
+            from ..matrix import sequential_order
+
+            sequential_order(rundir.path, order, [s.name for s in scenarios])
     _print_results(console, results, timings, expect)
     for r in results:
         if r.verdict == "error":
@@ -382,6 +403,241 @@ def validate_command(args: argparse.Namespace) -> int:
     return status
 
 
+def _base_profiles(rundir, base_run: KernelRun, scenarios, expect) -> tuple[str, str]:
+    """The base's fitted profile, and the profile each variant's rows in
+    observations.csv are compared with: the fitted one with the --expect flags
+    switched."""
+    base_profile, base_bad = fitted_profile(base_run.observed, scenarios, base_run.release)
+    rundir.metadata["validate"]["base_profile"] = base_profile
+    rundir.metadata["validate"]["base_unmodelled_cells"] = base_bad
+    expected_profile = with_flags(base_profile, expect) if expect else base_profile
+    rundir.metadata["validate"]["expected_profile"] = expected_profile
+    rundir.write_metadata()
+    return base_profile, expected_profile
+
+
+def _base_error(base_run: KernelRun | None, base_timing: dict) -> str | None:
+    base_error = base_run.error if base_run else None
+    if base_run is not None and not base_error and not base_run.observed:
+        base_error = "the base kernel reported no observations"
+    if base_run is None or base_error:
+        return base_error or base_timing["error"]
+    return None
+
+
+def _judged(progress, task, v: Variant, run: KernelRun | None, timing: dict, base_run: KernelRun,
+            scenarios, base_profile: str, expect) -> VariantResult:
+    if run is None or run.error:
+        res = VariantResult(v, v.name, error=(run.error if run else timing["error"]))
+    else:
+        progress.update(task, phase="judge", description="fitting and comparing")
+        res = VariantResult(v, v.name, judge(v.name, base_run.observed, run.observed,
+                                             scenarios, base_profile, expect,
+                                             errors=run.errors))
+        progress.update(task, phase="done", description=res.verdict)
+    if res.verdict == "error":
+        progress.console.print(f"[red]{v.name}: {res.error or res.judgement.errors[0]}[/red]")
+    return res
+
+
+def _sequential(progress, tasks, cache, rundir, scenarios, args, suite_key, variants, expect,
+                results, timings, out, err_console) -> int | None:
+    """Every kernel booted here, one after the other: the base, then each
+    variant, judged as soon as it has run.  Returns 2 when the base failed."""
+    base_run, base_image, base_timing = _run_one(progress, tasks["base"], "base", None,
+                                                cache, rundir, scenarios, args, suite_key)
+    timings.append(base_timing)
+    out.timing(base_timing)
+    base_error = _base_error(base_run, base_timing)
+    if base_error:
+        err_console.print(f"ksmbench: error: base: {base_error}")
+        return 2
+    base_profile, expected_profile = _base_profiles(rundir, base_run, scenarios, expect)
+    for v in variants:
+        task = tasks[v.name]
+        run, image, timing = _run_one(progress, task, v.name, v, cache, rundir, scenarios,
+                                      args, suite_key, expected_profile)
+        timings.append(timing)
+        out.timing(timing)
+        res = _judged(progress, task, v, run, timing, base_run, scenarios, base_profile, expect)
+        results.append(res)
+        out.variant(res)
+    return None
+
+
+class _OnCluster:
+    """validate's kernels booted on a Dask cluster (:mod:`ksmbench.matrix`:
+    ``--jobs N`` an embedded LocalCluster, ``--scheduler`` an existing one).
+
+    Every image is built here, where the source tree and the build cache are;
+    a kernel whose observations are cached is replayed here too.  Every other
+    kernel is one task of the matrix (:class:`~ksmbench.matrix.MatrixSession`):
+    its image travels with the task (:class:`~ksmbench.matrix.ShippedImage`),
+    its rows stream home scenario by scenario and are committed once into the
+    run directory, a worker lost mid-task makes the kernel boot again on
+    another, and the event stream comes back with the result to become the
+    image's replay cache here.
+
+    The base goes first and alone: each variant's rows are compared with the
+    base's fitted profile (with the --expect flags switched), which is known
+    only once the base has run.  The variants are built while the base runs,
+    then run side by side, each judged as soon as it ends."""
+
+    def __init__(self, client, progress, tasks, cache, rundir, scenarios, args, suite_key,
+                 console):
+        import uuid
+
+        from ..matrix import MatrixSession
+
+        self.progress, self.tasks, self.cache = progress, tasks, cache
+        self.rundir, self.scenarios, self.args, self.suite_key = rundir, scenarios, args, suite_key
+        self.console = console
+        self.bars = {label: _phase_bar(progress, task) for label, task in tasks.items()}
+        self.order = list(tasks)
+        self.queue = f"ksmbench-{rundir.run_id}-{uuid.uuid4().hex[:6]}"
+        self.session = MatrixSession(client, rundir, scenarios, self.queue, self._on_change)
+        #: label -> (image, timing) of the kernels running on the cluster
+        self.running: dict[str, tuple[BuiltImage, dict]] = {}
+        #: label -> (run, timing) of the kernels that ended
+        self.ended: dict[str, tuple[KernelRun, dict]] = {}
+
+    def close(self) -> None:
+        self.session.close()
+
+    def _on_change(self, state, message: str, milestone: bool) -> None:
+        label = state.task.label
+        on_phase = self.bars[label]
+        if not self.console.is_terminal and milestone:
+            self.console.print(f"{label}: {message} ({len(state.committed)} of "
+                               f"{len(self.scenarios)} scenarios)", markup=False, highlight=False)
+        if milestone and ": " in message and message.split(": ", 1)[0] in state.committed:
+            on_phase("suite", message, advance=True)          # a scenario committed
+        elif not milestone:
+            on_phase("suite" if state.points or state.committed else "boot", message)
+        elif message.startswith("attempt on"):
+            on_phase("boot", message)
+
+    def start(self, label: str, image: BuiltImage, timing: dict, profile: str) -> None:
+        """Replay the cached observations here, or send the kernel to the cluster."""
+        from ..matrix import KernelTask, ShippedImage
+
+        record = image.directory / f"observations-{self.suite_key}.jsonl"
+        if record.is_file() and not self.args.rerun:
+            run = run_kernel(self.rundir, label, image, self.scenarios, self.args, self.suite_key,
+                             self.bars[label], profile)
+            _ran(self.progress, self.tasks[label], run, timing)
+            self.ended[label] = (run, timing)
+            return
+        local = self.args.scheduler is None
+        task = KernelTask(self.order.index(label), str(image.image), label,
+                          {"memory": self.args.memory, "cpus": self.args.cpus,
+                           "accel": self.args.accel},
+                          profile, self.rundir.run_id, self.queue,
+                          str(self.rundir.path.resolve()) if local else None,
+                          image=ShippedImage.read(image.image), record=True)
+        self.session.submit(task)
+        self.running[label] = (image, timing)
+        self.bars[label]("boot", "queued on the cluster")
+
+    def poll(self) -> None:
+        """Collect the kernels that ended on the cluster."""
+        from .identify import load_rundir
+
+        ended = self.session.poll()
+        if not ended:
+            return
+        observed, _releases = load_rundir(str(self.rundir.path))
+        for outcome in ended:
+            label = outcome.label
+            image, timing = self.running.pop(label)
+            result = self.session.results.get(label)
+            run = KernelRun(label, error=outcome.error)
+            run.release = outcome.info.get("kernel_release")
+            run.boot_seconds = outcome.info.get("boot_seconds")
+            run.suite_seconds = result.seconds if result is not None else None
+            run.errors = [f"{name}: {o.error}" for name, o in outcome.scenarios.items() if o.error]
+            run.observed = observed.get(label, {})
+            if result is not None and result.events is not None:
+                final = result.outcome
+                clean = (final.error is None and final.interrupted is None
+                         and all(o.error is None for o in final.scenarios.values()))
+                if clean:
+                    # the whole stream of the attempt that ran to its end: what
+                    # CacheWriter keeps for a kernel booted here
+                    record = image.directory / f"observations-{self.suite_key}.jsonl"
+                    partial = record.with_suffix(".partial")
+                    partial.write_text("".join(line + "\n" for line in result.events))
+                    os.replace(partial, record)
+            _ran(self.progress, self.tasks[label], run, timing)
+            self.ended[label] = (run, timing)
+
+    def wait(self, labels) -> None:
+        while any(label in self.running for label in labels):
+            time.sleep(0.2)
+            self.poll()
+
+    def validate(self, variants, expect, results, timings, out, err_console) -> int | None:
+        timing = _new_timing("base")
+        base_image = _build_one(self.progress, self.tasks["base"], self.bars["base"], None,
+                                self.cache, timing)
+        if base_image is not None:
+            # "auto": the base's rows are compared with its release's profile,
+            # as in a sequential run
+            self.start("base", base_image, timing, "auto")
+        else:
+            self.ended["base"] = (None, timing)
+        # the variants are built while the base runs on the cluster (none
+        # when the base could not be built: nothing to judge them against)
+        built: list[tuple[Variant, BuiltImage, dict]] = []
+        for v in variants if base_image is not None else ():
+            self.poll()
+            vt = _new_timing(v.name)
+            image = _build_one(self.progress, self.tasks[v.name], self.bars[v.name], v,
+                               self.cache, vt)
+            if image is None:
+                timings.append(vt)
+                out.timing(vt)
+                res = _judged(self.progress, self.tasks[v.name], v, None, vt, None,
+                              self.scenarios, "", expect)
+                results.append(res)
+                out.variant(res)
+            else:
+                built.append((v, image, vt))
+        self.wait(["base"])
+        base_run, base_timing = self.ended["base"]
+        timings.append(base_timing)
+        out.timing(base_timing)
+        base_error = _base_error(base_run, base_timing)
+        if base_error:
+            err_console.print(f"ksmbench: error: base: {base_error}")
+            return 2
+        base_profile, expected_profile = _base_profiles(self.rundir, base_run, self.scenarios,
+                                                        expect)
+        by_name = {v.name: v for v, _image, _t in built}
+        judged: set[str] = set()
+
+        def judge_ended() -> None:
+            for name in [n for n in by_name if n in self.ended and n not in judged]:
+                judged.add(name)
+                run, vt = self.ended[name]
+                timings.append(vt)
+                out.timing(vt)
+                res = _judged(self.progress, self.tasks[name], by_name[name], run, vt, base_run,
+                              self.scenarios, base_profile, expect)
+                results.append(res)
+                out.variant(res)
+
+        for v, image, vt in built:
+            self.start(v.name, image, vt, expected_profile)
+            judge_ended()          # a replayed variant is judged at once
+        while self.running:
+            time.sleep(0.2)
+            self.poll()
+            judge_ended()
+        judge_ended()
+        return None
+
+
 def _unique_names(variants: Sequence[Variant]) -> None:
     seen = set()
     for v in variants:
@@ -391,22 +647,33 @@ def _unique_names(variants: Sequence[Variant]) -> None:
         seen.add(v.name)
 
 
-def _run_one(progress, task, label, variant, cache: ImageCache, rundir, scenarios, args,
-             suite_key, profile: str = "auto") -> tuple[KernelRun | None, BuiltImage | None, dict]:
-    """Build (or take from the cache) and run one kernel, moving its progress bar."""
-    timing = {"kernel": label, "image": "", "build_seconds": "", "rebuild_seconds": "",
-              "boot_seconds": "", "vm_seconds": "", "observations": "", "error": None}
-    progress.start_task(task)
+def _new_timing(label: str) -> dict:
+    return {"kernel": label, "image": "", "build_seconds": "", "rebuild_seconds": "",
+            "boot_seconds": "", "vm_seconds": "", "observations": "", "error": None}
+
+
+def _phase_bar(progress, task):
+    """``on_phase(phase, text, advance)`` moving one kernel's bar: one unit
+    each for apply, build and boot, one per scenario."""
     state = {"phase": None}
 
     def on_phase(phase, text=None, advance=False):
         if phase != state["phase"]:
-            # the bar: one unit each for apply, build and boot, one per scenario
             state["phase"] = phase
             progress.update(task, completed=PHASES.index(phase))
         progress.update(task, phase=phase, description=(text or "")[:70],
                         advance=1 if advance else 0)
 
+    on_phase.state = state
+    return on_phase
+
+
+def _build_one(progress, task, on_phase, variant, cache: ImageCache, timing: dict
+               ) -> BuiltImage | None:
+    """Build one kernel here (or take it from the cache); None: it failed
+    (``timing["error"]`` says why)."""
+    progress.start_task(task)
+    state = on_phase.state
     try:
         if variant is None:
             on_phase("build", "base kernel")
@@ -419,7 +686,7 @@ def _run_one(progress, task, label, variant, cache: ImageCache, rundir, scenario
     except VariantError as exc:
         timing["error"] = exc.one_line()
         progress.update(task, phase="error", description=exc.message[:70])
-        return None, None, timing
+        return None
     timing["image"] = str(image.image)
     if image.cached:
         timing["build_seconds"] = "cached"
@@ -430,13 +697,28 @@ def _run_one(progress, task, label, variant, cache: ImageCache, rundir, scenario
         timing["rebuild_seconds"] = image.info.get("rebuild_seconds", "")
     if state["phase"] == "apply":
         on_phase("build", "cached image")
-    run = run_kernel(rundir, label, image, scenarios, args, suite_key, on_phase, profile)
+    return image
+
+
+def _ran(progress, task, run: KernelRun, timing: dict) -> None:
     timing["boot_seconds"] = run.boot_seconds if run.boot_seconds is not None else ""
     timing["vm_seconds"] = run.suite_seconds if run.suite_seconds is not None else ""
     timing["observations"] = "cached" if run.cached else "measured"
     if run.error:
         timing["error"] = run.error
         progress.update(task, phase="error", description=run.error[:70])
+
+
+def _run_one(progress, task, label, variant, cache: ImageCache, rundir, scenarios, args,
+             suite_key, profile: str = "auto") -> tuple[KernelRun | None, BuiltImage | None, dict]:
+    """Build (or take from the cache) and run one kernel, moving its progress bar."""
+    timing = _new_timing(label)
+    on_phase = _phase_bar(progress, task)
+    image = _build_one(progress, task, on_phase, variant, cache, timing)
+    if image is None:
+        return None, None, timing
+    run = run_kernel(rundir, label, image, scenarios, args, suite_key, on_phase, profile)
+    _ran(progress, task, run, timing)
     return run, image, timing
 
 
@@ -485,6 +767,25 @@ class _Outputs:
 
     def timing(self, t: dict) -> None:
         self._write(self.times, tuple(t[c] for c in TIMING_COLUMNS))
+
+    def reorder(self, labels: Sequence[str]) -> None:
+        """Rewrite the (closed) files with their rows in ``labels`` order
+        (stable: a variant's cells keep theirs); atomic, file by file."""
+        rank = {label: i for i, label in enumerate(labels)}
+        for fh in self.files:
+            path = Path(fh.name)
+            with open(path, newline="") as f:
+                rows = list(csv.reader(f))
+            if not rows:
+                continue
+            header, body = rows[0], rows[1:]
+            body.sort(key=lambda r: rank.get(r[0], len(rank)))
+            tmp = path.with_suffix(".csv.tmp")
+            with open(tmp, "w", newline="") as f:
+                w = csv.writer(f)
+                w.writerow(header)
+                w.writerows(body)
+            os.replace(tmp, path)
 
     def close(self) -> None:
         for fh in self.files:
