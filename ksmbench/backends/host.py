@@ -38,9 +38,9 @@ from ..kernel.stepping import ScanStepper
 from ..waiting import time_scale
 from ..kernel.sysfs import KsmSysfs
 from ..kernel.tunables import TunableChanges, repair
-from ..metrics import (GLOBAL_CUMULATIVE, GLOBAL_LEVELS, KSM_STAT_FIELDS, RSS_ANON,
-                       RSS_ANON_SCENARIO, SET_ERROR, global_metric, proc_metric, region_metric,
-                       tunable_metric)
+from ..metrics import (GLOBAL_CUMULATIVE, GLOBAL_LEVELS, KSM_STAT_FIELDS, PAGES_TO_SCAN,
+                       RSS_ANON, RSS_ANON_SCENARIO, SET_ERROR, global_metric, proc_metric,
+                       region_metric, tunable_metric)
 from ..observation import (BASELINE, BASELINE_STEP, TEARDOWN, BackendInfo, Event,
                            ObservationPoint, PointObserved, ScenarioFinished, ScenarioStarted,
                            teardown_step)
@@ -256,6 +256,10 @@ class HostSession:
             self.changes.set("merge_across_nodes", ksm.merge_across_nodes)
         prune = ksm.stable_node_chains_prune_millisecs
         self.stepper.hold_prune_clock(prune, m.prune_regime(prune) or "always")
+        if ksm.advisor:  # 6.8+ (check_applicable): last, freshly reset
+            self.stepper.hold_advisor({name: getattr(ksm, name) for name in m.ADVISOR_KNOBS})
+        else:
+            self.stepper.release_advisor()
 
     # -- op "set" -------------------------------------------------------
     def _set_tunable(self, step: m.Set) -> dict[str, int | None]:
@@ -284,6 +288,8 @@ class HostSession:
             for feature, what in sorted(needed):
                 if not have[feature]:
                     raise NotApplicable(f"needs {what}, which this kernel lacks")
+        if scenario.ksm.advisor and not self.sysfs.has("advisor_mode"):
+            raise NotApplicable(f"needs {m.ADVISOR_FEATURE[1]}, which this kernel lacks")
         if any(isinstance(step, m.UffdWp) for step in scenario.steps):
             if not syscalls.uffd_wp_available():
                 raise NotApplicable("needs userfaultfd write-protect on anonymous memory "
@@ -341,6 +347,8 @@ class HostSession:
                 for region, metrics in seen["regions"].items():
                     for key, value in metrics.items():
                         values[region_metric(proc, region, key)] = value
+            if scenario.ksm.advisor:
+                values[tunable_metric(PAGES_TO_SCAN)] = self.sysfs.read_int(PAGES_TO_SCAN)
             return ObservationPoint(index, op, scan, values)
 
         for step in scenario.steps:

@@ -40,6 +40,7 @@ does at the start of every full scan (:meth:`ScanStepper._drain_if_resuming`).
 from __future__ import annotations
 
 import time
+from dataclasses import dataclass
 
 from ..errors import WaitTimeout
 from ..waiting import time_scale, wait_until
@@ -54,6 +55,29 @@ SLEEP_B = 60001
 PAGES_TO_SCAN = 16 * 1024 * 1024
 #: the prune clock's safety margin: jiffies round msecs up, HZ may be 100
 PRUNE_MARGIN = 0.05
+
+
+#: the advisor's scan_time is whole seconds, truncated, 0 counted as 1
+#: (scan_time_advisor()): every scan shorter than this has scan_time 1
+ADVISOR_SCAN_LIMIT = 2.0
+#: ksmd CPU time per scan under which cpu_percent is 1 at scan_time 1
+ADVISOR_CPU_LIMIT_NS = 10_000_000
+
+
+@dataclass(frozen=True)
+class AdvisorScan:
+    """What the host measured around one full scan with the advisor on."""
+
+    batches: int
+    #: from the first kick to the end of the last batch seen (ksmd asleep)
+    seconds: float
+    #: ksmd's CPU time (ns, /proc/<ksmd>/schedstat) while parked before the
+    #: first and the last batch, and after the scan; None without schedstat
+    cpu_first_kick: int | None
+    cpu_last_kick: int | None
+    cpu_parked: int | None
+    #: the pages_to_scan the advisor set at the end of the scan
+    pages_to_scan: int | None
 
 
 class ScanStepper:
@@ -78,17 +102,23 @@ class ScanStepper:
         self._prune_msecs = 0
         self._last_batch_end = 0.0
         self._clock_start = 0.0
+        #: the scan-time advisor owns pages_to_scan (hold_advisor)
+        self._advisor = False
+        self._advisor_first_pages: int | None = None
+        #: what was measured around each full scan since hold_advisor()
+        self.advisor_scans: list[AdvisorScan] = []
 
     # -- setup ---------------------------------------------------------------
     def prepare(self) -> None:
         """Take control of ksmd: stepping tunables set, ksmd parked."""
         self.sysfs.require()
         self.ksmd_pid = self.procfs.find_kthread("ksmd")
-        if self.sysfs.tunable("advisor_mode") not in (None, "none"):
-            # 6.8+: with advisor_mode=scan-time, pages_to_scan is the
-            # advisor's and writing it fails with -EINVAL.
-            self.changes.set("advisor_mode", "none")
-        self.changes.set("pages_to_scan", PAGES_TO_SCAN)
+        if not self._advisor:
+            if self.sysfs.tunable("advisor_mode") not in (None, "none"):
+                # 6.8+: with advisor_mode=scan-time, pages_to_scan is the
+                # advisor's and writing it fails with -EINVAL.
+                self.changes.set("advisor_mode", "none")
+            self.changes.set("pages_to_scan", PAGES_TO_SCAN)
         if self.sysfs.has("stable_node_chains_prune_millisecs"):
             # 0 unless a scenario holds another value (hold_prune_clock), which
             # a re-prepare after an error must not lose
@@ -182,6 +212,11 @@ class ScanStepper:
             self.prepare()
         number = self.scans_done + 1
         where = f"{label} scan {number}" if label else f"scan {number}"
+        if self._advisor:
+            self._advisor_scan(where, pages_hint)
+            self.scans_done += 1
+            self._mid_scan = False
+            return
         before = self.full_scans()
         self._drain_if_resuming()
         started = self._before_batch()
@@ -212,19 +247,14 @@ class ScanStepper:
         if self.ksmd_pid is None:
             raise WaitTimeout(f"{where}: ksmd has no /proc entry here, so the end of a "
                               "partial batch cannot be seen")
+        if self._advisor:
+            raise WaitTimeout(f"{where}: pages_to_scan belongs to the scan-time advisor",
+                              hint="a scenario with advisor_mode = \"scan-time\" scans whole scans")
         before = self.full_scans()
-        switches = self.procfs.voluntary_switches(self.ksmd_pid)
         self.changes.set("pages_to_scan", pages)
         self._drain_if_resuming()
         started = self._before_batch()
-        self.changes.set("run", 1)
-        # asleep (S: ksm_iter_wait; sleeps inside a batch are D) after going to
-        # sleep at least once since the kick: the batch is over
-        wait_until(lambda: self._ksmd_asleep()
-                   and (self.procfs.voluntary_switches(self.ksmd_pid) or 0) > (switches or 0),
-                   timeout=self._timeout(pages_hint),
-                   what=f"{where}: ksmd (pid {self.ksmd_pid}) to run one batch and sleep",
-                   hint="is another program changing /sys/kernel/mm/ksm?")
+        self._run_batch(where, pages_hint)
         self._after_batch(started, where)
         self._park(where)
         self.changes.set("pages_to_scan", PAGES_TO_SCAN)
@@ -234,6 +264,122 @@ class ScanStepper:
                               hint="something else woke ksmd; is another tool driving KSM?")
         self.scans_done += grew
         self._mid_scan = grew == 0
+
+    def _run_batch(self, where: str, pages_hint: int) -> None:
+        """Kick a parked ksmd (run=1) and wait until its batch is over: asleep
+        (S: ksm_iter_wait; the sleeps inside a batch are D) after going to
+        sleep at least once since the kick."""
+        switches = self.procfs.voluntary_switches(self.ksmd_pid)
+        self.changes.set("run", 1)
+        wait_until(lambda: self._ksmd_asleep()
+                   and (self.procfs.voluntary_switches(self.ksmd_pid) or 0) > (switches or 0),
+                   timeout=self._timeout(pages_hint),
+                   what=f"{where}: ksmd (pid {self.ksmd_pid}) to run one batch and sleep",
+                   hint="is another program changing /sys/kernel/mm/ksm?")
+
+    # -- the scan-time advisor (6.8) -------------------------------------------------
+    def hold_advisor(self, knobs: dict[str, int]) -> None:
+        """Turn the scan-time advisor on for a scenario, freshly reset: the
+        ``advisor_*`` knobs first, then advisor_mode none -> scan-time, whose
+        set_advisor_defaults() zeroes the advisor's context and sets
+        pages_to_scan to advisor_min_pages_to_scan (4e5fa4f5eff6).  All
+        through the undo stack, which restores advisor_mode before
+        pages_to_scan (tunables.restore_values)."""
+        if self.ksmd_pid is None:
+            raise WaitTimeout("the scan-time advisor: ksmd has no /proc entry here, so the "
+                              "end of its batches cannot be seen")
+        for name, value in knobs.items():
+            self.changes.set(name, value)
+        self.changes.set("advisor_mode", "none")
+        self.changes.set("advisor_mode", "scan-time")
+        self._advisor = True
+        self._advisor_first_pages = self.sysfs.read_int("pages_to_scan")
+        self.advisor_scans = []
+
+    def release_advisor(self) -> None:
+        """advisor_mode=none (set_advisor_defaults() puts pages_to_scan to
+        100), then stepping's own pages_to_scan again."""
+        if self.sysfs.tunable("advisor_mode") not in (None, "none"):
+            self.changes.set("advisor_mode", "none")
+        if self.sysfs.has("advisor_mode"):
+            self.changes.set("pages_to_scan", PAGES_TO_SCAN)
+        self._advisor = False
+
+    def _advisor_scan(self, where: str, pages_hint: int) -> None:
+        """One full scan while the advisor owns pages_to_scan: batches of the
+        advisor's size, each kicked from parked and parked again, until
+        full_scans grows.  Nothing runs between them, so every counter after
+        the scan is what one big batch gives (docs/stepping.md, "The
+        advisor").  Records what bounds the advisor's two inputs."""
+        before = self.full_scans()
+        pid = self.ksmd_pid
+        deadline = time.monotonic() + self._timeout(pages_hint)
+        kick_cpu = first_cpu = self.procfs.sched_runtime(pid)
+        started = time.monotonic()
+        batches = 0
+        while True:
+            kick_cpu = self.procfs.sched_runtime(pid)
+            self._run_batch(f"{where} batch {batches + 1}", pages_hint)
+            batches += 1
+            grew = self.full_scans() - before
+            ended = time.monotonic()
+            self._park(where)
+            if grew:
+                break
+            if time.monotonic() > deadline:
+                raise WaitTimeout(f"{where}: ksmd ran {batches} batches of "
+                                  f"{self.sysfs.tunable('pages_to_scan')} pages without "
+                                  "completing a full scan",
+                                  hint="raise KSMBENCH_TIME_SCALE on a slow machine")
+        after = self.full_scans()
+        if after != before + 1:
+            raise WaitTimeout(f"{where}: ksmd ran {after - before} full scans instead of 1",
+                              hint="something else woke ksmd; is another tool driving KSM?")
+        record = AdvisorScan(batches=batches, seconds=ended - started,
+                             cpu_first_kick=first_cpu, cpu_last_kick=kick_cpu,
+                             cpu_parked=self.procfs.sched_runtime(pid),
+                             pages_to_scan=self.sysfs.read_int("pages_to_scan"))
+        self._check_advisor_inputs(where, record)
+        self.advisor_scans.append(record)
+
+    def _check_advisor_inputs(self, where: str, scan: "AdvisorScan") -> None:
+        """The model's inputs, checked against what was measured around the
+        scan; a scan outside them stops the run, as the prune clock does.
+
+        * scan_time 1: the kernel times the scan from its first batch to its
+          end, inside the measured interval; whole seconds, truncated, 0
+          counted as 1: any scan shorter than 2 s.
+        * first scan after the reset: the advisor's CPU time is 0, so the
+          kernel counts all of ksmd's CPU time since boot, at least what
+          schedstat read at the last kick; per_page_cost =
+          pages_to_scan / cpu_percent must be at most 1.
+        * later scans: ksmd's CPU time since the previous advisor run, at most
+          from the previous scan's last kick to this scan's parking, must be
+          under 10 ms (cpu_percent 1 at scan_time 1).
+        """
+        if scan.seconds >= ADVISOR_SCAN_LIMIT:
+            raise WaitTimeout(f"{where}: the advisor's scan took {scan.seconds:.2f} s "
+                              f"({scan.batches} batches), not less than {ADVISOR_SCAN_LIMIT:.0f} s: "
+                              "its scan_time is no longer 1 s, which the model assumes",
+                              hint="use fewer pages or a larger advisor_min_pages_to_scan")
+        if scan.cpu_last_kick is None or scan.cpu_parked is None:
+            return  # no schedstat (CONFIG_SCHED_INFO off): the cells still compare
+        if not self.advisor_scans:
+            cpu_percent = max(1, scan.cpu_last_kick // 1_000_000 * 100 // 1000)
+            pages = self._advisor_first_pages
+            if pages is not None and pages // cpu_percent > 1:
+                raise WaitTimeout(f"{where}: ksmd has used only {scan.cpu_last_kick / 1e9:.3f} s "
+                                  f"of CPU since boot, so the advisor's first scan (cpu_percent "
+                                  f"at least {cpu_percent}) depends on it with "
+                                  f"advisor_min_pages_to_scan = {pages}",
+                                  hint="use advisor_min_pages_to_scan = 1, which any CPU time fits")
+            return
+        used = scan.cpu_parked - self.advisor_scans[-1].cpu_last_kick
+        if used >= ADVISOR_CPU_LIMIT_NS:
+            raise WaitTimeout(f"{where}: ksmd may have used {used / 1e6:.1f} ms of CPU since the "
+                              "advisor's previous run, not less than 10 ms: its cpu_percent is "
+                              "no longer 1, which the model assumes",
+                              hint="use fewer pages in a scenario with the advisor")
 
     def unmerge_all(self) -> None:
         """``echo 2 > run``: unshare everything, drop all rmap items (synchronous)."""
