@@ -258,8 +258,32 @@ class HostSession:
         self.stepper.hold_prune_clock(prune, m.prune_regime(prune) or "always")
         if ksm.advisor:  # 6.8+ (check_applicable): last, freshly reset
             self.stepper.hold_advisor({name: getattr(ksm, name) for name in m.ADVISOR_KNOBS})
+            self.stepper.advisor_check = self._advisor_check(ksm)
         else:
             self.stepper.release_advisor()
+            self.stepper.advisor_check = None
+
+    @staticmethod
+    def _advisor_check(ksm: m.KsmSettings):
+        """After each of the advisor's scans: stop the run where the measured
+        scan time and ksmd CPU time allow the kernel another pages_to_scan
+        than the model's (its inputs depend on timing there, as the prune
+        clock's do), docs/stepping.md "The advisor"."""
+        from ..emulator.advisor import Advisor, AdvisorCheck
+
+        check = AdvisorCheck(Advisor(min_pages=ksm.advisor_min_pages_to_scan,
+                                     max_pages=ksm.advisor_max_pages_to_scan,
+                                     max_cpu=ksm.advisor_max_cpu,
+                                     target_scan_time=ksm.advisor_target_scan_time))
+
+        def after_scan(where: str, scan, previous) -> None:
+            why = check.after_scan(scan.scan_times(), scan.cpu_ns(previous), scan.pages_to_scan)
+            if why is not None:
+                raise WaitTimeout(f"{where}: {why}",
+                                  hint="the advisor is exact where scans are short and cheap: "
+                                       "fewer pages, or advisor_min_pages_to_scan = 1 and a "
+                                       "small advisor_max_pages_to_scan")
+        return after_scan
 
     # -- op "set" -------------------------------------------------------
     def _set_tunable(self, step: m.Set) -> dict[str, int | None]:

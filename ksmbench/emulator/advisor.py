@@ -82,3 +82,74 @@ class Advisor:
         self.pages_to_scan = pages
         self.scans += 1
         return pages
+
+    def state(self) -> tuple[int, int, int]:
+        return self.pages_to_scan, self.change, self.scan_time
+
+    def with_state(self, state: tuple[int, int, int]) -> "Advisor":
+        other = Advisor(self.min_pages, self.max_pages, self.max_cpu, self.target_scan_time)
+        other.pages_to_scan, other.change, other.scan_time = state
+        other.scans = self.scans
+        return other
+
+
+def cpu_percent(cpu_ns: int, scan_time: int) -> int:
+    """scan_time_advisor()'s cpu_percent from ksmd's CPU time in ns."""
+    return (cpu_ns // 1_000_000) * 100 // (scan_time * 1000) or 1
+
+
+#: more (scan_time, cpu_percent) pairs than this in the measured bounds: not exact
+MAX_INPUTS = 100_000
+
+
+class AdvisorCheck:
+    """Whether the inputs a real kernel's advisor may have measured leave it
+    the outcome the model predicts.
+
+    The model (:func:`.scan.full_scan`) assumes scan_time 1, cpu_percent 1
+    and per_page_cost 1 at the first scan.  The host measures bounds of the
+    real inputs around each scan (``ksmbench.kernel.stepping.AdvisorScan``).
+    Every state the kernel's advisor may be in is carried along; after a
+    scan, if those states and inputs allow any pages_to_scan other than the
+    model's, the outcome depends on timing and :meth:`after_scan` says why.
+    A kernel whose advisor computes differently is not excused here: its
+    pages_to_scan cells mismatch.
+    """
+
+    def __init__(self, model: Advisor):
+        self.model = model
+        self.states = {model.state()}
+
+    def after_scan(self, scan_times: range, cpu_ns: tuple[int, int] | None,
+                   observed: int | None) -> str | None:
+        first = self.model.scans == 0
+        expected = self.model.after_scan(1, None if first else 1)
+        if cpu_ns is None:  # no schedstat: only the cells can tell
+            self.states = {self.model.state()}
+            return None
+        pairs = [(s, c) for s in scan_times
+                 for c in range(cpu_percent(cpu_ns[0], s), cpu_percent(cpu_ns[1], s) + 1)]
+        if len(pairs) * len(self.states) > MAX_INPUTS:
+            return (f"ksmd's CPU time for the scan is only known between {cpu_ns[0] / 1e6:.1f} "
+                    f"and {cpu_ns[1] / 1e6:.1f} ms: too wide to tell the advisor's outcome")
+        new = set()
+        for state in self.states:
+            for s, c in pairs:
+                a = self.model.with_state(state)
+                a.after_scan(s, c)
+                new.add(a.state())
+        values = sorted({state[0] for state in new})
+        if values == [expected]:
+            self.states = new
+            return None
+        if observed not in values:
+            # the kernel computed something no measured input explains: the
+            # cells report it; go on from the model's state
+            self.states = {self.model.state()}
+            return None
+        seconds = (f"{scan_times.start} s" if len(scan_times) == 1
+                   else f"{scan_times.start}-{scan_times.stop - 1} s")
+        return (f"the advisor's next pages_to_scan could be {', '.join(map(str, values[:6]))}"
+                f"{' ...' if len(values) > 6 else ''} for the measured scan time ({seconds}) "
+                f"and ksmd CPU time ({cpu_ns[0] / 1e6:.1f}-{cpu_ns[1] / 1e6:.1f} ms), not the "
+                f"modelled {expected} alone")

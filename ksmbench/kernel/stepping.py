@@ -41,6 +41,7 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass
+from typing import Callable
 
 from ..errors import WaitTimeout
 from ..waiting import time_scale, wait_until
@@ -57,13 +58,6 @@ PAGES_TO_SCAN = 16 * 1024 * 1024
 PRUNE_MARGIN = 0.05
 
 
-#: the advisor's scan_time is whole seconds, truncated, 0 counted as 1
-#: (scan_time_advisor()): every scan shorter than this has scan_time 1
-ADVISOR_SCAN_LIMIT = 2.0
-#: ksmd CPU time per scan under which cpu_percent is 1 at scan_time 1
-ADVISOR_CPU_LIMIT_NS = 10_000_000
-
-
 @dataclass(frozen=True)
 class AdvisorScan:
     """What the host measured around one full scan with the advisor on."""
@@ -78,6 +72,27 @@ class AdvisorScan:
     cpu_parked: int | None
     #: the pages_to_scan the advisor set at the end of the scan
     pages_to_scan: int | None
+
+    def scan_times(self) -> range:
+        """The scan_time (s) scan_time_advisor() may have computed: it times
+        the scan from its first batch to its end, inside the measured
+        interval, in whole seconds truncated, 0 counted as 1."""
+        return range(1, max(1, int(self.seconds)) + 1)
+
+    def cpu_ns(self, previous: "AdvisorScan | None") -> tuple[int, int] | None:
+        """Bounds of the ksmd CPU time (ns) the advisor counted for this scan:
+        task_sched_runtime() at the scan's end, which lies between the last
+        kick and the parking, minus the same at the previous scan's end, or
+        minus 0 for the first scan after a reset (advisor_ctx zeroed), which
+        so counts all of ksmd's CPU time since boot.  None without schedstat."""
+        if self.cpu_last_kick is None or self.cpu_parked is None:
+            return None
+        if previous is None:
+            return self.cpu_last_kick, self.cpu_parked
+        if previous.cpu_last_kick is None or previous.cpu_parked is None:
+            return None
+        return (max(0, self.cpu_last_kick - previous.cpu_parked),
+                self.cpu_parked - previous.cpu_last_kick)
 
 
 class ScanStepper:
@@ -104,9 +119,12 @@ class ScanStepper:
         self._clock_start = 0.0
         #: the scan-time advisor owns pages_to_scan (hold_advisor)
         self._advisor = False
-        self._advisor_first_pages: int | None = None
         #: what was measured around each full scan since hold_advisor()
         self.advisor_scans: list[AdvisorScan] = []
+        #: called after each of the advisor's scans with (where, this scan,
+        #: the previous one or None); the host backend checks there that the
+        #: measured inputs leave the advisor only the modelled outcome
+        self.advisor_check: Callable[[str, AdvisorScan, AdvisorScan | None], None] | None = None
 
     # -- setup ---------------------------------------------------------------
     def prepare(self) -> None:
@@ -293,7 +311,6 @@ class ScanStepper:
         self.changes.set("advisor_mode", "none")
         self.changes.set("advisor_mode", "scan-time")
         self._advisor = True
-        self._advisor_first_pages = self.sysfs.read_int("pages_to_scan")
         self.advisor_scans = []
 
     def release_advisor(self) -> None:
@@ -339,47 +356,10 @@ class ScanStepper:
                              cpu_first_kick=first_cpu, cpu_last_kick=kick_cpu,
                              cpu_parked=self.procfs.sched_runtime(pid),
                              pages_to_scan=self.sysfs.read_int("pages_to_scan"))
-        self._check_advisor_inputs(where, record)
+        previous = self.advisor_scans[-1] if self.advisor_scans else None
         self.advisor_scans.append(record)
-
-    def _check_advisor_inputs(self, where: str, scan: "AdvisorScan") -> None:
-        """The model's inputs, checked against what was measured around the
-        scan; a scan outside them stops the run, as the prune clock does.
-
-        * scan_time 1: the kernel times the scan from its first batch to its
-          end, inside the measured interval; whole seconds, truncated, 0
-          counted as 1: any scan shorter than 2 s.
-        * first scan after the reset: the advisor's CPU time is 0, so the
-          kernel counts all of ksmd's CPU time since boot, at least what
-          schedstat read at the last kick; per_page_cost =
-          pages_to_scan / cpu_percent must be at most 1.
-        * later scans: ksmd's CPU time since the previous advisor run, at most
-          from the previous scan's last kick to this scan's parking, must be
-          under 10 ms (cpu_percent 1 at scan_time 1).
-        """
-        if scan.seconds >= ADVISOR_SCAN_LIMIT:
-            raise WaitTimeout(f"{where}: the advisor's scan took {scan.seconds:.2f} s "
-                              f"({scan.batches} batches), not less than {ADVISOR_SCAN_LIMIT:.0f} s: "
-                              "its scan_time is no longer 1 s, which the model assumes",
-                              hint="use fewer pages or a larger advisor_min_pages_to_scan")
-        if scan.cpu_last_kick is None or scan.cpu_parked is None:
-            return  # no schedstat (CONFIG_SCHED_INFO off): the cells still compare
-        if not self.advisor_scans:
-            cpu_percent = max(1, scan.cpu_last_kick // 1_000_000 * 100 // 1000)
-            pages = self._advisor_first_pages
-            if pages is not None and pages // cpu_percent > 1:
-                raise WaitTimeout(f"{where}: ksmd has used only {scan.cpu_last_kick / 1e9:.3f} s "
-                                  f"of CPU since boot, so the advisor's first scan (cpu_percent "
-                                  f"at least {cpu_percent}) depends on it with "
-                                  f"advisor_min_pages_to_scan = {pages}",
-                                  hint="use advisor_min_pages_to_scan = 1, which any CPU time fits")
-            return
-        used = scan.cpu_parked - self.advisor_scans[-1].cpu_last_kick
-        if used >= ADVISOR_CPU_LIMIT_NS:
-            raise WaitTimeout(f"{where}: ksmd may have used {used / 1e6:.1f} ms of CPU since the "
-                              "advisor's previous run, not less than 10 ms: its cpu_percent is "
-                              "no longer 1, which the model assumes",
-                              hint="use fewer pages in a scenario with the advisor")
+        if self.advisor_check is not None:
+            self.advisor_check(where, record, previous)
 
     def unmerge_all(self) -> None:
         """``echo 2 > run``: unshare everything, drop all rmap items (synchronous)."""
