@@ -25,6 +25,7 @@ from ksmbench.emulator.advisor import Advisor, AdvisorCheck
 from ksmbench.errors import ScenarioError
 from ksmbench.kernel.stepping import AdvisorScan
 from ksmbench.scenario import builtin, load_scenario, parse_scenario
+from ksmbench.scenario import model as m
 from ksmbench.scenario import named_set_dir
 from ksmbench.scenario.loader import scenario_from_dict
 from ksmbench.scenario.serialise import to_toml
@@ -37,7 +38,9 @@ NAMES = ("advisor-batches",) + SET
 
 
 def scenario(name):
-    return builtin(name) if name not in SET else load_scenario(named_set_dir("advisor") / f"{name}.toml")
+    if name in SET:
+        return load_scenario(named_set_dir("advisor") / f"{name}.toml")
+    return builtin(name)
 
 
 def scen(steps, ksm=None):
@@ -175,6 +178,43 @@ def test_the_built_in_scenarios_predict_the_worked_out_sequences():
     assert seq("advisor-target") == [30, 300, 3000]
     # min 1, max 10: 10 from the first scan on (per_page_cost >= 1, floor >= 10)
     assert seq("advisor-batches") == [10] * 5
+
+
+def test_the_named_set_and_the_suite():
+    from ksmbench.scenario import builtin_names, resolve_scenarios
+
+    assert [x.name for x in resolve_scenarios(["advisor"])] == sorted(SET)
+    assert "advisor-batches" in builtin_names() and not set(SET) & set(builtin_names())
+
+
+def test_random_scenarios_with_the_advisor_are_exact_anywhere():
+    from ksmbench.scenario.generate import random_scenario
+
+    seen = 0
+    for seed in range(400000, 400200):
+        s = random_scenario(seed)
+        if not s.ksm.advisor:
+            continue
+        seen += 1
+        assert s.ksm.advisor_max_pages_to_scan <= 10
+        assert not any(isinstance(step, m.Scan) and step.pages is not None for step in s.steps)
+        # whatever the scan times and CPU shares, the advisor ends at its cap
+        c = AdvisorCheck(Advisor(s.ksm.advisor_min_pages_to_scan, s.ksm.advisor_max_pages_to_scan,
+                                 s.ksm.advisor_max_cpu, s.ksm.advisor_target_scan_time))
+        for _ in range(3):
+            assert c.after_scan(range(1, 4), (0, 10**9), None) is None
+        assert c.model.pages_to_scan == s.ksm.advisor_max_pages_to_scan
+    assert 10 <= seen <= 50
+
+
+def test_the_advisor_leaves_the_other_seeds_scenarios_alone(monkeypatch):
+    from ksmbench.scenario import generate
+
+    before = {seed: generate.random_scenario(seed) for seed in range(400000, 400060)}
+    monkeypatch.setattr(generate, "ADVISOR_SHARE", 0.0)  # as before the advisor existed
+    for seed, s in before.items():
+        if not s.ksm.advisor:
+            assert generate.random_scenario(seed) == s
 
 
 # -- the host's check of the model's inputs -------------------------------------------------------

@@ -14,7 +14,8 @@ from __future__ import annotations
 from typing import Iterator
 
 from ..metrics import (GLOBAL_COUNTERS, KSM_STAT_FIELDS, PAGES_TO_SCAN, RSS_ANON,
-                       RSS_ANON_SCENARIO, SET_ERROR, global_metric, proc_metric, region_metric, tunable_metric, unmodelled)
+                       RSS_ANON_SCENARIO, SET_ERROR, global_metric, proc_metric, region_metric,
+                       tunable_metric, unmodelled)
 from ..observation import (ABSOLUTE_METRICS, BASELINE, BASELINE_STEP, TEARDOWN, ObservationPoint,
                            teardown_step)
 from ..scenario import model as m

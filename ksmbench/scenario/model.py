@@ -143,7 +143,8 @@ class KsmSettings:
     #: The advisor_* values are written before advisor_mode, whose switch
     #: from none sets pages_to_scan to advisor_min_pages_to_scan
     advisor_mode: str = "none"
-    advisor_max_cpu: int = 70
+    advisor_max_cpu: int = setting(70, minimum=0,
+                                   why="advisor_max_cpu_store() takes an unsigned number")
     advisor_min_pages_to_scan: int = setting(
         500, minimum=1, why="ksmd would scan no page per batch and never finish a scan")
     advisor_max_pages_to_scan: int = setting(
