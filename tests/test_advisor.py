@@ -143,6 +143,20 @@ def test_before_6_8_the_scenario_is_not_applicable_in_the_model():
     assert all(ScenarioRun(s, "linux-6.8").supported(step) for step in s.steps)
 
 
+def test_the_emulator_backend_reports_n_a_before_6_8_as_the_host_does(tmp_path):
+    from ksmbench.emulator.backend import EmulatorBackend
+    from ksmbench.observation import PointObserved, ScenarioFinished
+
+    for profile, verdict in (("linux-6.7", "n/a"), ("linux-6.8", None)):
+        events = list(EmulatorBackend(profile).events([scenario("advisor-batches")]))
+        done = [e for e in events if isinstance(e, ScenarioFinished)][0]
+        points = [e for e in events if isinstance(e, PointObserved)]
+        if verdict:
+            assert done.skipped and "scan-time advisor (6.8)" in done.skipped and not points
+        else:
+            assert done.skipped is None and done.error is None and len(points) == 13
+
+
 def test_counters_do_not_depend_on_the_advisor_where_pages_scanned_is_fixed():
     on = scenario("advisor-scan-time")
     off = scen(MERGE8 + [{"op": "scan", "count": 6}, {"op": "expect", "global.pages_shared": 1}])
