@@ -65,6 +65,11 @@ REGION_METRICS: tuple[str, ...] = ("present", "zero_pfn", "ksm", "distinct_frame
 SET_TUNABLE_NAMES: tuple[str, ...] = ("use_zero_pages", "max_page_sharing", "smart_scan",
                                       "merge_across_nodes")
 SET_ERROR = "set.error"
+#: observed at every point of a scenario with advisor_mode = "scan-time" (6.8):
+#: the pages_to_scan the advisor has set (scan_time_advisor() after each
+#: full scan; advisor_min_pages_to_scan when the advisor is switched on)
+PAGES_TO_SCAN = "pages_to_scan"
+TUNABLE_METRIC_NAMES: tuple[str, ...] = SET_TUNABLE_NAMES + (PAGES_TO_SCAN,)
 
 _NAME = r"[A-Za-z0-9_-]+"
 _GLOBAL_RE = re.compile(r"global\.(?P<field>[a-z_]+)\Z")
@@ -112,7 +117,7 @@ def tunable_metric(name: str) -> str:
 #: region before proc, whose pattern would also match a region metric's prefix
 _FORMS = (
     (_GLOBAL_RE, "global", GLOBAL_COUNTERS, "global counter"),
-    (_TUNABLE_RE, "tunable", SET_TUNABLE_NAMES, "tunable"),
+    (_TUNABLE_RE, "tunable", TUNABLE_METRIC_NAMES, "tunable"),
     (_REGION_RE, "region", REGION_METRICS, "region metric"),
     (_PROC_RE, "proc", PROC_FIELDS, "process metric"),
 )
@@ -143,7 +148,7 @@ def metric_sort_key(name: str) -> tuple:
     if parsed.kind == "set":
         return (3, "", "", 0)
     if parsed.kind == "tunable":
-        return (3, "", "", 1 + SET_TUNABLE_NAMES.index(parsed.field))
+        return (3, "", "", 1 + TUNABLE_METRIC_NAMES.index(parsed.field))
     return (2, parsed.proc, parsed.region, REGION_METRICS.index(parsed.field))
 
 

@@ -48,6 +48,15 @@ def fitted_flags(df: pd.DataFrame, release: str) -> frozenset[str]:
     return get_profile(result.fitted).flags
 
 
+def not_applicable(scenarios, flags) -> set[str]:
+    """The scenarios a kernel with these behaviour flags reports n/a: prctl
+    before 6.4 (PR_SET_MEMORY_MERGE), the scan-time advisor before 6.8."""
+    na = set() if "prctl_memory_merge" in flags else needs_prctl(scenarios)
+    if "advisor" not in flags:
+        na |= {s.name for s in scenarios if s.ksm.advisor}
+    return na
+
+
 def needs_prctl(scenarios) -> set[str]:
     """The scenarios a kernel without PR_SET_MEMORY_MERGE (before 6.4) reports n/a."""
     from ksmbench.scenario import model as m

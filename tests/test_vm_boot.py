@@ -60,7 +60,7 @@ def test_the_whole_suite_in_one_boot_matches_the_emulator(spec, tmp_path):
     checks (kernel_expectations.py) run on the guest's observations, with the
     flags fitted to them: 6.1 predates the zero-page series, 6.12 has it."""
     from kernel_expectations import (CHECKS, Cells, assert_every_cell_matches, fitted_flags, load,
-                                     needs_prctl)
+                                     not_applicable)
     from ksmbench.backends.vm import VMBackend
     from ksmbench.emulator import Predictor
     from ksmbench.results import RunDir
@@ -95,7 +95,7 @@ def test_the_whole_suite_in_one_boot_matches_the_emulator(spec, tmp_path):
     df = load(rundir.path / "observations.csv")
     assert set(df.kernel) == {spec}
     flags = fitted_flags(df, meta["kernel_release"])
-    na = set() if "prctl_memory_merge" in flags else needs_prctl(scenarios)  # 6.4
+    na = not_applicable(scenarios, flags)  # prctl before 6.4, the advisor before 6.8
     verdicts = {name: o.verdict for name, o in outcome.scenarios.items()}
     assert verdicts == {s.name: "n/a" if s.name in na else "match" for s in scenarios}, \
         [mm.describe() for o in outcome.scenarios.values() for mm in o.mismatches][:12]

@@ -38,9 +38,9 @@ from ..kernel.stepping import ScanStepper
 from ..waiting import time_scale
 from ..kernel.sysfs import KsmSysfs
 from ..kernel.tunables import TunableChanges, repair
-from ..metrics import (GLOBAL_CUMULATIVE, GLOBAL_LEVELS, KSM_STAT_FIELDS, RSS_ANON,
-                       RSS_ANON_SCENARIO, SET_ERROR, global_metric, proc_metric, region_metric,
-                       tunable_metric)
+from ..metrics import (GLOBAL_CUMULATIVE, GLOBAL_LEVELS, KSM_STAT_FIELDS, PAGES_TO_SCAN,
+                       RSS_ANON, RSS_ANON_SCENARIO, SET_ERROR, global_metric, proc_metric,
+                       region_metric, tunable_metric)
 from ..observation import (BASELINE, BASELINE_STEP, TEARDOWN, BackendInfo, Event,
                            ObservationPoint, PointObserved, ScenarioFinished, ScenarioStarted,
                            teardown_step)
@@ -256,6 +256,34 @@ class HostSession:
             self.changes.set("merge_across_nodes", ksm.merge_across_nodes)
         prune = ksm.stable_node_chains_prune_millisecs
         self.stepper.hold_prune_clock(prune, m.prune_regime(prune) or "always")
+        if ksm.advisor:  # 6.8+ (check_applicable): last, freshly reset
+            self.stepper.hold_advisor({name: getattr(ksm, name) for name in m.ADVISOR_KNOBS})
+            self.stepper.advisor_check = self._advisor_check(ksm)
+        else:
+            self.stepper.release_advisor()
+            self.stepper.advisor_check = None
+
+    @staticmethod
+    def _advisor_check(ksm: m.KsmSettings):
+        """After each of the advisor's scans: stop the run where the measured
+        scan time and ksmd CPU time allow the kernel another pages_to_scan
+        than the model's (its inputs depend on timing there, as the prune
+        clock's do), docs/stepping.md "The advisor"."""
+        from ..emulator.advisor import Advisor, AdvisorCheck
+
+        check = AdvisorCheck(Advisor(min_pages=ksm.advisor_min_pages_to_scan,
+                                     max_pages=ksm.advisor_max_pages_to_scan,
+                                     max_cpu=ksm.advisor_max_cpu,
+                                     target_scan_time=ksm.advisor_target_scan_time))
+
+        def after_scan(where: str, scan, previous) -> None:
+            why = check.after_scan(scan.scan_times(), scan.cpu_ns(previous), scan.pages_to_scan)
+            if why is not None:
+                raise WaitTimeout(f"{where}: {why}",
+                                  hint="the advisor is exact where scans are short and cheap: "
+                                       "fewer pages, or advisor_min_pages_to_scan = 1 and a "
+                                       "small advisor_max_pages_to_scan")
+        return after_scan
 
     # -- op "set" -------------------------------------------------------
     def _set_tunable(self, step: m.Set) -> dict[str, int | None]:
@@ -300,6 +328,8 @@ class HostSession:
                     f"on node{'s' if len(have_nodes) > 1 else ''} "
                     f"{', '.join(map(str, sorted(have_nodes)))} only: run it in a guest, "
                     f"which gets {scenario.numa_nodes} nodes (--kernel debian:X.Y)")
+        if scenario.ksm.advisor and not self.sysfs.has("advisor_mode"):
+            raise NotApplicable(f"needs {m.ADVISOR_FEATURE[1]}, which this kernel lacks")
         if any(isinstance(step, m.UffdWp) for step in scenario.steps):
             if not syscalls.uffd_wp_available():
                 raise NotApplicable("needs userfaultfd write-protect on anonymous memory "
@@ -357,6 +387,8 @@ class HostSession:
                 for region, metrics in seen["regions"].items():
                     for key, value in metrics.items():
                         values[region_metric(proc, region, key)] = value
+            if scenario.ksm.advisor:
+                values[tunable_metric(PAGES_TO_SCAN)] = self.sysfs.read_int(PAGES_TO_SCAN)
             return ObservationPoint(index, op, scan, values)
 
         for step in scenario.steps:

@@ -18,8 +18,10 @@ shown in the README) get no prediction, and every comparison excuses exactly
 those; a cell where only one side has a value is otherwise a mismatch.
 Outside the scenario format:
 
-* the 6.8 advisor, swap, migration (between NUMA nodes too: the trees per
-  node of merge_across_nodes=0 are modelled, moving pages is not),
+* the 6.8 advisor's inputs where they are not pinned (a scan of 2 s or
+  more, or 10 ms of ksmd CPU: the host stops such a run; :mod:`.advisor`),
+  swap, migration (between NUMA nodes too: the trees per node of
+  merge_across_nodes=0 are modelled, moving pages is not),
   compaction, races (e.g. 6.6-6.9's non-atomic ksm_zero_pages).
 """
 

@@ -46,6 +46,12 @@ class EmulatorBackend:
             yield ScenarioStarted(scenario.name, len(scenario.steps), scenario.scan_count)
             started = time.monotonic()
             error = None
+            if scenario.ksm.advisor and not self.profile.has(m.ADVISOR_FEATURE[0]):
+                # as the host reports a kernel before 6.8: not applicable, no point
+                yield ScenarioFinished(scenario.name, None, 0.0,
+                                       f"needs {m.ADVISOR_FEATURE[1]}, which profile "
+                                       f"{self.profile.name} lacks")
+                continue
             run = ScenarioRun(scenario, self.profile)
             try:
                 for point in run.points():

@@ -13,12 +13,14 @@ from __future__ import annotations
 
 from typing import Iterator
 
-from ..metrics import (GLOBAL_COUNTERS, KSM_STAT_FIELDS, RSS_ANON, RSS_ANON_SCENARIO, SET_ERROR,
-                       global_metric, proc_metric, region_metric, tunable_metric, unmodelled)
+from ..metrics import (GLOBAL_COUNTERS, KSM_STAT_FIELDS, PAGES_TO_SCAN, RSS_ANON,
+                       RSS_ANON_SCENARIO, SET_ERROR, global_metric, proc_metric, region_metric,
+                       tunable_metric, unmodelled)
 from ..observation import (ABSOLUTE_METRICS, BASELINE, BASELINE_STEP, TEARDOWN, ObservationPoint,
                            teardown_step)
 from ..scenario import model as m
 from ..scenario.patterns import FillId, write_byte_values
+from .advisor import Advisor
 from .machine import Ksm, Settings
 from .scan import full_scan, partial_scan
 from .profiles import Profile, get_profile
@@ -38,6 +40,13 @@ class ScenarioRun:
         self.scenario = scenario
         self.profile = get_profile(profile) if isinstance(profile, str) else profile
         self.ksm = Ksm(self.profile, settings_for(scenario))
+        k = scenario.ksm
+        if k.advisor:
+            # advisor_mode written after the advisor_* knobs (host backend)
+            self.ksm.advisor = Advisor(min_pages=k.advisor_min_pages_to_scan,
+                                       max_pages=k.advisor_max_pages_to_scan,
+                                       max_cpu=k.advisor_max_cpu,
+                                       target_scan_time=k.advisor_target_scan_time)
         self.fast = fast
         self.ksm.spawn(m.MAIN)
         # THP regions: khugepaged, THP splitting on merge and the deferred
@@ -51,7 +60,11 @@ class ScenarioRun:
         return unmodelled(metric, flags=self.profile.flags, thp=self.thp) is not None
 
     def supported(self, step: m.Step) -> bool:
-        """False for an op the profile's kernel refuses (the host run errors there)."""
+        """False for an op the profile's kernel refuses (the host run errors
+        there), and for every step of a scenario that needs a kernel feature
+        the profile lacks (the advisor before 6.8: the host refuses it whole)."""
+        if self.scenario.ksm.advisor and not self.profile.has(m.ADVISOR_FEATURE[0]):
+            return False
         return step.requires is None or self.profile.has(step.requires[0])
 
     def apply(self, step: m.Step) -> None:
@@ -119,6 +132,8 @@ class ScenarioRun:
         # regions: khugepaged and splitting; RssAnon: the interpreter's memory)
         if op == "set":
             values.update(self._set_values)
+        if k.advisor is not None:
+            values[tunable_metric(PAGES_TO_SCAN)] = k.advisor.pages_to_scan
         values = {key: (None if self.unmodelled(key) else v) for key, v in values.items()}
         return ObservationPoint(index, op, scan, values)
 

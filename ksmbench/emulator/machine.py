@@ -38,6 +38,7 @@ from typing import Iterator, Optional
 
 import numpy as np
 
+from .advisor import Advisor
 from .content import ZERO, ContentTable
 from .profiles import Profile
 from .rbtree import RBNode, RBRoot
@@ -330,6 +331,9 @@ class Ksm:
         self.cursor_addr = 0
         #: ksmd batches run so far: the modelled clock of chain pruning
         self.batches = 0
+        #: the scan-time advisor (6.8) when the scenario turns it on; it then
+        #: owns pages_to_scan, the size of every batch (:func:`.scan.full_scan`)
+        self.advisor: Optional[Advisor] = None
         # this scan's unstable tree: content -> (segment, index)
         self.unstable: dict[int, tuple[Segment, int]] = {}
         self._unstable_key: dict[tuple[int, int], int] = {}

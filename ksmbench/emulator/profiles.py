@@ -105,6 +105,11 @@ FLAGS: tuple[Flag, ...] = (
          stable={(6, 6): 33, (6, 8): 12, (6, 9): 3}, stable_approx=True),
     Flag("smart_scan", "5e924ff54d08+e5a689912689", (6, 7),
          "smart_scan skips pages that keep failing to merge; sysfs pages_skipped"),
+    # the scan-time advisor (Stefan Roesch; 66790e9a735b added its sysfs knobs
+    # in the same release): scan_time_advisor() sets pages_to_scan after each
+    # full scan; unchanged from 6.8 to 7.3 (emulator/advisor.py)
+    Flag("advisor", "4e5fa4f5eff6", (6, 8),
+         "advisor_mode=scan-time: pages_to_scan set by the advisor after each full scan"),
     Flag("merge_any_exec", "3c6f33b7273a", (6, 7),
          "MMF_VM_MERGE_ANY is in MMF_INIT_MASK: PR_SET_MEMORY_MERGE survives exec (and fork)"),
     Flag("ksm_execve", "3a9e567ca45f", (6, 10),

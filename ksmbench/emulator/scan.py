@@ -14,6 +14,28 @@ from .machine import Ksm
 
 
 def full_scan(ksm: Ksm, *, fast: bool = True) -> None:
+    """One stepped full scan; with the scan-time advisor on (6.8), then the
+    advisor's new pages_to_scan (:mod:`.advisor`)."""
+    advisor = ksm.advisor
+    if advisor is None:
+        _full_scan(ksm, fast=fast)
+        return
+    if ksm.profile.has("pages_scanned") and not ksm.profile.has("pages_scanned_fix"):
+        # the host steps the advisor's scans batch by batch, pages_to_scan
+        # pages each; before 730cdc2c72c6 every batch that does not complete
+        # the scan adds N + 1 to pages_scanned, so the batches are modelled
+        while not ksm.batch(advisor.pages_to_scan):
+            pass
+    else:
+        # counters per full scan do not depend on where batches end when
+        # nothing runs between them (docs/stepping.md, "The advisor")
+        _full_scan(ksm, fast=fast)
+    # the first scan after the reset: ksmd's CPU time since boot makes
+    # per_page_cost 1; later scans use under 10 ms of CPU: cpu_percent 1
+    advisor.after_scan(scan_time=1, cpu_percent=None if advisor.scans == 0 else 1)
+
+
+def _full_scan(ksm: Ksm, *, fast: bool = True) -> None:
     """One stepped full scan: a batch larger than every page, which ends where
     the full scan completes.  After a partial batch that is the rest of the
     scan under way, from the cursor.  The fast path serves whole scans only,

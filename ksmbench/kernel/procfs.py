@@ -130,6 +130,17 @@ class ProcFS:
         text = self._read(pid, "status")
         return None if text is None else parse_status_kb(text, "voluntary_ctxt_switches")
 
+    def sched_runtime(self, pid: int | str) -> int | None:
+        """The CPU time the task has used, in ns: the first field of
+        /proc/<pid>/schedstat (se.sum_exec_runtime, CONFIG_SCHED_INFO), which
+        is what task_sched_runtime() returns while the task sleeps; None when
+        the file is missing or the process is gone."""
+        text = self._read(pid, "schedstat")
+        try:
+            return None if text is None else int(text.split()[0])
+        except (IndexError, ValueError):
+            return None
+
     def comm(self, pid: int | str) -> str | None:
         text = self._read(pid, "comm")
         return None if text is None else text.strip()

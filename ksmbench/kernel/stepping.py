@@ -40,6 +40,8 @@ does at the start of every full scan (:meth:`ScanStepper._drain_if_resuming`).
 from __future__ import annotations
 
 import time
+from dataclasses import dataclass
+from typing import Callable
 
 from ..errors import WaitTimeout
 from ..waiting import time_scale, wait_until
@@ -54,6 +56,43 @@ SLEEP_B = 60001
 PAGES_TO_SCAN = 16 * 1024 * 1024
 #: the prune clock's safety margin: jiffies round msecs up, HZ may be 100
 PRUNE_MARGIN = 0.05
+
+
+@dataclass(frozen=True)
+class AdvisorScan:
+    """What the host measured around one full scan with the advisor on."""
+
+    batches: int
+    #: from the first kick to the end of the last batch seen (ksmd asleep)
+    seconds: float
+    #: ksmd's CPU time (ns, /proc/<ksmd>/schedstat) while parked before the
+    #: first and the last batch, and after the scan; None without schedstat
+    cpu_first_kick: int | None
+    cpu_last_kick: int | None
+    cpu_parked: int | None
+    #: the pages_to_scan the advisor set at the end of the scan
+    pages_to_scan: int | None
+
+    def scan_times(self) -> range:
+        """The scan_time (s) scan_time_advisor() may have computed: it times
+        the scan from its first batch to its end, inside the measured
+        interval, in whole seconds truncated, 0 counted as 1."""
+        return range(1, max(1, int(self.seconds)) + 1)
+
+    def cpu_ns(self, previous: "AdvisorScan | None") -> tuple[int, int] | None:
+        """Bounds of the ksmd CPU time (ns) the advisor counted for this scan:
+        task_sched_runtime() at the scan's end, which lies between the last
+        kick and the parking, minus the same at the previous scan's end, or
+        minus 0 for the first scan after a reset (advisor_ctx zeroed), which
+        so counts all of ksmd's CPU time since boot.  None without schedstat."""
+        if self.cpu_last_kick is None or self.cpu_parked is None:
+            return None
+        if previous is None:
+            return self.cpu_last_kick, self.cpu_parked
+        if previous.cpu_last_kick is None or previous.cpu_parked is None:
+            return None
+        return (max(0, self.cpu_last_kick - previous.cpu_parked),
+                self.cpu_parked - previous.cpu_last_kick)
 
 
 class ScanStepper:
@@ -78,17 +117,26 @@ class ScanStepper:
         self._prune_msecs = 0
         self._last_batch_end = 0.0
         self._clock_start = 0.0
+        #: the scan-time advisor owns pages_to_scan (hold_advisor)
+        self._advisor = False
+        #: what was measured around each full scan since hold_advisor()
+        self.advisor_scans: list[AdvisorScan] = []
+        #: called after each of the advisor's scans with (where, this scan,
+        #: the previous one or None); the host backend checks there that the
+        #: measured inputs leave the advisor only the modelled outcome
+        self.advisor_check: Callable[[str, AdvisorScan, AdvisorScan | None], None] | None = None
 
     # -- setup ---------------------------------------------------------------
     def prepare(self) -> None:
         """Take control of ksmd: stepping tunables set, ksmd parked."""
         self.sysfs.require()
         self.ksmd_pid = self.procfs.find_kthread("ksmd")
-        if self.sysfs.tunable("advisor_mode") not in (None, "none"):
-            # 6.8+: with advisor_mode=scan-time, pages_to_scan is the
-            # advisor's and writing it fails with -EINVAL.
-            self.changes.set("advisor_mode", "none")
-        self.changes.set("pages_to_scan", PAGES_TO_SCAN)
+        if not self._advisor:
+            if self.sysfs.tunable("advisor_mode") not in (None, "none"):
+                # 6.8+: with advisor_mode=scan-time, pages_to_scan is the
+                # advisor's and writing it fails with -EINVAL.
+                self.changes.set("advisor_mode", "none")
+            self.changes.set("pages_to_scan", PAGES_TO_SCAN)
         if self.sysfs.has("stable_node_chains_prune_millisecs"):
             # 0 unless a scenario holds another value (hold_prune_clock), which
             # a re-prepare after an error must not lose
@@ -182,6 +230,11 @@ class ScanStepper:
             self.prepare()
         number = self.scans_done + 1
         where = f"{label} scan {number}" if label else f"scan {number}"
+        if self._advisor:
+            self._advisor_scan(where, pages_hint)
+            self.scans_done += 1
+            self._mid_scan = False
+            return
         before = self.full_scans()
         self._drain_if_resuming()
         started = self._before_batch()
@@ -212,19 +265,14 @@ class ScanStepper:
         if self.ksmd_pid is None:
             raise WaitTimeout(f"{where}: ksmd has no /proc entry here, so the end of a "
                               "partial batch cannot be seen")
+        if self._advisor:
+            raise WaitTimeout(f"{where}: pages_to_scan belongs to the scan-time advisor",
+                              hint="a scenario with advisor_mode = \"scan-time\" scans whole scans")
         before = self.full_scans()
-        switches = self.procfs.voluntary_switches(self.ksmd_pid)
         self.changes.set("pages_to_scan", pages)
         self._drain_if_resuming()
         started = self._before_batch()
-        self.changes.set("run", 1)
-        # asleep (S: ksm_iter_wait; sleeps inside a batch are D) after going to
-        # sleep at least once since the kick: the batch is over
-        wait_until(lambda: self._ksmd_asleep()
-                   and (self.procfs.voluntary_switches(self.ksmd_pid) or 0) > (switches or 0),
-                   timeout=self._timeout(pages_hint),
-                   what=f"{where}: ksmd (pid {self.ksmd_pid}) to run one batch and sleep",
-                   hint="is another program changing /sys/kernel/mm/ksm?")
+        self._run_batch(where, pages_hint)
         self._after_batch(started, where)
         self._park(where)
         self.changes.set("pages_to_scan", PAGES_TO_SCAN)
@@ -234,6 +282,85 @@ class ScanStepper:
                               hint="something else woke ksmd; is another tool driving KSM?")
         self.scans_done += grew
         self._mid_scan = grew == 0
+
+    def _run_batch(self, where: str, pages_hint: int) -> None:
+        """Kick a parked ksmd (run=1) and wait until its batch is over: asleep
+        (S: ksm_iter_wait; the sleeps inside a batch are D) after going to
+        sleep at least once since the kick."""
+        switches = self.procfs.voluntary_switches(self.ksmd_pid)
+        self.changes.set("run", 1)
+        wait_until(lambda: self._ksmd_asleep()
+                   and (self.procfs.voluntary_switches(self.ksmd_pid) or 0) > (switches or 0),
+                   timeout=self._timeout(pages_hint),
+                   what=f"{where}: ksmd (pid {self.ksmd_pid}) to run one batch and sleep",
+                   hint="is another program changing /sys/kernel/mm/ksm?")
+
+    # -- the scan-time advisor (6.8) -------------------------------------------------
+    def hold_advisor(self, knobs: dict[str, int]) -> None:
+        """Turn the scan-time advisor on for a scenario, freshly reset: the
+        ``advisor_*`` knobs first, then advisor_mode none -> scan-time, whose
+        set_advisor_defaults() zeroes the advisor's context and sets
+        pages_to_scan to advisor_min_pages_to_scan (4e5fa4f5eff6).  All
+        through the undo stack, which restores advisor_mode before
+        pages_to_scan (tunables.restore_values)."""
+        if self.ksmd_pid is None:
+            raise WaitTimeout("the scan-time advisor: ksmd has no /proc entry here, so the "
+                              "end of its batches cannot be seen")
+        for name, value in knobs.items():
+            self.changes.set(name, value)
+        self.changes.set("advisor_mode", "none")
+        self.changes.set("advisor_mode", "scan-time")
+        self._advisor = True
+        self.advisor_scans = []
+
+    def release_advisor(self) -> None:
+        """advisor_mode=none (set_advisor_defaults() puts pages_to_scan to
+        100), then stepping's own pages_to_scan again."""
+        if self.sysfs.tunable("advisor_mode") not in (None, "none"):
+            self.changes.set("advisor_mode", "none")
+        if self.sysfs.has("advisor_mode"):
+            self.changes.set("pages_to_scan", PAGES_TO_SCAN)
+        self._advisor = False
+
+    def _advisor_scan(self, where: str, pages_hint: int) -> None:
+        """One full scan while the advisor owns pages_to_scan: batches of the
+        advisor's size, each kicked from parked and parked again, until
+        full_scans grows.  Nothing runs between them, so every counter after
+        the scan is what one big batch gives (docs/stepping.md, "The
+        advisor").  Records what bounds the advisor's two inputs."""
+        before = self.full_scans()
+        pid = self.ksmd_pid
+        deadline = time.monotonic() + self._timeout(pages_hint)
+        first_cpu = self.procfs.sched_runtime(pid)
+        started = time.monotonic()
+        batches = 0
+        while True:
+            kick_cpu = first_cpu if batches == 0 else self.procfs.sched_runtime(pid)
+            self._run_batch(f"{where} batch {batches + 1}", pages_hint)
+            batches += 1
+            grew = self.full_scans() - before
+            ended = time.monotonic()
+            self._park(where)
+            if grew:
+                break
+            if time.monotonic() > deadline:
+                raise WaitTimeout(f"{where}: ksmd ran {batches} batches of "
+                                  f"{self.sysfs.tunable('pages_to_scan')} pages without "
+                                  "completing a full scan",
+                                  hint="raise KSMBENCH_TIME_SCALE on a slow machine")
+        self._after_batch(started, where)  # the "never" prune clock's check (per-batch is refused)
+        after = self.full_scans()
+        if after != before + 1:
+            raise WaitTimeout(f"{where}: ksmd ran {after - before} full scans instead of 1",
+                              hint="something else woke ksmd; is another tool driving KSM?")
+        record = AdvisorScan(batches=batches, seconds=ended - started,
+                             cpu_first_kick=first_cpu, cpu_last_kick=kick_cpu,
+                             cpu_parked=self.procfs.sched_runtime(pid),
+                             pages_to_scan=self.sysfs.read_int("pages_to_scan"))
+        previous = self.advisor_scans[-1] if self.advisor_scans else None
+        self.advisor_scans.append(record)
+        if self.advisor_check is not None:
+            self.advisor_check(where, record, previous)
 
     def unmerge_all(self) -> None:
         """``echo 2 > run``: unshare everything, drop all rmap items (synchronous)."""

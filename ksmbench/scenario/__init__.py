@@ -77,8 +77,12 @@ LTP_SET = "ltp"
 #: (``ksmbench run numa``): not applicable on a one-node kernel, so kept out
 #: of the suite; a guest boots with as many nodes as they need
 NUMA_SET = "numa"
+#: the named set of scan-time advisor scenarios whose later scans are exact
+#: only where ksmd uses under 10 ms of CPU per scan (this host; not a TCG
+#: guest): ``ksmbench run advisor``.  The suite has advisor-batches, exact anywhere
+ADVISOR_SET = "advisor"
 #: named sets: a package-data directory each, run by name
-NAMED_SETS = (LTP_SET, NUMA_SET)
+NAMED_SETS = (LTP_SET, NUMA_SET, ADVISOR_SET)
 
 
 def named_set_dir(name: str) -> Path:
@@ -92,7 +96,7 @@ def ltp_set_dir() -> Path:
 def scenario_sources(arg: str) -> list[Path | str]:
     """What one scenario argument names: scenario files (a directory's
     ``*.toml`` in name order, or the file itself), a built-in name, or a
-    named set (``ltp``, ``numa``)."""
+    named set (``ltp``, ``numa``, ``advisor``)."""
     if arg in NAMED_SETS and not Path(arg).exists():
         return sorted(named_set_dir(arg).glob("*.toml"))
     path = Path(arg)

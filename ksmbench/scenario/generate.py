@@ -48,6 +48,13 @@ _SET_WEIGHTS = {"use_zero_pages": 3, "max_page_sharing": 3, "smart_scan": 2,
 _MAX_PAGE_SHARING = (2, 3, 4, 5, 8, 256)
 #: how often a candidate step is drawn again when the model refuses it
 _DRAWS = 8
+#: the share of random scenarios with the scan-time advisor (6.8).  Its knobs
+#: come from a second generator seeded apart, so the scenarios of every other
+#: seed stay what they were; advisor_max_pages_to_scan <= 10 makes its
+#: outcome exact on any machine (the 10% CPU floor is at least 10 pages:
+#: docs/stepping.md "The advisor"), and advisor_min_pages_to_scan sets the
+#: first scan's batches
+ADVISOR_SHARE = 0.12
 
 
 def _forks_zero_pages_out(world: m.World, step: m.Step, zero_pages_seen: bool) -> bool:
@@ -96,6 +103,13 @@ def random_scenario(seed: int, *, max_steps: int = 18, max_pages: int = 48,
         ksm["stable_node_chains_prune_millisecs"] = m.PRUNE_NEVER_MS
     if numa_nodes > 1 and rng.random() < 0.5:
         ksm["merge_across_nodes"] = False
+    knobs = random.Random(f"advisor-{seed}")
+    advisor = knobs.random() < ADVISOR_SHARE
+    if advisor:
+        ksm.update(advisor_mode="scan-time", advisor_min_pages_to_scan=knobs.randint(1, 40),
+                   advisor_max_pages_to_scan=knobs.randint(1, 10),
+                   advisor_max_cpu=knobs.choice((0, 5, 20, 70)),
+                   advisor_target_scan_time=knobs.choice((1, 2, 200)))
     region_counter = 0
     zero_pages_seen = bool(ksm.get("use_zero_pages"))
 
@@ -215,7 +229,11 @@ def random_scenario(seed: int, *, max_steps: int = 18, max_pages: int = 48,
             add(cls, at, merge=rng.random() < 0.6)
         elif op == "scan":
             if rng.random() < 0.25:  # one partial batch, up to about two full scans
-                add(cls, at, pages=rng.randint(1, 2 * max_pages))
+                pages = rng.randint(1, 2 * max_pages)
+                if advisor:  # pages_to_scan is the advisor's: whole scans only
+                    add(cls, at, count=1)
+                else:
+                    add(cls, at, pages=pages)
             else:
                 add(cls, at, count=rng.choice((1, 1, 2, 2, 3, 4)))
         elif op == "set":
@@ -296,7 +314,8 @@ def _candidates(scenario: m.Scenario) -> Iterator[tuple[list[m.Step], m.KsmSetti
         for alt in simpler:
             yield steps[:i] + alt + steps[i + len(alt):], ksm
     for f in dataclasses.fields(ksm):
-        if getattr(ksm, f.name) != f.default:
+        if getattr(ksm, f.name) != f.default and f.name != "advisor_max_pages_to_scan":
+            # (the advisor's cap stays: above 10 its outcome may depend on timing)
             yield steps, dataclasses.replace(ksm, **{f.name: f.default})
 
 

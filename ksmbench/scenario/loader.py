@@ -82,6 +82,12 @@ def scenario_from_dict(data: dict[str, Any], *, source: str = "<dict>") -> m.Sce
         raise ScenarioError(source, "no steps: add at least one [[step]] table", field="step")
     validator = _StepValidator(source)
     steps = tuple(validator.step(i, raw) for i, raw in enumerate(raw_steps))
+    if ksm.advisor:
+        for step in steps:
+            if isinstance(step, m.Scan) and step.pages is not None:
+                raise ScenarioError(source, "a partial batch writes pages_to_scan, which belongs "
+                                    "to the advisor (advisor_mode = \"scan-time\"): use "
+                                    "count = N", step=step.index, field="pages")
     return m.Scenario(name=name, description=description, ksm=ksm, steps=steps,
                       source=source, region_pages=dict(validator.all_regions))
 
@@ -117,6 +123,15 @@ def _parse_ksm(raw: Any, source: str) -> m.KsmSettings:
         raise ScenarioError(source, f"{prune} ms has no deterministic model: use 0 (prune on "
                             f"every walk), {low}..{high} (at most once per ksmd batch) or at "
                             f"least {m.PRUNE_NEVER_MS} (never within a scenario)",
+                            field="ksm.stable_node_chains_prune_millisecs")
+    mode = values.get("advisor_mode", "none")
+    if mode not in m.ADVISOR_MODES:
+        raise ScenarioError(source, f"must be one of {', '.join(map(repr, m.ADVISOR_MODES))}, "
+                            f"got {mode!r}", field="ksm.advisor_mode")
+    if mode == "scan-time" and m.prune_regime(prune) == "per-batch":
+        raise ScenarioError(source, "the per-batch prune clock waits before every ksmd batch, "
+                            "which would make the advisor's scans take seconds: use 0 or at "
+                            f"least {m.PRUNE_NEVER_MS} with advisor_mode = \"scan-time\"",
                             field="ksm.stable_node_chains_prune_millisecs")
     return m.KsmSettings(**values)
 
@@ -273,7 +288,7 @@ class _StepValidator:
         if not isinstance(tunable, str):
             raise self.fail(index, f"must be a tunable name, got {tunable!r}", key)
         why = m.SET_REFUSED.get(tunable) or (
-            "is the 6.8 advisor's, which stepping keeps off" if tunable.startswith("advisor_")
+            "is held for the whole scenario: set it in [ksm]" if tunable.startswith("advisor_")
             else None)
         if why:
             raise self.fail(index, f"tunable '{tunable}' cannot be set by a step: it {why}", key)

@@ -140,6 +140,33 @@ class KsmSettings:
     #: stepping always did); see ``prune_regime`` and docs/stepping.md for
     #: the other values the modelled prune clock accepts
     stable_node_chains_prune_millisecs: int = 0
+    #: the scan-time advisor (6.8, 4e5fa4f5eff6 and 66790e9a735b): "none", or
+    #: "scan-time", which hands pages_to_scan to the advisor for the whole
+    #: scenario (ksmbench.emulator.advisor; docs/stepping.md "The advisor").
+    #: The advisor_* values are written before advisor_mode, whose switch
+    #: from none sets pages_to_scan to advisor_min_pages_to_scan
+    advisor_mode: str = "none"
+    advisor_max_cpu: int = setting(70, minimum=0,
+                                   why="advisor_max_cpu_store() takes an unsigned number")
+    advisor_min_pages_to_scan: int = setting(
+        500, minimum=1, why="ksmd would scan no page per batch and never finish a scan")
+    advisor_max_pages_to_scan: int = setting(
+        30000, minimum=1, why="ksmd would scan no page per batch and never finish a scan")
+    advisor_target_scan_time: int = setting(200, minimum=1,
+                                            why="advisor_target_scan_time_store() refuses 0")
+
+    @property
+    def advisor(self) -> bool:
+        return self.advisor_mode == "scan-time"
+
+
+#: advisor_mode values a scenario may hold (advisor_mode_store())
+ADVISOR_MODES = ("none", "scan-time")
+#: the advisor's knobs (66790e9a735b), written before advisor_mode
+ADVISOR_KNOBS = ("advisor_max_cpu", "advisor_min_pages_to_scan", "advisor_max_pages_to_scan",
+                 "advisor_target_scan_time")
+#: the one feature (kernel.features, emulator profile flag) the advisor needs
+ADVISOR_FEATURE = ("advisor", "the KSM scan-time advisor (6.8)")
 
 
 # -- processes and regions, as steps change them ------------------------------------
@@ -473,7 +500,7 @@ SET_REFUSED: dict[str, str] = {
     "sleep_millisecs": "is owned by the scan stepper, which parks ksmd with it",
     "run": "is owned by the scan stepper (use op = \"unmerge_all\" for run=2)",
     "stable_node_chains_prune_millisecs": "is held for the whole scenario: set it in [ksm]",
-    "advisor_mode": "would hand pages_to_scan to the 6.8 advisor and break stepping",
+    "advisor_mode": "is held for the whole scenario: set it in [ksm] (advisor_mode = \"scan-time\")",
 }
 
 
