@@ -25,7 +25,7 @@ IDENT_RE = re.compile(r"[A-Za-z0-9_-]+\Z")
 
 #: the ``[ksm]`` tunables and their types (from the defaults of KsmSettings)
 _KSM_FIELDS: dict[str, type] = {f.name: type(f.default) for f in dataclasses.fields(m.KsmSettings)}
-_TOP_FIELDS = {"name", "description", "ksm", "step"}
+_TOP_FIELDS = {"name", "description", "swap", "ksm", "step"}
 MAX_REGION_PAGES = m.MAX_REGION_PAGES
 #: how an expected value says "the kernel must not provide this counter"
 ABSENT_WORDS = ("none", "absent", "null")
@@ -72,6 +72,9 @@ def scenario_from_dict(data: dict[str, Any], *, source: str = "<dict>") -> m.Sce
     description = data.get("description", "")
     if not isinstance(description, str):
         raise ScenarioError(source, "must be a string", field="description")
+    swap = data.get("swap", False)
+    if not isinstance(swap, bool):
+        raise ScenarioError(source, "must be true or false", field="swap")
     ksm = _parse_ksm(data.get("ksm", {}), source)
     raw_steps = data.get("step")
     if raw_steps is None:
@@ -82,7 +85,7 @@ def scenario_from_dict(data: dict[str, Any], *, source: str = "<dict>") -> m.Sce
         raise ScenarioError(source, "no steps: add at least one [[step]] table", field="step")
     validator = _StepValidator(source)
     steps = tuple(validator.step(i, raw) for i, raw in enumerate(raw_steps))
-    return m.Scenario(name=name, description=description, ksm=ksm, steps=steps,
+    return m.Scenario(name=name, description=description, ksm=ksm, steps=steps, swap=swap,
                       source=source, region_pages=dict(validator.all_regions))
 
 

@@ -649,6 +649,11 @@ class Scenario:
     description: str
     ksm: KsmSettings
     steps: tuple[AnyStep, ...]
+    #: top-level ``swap = true``: the scenario runs with a swap device, so
+    #: ``madvise pageout`` swaps anonymous pages out (README "Swap"); a
+    #: machine without one reports it not applicable.  False (v1 files): it
+    #: runs without swap, as it always did
+    swap: bool = False
     #: where it was loaded from (a path, or "<suite>/name.toml"), for messages
     source: str = "<memory>"
     #: region sizes in pages, by (proc, region), as known after validation

@@ -1,0 +1,85 @@
+"""Swap for scenarios that ask for it (top-level ``swap = true``).
+
+ksmbench never adds swap to the machine it runs on.  A guest it boots (the
+VM backend) gets a zram device: ``zram`` is a module of every Debian kernel
+(CONFIG_ZRAM=m) and lives only in the guest's RAM.  The guest prepares it
+once (:meth:`ZramSwap.prepare`: modprobe, size, mkswap) and the host backend
+in the guest turns it on for each scenario with ``swap = true`` and off again
+afterwards, so that every other scenario runs without swap, as the emulator
+models it.
+
+zram is a synchronous block device (SWP_SYNCHRONOUS_IO): a page reclaimed by
+MADV_PAGEOUT is written and freed within the madvise call, and a swap entry
+referenced once is read back without going through the swap cache
+(do_swap_page()), so what a scenario observes does not depend on I/O timing.
+"""
+
+from __future__ import annotations
+
+import subprocess
+from pathlib import Path
+
+from ..errors import KsmbenchError, os_boundary
+
+#: the environment variable through which the VM backend's guest tells the
+#: host backend which swap device it may turn on (set by guest_events)
+SWAP_DEVICE_ENV = "KSMBENCH_SWAP_DEVICE"
+#: the zram device's size: far more than any built-in scenario swaps out
+#: (zram allocates only for what is written)
+ZRAM_BYTES = 256 << 20
+
+
+def active_swaps(proc_root: str = "/proc") -> list[str]:
+    """The swap areas in use (/proc/swaps, without its header line)."""
+    with os_boundary(f"reading {proc_root}/swaps"):
+        lines = Path(proc_root, "swaps").read_text().splitlines()
+    return [line.split()[0] for line in lines[1:] if line.strip()]
+
+
+def _run(argv: list[str], what: str) -> None:
+    try:
+        proc = subprocess.run(argv, capture_output=True, text=True, timeout=120)
+    except FileNotFoundError:
+        raise KsmbenchError(f"{what}: {argv[0]} is not installed",
+                            hint="install util-linux and kmod") from None
+    except subprocess.TimeoutExpired:
+        raise KsmbenchError(f"{what}: {argv[0]} did not finish within 120 s") from None
+    if proc.returncode != 0:
+        tail = (proc.stderr or proc.stdout).strip().splitlines()[-1:] or ["no output"]
+        raise KsmbenchError(f"{what} failed (exit {proc.returncode}): {tail[0]}")
+
+
+class ZramSwap:
+    """One zram device used as swap, in a guest only."""
+
+    def __init__(self, device: str = "/dev/zram0"):
+        self.device = device
+        self.on = False
+
+    @property
+    def _sysfs(self) -> Path:
+        return Path("/sys/block") / Path(self.device).name
+
+    def prepare(self) -> None:
+        """Load zram, size the device and write a swap signature on it."""
+        if not self._sysfs.exists():
+            _run(["modprobe", "zram", "num_devices=1"], "loading the zram module")
+        with os_boundary(f"setting up {self.device}"):
+            try:
+                # lzo-rle is built into every Debian kernel (CONFIG_CRYPTO_LZO=y);
+                # the default lz4 is a module there
+                (self._sysfs / "comp_algorithm").write_text("lzo-rle\n")
+            except OSError:
+                pass  # keep the kernel's default
+            (self._sysfs / "disksize").write_text(f"{ZRAM_BYTES}\n")
+        _run(["mkswap", self.device], f"mkswap {self.device}")
+
+    def swapon(self) -> None:
+        _run(["swapon", self.device], f"swapon {self.device}")
+        self.on = True
+
+    def swapoff(self) -> None:
+        """Off again: every page still swapped out is read back first."""
+        if self.on:
+            self.on = False
+            _run(["swapoff", self.device], f"swapoff {self.device}")
