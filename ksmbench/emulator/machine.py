@@ -599,6 +599,13 @@ class Ksm:
             pte = seg.pte[first:end]
             frames = pte[pte > 0]
             once = frames[fr.mapcount[frames] == 1]
+            if self.frame_slot:
+                # a folio in the swap cache is made lazy-free only if
+                # folio_free_swap() can drop its swap entry (no other PTE holds it)
+                once = np.asarray([f for f in once.tolist() if not self._cached_for_others(f)],
+                                  dtype=np.int64)
+                for f in once.tolist():
+                    self._uncache(f)
             fr.lazy[once] = fr.node[once]
             # ... and a swap entry is dropped (free_swap_and_cache(),
             # pte_clear_not_present_full()): the page reads back empty
