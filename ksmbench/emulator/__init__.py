@@ -18,9 +18,10 @@ shown in the README) get no prediction, and every comparison excuses exactly
 those; a cell where only one side has a value is otherwise a mismatch.
 Outside the scenario format:
 
-* merge_across_nodes=0 / several NUMA nodes, the 6.8 advisor, partial
-  batches (a scan step is always whole full scans), swap, migration,
-  compaction, races (e.g. 6.6-6.9's non-atomic ksm_zero_pages).
+* merge_across_nodes=0 / several NUMA nodes, the 6.8 advisor, reclaim the
+  kernel starts itself (kswapd, direct reclaim, memory cgroup limits; swap
+  through MADV_PAGEOUT is modelled), migration, compaction, races (e.g.
+  6.6-6.9's non-atomic ksm_zero_pages).
 """
 
 from __future__ import annotations
