@@ -203,3 +203,36 @@ def test_a_ksm_page_mapped_once_is_swapped_and_its_stable_node_goes(profile):
         == (1, 2)
     assert (last(points, 6)["global.pages_shared"], last(points, 6)["global.pages_sharing"]) \
         == (0, 0)
+
+
+# -- op "reclaim" ---------------------------------------------------------------------------------
+
+def test_reclaim_needs_swap_and_a_guest(fake_proc, monkeypatch):
+    with pytest.raises(ScenarioError) as info:
+        scen([mmap(4), step("reclaim")], swap=None)
+    assert "swap = true" in str(info.value) and "step 1" in str(info.value)
+    _swaps(fake_proc, "/dev/sda2")  # even with the machine's own swap: no cgroup made there
+    session = _session(fake_proc, monkeypatch)
+    with pytest.raises(NotApplicable) as na:
+        session.check_applicable(scen([mmap(4), step("reclaim")]))
+    assert "guest" in str(na.value)
+
+
+@pytest.mark.parametrize("profile", PROFILES)
+def test_reclaim_swaps_out_a_shared_ksm_page_and_it_comes_back_as_one_folio(profile):
+    # 4 PTEs on one KSM page: every PTE becomes the same swap entry (count 4);
+    # the first read fault leaves the folio in the swap cache, the other three
+    # map it: one folio, mapped 4 times, not a KSM page, never merged with itself
+    steps = [mmap(6), MERGEABLE, step("fill", (0, 4), region="a", pattern="tag:r"),
+             step("read", (4, 6), region="a"), step("scan", count=2), step("reclaim"),
+             step("scan", count=1), step("read", region="a"), step("scan", count=2)]
+    points = predict(scen(steps), profile)
+    gone = last(points, 5)
+    assert gone["region.main.a.present"] == 2 and gone["region.main.a.zero_pfn"] == 2
+    assert (gone["global.pages_shared"], gone["global.pages_sharing"]) == (1, 3)
+    assert (last(points, 6)["global.pages_shared"], last(points, 6)["global.pages_sharing"]) \
+        == (0, 0)
+    back = last(points, 8)
+    assert back["region.main.a.present"] == 6 and back["region.main.a.distinct_frames"] == 1
+    assert (back["global.pages_shared"], back["global.pages_sharing"],
+            back["global.pages_unshared"]) == (0, 0, 1)

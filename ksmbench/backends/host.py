@@ -189,6 +189,9 @@ class HostSession:
 
         device = os.environ.get(SWAP_DEVICE_ENV)
         self.swap: ZramSwap | None = ZramSwap(device) if device else None
+        #: the memory cgroup of a scenario with op "reclaim" (guests only)
+        self.cgroup = None
+        self._cgroups_made = 0
         self.tunables_before: dict[str, str] = {}
         self.tunables_after: dict[str, str] = {}
         self._stack = ExitStack()
@@ -251,6 +254,9 @@ class HostSession:
                 agent.kill()
             self.agents.clear()
             reap_orphans()
+            if self.cgroup is not None:
+                cgroup, self.cgroup = self.cgroup, None
+                cgroup.remove()
             if self.swap is not None:
                 self.swap.swapoff()  # the scenario's processes are gone: nothing to read back
 
@@ -301,6 +307,9 @@ class HostSession:
     def check_applicable(self, scenario: m.Scenario) -> None:
         """Refuse scenarios that need an interface this kernel lacks."""
         self._check_swap(scenario)
+        if self.swap is None and any(isinstance(s, m.Reclaim) for s in scenario.steps):
+            raise NotApplicable("op 'reclaim' runs only in a guest ksmbench boots (it puts "
+                                "the scenario's processes in a memory cgroup of their own)")
         needed = {step.requires for step in scenario.steps if step.requires is not None}
         if needed:
             from ..kernel.features import detect
@@ -335,6 +344,12 @@ class HostSession:
         yield ObservationPoint(BASELINE_STEP, BASELINE, None,
                                {global_metric(n): self.sysfs.read_int(n) for n in GLOBAL_LEVELS})
         self.agents[m.MAIN] = self.new_agent(m.MAIN)
+        if any(isinstance(s, m.Reclaim) for s in scenario.steps):
+            from ..kernel.swap import ReclaimCgroup
+
+            self._cgroups_made += 1
+            self.cgroup = ReclaimCgroup.create(f"{os.getpid()}-{self._cgroups_made}")
+            self.cgroup.add(self.agents[m.MAIN].pid)  # its forks are born there
         order = [m.MAIN]  # processes in creation order (for stable output)
         budget = _call_timeout(scenario)
 
@@ -387,6 +402,8 @@ class HostSession:
                 agent.run_step(step, scenario.name, timeout=budget)
             elif isinstance(step, m.UnmergeAll):
                 self.stepper.unmerge_all()
+            elif isinstance(step, m.Reclaim):
+                self.cgroup.reclaim()
             elif isinstance(step, m.Fork):
                 child = AgentHandle.fork_from(agent, step.child, op="fork", timeout=budget)
                 self.agents[step.child] = child

@@ -71,6 +71,8 @@ class ScenarioRun:
             k.prctl(k.mms[step.proc], step.merge)
         elif isinstance(step, m.UnmergeAll):
             k.unmerge_all()
+        elif isinstance(step, m.Reclaim):
+            k.reclaim_all()
         elif isinstance(step, m.Fork):
             k.fork(k.mms[step.proc], step.child)
         elif isinstance(step, m.Exit):

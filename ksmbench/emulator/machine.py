@@ -150,6 +150,12 @@ class Segment:
         #: swap entries (scenarios with swap = true): the swap slot a
         #: non-present PTE holds (Ksm.slot_*), -1 where the PTE holds none
         self.swp = np.full(npages, -1, dtype=np.int64)
+        #: the anon_vma root of the region's VMA (its first segment; a fork's
+        #: copy and a moved region keep it) and the page offset of page 0
+        #: (vm_pgoff: a moved region keeps it): what ksm_might_need_to_copy()
+        #: compares with a swap-cache folio's anon_vma and index
+        self.av_root = self.sid
+        self.pgoff = start
         # VMA attributes per page (mprotect, MADV_DONTFORK/WIPEONFORK)
         self.prot = np.full(npages, PROT_RW, dtype=np.int8)
         self.dontcopy = np.zeros(npages, dtype=bool)
@@ -159,6 +165,7 @@ class Segment:
 
     def copy_for_fork(self, child: "MM") -> "Segment":
         seg = Segment(child, self.name, self.start, self.n, self.thp)
+        seg.av_root, seg.pgoff = self.av_root, self.pgoff  # anon_vma_fork(): same root
         # copy_page_range() skips VMAs without an anon_vma (their zero-page
         # PTEs from read faults are simply faulted again in the child)
         seg.pte[:] = np.where(self.anon, self.pte, -1)
@@ -343,6 +350,8 @@ class Ksm:
         self.slot_refs: list[int] = []
         self.slot_cache: list[int] = []
         self.frame_slot: dict[int, int] = {}
+        #: (anon_vma root, page index) a swap-cache folio was first mapped at
+        self.frame_rmap: dict[int, tuple[int, int]] = {}
 
     # -- helpers ---------------------------------------------------------------------
     def stale(self, node: SNode) -> bool:
@@ -488,6 +497,40 @@ class Ksm:
             seg.swp[i] = slot
             seg.pte[i] = -1
 
+    def reclaim_all(self) -> None:
+        """op "reclaim": memory.reclaim on the scenario's cgroup until nothing
+        more can go.  shrink_folio_list() takes every folio on the LRU, however
+        many PTEs map it: try_to_unmap() (rmap_walk_ksm() for a KSM page)
+        turns each PTE into the same swap entry, and the folio is freed, so
+        a KSM page's stable node goes stale.  A clean lazy-free folio is
+        discarded; a folio already in the swap cache keeps its slot; the
+        zero page is on no LRU and stays."""
+        fr = self.frames
+        slot_of: dict[int, int] = {}
+        for mm in self.mms.values():
+            if not mm.alive:
+                continue
+            for seg in mm.regions.values():
+                idx = np.flatnonzero(seg.pte > 0)
+                fr.unmap(seg.pte[idx])
+                for i in idx.tolist():
+                    frame = int(seg.pte[i])
+                    slot = slot_of.get(frame)
+                    if slot is None:
+                        lazy = fr.lazy[frame] != -2 and fr.lazy[frame] == fr.node[frame]
+                        slot = -1 if lazy else self.frame_slot.pop(frame, None)
+                        if slot is None:
+                            slot = self._new_slot(int(fr.content[frame]))
+                        if slot >= 0:
+                            self.slot_cache[slot] = -1
+                        slot_of[frame] = slot
+                    if slot >= 0:
+                        self.slot_refs[slot] += 1
+                        seg.swp[i] = slot
+                    seg.pte[i] = -1
+        for frame in list(self.frame_slot):
+            self._uncache(frame)  # unmapped folios in the swap cache are reclaimed too
+
     def _swap_in(self, seg: Segment, first: int, end: int) -> None:
         """do_swap_page() on every swap entry in [first, end).  On zram
         (SWP_SYNCHRONOUS_IO) an entry held by this PTE alone is read into a
@@ -501,13 +544,22 @@ class Ksm:
         for i in swapped.tolist():
             slot = int(seg.swp[i])
             frame = self.slot_cache[slot]
-            if frame >= 0:
+            here = (seg.av_root, seg.pgoff + i)
+            if frame >= 0 and self.frame_rmap.get(frame, here) == here:
                 fr.map(np.asarray([frame], dtype=np.int64))
+            elif frame >= 0:
+                # ksm_might_need_to_copy(): the swap-cache folio already has an
+                # anon_vma and an index, and this PTE is at another index or
+                # under another anon_vma root (the entry was a KSM page's,
+                # mapped at several addresses; PageKsm was lost at swap-out):
+                # the fault gets a copy, and the folio stays in the swap cache
+                frame = int(fr.alloc(np.asarray([fr.content[frame]], dtype=np.int64))[0])
             else:
                 frame = int(fr.alloc(np.asarray([self.slot_content[slot]], dtype=np.int64))[0])
                 if self.slot_refs[slot] > 1:
                     self.slot_cache[slot] = frame
                     self.frame_slot[frame] = slot
+                    self.frame_rmap[frame] = here
             seg.pte[i] = frame
             seg.swp[i] = -1
             self._put_slot(slot)
@@ -685,6 +737,7 @@ class Ksm:
         if seg.merge[0] and seg.anon[0]:
             self._unshare(seg, 0, keep)
         new = Segment(mm, region, mm.next_addr, pages, seg.thp)
+        new.av_root, new.pgoff = seg.av_root, seg.pgoff  # move_vma() keeps both
         mm.next_addr = new.start + pages + 1
         for name in ("pte", "zdirty", "merge", "anon", "prot", "dontcopy", "wipe", "swp"):
             src = getattr(seg, name)

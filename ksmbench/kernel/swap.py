@@ -83,3 +83,76 @@ class ZramSwap:
         if self.on:
             self.on = False
             _run(["swapoff", self.device], f"swapoff {self.device}")
+
+
+#: where the guest's cgroup v2 hierarchy is (mounted there if it is not yet)
+CGROUP_ROOT = Path("/sys/fs/cgroup")
+#: what op "reclaim" asks memory.reclaim for: far more than a scenario holds,
+#: so the kernel reclaims all it can and then answers EAGAIN
+RECLAIM_BYTES = 1 << 40
+
+
+class ReclaimCgroup:
+    """A memory cgroup holding one scenario's processes, for op ``reclaim``.
+
+    Only in a guest (next to its zram device): creating cgroups and enabling
+    the memory controller would change the machine ksmbench runs on.  The
+    scenario's first process is moved in before its first step; every process
+    it forks is born there.
+    """
+
+    def __init__(self, path: Path):
+        self.path = path
+
+    @classmethod
+    def create(cls, name: str, root: Path = CGROUP_ROOT) -> "ReclaimCgroup":
+        if not (root / "cgroup.controllers").exists():
+            root.mkdir(parents=True, exist_ok=True)
+            _run(["mount", "-t", "cgroup2", "cgroup2", str(root)], f"mounting cgroup2 on {root}")
+        with os_boundary(f"creating a memory cgroup under {root}"):
+            if "memory" not in (root / "cgroup.controllers").read_text().split():
+                raise KsmbenchError(f"the memory controller is not available in {root}",
+                                    hint="the kernel needs CONFIG_MEMCG")
+            if "memory" not in (root / "cgroup.subtree_control").read_text().split():
+                (root / "cgroup.subtree_control").write_text("+memory\n")
+            path = root / f"ksmbench-{name}"
+            path.mkdir()
+        return cls(path)
+
+    def add(self, pid: int) -> None:
+        with os_boundary(f"moving process {pid} into {self.path}"):
+            (self.path / "cgroup.procs").write_text(f"{pid}\n")
+
+    def reclaim(self) -> None:
+        """memory.reclaim (5.19+): reclaim until nothing more can be; the
+        write then fails with EAGAIN, which is the expected end."""
+        import errno
+        import os
+
+        fd = None
+        with os_boundary(f"writing {self.path}/memory.reclaim"):
+            fd = os.open(self.path / "memory.reclaim", os.O_WRONLY)
+            try:
+                os.write(fd, f"{RECLAIM_BYTES}\n".encode())
+            except OSError as exc:
+                if exc.errno != errno.EAGAIN:
+                    raise
+            finally:
+                os.close(fd)
+
+    def remove(self, timeout: float = 30.0) -> None:
+        """rmdir once its processes are gone (they were killed and reaped)."""
+        import time
+
+        deadline = time.monotonic() + timeout
+        while True:
+            try:
+                self.path.rmdir()
+                return
+            except FileNotFoundError:
+                return
+            except OSError as exc:
+                if time.monotonic() >= deadline:
+                    raise KsmbenchError(f"{self.path} still holds processes after "
+                                        f"{timeout:.0f} s: {exc.strerror}") from None
+                time.sleep(0.05)

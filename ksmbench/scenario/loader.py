@@ -85,6 +85,11 @@ def scenario_from_dict(data: dict[str, Any], *, source: str = "<dict>") -> m.Sce
         raise ScenarioError(source, "no steps: add at least one [[step]] table", field="step")
     validator = _StepValidator(source)
     steps = tuple(validator.step(i, raw) for i, raw in enumerate(raw_steps))
+    for step in steps:
+        if isinstance(step, m.Reclaim) and not swap:
+            raise ScenarioError(source, "op 'reclaim' needs swap = true at the top level "
+                                "(without swap nothing anonymous can be reclaimed)",
+                                step=step.index, field="op")
     return m.Scenario(name=name, description=description, ksm=ksm, steps=steps, swap=swap,
                       source=source, region_pages=dict(validator.all_regions))
 
