@@ -65,7 +65,7 @@ def test_swap_scenarios_in_a_zram_guest_match_the_emulator(tmp_path):
     assert "zram0" in (rundir.path / "debian_6.12" / "console.log").read_text(errors="replace")
     # op reclaim took the KSM page mapped 16 times, which MADV_PAGEOUT never does
     reclaimed = df[(df.scenario == "swap-reclaim-ksm") & (df.step == 6)]
-    observed = dict(zip(reclaimed.metric, reclaimed.observed.astype(int)))
+    observed = dict(zip(reclaimed.metric, reclaimed.observed))
     assert observed["region.main.a.present"] == 8 and observed["region.main.a.zero_pfn"] == 8
 
 
