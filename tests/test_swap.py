@@ -234,3 +234,23 @@ def test_a_ksm_pages_swap_entry_comes_back_as_one_copy_per_address(profile):
     # the rmap items kept the old checksum: the copies merge in the first scan
     end = last(points, 6)
     assert (end["global.pages_shared"], end["global.pages_sharing"]) == (1, 3)
+
+
+# -- random scenarios with swap (python -m ksmbench.compare.differential --swap) --------------
+
+def test_random_swap_scenarios_load_back_and_both_model_paths_agree():
+    from ksmbench.scenario.generate import random_scenario
+
+    reclaims = pageouts = 0
+    for seed in range(710000, 710020):
+        scenario = random_scenario(seed, swap=True)
+        assert scenario.swap
+        assert parse_scenario(to_toml(scenario), source=scenario.source) == scenario
+        reclaims += sum(s.op == "reclaim" for s in scenario.steps)
+        pageouts += sum(getattr(s, "advice", None) == "pageout" for s in scenario.steps)
+        for profile in ("linux-6.1", "linux-6.12.117"):
+            fast = [p.values for p in predict(scenario, profile)]
+            assert fast == [p.values for p in predict(scenario, profile, fast=False)], seed
+    assert reclaims >= 5 and pageouts >= 3
+    plain = random_scenario(710000)
+    assert not plain.swap and not any(s.op == "reclaim" for s in plain.steps)
