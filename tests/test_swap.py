@@ -254,3 +254,22 @@ def test_random_swap_scenarios_load_back_and_both_model_paths_agree():
     assert reclaims >= 5 and pageouts >= 3
     plain = random_scenario(710000)
     assert not plain.swap and not any(s.op == "reclaim" for s in plain.steps)
+
+
+def test_reclaim_needs_the_multigen_lru(fake_proc, monkeypatch, tmp_path):
+    from ksmbench.kernel import swap
+
+    switch = tmp_path / "enabled"
+    switch.write_text("0x0000\n")  # Debian 6.1's default
+    assert not swap.multigen_lru_on(switch)
+    switch.write_text("0x0007\n")
+    assert swap.multigen_lru_on(switch)
+    assert not swap.multigen_lru_on(tmp_path / "absent")  # no CONFIG_LRU_GEN
+    _swaps(fake_proc)
+    session = _session(fake_proc, monkeypatch, device="/dev/zram0")
+    monkeypatch.setattr(swap, "multigen_lru_on", lambda: False)
+    with pytest.raises(NotApplicable) as info:
+        session.check_applicable(scen([mmap(4), step("reclaim")]))
+    assert "multi-gen LRU" in str(info.value)
+    monkeypatch.setattr(swap, "multigen_lru_on", lambda: True)
+    session.check_applicable(scen([mmap(4), step("reclaim")]))

@@ -307,9 +307,18 @@ class HostSession:
     def check_applicable(self, scenario: m.Scenario) -> None:
         """Refuse scenarios that need an interface this kernel lacks."""
         self._check_swap(scenario)
-        if self.swap is None and any(isinstance(s, m.Reclaim) for s in scenario.steps):
-            raise NotApplicable("op 'reclaim' runs only in a guest ksmbench boots (it puts "
-                                "the scenario's processes in a memory cgroup of their own)")
+        if any(isinstance(s, m.Reclaim) for s in scenario.steps):
+            from ..kernel.swap import multigen_lru_on
+
+            if self.swap is None:
+                raise NotApplicable("op 'reclaim' runs only in a guest ksmbench boots (it puts "
+                                    "the scenario's processes in a memory cgroup of their own)")
+            if not multigen_lru_on():
+                # measured on Debian 6.1 with the classic LRU: pages just
+                # written through /proc/self/mem survived memory.reclaim
+                raise NotApplicable("op 'reclaim' needs the multi-gen LRU (CONFIG_LRU_GEN), "
+                                    "which this kernel lacks: with the classic LRU, "
+                                    "memory.reclaim leaves recently used pages behind")
         needed = {step.requires for step in scenario.steps if step.requires is not None}
         if needed:
             from ..kernel.features import detect

@@ -156,3 +156,25 @@ class ReclaimCgroup:
                     raise KsmbenchError(f"{self.path} still holds processes after "
                                         f"{timeout:.0f} s: {exc.strerror}") from None
                 time.sleep(0.05)
+
+
+#: the multi-gen LRU's switch (CONFIG_LRU_GEN, 6.1+): Debian 6.12 turns it on
+#: at boot (CONFIG_LRU_GEN_ENABLED=y), Debian 6.1 builds it but leaves it off
+LRU_GEN_ENABLED = Path("/sys/kernel/mm/lru_gen/enabled")
+
+
+def multigen_lru_on(path: Path = LRU_GEN_ENABLED) -> bool:
+    """Whether the multi-gen LRU is on (its enabled mask is not 0x0000)."""
+    try:
+        return int(path.read_text().strip(), 16) != 0
+    except (OSError, ValueError):
+        return False
+
+
+def enable_multigen_lru(path: Path = LRU_GEN_ENABLED) -> bool:
+    """Turn the multi-gen LRU on where the kernel has it (guests only: op
+    ``reclaim`` needs it, see README "Swap"); True when it is on afterwards."""
+    if path.exists() and not multigen_lru_on(path):
+        with os_boundary(f"writing {path}"):
+            path.write_text("y\n")
+    return multigen_lru_on(path)

@@ -11,7 +11,8 @@ ERROR.json as (kind, message, hint) for the host to re-raise; exit status 3.
 
 When a scenario asks for swap (``swap = true``), the guest first prepares a
 zram swap device (:mod:`ksmbench.kernel.swap`), which the host backend turns
-on for those scenarios only.
+on for those scenarios only.  When a scenario has op ``reclaim`` the guest
+also turns the multi-gen LRU on (Debian 6.1 builds it but leaves it off).
 """
 
 from __future__ import annotations
@@ -39,6 +40,12 @@ def main(argv: list[str]) -> int:
                 zram = ZramSwap()
                 zram.prepare()
                 os.environ[SWAP_DEVICE_ENV] = zram.device
+            from ...scenario.model import Reclaim
+
+            if any(isinstance(step, Reclaim) for s in scenarios for step in s.steps):
+                from ...kernel.swap import enable_multigen_lru
+
+                enable_multigen_lru()  # the host backend says n/a where it stays off
             for event in HostBackend(label).events(scenarios):
                 out.write(event_to_json(event) + "\n")
                 out.flush()
