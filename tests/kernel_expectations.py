@@ -64,6 +64,14 @@ def needs_prctl(scenarios) -> set[str]:
     return {s.name for s in scenarios if any(isinstance(step, m.Prctl) for step in s.steps)}
 
 
+def needs_swap(scenarios) -> set[str]:
+    """The scenarios a machine without swap in use reports n/a (``swap = true``);
+    a guest ksmbench boots has its own zram device for them."""
+    from ksmbench.kernel.swap import active_swaps
+
+    return set() if active_swaps() else {s.name for s in scenarios if s.swap}
+
+
 class Cells:
     """Observed values by (scenario, metric, step, scan).  Absolute global
     counters are read relative to the scenario's measured baseline, as the

@@ -33,7 +33,10 @@ REFERENCE = ROOT / "results" / "reference" / "20261201-133152-b920"
 #: the same eight kernels running scenarios added to the suite after REFERENCE
 #: was recorded (the VMA ops: mprotect, mremap, write_byte, the new madvise advices)
 SUPPLEMENTS = (ROOT / "results" / "reference" / "20261201-160351-2e72",
-               ROOT / "results" / "reference" / "20261201-162817-1f43")
+               ROOT / "results" / "reference" / "20261201-162817-1f43",
+               # the swap scenarios (swap = true: a zram guest) on debian:6.12 and 6.1
+               ROOT / "results" / "reference" / "20261201-184615-20c4",
+               ROOT / "results" / "reference" / "20261201-185408-d3f7")
 
 
 class Replay:

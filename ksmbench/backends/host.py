@@ -183,6 +183,15 @@ class HostSession:
         self.sentinel: AgentHandle | None = None
         self.agents: dict[str, AgentHandle] = {}
         self.repair_message: str | None = None
+        #: a swap device this session may turn on for ``swap = true``
+        #: scenarios (a guest's zram, named by the VM backend; never the host's)
+        from ..kernel.swap import SWAP_DEVICE_ENV, ZramSwap
+
+        device = os.environ.get(SWAP_DEVICE_ENV)
+        self.swap: ZramSwap | None = ZramSwap(device) if device else None
+        #: the memory cgroup of a scenario with op "reclaim" (guests only)
+        self.cgroup = None
+        self._cgroups_made = 0
         self.tunables_before: dict[str, str] = {}
         self.tunables_after: dict[str, str] = {}
         self._stack = ExitStack()
@@ -245,6 +254,11 @@ class HostSession:
                 agent.kill()
             self.agents.clear()
             reap_orphans()
+            if self.cgroup is not None:
+                cgroup, self.cgroup = self.cgroup, None
+                cgroup.remove()
+            if self.swap is not None:
+                self.swap.swapoff()  # the scenario's processes are gone: nothing to read back
 
     def _apply_settings(self, ksm: m.KsmSettings) -> None:
         self.changes.set("run", 2)
@@ -302,8 +316,37 @@ class HostSession:
         now = self.sysfs.read_int(step.tunable)
         return {SET_ERROR: error, tunable_metric(step.tunable): now}
 
+    def _check_swap(self, scenario: m.Scenario) -> None:
+        """``swap = true`` needs swap in use during the scenario; without it,
+        ``madvise pageout`` is modelled with no swap at all."""
+        from ..kernel.swap import active_swaps
+
+        active = active_swaps(str(self.procfs.root))
+        if scenario.swap and not active and self.swap is None:
+            raise NotApplicable("needs a swap device (swap = true), and this machine has none; "
+                                "ksmbench adds swap only to the guests it boots "
+                                "(--kernel debian:X.Y gets a zram device)")
+        if not scenario.swap and active and any(
+                isinstance(s, m.Madvise) and s.advice == "pageout" for s in scenario.steps):
+            raise NotApplicable(f"its madvise pageout steps are modelled without swap, and "
+                                f"swap is in use here ({', '.join(active)}); set swap = true "
+                                "to run it with swap")
+
     def check_applicable(self, scenario: m.Scenario) -> None:
         """Refuse scenarios that need an interface this kernel lacks."""
+        self._check_swap(scenario)
+        if any(isinstance(s, m.Reclaim) for s in scenario.steps):
+            from ..kernel.swap import multigen_lru_on
+
+            if self.swap is None:
+                raise NotApplicable("op 'reclaim' runs only in a guest ksmbench boots (it puts "
+                                    "the scenario's processes in a memory cgroup of their own)")
+            if not multigen_lru_on():
+                # measured on Debian 6.1 with the classic LRU: pages just
+                # written through /proc/self/mem survived memory.reclaim
+                raise NotApplicable("op 'reclaim' needs the multi-gen LRU (CONFIG_LRU_GEN), "
+                                    "which this kernel lacks: with the classic LRU, "
+                                    "memory.reclaim leaves recently used pages behind")
         needed = {step.requires for step in scenario.steps if step.requires is not None}
         if needed:
             from ..kernel.features import detect
@@ -347,6 +390,8 @@ class HostSession:
         self.check_applicable(scenario)
         self.policy.require_ksm_to_ourselves()
         self._apply_settings(scenario.ksm)
+        if scenario.swap and self.swap is not None:
+            self.swap.swapon()  # off again when the scenario ends (run())
         baseline = {name: self.sysfs.read_int(name) for name in GLOBAL_CUMULATIVE}
         scans_at_start = self.stepper.scans_done
         # where this scenario starts: KSM clean (run=2) and no scenario process
@@ -354,6 +399,12 @@ class HostSession:
         yield ObservationPoint(BASELINE_STEP, BASELINE, None,
                                {global_metric(n): self.sysfs.read_int(n) for n in GLOBAL_LEVELS})
         self.agents[m.MAIN] = self.new_agent(m.MAIN)
+        if any(isinstance(s, m.Reclaim) for s in scenario.steps):
+            from ..kernel.swap import ReclaimCgroup
+
+            self._cgroups_made += 1
+            self.cgroup = ReclaimCgroup.create(f"{os.getpid()}-{self._cgroups_made}")
+            self.cgroup.add(self.agents[m.MAIN].pid)  # its forks are born there
         order = [m.MAIN]  # processes in creation order (for stable output)
         budget = _call_timeout(scenario)
 
@@ -408,6 +459,8 @@ class HostSession:
                 agent.run_step(step, scenario.name, timeout=budget)
             elif isinstance(step, m.UnmergeAll):
                 self.stepper.unmerge_all()
+            elif isinstance(step, m.Reclaim):
+                self.cgroup.reclaim()
             elif isinstance(step, m.Fork):
                 child = AgentHandle.fork_from(agent, step.child, op="fork", timeout=budget)
                 self.agents[step.child] = child

@@ -20,9 +20,11 @@ Outside the scenario format:
 
 * the 6.8 advisor's inputs where they are not pinned (a scan of 2 s or
   more, or 10 ms of ksmd CPU: the host stops such a run; :mod:`.advisor`),
-  swap, migration (between NUMA nodes too: the trees per node of
-  merge_across_nodes=0 are modelled, moving pages is not),
-  compaction, races (e.g. 6.6-6.9's non-atomic ksm_zero_pages).
+  reclaim the kernel starts itself (kswapd, direct reclaim, memory cgroup
+  limits; swap through MADV_PAGEOUT and memory.reclaim is modelled),
+  migration (between NUMA nodes too: the trees per node of
+  merge_across_nodes=0 are modelled, moving pages is not), compaction, races
+  (e.g. 6.6-6.9's non-atomic ksm_zero_pages).
 """
 
 from __future__ import annotations

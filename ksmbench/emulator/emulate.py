@@ -30,7 +30,8 @@ def settings_for(scenario: m.Scenario) -> Settings:
     k = scenario.ksm
     return Settings(use_zero_pages=k.use_zero_pages, max_page_sharing=k.max_page_sharing,
                     smart_scan=k.smart_scan, merge_across_nodes=k.merge_across_nodes,
-                    prune=m.prune_regime(k.stable_node_chains_prune_millisecs) or "always")
+                    prune=m.prune_regime(k.stable_node_chains_prune_millisecs) or "always",
+                    swap=scenario.swap)
 
 
 class ScenarioRun:
@@ -84,6 +85,8 @@ class ScenarioRun:
             k.prctl(k.mms[step.proc], step.merge)
         elif isinstance(step, m.UnmergeAll):
             k.unmerge_all()
+        elif isinstance(step, m.Reclaim):
+            k.reclaim_all()
         elif isinstance(step, m.Fork):
             k.fork(k.mms[step.proc], step.child)
         elif isinstance(step, m.Exit):

@@ -157,6 +157,15 @@ class Segment:
         # are never reused, so "the PTE still maps wp_frame" is "the bit is set"
         self.uffd = np.zeros(npages, dtype=bool)
         self.wp_frame = np.full(npages, -1, dtype=np.int64)
+        #: swap entries (scenarios with swap = true): the swap slot a
+        #: non-present PTE holds (Ksm.slot_*), -1 where the PTE holds none
+        self.swp = np.full(npages, -1, dtype=np.int64)
+        #: the anon_vma root of the region's VMA (its first segment; a fork's
+        #: copy and a moved region keep it) and the page offset of page 0
+        #: (vm_pgoff: a moved region keeps it): what ksm_might_need_to_copy()
+        #: compares with a swap-cache folio's anon_vma and index
+        self.av_root = self.sid
+        self.pgoff = start
         # VMA attributes per page (mprotect, MADV_DONTFORK/WIPEONFORK)
         self.prot = np.full(npages, PROT_RW, dtype=np.int8)
         self.dontcopy = np.zeros(npages, dtype=bool)
@@ -167,9 +176,12 @@ class Segment:
     def copy_for_fork(self, child: "MM") -> "Segment":
         seg = Segment(child, self.name, self.start, self.n, self.thp)
         seg.numa = self.numa  # dup_mmap() -> vma_dup_policy()
+        seg.av_root, seg.pgoff = self.av_root, self.pgoff  # anon_vma_fork(): same root
         # copy_page_range() skips VMAs without an anon_vma (their zero-page
         # PTEs from read faults are simply faulted again in the child)
         seg.pte[:] = np.where(self.anon, self.pte, -1)
+        # copy_nonpresent_pte(): a swap entry is copied (swap_duplicate())
+        seg.swp[:] = np.where(self.anon, self.swp, -1)
         # copy_present_pte() keeps the dirty bit of a private zero PTE: the
         # child's KSM zero pages are KSM zero pages too (docs/emulator.md, fork)
         seg.zdirty[:] = self.zdirty & self.anon
@@ -184,6 +196,7 @@ class Segment:
         # and without an anon_vma ("a clean slate in the child")
         gone = self.dontcopy | self.wipe
         seg.pte[gone] = -1
+        seg.swp[gone] = -1
         seg.zdirty[gone] = False
         seg.anon[gone] = False
         seg.merge[self.dontcopy] = False
@@ -192,9 +205,10 @@ class Segment:
     def grow(self, npages: int) -> None:
         """mremap grows the region in place (arrays only)."""
         extra = npages - self.n
-        fills = {"pte": -1, "inode": -1, "ick": NO_CHECKSUM, "prot": PROT_RW, "wp_frame": -1}
+        fills = {"pte": -1, "inode": -1, "ick": NO_CHECKSUM, "prot": PROT_RW, "wp_frame": -1,
+                 "swp": -1}
         for name in ("pte", "zdirty", "merge", "anon", "item", "ist", "inode", "ick", "iage",
-                     "iskip", "uffd", "wp_frame", "prot", "dontcopy", "wipe"):
+                     "iskip", "uffd", "wp_frame", "prot", "dontcopy", "wipe", "swp"):
             arr = getattr(self, name)
             setattr(self, name, np.concatenate([arr, np.full(extra, fills.get(name, 0),
                                                              dtype=arr.dtype)]))
@@ -295,6 +309,8 @@ class Settings:
     #: how stable_node_chains_prune_millisecs is modelled (scenario.model.prune_regime):
     #: "always" (0 ms), "per-batch" or "never"
     prune: str = "always"
+    #: a swap device is on (scenario ``swap = true``): MADV_PAGEOUT swaps out
+    swap: bool = False
 
 
 class Ksm:
@@ -355,6 +371,15 @@ class Ksm:
         self.stable_reset = profile.has("stable_item_reset")
         #: follow_page() finds PROT_NONE pages (d74943a2f3cd, 6.5)
         self.protnone_follow = profile.has("protnone_follow")
+        # swap (settings.swap): one slot per swap entry written; its content,
+        # the PTEs that hold it (the swap count), and the folio in the swap
+        # cache for it (-1: none).  frame_slot: frames in the swap cache
+        self.slot_content: list[int] = []
+        self.slot_refs: list[int] = []
+        self.slot_cache: list[int] = []
+        self.frame_slot: dict[int, int] = {}
+        #: (anon_vma root, page index) a swap-cache folio was first mapped at
+        self.frame_rmap: dict[int, tuple[int, int]] = {}
 
     # -- helpers ---------------------------------------------------------------------
     @property
@@ -446,6 +471,7 @@ class Ksm:
 
     def fill(self, mm: MM, region: str, first: int, end: int, contents: np.ndarray) -> None:
         seg = mm.regions[region]
+        self._swap_in(seg, first, end)  # do_swap_page(), then the write (below)
         pte = seg.pte[first:end]
         fr = self.frames
         anon = pte > 0
@@ -455,11 +481,18 @@ class Ksm:
             # do_wp_page(): KSM folios are never reused; a folio mapped more
             # than once (fork) is copied; an exclusive one is written in place
             cow[anon] = (fr.node[old] >= 0) | (fr.mapcount[old] > 1)
+            if self.frame_slot:
+                # wp_can_reuse_anon_folio(): a folio in the swap cache is reused
+                # only when folio_free_swap() can drop it, i.e. no other PTE
+                # still holds its swap entry; else it is copied and stays cached
+                cow[anon] |= np.array([self._cached_for_others(int(f)) for f in old], dtype=bool)
         fresh = (pte <= 0) | cow
         inplace = anon & ~cow
         if inplace.any():
             fr.content[pte[inplace]] = contents[inplace]
             fr.lazy[pte[inplace]] = -2  # a write dirties a lazy-free folio again
+            for f in pte[inplace].tolist():
+                self._uncache(f)  # folio_free_swap(): no longer in the swap cache
         zero = pte == 0
         if zero.any():
             self._drop_zero_ptes(seg, first + np.flatnonzero(zero))
@@ -483,14 +516,132 @@ class Ksm:
     def read(self, mm: MM, region: str, first: int, end: int) -> None:
         # do_anonymous_page() read fault: the shared zero page, clean, no anon_vma
         seg = mm.regions[region]
+        self._swap_in(seg, first, end)
         pte = seg.pte[first:end]
         pte[pte < 0] = 0
+
+    # -- swap (scenarios with swap = true; README "Swap") -------------------------
+    def _new_slot(self, content: int) -> int:
+        self.slot_content.append(content)
+        self.slot_refs.append(0)
+        self.slot_cache.append(-1)
+        return len(self.slot_content) - 1
+
+    def _cached_for_others(self, frame: int) -> bool:
+        slot = self.frame_slot.get(frame)
+        return slot is not None and self.slot_refs[slot] > 0
+
+    def _uncache(self, frame: int) -> None:
+        slot = self.frame_slot.pop(frame, None)
+        if slot is not None:
+            self.slot_cache[slot] = -1
+
+    def _put_slot(self, slot: int) -> None:
+        """One PTE lets go of a swap entry (swap_free(), free_swap_and_cache())."""
+        self.slot_refs[slot] -= 1
+        cached = self.slot_cache[slot]
+        if self.slot_refs[slot] == 0 and cached >= 0 and self.frames.mapcount[cached] <= 0:
+            self._uncache(cached)  # nothing maps or will map the cached folio
+
+    def _swap_out(self, seg: Segment, idx: np.ndarray) -> None:
+        """shrink_folio_list() on folios mapped once: add_to_swap() (a folio
+        already in the swap cache keeps its slot), try_to_unmap() puts the swap
+        entry in the PTE (rmap_walk_ksm() for a KSM folio), pageout() writes
+        it.  zram completes the write at once, so the folio is freed in the
+        same call (__remove_mapping()); a KSM page's stable node is stale then."""
+        fr = self.frames
+        fr.unmap(seg.pte[idx])
+        for i in idx.tolist():
+            frame = int(seg.pte[i])
+            slot = self.frame_slot.pop(frame, None)
+            if slot is None:
+                slot = self._new_slot(int(fr.content[frame]))
+            self.slot_cache[slot] = -1
+            self.slot_refs[slot] += 1
+            seg.swp[i] = slot
+            seg.pte[i] = -1
+
+    def reclaim_all(self) -> None:
+        """op "reclaim": memory.reclaim on the scenario's cgroup until nothing
+        more can go.  shrink_folio_list() takes every folio on the LRU, however
+        many PTEs map it: try_to_unmap() (rmap_walk_ksm() for a KSM page)
+        turns each PTE into the same swap entry, and the folio is freed, so
+        a KSM page's stable node goes stale.  A clean lazy-free folio is
+        discarded; a folio already in the swap cache keeps its slot; the
+        zero page is on no LRU and stays."""
+        fr = self.frames
+        slot_of: dict[int, int] = {}
+        for mm in self.mms.values():
+            if not mm.alive:
+                continue
+            for seg in mm.regions.values():
+                idx = np.flatnonzero(seg.pte > 0)
+                fr.unmap(seg.pte[idx])
+                for i in idx.tolist():
+                    frame = int(seg.pte[i])
+                    slot = slot_of.get(frame)
+                    if slot is None:
+                        lazy = fr.lazy[frame] != -2 and fr.lazy[frame] == fr.node[frame]
+                        slot = -1 if lazy else self.frame_slot.pop(frame, None)
+                        if slot is None:
+                            slot = self._new_slot(int(fr.content[frame]))
+                        if slot >= 0:
+                            self.slot_cache[slot] = -1
+                        slot_of[frame] = slot
+                    if slot >= 0:
+                        self.slot_refs[slot] += 1
+                        seg.swp[i] = slot
+                    seg.pte[i] = -1
+        for frame in list(self.frame_slot):
+            self._uncache(frame)  # unmapped folios in the swap cache are reclaimed too
+
+    def _swap_in(self, seg: Segment, first: int, end: int) -> None:
+        """do_swap_page() on every swap entry in [first, end).  On zram
+        (SWP_SYNCHRONOUS_IO) an entry held by this PTE alone is read into a
+        new folio without the swap cache; one a fork shares goes through the
+        swap cache (swapin_readahead()), where the folio stays after a read
+        fault (should_try_to_free_swap()), so the other holders map that same
+        folio when they fault.  The content comes back; the folio is an
+        ordinary anonymous page (not a KSM page: the KSM folio was freed)."""
+        swapped = np.flatnonzero(seg.swp[first:end] >= 0) + first
+        fr = self.frames
+        for i in swapped.tolist():
+            slot = int(seg.swp[i])
+            frame = self.slot_cache[slot]
+            here = (seg.av_root, seg.pgoff + i)
+            if frame >= 0 and self.frame_rmap.get(frame, here) == here:
+                fr.map(np.asarray([frame], dtype=np.int64))
+            elif frame >= 0:
+                # ksm_might_need_to_copy(): the swap-cache folio already has an
+                # anon_vma and an index, and this PTE is at another index or
+                # under another anon_vma root (the entry was a KSM page's,
+                # mapped at several addresses; PageKsm was lost at swap-out):
+                # the fault gets a copy, and the folio stays in the swap cache
+                frame = int(fr.alloc(np.asarray([fr.content[frame]], dtype=np.int64))[0])
+            else:
+                frame = int(fr.alloc(np.asarray([self.slot_content[slot]], dtype=np.int64))[0])
+                if self.slot_refs[slot] > 1:
+                    self.slot_cache[slot] = frame
+                    self.frame_slot[frame] = slot
+                    self.frame_rmap[frame] = here
+            seg.pte[i] = frame
+            seg.swp[i] = -1
+            self._put_slot(slot)
 
     def zap(self, seg: Segment, first: int, end: int) -> None:
         """zap_pte_range(): MADV_DONTNEED, munmap, exit_mmap."""
         pte = seg.pte[first:end]
         anon = pte > 0
         self.frames.unmap(pte[anon])
+        swp = seg.swp[first:end]
+        for slot in swp[swp >= 0].tolist():
+            self._put_slot(slot)
+        swp[:] = -1
+        if self.frame_slot:
+            for f in pte[anon].tolist():
+                slot = self.frame_slot.get(f)
+                if slot is not None and self.slot_refs[slot] == 0 and self.frames.mapcount[f] <= 0:
+                    self._uncache(f)
         zero = np.flatnonzero(pte == 0) + first
         if zero.size:
             self._drop_zero_ptes(seg, zero)
@@ -564,22 +715,43 @@ class Ksm:
             pte = seg.pte[first:end]
             frames = pte[pte > 0]
             once = frames[fr.mapcount[frames] == 1]
+            if self.frame_slot:
+                # a folio in the swap cache is made lazy-free only if
+                # folio_free_swap() can drop its swap entry (no other PTE holds it)
+                once = np.asarray([f for f in once.tolist() if not self._cached_for_others(f)],
+                                  dtype=np.int64)
+                for f in once.tolist():
+                    self._uncache(f)
             fr.lazy[once] = fr.node[once]
+            # ... and a swap entry is dropped (free_swap_and_cache(),
+            # pte_clear_not_present_full()): the page reads back empty
+            swp = seg.swp[first:end]
+            for slot in swp[swp >= 0].tolist():
+                self._put_slot(slot)
+            swp[:] = -1
         elif advice == "pageout":
             # madvise_cold_or_pageout_pte_range() + reclaim_pages(): folios
-            # mapped once are reclaimed.  Without swap an anonymous folio cannot
-            # be (add_to_swap() fails, it stays mapped), except a clean
-            # lazy-free one, which is discarded (try_to_unmap_one()).  A folio
-            # made a KSM page after MADV_FREE was dirtied by the merge
-            # (try_to_merge_one_page()), so it stays
+            # mapped once are reclaimed (a KSM page mapped by several PTEs, a
+            # page still shared after fork and the zero page, KSM zero pages
+            # too, are skipped).  A clean lazy-free one is discarded
+            # (try_to_unmap_one()).  A folio made a KSM page after MADV_FREE
+            # was dirtied by the merge (try_to_merge_one_page()), so it is
+            # not.  Without swap no other anonymous folio can be reclaimed
+            # (add_to_swap() fails, it stays mapped); with swap the others
+            # go to swap (_swap_out)
             pte = seg.pte[first:end]
             idx = np.flatnonzero(pte > 0)
             frames = pte[idx]
-            gone = (fr.mapcount[frames] == 1) & (fr.lazy[frames] == fr.node[frames])
+            once = fr.mapcount[frames] == 1
+            gone = once & (fr.lazy[frames] == fr.node[frames])
             gone &= fr.lazy[frames] != -2
             if gone.any():
                 fr.unmap(frames[gone])
                 pte[idx[gone]] = -1
+            if self.settings.swap:
+                out = once & ~gone
+                if out.any():
+                    self._swap_out(seg, first + idx[out])
         # "cold" only deactivates: nothing a scenario observes changes
 
     def mprotect(self, mm: MM, region: str, first: int, end: int, prot: str) -> None:
@@ -593,6 +765,7 @@ class Ksm:
         faults as ``fill`` (do_anonymous_page(), do_wp_page(): a KSM page or a
         zero page is copied), the page keeping its other bytes."""
         seg = mm.regions[region]
+        self._swap_in(seg, first, end)  # the write fault reads a swapped page back first
         pte = seg.pte[first:end]
         old = np.where(pte > 0, self.frames.content[np.maximum(pte, 0)], ZERO)
         self.fill(mm, region, first, end, self.contents.with_first_byte(old, values))
@@ -629,14 +802,16 @@ class Ksm:
             self._unshare(seg, 0, keep)
         new = Segment(mm, region, mm.next_addr, pages, seg.thp)
         new.numa = seg.numa  # the policy moves with the VMA; pages are not migrated
+        new.av_root, new.pgoff = seg.av_root, seg.pgoff  # move_vma() keeps both
         mm.next_addr = new.start + pages + 1
-        for name in ("pte", "zdirty", "merge", "anon", "prot", "dontcopy", "wipe"):
+        for name in ("pte", "zdirty", "merge", "anon", "prot", "dontcopy", "wipe", "swp"):
             src = getattr(seg, name)
             dst = getattr(new, name)
             dst[:keep] = src[:keep]
-            if name not in ("pte", "zdirty"):
+            if name not in ("pte", "zdirty", "swp"):
                 dst[keep:] = src[0]  # one VMA: uniform (the loader checks)
         seg.pte[:] = -1
+        seg.swp[:] = -1  # move_ptes() moves swap entries with the rest
         seg.zdirty[:] = False
         mm.segments.append(new)
         mm.regions[region] = new
@@ -691,6 +866,8 @@ class Ksm:
             child.segments.append(copy)
             child.regions[name] = copy
             self.frames.map(copy.pte[copy.pte > 0])
+            for slot in copy.swp[copy.swp >= 0].tolist():
+                self.slot_refs[slot] += 1
         # dup_mm() copies the whole mm_struct, KSM counters included
         child.rmap_items = parent.rmap_items
         child.merging_pages = parent.merging_pages

@@ -42,6 +42,8 @@ _TAGS = ("a", "b", "c")
 #: madvise advices and their weights (the first three as before the VMA ops)
 _ADVICE_WEIGHTS = {"mergeable": 6, "unmergeable": 2, "dontneed": 1.5, "free": 0.8,
                    "dontfork": 0.5, "wipeonfork": 0.5, "cold": 0.4, "pageout": 0.7}
+#: with swap = true, pageout is what swaps pages out: drawn more often
+_SWAP_ADVICE_WEIGHTS = {**_ADVICE_WEIGHTS, "pageout": 3}
 #: tunables a ``set`` step changes, their weights and the values drawn
 _SET_WEIGHTS = {"use_zero_pages": 3, "max_page_sharing": 3, "smart_scan": 2,
                 "merge_across_nodes": 0.7}
@@ -83,10 +85,13 @@ def leaks_zero_pages(steps: Sequence[m.Step], ksm: m.KsmSettings) -> bool:
 
 
 def random_scenario(seed: int, *, max_steps: int = 18, max_pages: int = 48,
-                    name_prefix: str = "random", numa_nodes: int = 1) -> m.Scenario:
+                    name_prefix: str = "random", numa_nodes: int = 1,
+                    swap: bool = False) -> m.Scenario:
     """``numa_nodes`` > 1: regions are bound to random nodes (op mmap, node) and
-    merge_across_nodes starts at 0 half the time; with 1 (the default) no draw
-    is spent on nodes, so a seed gives the scenario it always gave."""
+    merge_across_nodes starts at 0 half the time.  ``swap``: the scenario has
+    ``swap = true`` (a guest's zram device), and op ``reclaim`` joins the mix.
+    With the defaults no draw is spent on either, so a seed gives the scenario
+    it always gave."""
     rng = random.Random(seed)
     world = m.World()
     procs = world.procs  # live processes -> their regions, in creation order
@@ -195,6 +200,8 @@ def random_scenario(seed: int, *, max_steps: int = 18, max_pages: int = 48,
             # a new interpreter per exec: slow under TCG
             "exec": 0.25,
         }
+        if swap:
+            weights["reclaim"] = 1.0
         if proc is None:
             weights = {"scan": 1, "unmerge_all": 0.2, "set": 0.3}
         ops = [op for op, w in weights.items() if w > 0]
@@ -211,8 +218,8 @@ def random_scenario(seed: int, *, max_steps: int = 18, max_pages: int = 48,
                 if op in ("fill", "write_byte"):
                     fields["pattern"] = pattern()
                 elif op == "madvise":
-                    fields["advice"] = rng.choices(list(_ADVICE_WEIGHTS),
-                                                   list(_ADVICE_WEIGHTS.values()))[0]
+                    advices = _SWAP_ADVICE_WEIGHTS if swap else _ADVICE_WEIGHTS
+                    fields["advice"] = rng.choices(list(advices), list(advices.values()))[0]
                 elif op == "mprotect":
                     fields["prot"] = rng.choices(m.PROTS, (2, 1, 3))[0]
                 return cls, at, fields
@@ -248,13 +255,13 @@ def random_scenario(seed: int, *, max_steps: int = 18, max_pages: int = 48,
             draw(lambda cls=cls, at=at: (cls, at, {"child": child}))
             if isinstance(steps[-1], m.Fork) and steps[-1].child == child:
                 used_names.add(child)
-        else:  # exit, unmerge_all, exec
+        else:  # exit, unmerge_all, exec, reclaim
             add(cls, at)
     # end with scans so that the last changes are seen by ksmd
     add(m.Scan, count=rng.choice((1, 2, 3)))
     name = f"{name_prefix}-{seed}"
     return m.Scenario(name=name, description=f"random scenario, seed {seed}",
-                      ksm=m.KsmSettings(**ksm), steps=tuple(steps), source=f"<{name}>",
+                      ksm=m.KsmSettings(**ksm), steps=tuple(steps), source=f"<{name}>", swap=swap,
                       region_pages=dict(world.all_regions))
 
 

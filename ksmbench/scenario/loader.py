@@ -25,7 +25,7 @@ IDENT_RE = re.compile(r"[A-Za-z0-9_-]+\Z")
 
 #: the ``[ksm]`` tunables and their types (from the defaults of KsmSettings)
 _KSM_FIELDS: dict[str, type] = {f.name: type(f.default) for f in dataclasses.fields(m.KsmSettings)}
-_TOP_FIELDS = {"name", "description", "ksm", "step"}
+_TOP_FIELDS = {"name", "description", "swap", "ksm", "step"}
 MAX_REGION_PAGES = m.MAX_REGION_PAGES
 #: how an expected value says "the kernel must not provide this counter"
 ABSENT_WORDS = ("none", "absent", "null")
@@ -72,6 +72,9 @@ def scenario_from_dict(data: dict[str, Any], *, source: str = "<dict>") -> m.Sce
     description = data.get("description", "")
     if not isinstance(description, str):
         raise ScenarioError(source, "must be a string", field="description")
+    swap = data.get("swap", False)
+    if not isinstance(swap, bool):
+        raise ScenarioError(source, "must be true or false", field="swap")
     ksm = _parse_ksm(data.get("ksm", {}), source)
     raw_steps = data.get("step")
     if raw_steps is None:
@@ -88,7 +91,12 @@ def scenario_from_dict(data: dict[str, Any], *, source: str = "<dict>") -> m.Sce
                 raise ScenarioError(source, "a partial batch writes pages_to_scan, which belongs "
                                     "to the advisor (advisor_mode = \"scan-time\"): use "
                                     "count = N", step=step.index, field="pages")
-    return m.Scenario(name=name, description=description, ksm=ksm, steps=steps,
+    for step in steps:
+        if isinstance(step, m.Reclaim) and not swap:
+            raise ScenarioError(source, "op 'reclaim' needs swap = true at the top level "
+                                "(without swap nothing anonymous can be reclaimed)",
+                                step=step.index, field="op")
+    return m.Scenario(name=name, description=description, ksm=ksm, steps=steps, swap=swap,
                       source=source, region_pages=dict(validator.all_regions))
 
 

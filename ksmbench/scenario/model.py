@@ -675,8 +675,21 @@ class WriteByte(Step):
         return world.access_problem(self.proc, self.region, self.first, self.end, None)
 
 
+@op("reclaim")
+@dataclass(frozen=True)
+class Reclaim(Step):
+    """Reclaim every page the scenario's processes have that the kernel can
+    reclaim: the backend writes more than they hold to ``memory.reclaim`` of
+    the memory cgroup it put them in.  With swap (the scenario needs
+    ``swap = true``: the loader says so) every anonymous folio goes, KSM pages
+    and pages shared after fork included (README "Swap")."""
+
+    runs_in: ClassVar[str] = "controller"
+    needs_proc: ClassVar[bool] = False
+
+
 AnyStep = Union[Mmap, Fill, Read, Madvise, Prctl, Scan, UnmergeAll, Fork, Exit, Munmap, Expect, Set,
-                Exec, UffdWp, Mprotect, Mremap, WriteByte]
+                Exec, UffdWp, Mprotect, Mremap, WriteByte, Reclaim]
 
 
 @dataclass(frozen=True)
@@ -685,6 +698,11 @@ class Scenario:
     description: str
     ksm: KsmSettings
     steps: tuple[AnyStep, ...]
+    #: top-level ``swap = true``: the scenario runs with a swap device, so
+    #: ``madvise pageout`` swaps anonymous pages out (README "Swap"); a
+    #: machine without one reports it not applicable.  False (v1 files): it
+    #: runs without swap, as it always did
+    swap: bool = False
     #: where it was loaded from (a path, or "<suite>/name.toml"), for messages
     source: str = "<memory>"
     #: region sizes in pages, by (proc, region), as known after validation

@@ -44,6 +44,8 @@ def to_toml(scenario: m.Scenario, comment: str = "") -> str:
     lines = [f"# {line}".rstrip() for line in comment.splitlines()]
     lines.append(f"name = {toml_value(scenario.name)}")
     lines.append(f"description = {toml_value(scenario.description)}")
+    if scenario.swap:
+        lines.append("swap = true")
     tunables = [(f.name, getattr(scenario.ksm, f.name)) for f in dataclasses.fields(m.KsmSettings)
                 if getattr(scenario.ksm, f.name) != f.default]
     if tunables:

@@ -8,6 +8,11 @@ backend yields is written as one JSON line and flushed at once, so the host,
 tailing the file through the shared directory, sees observations as they are
 made.  An error that ends the session (no KSM, no permission...) is written to
 ERROR.json as (kind, message, hint) for the host to re-raise; exit status 3.
+
+When a scenario asks for swap (``swap = true``), the guest first prepares a
+zram swap device (:mod:`ksmbench.kernel.swap`), which the host backend turns
+on for those scenarios only.  When a scenario has op ``reclaim`` the guest
+also turns the multi-gen LRU on (Debian 6.1 builds it but leaves it off).
 """
 
 from __future__ import annotations
@@ -29,6 +34,18 @@ def main(argv: list[str]) -> int:
         scenarios = pickle.load(f)
     with open(events_path, "a", buffering=1) as out:
         try:
+            if any(getattr(s, "swap", False) for s in scenarios):
+                from ...kernel.swap import SWAP_DEVICE_ENV, ZramSwap
+
+                zram = ZramSwap()
+                zram.prepare()
+                os.environ[SWAP_DEVICE_ENV] = zram.device
+            from ...scenario.model import Reclaim
+
+            if any(isinstance(step, Reclaim) for s in scenarios for step in s.steps):
+                from ...kernel.swap import enable_multigen_lru
+
+                enable_multigen_lru()  # the host backend says n/a where it stays off
             for event in HostBackend(label).events(scenarios):
                 out.write(event_to_json(event) + "\n")
                 out.flush()

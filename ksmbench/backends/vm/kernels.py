@@ -37,7 +37,13 @@ GUEST_MODULE_ALIASES = (
     "fs-9p", "fs-virtiofs", "fs-overlay", "overlay",
     "virtio:d00000009v00001AF4", "virtio:d00000003v00001AF4",
     "virtio_pci", "virtio_mmio", "virtio_console", "unix",
+    # the swap device of scenarios with swap = true (kernel/swap.py): loaded
+    # by the guest only when a scenario asks for it, never by udev
+    "zram",
 )
+#: the boot root's directory name; it changes with the module list, so a
+#: root trimmed for an older list is built again beside it
+_ROOT_NAME = "vmroot-" + hashlib.sha1("\0".join(GUEST_MODULE_ALIASES).encode()).hexdigest()[:8]
 
 _SERIES = re.compile(r"^debian:(\d+\.\d+)$")
 #: ``--kernel debian:all``: every series the archive has today
@@ -175,7 +181,7 @@ def resolve(spec: str, *, modules: str | None = None, console=None, cache_dir: P
         archive = DebianArchive(cache, console=console)
         pkg = archive.resolve_kernel(m[1])
         fetched = archive.fetch_kernel(pkg)
-        root = fetched.root / "vmroot"
+        root = fetched.root / _ROOT_NAME
         boot_image, count = _boot_root(fetched.vmlinuz, fetched.release, fetched.modules_dir, root)
         return BootableKernel(spec, fetched.vmlinuz, boot_image, fetched.release,
                               pkg.describe(), count)
@@ -185,7 +191,7 @@ def resolve(spec: str, *, modules: str | None = None, console=None, cache_dir: P
         raise KernelNotFound(f"--kernel {spec}: not an x86 boot image (no 'HdrS' header)",
                              hint="give a bzImage (arch/x86/boot/bzImage) or a vmlinuz")
     digest = _file_digest(image)
-    root = cache / "images" / f"{safe_name(image.name)}-{digest[:16]}"
+    root = cache / "images" / f"{safe_name(image.name)}-{digest[:16]}-{_ROOT_NAME}"
     moddir = _find_modules_dir(Path(modules).expanduser(), release) if modules else None
     boot_image, count = _boot_root(image, release, moddir, root)
     return BootableKernel(label_for(spec), image, boot_image, release, None, count)
