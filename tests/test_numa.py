@@ -171,9 +171,19 @@ def test_memory_nodes_reads_has_memory(tmp_path):
     assert memory_nodes(str(tmp_path / "missing")) is None
 
 
+def bare_session() -> HostSession:
+    """A host session with only what check_applicable reads for these
+    scenarios: the /proc to look for swap in, and no guest swap device."""
+    from ksmbench.kernel.procfs import ProcFS
+
+    session = HostSession.__new__(HostSession)
+    session.procfs, session.swap = ProcFS(), None
+    return session
+
+
 def test_a_node_the_kernel_lacks_makes_the_scenario_not_applicable(monkeypatch):
     s = next(x for x in numa_scenarios() if x.name == "ltp-ksm06")
-    session = HostSession.__new__(HostSession)  # check_applicable reads no session state here
+    session = bare_session()
     monkeypatch.setattr("ksmbench.kernel.features.memory_nodes", lambda: frozenset({0}))
     with pytest.raises(NotApplicable, match=r"needs NUMA node 1 \(op mmap, node\) and this "
                                             r"kernel has memory on node 0 only"):
@@ -190,7 +200,7 @@ def test_this_hosts_single_node_reads_not_applicable():
     nodes = memory_nodes()
     if nodes is None or 1 in nodes:
         pytest.skip(f"this machine's NUMA nodes with memory: {nodes}")
-    session = HostSession.__new__(HostSession)
+    session = bare_session()
     for s in numa_scenarios():
         with pytest.raises(NotApplicable, match="needs NUMA node 1"):
             session.check_applicable(s)
