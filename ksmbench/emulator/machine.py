@@ -52,6 +52,8 @@ NONE, UNSTABLE, STABLE = 0, 1, 2
 #: u8 fields fit into padding, so 64 still holds)
 RMAP_ITEM_SIZE = 64
 PAGE_SIZE = 4096
+#: pages in a PMD-mapped transparent huge page (x86-64: 2 MiB of 4 KiB pages)
+HPAGE_PMD_NR = 512
 #: rmap_item->oldchecksum starts at 0 (kmem_cache_zalloc); no ksmbench page
 #: content has checksum 0, so "never checksummed" is its own value
 NO_CHECKSUM = -1
@@ -85,6 +87,9 @@ class Frames:
         #: MADV_FREE made the folio lazy-free and clean; the value is
         #: its stable node then (-1: not a KSM page), -2 when not lazy-free
         self.lazy = np.full(1024, -2, dtype=np.int64)
+        #: the THP a frame is a subpage of (the id of its first frame), -1 for
+        #: a small folio; a split makes every subpage a small folio
+        self.folio = np.full(1024, -1, dtype=np.int64)
         self.n = 1  # frame 0 is the shared zero page
 
     def alloc(self, contents: np.ndarray) -> np.ndarray:
@@ -98,12 +103,20 @@ class Frames:
             grow = size - self.node.size
             self.node = np.concatenate([self.node, np.full(grow, -1, dtype=np.int64)])
             self.lazy = np.concatenate([self.lazy, np.full(grow, -2, dtype=np.int64)])
+            self.folio = np.concatenate([self.folio, np.full(grow, -1, dtype=np.int64)])
         self.content[first:need] = contents
         self.mapcount[first:need] = 1
         self.node[first:need] = -1
         self.lazy[first:need] = -2
+        self.folio[first:need] = -1
         self.n = need
         return np.arange(first, need, dtype=np.int64)
+
+    def alloc_thp(self) -> np.ndarray:
+        """One zero-filled anonymous THP: HPAGE_PMD_NR frames of one folio."""
+        frames = self.alloc(np.full(HPAGE_PMD_NR, ZERO, dtype=np.int64))
+        self.folio[frames] = frames[0]
+        return frames
 
     def unmap(self, frames: np.ndarray) -> None:
         """Drop one mapping of each frame in ``frames`` (repeats allowed)."""
@@ -327,6 +340,10 @@ class Ksm:
         self.stable_reset = profile.has("stable_item_reset")
         #: follow_page() finds PROT_NONE pages (d74943a2f3cd, 6.5)
         self.protnone_follow = profile.has("protnone_follow")
+        #: a THP split maps zero-filled subpages to the zero page (b1f202060afe, 6.12)
+        self.zero_remap = profile.has("thp_split_zero_remap")
+        #: the THPs not yet split: folio id -> (segment, first page of its chunk)
+        self.thps: dict[int, tuple[Segment, int]] = {}
 
     # -- helpers ---------------------------------------------------------------------
     def stale(self, node: SNode) -> bool:
@@ -382,6 +399,8 @@ class Ksm:
 
     def fill(self, mm: MM, region: str, first: int, end: int, contents: np.ndarray) -> None:
         seg = mm.regions[region]
+        if seg.thp:
+            self._thp_faults(seg, first, end)
         pte = seg.pte[first:end]
         fr = self.frames
         anon = pte > 0
@@ -406,6 +425,77 @@ class Ksm:
         written = np.zeros(seg.n, dtype=bool)
         written[first:end] = True
         seg.mark_anon_vma(written)
+
+    # -- THP regions --------------------------------------------------------------------
+    def _thp_faults(self, seg: Segment, first: int, end: int) -> None:
+        """A write to a THP region: do_huge_pmd_anonymous_page() maps a whole
+        zero-filled huge page at the first write fault in a 2 MiB chunk whose
+        PMD is still empty (no page of the chunk ever present) and which one
+        VMA covers whole (thp_vma_suitable_order()).  The region starts on a
+        2 MiB boundary (agent.op_mmap), so chunks are runs of HPAGE_PMD_NR
+        pages from its start.  That the allocation succeeded is checked by
+        the agent, which makes the scenario not applicable where it did not."""
+        bounds = {b for run in seg.vma_runs() for b in run}
+        lo = first - first % HPAGE_PMD_NR
+        for c in range(lo, end, HPAGE_PMD_NR):
+            ce = c + HPAGE_PMD_NR
+            if ce > seg.vma_end or (seg.pte[c:ce] != -1).any():
+                continue
+            if any(c < b < ce for b in bounds):
+                continue
+            frames = self.frames.alloc_thp()
+            seg.pte[c:ce] = frames
+            self.thps[int(frames[0])] = (seg, c)
+
+    def _split_thp(self, folio: int) -> None:
+        """split_huge_page(): every subpage becomes a small folio, mapped by a
+        PTE where the PMD mapped it.  Since b1f202060afe (6.12) remap_page()
+        maps each zero-filled subpage to the shared zero page instead, with a
+        clean PTE (pte_mkspecial, no mkdirty): not a KSM zero page, and the
+        subpage's frame is freed."""
+        seg, c = self.thps.pop(folio)
+        fr = self.frames
+        frames = np.arange(folio, folio + HPAGE_PMD_NR, dtype=np.int64)
+        fr.folio[frames] = -1
+        if not self.zero_remap or not seg.mapped:
+            return
+        pte = seg.pte[c:c + HPAGE_PMD_NR]
+        mapped = (pte >= folio) & (pte < folio + HPAGE_PMD_NR)
+        zero = mapped & (fr.content[np.maximum(pte, 0)] == ZERO)
+        if zero.any():
+            fr.unmap(pte[zero])
+            pte[zero] = 0
+            seg.zdirty[c:c + HPAGE_PMD_NR][zero] = False
+
+    def _split_to_merge(self, seg: Segment, idx: int, frame: int, partner: int = -1) -> bool:
+        """try_to_merge_one_page() up to write_protect_page(): a subpage of a
+        THP is split out first.  False when the merge cannot go on: the split
+        fails because ksmd holds a second reference to the same THP (its
+        ``partner`` page, the unstable tree page), or the page is no longer
+        mapped there (the split mapped it to the zero page, so
+        write_protect_page() does not find it)."""
+        if int(seg.pte[idx]) != frame:
+            return False
+        folio = int(self.frames.folio[frame])
+        if folio < 0:
+            return True
+        if partner > 0 and int(self.frames.folio[partner]) == folio:
+            return False
+        self._split_thp(folio)
+        return int(seg.pte[idx]) == frame
+
+    def _break_cow(self, seg: Segment, idx: int, frame: int) -> None:
+        """break_cow() on a page try_to_merge_two_pages() had just made a KSM
+        page when the tree page's merge failed: it is unshared (copied), so
+        it is an ordinary anonymous page again."""
+        self.frames.unmap(np.array([frame], dtype=np.int64))
+        seg.pte[idx] = self.frames.alloc(self.frames.content[[frame]])[0]
+
+    def thp_pages(self, seg: Segment) -> int:
+        """Pages of the segment mapped from a THP not yet split (KPF_THP)."""
+        anon = seg.pte[seg.pte > 0]
+        return int(np.count_nonzero(self.frames.folio[anon] >= 0)) if anon.size else 0
+    # -- end of THP regions ---------------------------------------------------------------
 
     def _drop_zero_ptes(self, seg: Segment, idx: np.ndarray) -> None:
         """A zero PTE goes away (zap, write fault, unshare): KSM-placed ones
@@ -585,6 +675,10 @@ class Ksm:
         """True when the scan must go page by page: before protnone_follow a
         PROT_NONE page in the unstable tree makes searches fail, which the
         windows of fastscan do not model."""
+        if any(seg.mapped for seg, _ in self.thps.values()):
+            # a THP split can map an unstable tree page to the zero page
+            # mid-scan; searches that meet it fail (get_mergeable_page())
+            return True
         return not self.protnone_follow and any(
             (seg.prot == PROT_NONE).any() for seg in self.all_segments() if seg.mapped)
     # --- end of the VMA ops -------------------------------------------------------
@@ -1011,6 +1105,10 @@ class Ksm:
             seg.ick[idx] = cid
             return True
         if self.settings.use_zero_pages and cid == ZERO:
+            if not self._split_to_merge(seg, idx, frame):
+                # the THP split mapped the page to the zero page: the merge
+                # fails and the visit goes on (try_to_merge_with_zero_page())
+                return False
             self._zero_merge(seg, idx)
             return True
         return False
@@ -1121,6 +1219,8 @@ class Ksm:
         self._remove_from_tree(seg, idx)
         if kframe is not None:
             # try_to_merge_with_ksm_page() + stable_tree_append()
+            if not self._split_to_merge(seg, idx, frame):
+                return
             self._replace(seg, idx, kframe)
             self._append(seg, idx, self.nodes[int(fr.node[kframe])])
             return
@@ -1136,6 +1236,17 @@ class Ksm:
         tseg, tidx, tframe = hit
         # try_to_merge_two_pages(): this page becomes the KSM page, the tree
         # page is replaced by it; the tree item leaves the unstable tree
+        if not self._split_to_merge(seg, idx, frame, partner=tframe):
+            folio = int(self.frames.folio[frame])
+            if folio >= 0 and folio == int(self.frames.folio[tframe]):
+                # cmp_and_merge_page(): both pages were of one THP, so the
+                # split failed; with the tree page's reference dropped it is
+                # split now, and nothing merges in this visit
+                self._split_thp(folio)
+            return
+        if not self._split_to_merge(tseg, tidx, tframe):
+            self._break_cow(seg, idx, frame)
+            return
         self._remove_from_tree(tseg, tidx)
         self._replace(tseg, tidx, frame)
         node = self._stable_tree_insert(frame)
@@ -1212,6 +1323,12 @@ class Ksm:
                 found_mergeable = True
             visit = seg.merge & (seg.pte > 0) if seg.mapped else np.zeros(seg.n, dtype=bool)
             for idx in (np.flatnonzero((visit | seg.item)[first:]) + first).tolist():
+                if visit[idx] and seg.pte[idx] <= 0:
+                    # a THP split earlier in this walk mapped the page to the
+                    # zero page: no anon page here now
+                    if not seg.item[idx]:
+                        continue
+                    visit[idx] = False
                 if visit[idx]:
                     if self.visit(seg, idx):
                         handed += 1
@@ -1357,12 +1474,15 @@ class Ksm:
             ksm = int(anon.size)  # dee3d0bef2b0: KPF_KSM on every anon folio
         else:
             ksm = int(np.count_nonzero(self.frames.node[anon] >= 0)) if anon.size else 0
-        return {
+        out = {
             "present": int(np.count_nonzero(present)),
             "zero_pfn": int(np.count_nonzero(pte == 0)),
             "ksm": ksm,
             "distinct_frames": int(np.unique(anon).size),
         }
+        if seg.thp:
+            out["thp"] = self.thp_pages(seg)
+        return out
 
     # -- invariants (tests) ----------------------------------------------------------------
     def check(self) -> None:

@@ -141,6 +141,15 @@ FLAGS: tuple[Flag, ...] = (
          "zero pages to the global ksm_zero_pages (before: the child inherits the parent's "
          "counters and the global counter is not raised)",
          stable={(6, 6): 112, (6, 12): 54, (6, 17): 4}, stable_approx=True),
+    # mm/huge_memory.c: __split_huge_page() remaps with RMP_USE_SHARED_ZEROPAGE for
+    # an anonymous folio, and remove_migration_pte() maps each subpage that
+    # memchr_inv() finds all zero to the zero page (try_to_map_unused_to_zeropage()).
+    # Every split of an anonymous THP does it, KSM's in try_to_merge_one_page()
+    # too (measured on this host's 6.18: docs/emulator.md, "THP regions")
+    Flag("thp_split_zero_remap", "b1f202060afe", (6, 12),
+         "splitting an anonymous THP (KSM does before it merges a subpage) maps every "
+         "zero-filled subpage to the shared zero page with a clean PTE: the frame is freed, "
+         "no KSM zero page is counted, and a merge of such a subpage fails"),
     # Found by diffing Debian's linux-source-7.2 (7.2.13) and linux-source-7.3
     # (7.3.4) mm/ksm.c; the upstream commit id was not found, so the flag cites
     # the release and the code.  struct ksm_rmap_item puts the new
