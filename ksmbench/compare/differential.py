@@ -229,9 +229,11 @@ def run_differential(seeds: Iterable[int], out_dir: Path, *, runner: HostRunner 
                      profile: str | None = None, shrink_budget: int = 40,
                      progress: Callable[[str], None] = lambda msg: None,
                      batch: int = 10, max_pages: int = 48, max_steps: int = 18,
-                     tally: Tally | None = None) -> tuple[int, list[Finding], list[str]]:
+                     tally: Tally | None = None, thp: bool = False,
+                     ) -> tuple[int, list[Finding], list[str]]:
     """Returns (scenarios checked, findings, errors); ``tally`` counts what
-    the scenarios compared (shrinking runs not included)."""
+    the scenarios compared (shrinking runs not included).  ``thp``: every
+    scenario has a THP region (random_scenario)."""
     runner = runner or HostRunner()
     seeds = list(seeds)
     findings: list[Finding] = []
@@ -239,7 +241,7 @@ def run_differential(seeds: Iterable[int], out_dir: Path, *, runner: HostRunner 
     checked = 0
     for start in range(0, len(seeds), batch):
         chunk = seeds[start:start + batch]
-        scenarios = [random_scenario(seed, max_pages=max_pages, max_steps=max_steps)
+        scenarios = [random_scenario(seed, max_pages=max_pages, max_steps=max_steps, thp=thp)
                      for seed in chunk]
         results = check_scenarios(scenarios, runner, profile, tally)
         profile = profile or runner.profile
@@ -295,6 +297,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     ap.add_argument("--batch", type=int, default=10, help="scenarios per kernel session / VM boot")
     ap.add_argument("--max-pages", type=int, default=48, help="largest random region")
     ap.add_argument("--max-steps", type=int, default=18, help="random steps after the set-up")
+    ap.add_argument("--thp", action="store_true",
+                    help="give every scenario a THP region (one or two huge pages)")
     args = ap.parse_args(argv)
 
     err = make_console(stderr=True)
@@ -310,7 +314,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         checked, findings, errors = run_differential(
             range(args.seed, args.seed + args.count), Path(args.out), profile=args.profile,
             runner=runner, progress=progress, max_pages=args.max_pages,
-            max_steps=args.max_steps, batch=args.batch, tally=tally)
+            max_steps=args.max_steps, batch=args.batch, tally=tally, thp=args.thp)
     for e in errors:
         print("error:", e)
     for f in findings:
@@ -325,7 +329,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     out.mkdir(parents=True, exist_ok=True)
     summary = {"kernel": args.kernel, "release": runner.release, "profile": args.profile
                or runner.profile, "seeds": [args.seed, args.seed + args.count - 1],
-               "max_pages": args.max_pages, "max_steps": args.max_steps,
+               "max_pages": args.max_pages, "max_steps": args.max_steps, "thp": args.thp,
                "scenarios_checked": checked, "cells_compared": tally.cells,
                "mismatching": [{"seed": f.seed, "reproducer": f.path.name if f.path else None,
                                 "cells": [asdict(c) for c in f.cells[:10]]} for f in findings],

@@ -42,7 +42,7 @@ class ScenarioRun:
         self.ksm.spawn(m.MAIN)
         # THP regions are modelled (first-touch huge pages, KSM's split) under
         # the ops of thp_outside_model(); past them only full_scans is predicted
-        self.thp = thp_outside_model(scenario) is not None
+        self.thp = m.thp_outside_model(scenario.steps) is not None
         #: a set step's outcome (set.error, tunable.<name>), for its observation
         self._set_values: dict[str, int | None] = {}
 
@@ -159,49 +159,10 @@ class ScenarioRun:
         yield self.teardown()
 
 
-#: madvise advices the THP model covers in a THP region
-THP_ADVICES = ("mergeable", "unmergeable")
-
-
-def thp_outside_model(scenario: m.Scenario) -> str | None:
-    """Why a scenario's THP regions leave the THP model, or None.
-
-    The model covers what a THP region goes through with writes (fill,
-    write_byte), MADV_MERGEABLE/UNMERGEABLE, scans, set, run=2, prctl, munmap,
-    exec and exit: huge pages come only from first-touch write faults and go
-    only by KSM's split or a whole zap.  It leaves out read faults (the huge
-    zero page and what a write then does with it), partial zaps and the other
-    madvise advices (a PMD split, a deferred split the shrinker does when memory
-    runs short), mprotect/mremap/uffd_wp (PMD splits at VMA edges) and fork
-    (a THP shared by two mms, CoW of a PMD-mapped page).
-    """
-    thp: set[tuple[str, str]] = set()
-    for step in scenario.steps:
-        if isinstance(step, m.Mmap):
-            if step.thp:
-                thp.add((step.proc, step.region))
-            continue
-        if isinstance(step, m.Munmap):
-            thp.discard((step.proc, step.region))
-            continue
-        if isinstance(step, m.Exec):
-            thp = {(p, r) for p, r in thp if p != step.proc}
-            continue
-        if isinstance(step, m.Fork) and any(p == step.proc for p, _ in thp):
-            return f"step {step.index}: fork of a process with a THP region"
-        region = getattr(step, "region", None)
-        if region is None or (step.proc, region) not in thp:
-            continue
-        if isinstance(step, (m.Read, m.Mprotect, m.Mremap, m.UffdWp)) or (
-                isinstance(step, m.Madvise) and step.advice not in THP_ADVICES):
-            return f"step {step.index}: {step.op} on THP region '{region}'"
-    return None
-
-
 def unmodelled_for(scenario: m.Scenario, profile: Profile | str):
     """The predicate "this metric is not modelled" for a scenario under a profile."""
     prof = get_profile(profile) if isinstance(profile, str) else profile
-    thp = thp_outside_model(scenario) is not None
+    thp = m.thp_outside_model(scenario.steps) is not None
     return lambda metric: unmodelled(metric, flags=prof.flags, thp=thp) is not None
 
 
