@@ -265,3 +265,24 @@ def test_random_thp_scenarios_match_the_host_kernel(tmp_path):
     assert checked + len(tally.not_applicable) == 12 and checked >= 10
     assert tally.cells > 100 * checked
     assert not findings, "; ".join(f"{f.path} ({f.cells[0].describe()})" for f in findings)
+
+
+def test_a_chain_left_with_one_full_dup_stays_a_chain_before_6_11():
+    """Found by the THP campaign on debian:6.1 (tests/differential/random-720020.toml,
+    max_page_sharing=2): the kernel kept a chain whose only live dup was full, and
+    walked it through that dup; the model collapsed it (what 6.11's a0b856b617c5
+    does).  The observed cells in the file's comment are what linux-6.1 predicts
+    now; the same scenario under 6.11+ collapses the chain."""
+    import re
+
+    path = Path(__file__).parent / "differential" / "random-720020.toml"
+    text = path.read_text()
+    s = parse_scenario(text, source=str(path))
+    points = {(p.step, p.scan): p.values for p in predict(s, OLD)}
+    cell = re.compile(r"^# step (\d+)(?: scan (\d+))? (\S+): observed (-?\d+), predicted", re.M)
+    seen = cell.findall(text)
+    assert len(seen) >= 10
+    for step, scan, metric, observed in seen:  # chains and dups; the guest's baseline was 0
+        assert points[(int(step), int(scan) if scan else None)][metric] == int(observed)
+    forced = {(p.step, p.scan): p.values for p in predict(s, OLD + ",+chain_best_dup")}
+    assert forced[(19, 1)]["global.stable_node_chains"] == 5

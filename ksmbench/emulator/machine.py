@@ -910,24 +910,40 @@ class Ksm:
             return kpfn, node, node
         if prune:
             prune = self._prune_due(node)
+        best = self.profile.has("chain_best_dup")
         found: Optional[SNode] = None
         found_len = 0
+        live = 0
         for dup in list(node.dups):
             if self._get_folio(dup) is None:
                 continue
-            if found is None or (self.candidate(dup) and
-                                 (not self.candidate(found) or dup.len > found_len)):
+            live += 1
+            if best:
+                # a0b856b617c5 (6.11): the best dup, a full one if none has room
+                better = found is None or (self.candidate(dup) and (
+                    not self.candidate(found) or dup.len > found_len))
+            else:
+                # before it: only a dup with room
+                better = self.candidate(dup) and (found is None or dup.len > found_len)
+            if better:
                 found = dup
                 found_len = dup.len
                 if not prune and self.candidate(found):
                     break
         if found is None:
+            if node.dups and not best:
+                # before a0b856b617c5 every dup is full here (the walk went
+                # through all of them): stable_node_dup_any() continues the
+                # walk with the first dup's page, and no dup takes a merge
+                return node.dups[0].kpfn, None, node
             # free_stable_node_chain(): its hlist must be empty
             self.root.erase(node)
             node.alive = False
             self.chains -= 1
             return None, None, node
-        if len(node.dups) == 1:
+        if (len(node.dups) == 1) if best else (prune and live == 1):
+            # hlist_is_singular_node() since a0b856b617c5; before it
+            # "prune_stale_stable_nodes && nr == 1"
             # one dup left: drop the chain, the dup takes its place in the tree
             self.root.replace(node, found)
             found.chain = None
@@ -976,8 +992,8 @@ class Ksm:
                 elif c > 0:
                     node = node.rb_right
                 else:
-                    if not self.candidate(dup):
-                        return None
+                    if dup is None or not self.candidate(dup):
+                        return None  # every dup of the chain is full
                     return dup.kpfn
             if not restart:
                 return None

@@ -110,7 +110,17 @@ FLAGS: tuple[Flag, ...] = (
     Flag("ksm_execve", "3a9e567ca45f", (6, 10),
          "ksm_execve(): an exec'd mm with MMF_VM_MERGE_ANY is registered with ksmd at exec; "
          "before it the new mm had the flag but no mm slot, so nothing in it was scanned"),
-    Flag("checksum_first", "ac90c56bbd73+d58a361b0350+a0b856b617c5", (6, 11),
+    # "mm/ksm: optimize the chain()/chain_prune() interfaces" (Chengming Zhou),
+    # the third patch of the series that brought checksum_first.  Found by the
+    # THP differential campaign on Debian 6.1 (seed 720020: regions of 512
+    # pages, max_page_sharing=2): a chain left with one full dup
+    Flag("chain_best_dup", "a0b856b617c5", (6, 11),
+         "stable_node_dup() picks the best dup even when none has room, and a chain whose "
+         "only dup is that one collapses into it on every walk; before it only a dup with "
+         "room is picked (a chain of full dups is walked through its first dup and nothing "
+         "merges into it) and a chain collapses only on a pruning walk that found exactly "
+         "one live dup, and it has room"),
+    Flag("checksum_first", "ac90c56bbd73+d58a361b0350", (6, 11),
          "cmp_and_merge_page() checks the checksum before the stable tree: a page identical to "
          "an existing KSM page merges on its second visit, not its first"),
     Flag("ksm_stat_involvement", "3ab76c767bc7", (6, 14),
