@@ -286,3 +286,21 @@ def test_a_chain_left_with_one_full_dup_stays_a_chain_before_6_11():
         assert points[(int(step), int(scan) if scan else None)][metric] == int(observed)
     forced = {(p.step, p.scan): p.values for p in predict(s, OLD + ",+chain_best_dup")}
     assert forced[(19, 1)]["global.stable_node_chains"] == 5
+
+
+def test_a_thp_scenario_is_not_applicable_without_thp_or_with_the_underused_shrinker(tmp_path):
+    from ksmbench.backends.host import thp_unusable
+
+    assert "lacks" in thp_unusable(tmp_path / "absent")
+    (tmp_path / "khugepaged").mkdir()
+    (tmp_path / "enabled").write_text("always madvise [never]\n")
+    assert "off here" in thp_unusable(tmp_path)
+    (tmp_path / "enabled").write_text("always [madvise] never\n")
+    assert thp_unusable(tmp_path) is None  # 6.1: no shrink_underused
+    (tmp_path / "shrink_underused").write_text("1\n")
+    (tmp_path / "khugepaged" / "max_ptes_none").write_text("511\n")
+    assert thp_unusable(tmp_path) is None
+    (tmp_path / "khugepaged" / "max_ptes_none").write_text("64\n")
+    assert "max_ptes_none is 64" in thp_unusable(tmp_path)
+    (tmp_path / "shrink_underused").write_text("0\n")
+    assert thp_unusable(tmp_path) is None
