@@ -53,7 +53,7 @@ _HEADER = struct.Struct("!I")
 REGION_BASE = 0x1000_0000_0000
 #: THP regions start on a PMD (2 MiB) boundary so that they can get huge pages
 _PMD_SIZE = 2 << 20
-_PMD_PAGES = _PMD_SIZE // 4096
+_PMD_PAGES = _PMD_SIZE // syscalls.PAGE_SIZE
 #: regions are filled in chunks so a 1 GiB fill does not build 1 GiB of source
 _FILL_CHUNK_PAGES = 16384
 
@@ -205,7 +205,7 @@ class Agent:
             self._thp.add(region)
         return r.addr
 
-    def _vma_starts(self) -> set[int]:
+    def _vma_edges(self) -> set[int]:
         """Start and end addresses of every VMA of this process."""
         edges: set[int] = set()
         with open("/proc/self/maps") as f:
@@ -227,7 +227,7 @@ class Agent:
             return
         r = self.regions[region]
         frames = self.frames()
-        edges = self._vma_starts()
+        edges = self._vma_edges()
         fresh = []
         for c in range(first - first % _PMD_PAGES, end, _PMD_PAGES):
             if c + _PMD_PAGES > r.npages:
