@@ -206,8 +206,9 @@ UNMODELLED: tuple[Unmodelled, ...] = (
         "those ops split a PMD without splitting the huge page: a partly mapped THP waits on "
         "the deferred split queue until memory runs short (the shrinker then splits it, and "
         "since b1f202060afe remaps its zero-filled subpages), and a read maps the huge zero "
-        "page, whose handling on a later write changed across releases; both depend on "
-        "timing and memory state, not on KSM",
+        "page, and a write there splits the PMD into 4 KiB zero pages until 1ced09e0331f "
+        "(6.13) allocates a huge page instead; both depend on timing and memory state, not "
+        "on KSM",
         except_field="global.full_scans", thp_only=True),
 )
 
