@@ -1308,6 +1308,57 @@ class Ksm:
         self._cmp_and_merge_page(seg, idx, frame)
         return True
 
+    def adopt_items(self, mm: MM, start: int = 0) -> None:
+        """get_next_rmap_item() keeps the rmap item it finds at the address of
+        the page it visits: when a region now lies where another one's items
+        still wait for ksmd (an unmapped region, or the tail an in-place mremap
+        shrink left, with a region moved or mapped over it), the page takes
+        that item over, with its checksum, tree state, age and skips.  Found by
+        the differential test (host, seed 700239: a region moved onto a
+        shrunk tail inherited its skip schedule)."""
+        segs = mm.segments
+        if len(segs) < 2:
+            return
+        for seg in segs:
+            if not seg.mapped:
+                continue
+            visit = seg.merge & (seg.pte > 0) & ~seg.item
+            visit[seg.vma_end:] = False
+            if not visit.any():
+                continue
+            for old in segs:
+                if old is seg or not old.item.any():
+                    continue
+                lo, hi = max(seg.start, old.start), min(seg.start + seg.n, old.start + old.n)
+                if lo >= hi or hi <= start:
+                    continue
+                lo = max(lo, start)
+                oi = np.arange(lo - old.start, hi - old.start)
+                # items the old segment no longer has a page to hand on for
+                stale = old.item[oi] & ~(old.mapped & (np.arange(old.n)[oi] < old.vma_end)
+                                         & old.merge[oi] & (old.pte[oi] > 0))
+                take = stale & visit[oi + old.start - seg.start]
+                for o in oi[take].tolist():
+                    self._move_item(old, o, seg, o + old.start - seg.start)
+
+    def _move_item(self, src: Segment, i: int, dst: Segment, j: int) -> None:
+        for name in ("item", "ist", "inode", "ick", "iage", "iskip"):
+            getattr(dst, name)[j] = getattr(src, name)[i]
+        src.item[i] = False
+        src.ist[i] = NONE
+        src.inode[i] = -1
+        for table in (self._unstable_key, self._unstable_nodes):
+            if (src.sid, i) in table:
+                table[(dst.sid, j)] = table.pop((src.sid, i))
+        unode = self._unstable_nodes.get((dst.sid, j))
+        if unode is not None:
+            unode.seg, unode.idx = dst, j
+        key = self._unstable_key.get((dst.sid, j))
+        if key is not None and self.unstable.get(key) == (src, i):
+            self.unstable[key] = (dst, j)
+        if src.mm is not dst.mm:  # pragma: no cover - one mm's address space
+            raise AssertionError("rmap items move only within an mm")
+
     def _drop_empty_ghosts(self, mm: MM) -> None:
         mm.segments = [s for s in mm.segments if s.mapped or s.item.any()]
 
@@ -1331,6 +1382,7 @@ class Ksm:
             return 0, True, False
         found_mergeable = start > 0
         handed = 0
+        self.adopt_items(mm, start)
         for seg in list(mm.segments):
             first = max(0, start - seg.start)
             if first >= seg.n:
