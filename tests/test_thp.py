@@ -173,13 +173,17 @@ def test_random_thp_scenarios_stay_inside_the_model_and_old_seeds_keep_their_dra
         assert isinstance(first, m.Mmap) and first.thp and first.pages >= 512
         assert m.thp_outside_model(s.steps) is None
         assert parse_scenario(to_toml(s, "")).steps == s.steps
-    # the reproducers kept from earlier campaigns are still what their seed draws
-    for path in sorted((Path(__file__).parent / "differential").glob("random-*.toml")):
-        seed = int(path.stem.split("-")[1])
-        kept = parse_scenario(path.read_text(), source=str(path))
-        drawn = random_scenario(seed)
-        assert not any(getattr(st, "thp", False) for st in drawn.steps)
-        assert kept.ksm == drawn.ksm or len(kept.steps) <= len(drawn.steps)
+    # without thp a seed draws what it drew before THP regions existed: the
+    # serialised scenarios' digests were taken from the generator before
+    # this change (commit 8eca426), so earlier campaigns' seeds still mean
+    # the same scenarios
+    import hashlib
+
+    before = {1: "4712fbc191167440", 42: "e227202aeee67434", 400301: "05adb3f798eaafd4",
+              500007: "0f97fd01e48d1c66", 600013: "17dcec87c8f8ee82"}
+    for seed, digest in before.items():
+        text = to_toml(random_scenario(seed), "")
+        assert hashlib.sha256(text.encode()).hexdigest()[:16] == digest, seed
 
 
 def test_the_thp_scenarios_are_in_the_suite():
