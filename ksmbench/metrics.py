@@ -57,7 +57,9 @@ RSS_ANON = "rss_anon_pages"
 RSS_ANON_SCENARIO = "rss_anon_scenario_pages"
 PROC_FIELDS: tuple[str, ...] = KSM_STAT_FIELDS + (RSS_ANON, RSS_ANON_SCENARIO)
 
-REGION_METRICS: tuple[str, ...] = ("present", "zero_pfn", "ksm", "distinct_frames")
+#: ``thp`` (pages mapped from a transparent huge page not yet split, KPF_THP)
+#: exists only for a region mapped with ``thp = true``
+REGION_METRICS: tuple[str, ...] = ("present", "zero_pfn", "ksm", "distinct_frames", "thp")
 
 #: observed at a ``set`` step only: the value the tunable holds after the write
 #: (read back from /sys/kernel/mm/ksm), and the errno the write returned (0 when
@@ -175,7 +177,8 @@ class Unmodelled:
     except_field: str | None = None
     #: only on kernels whose profile lacks this behaviour flag
     without_flag: str | None = None
-    #: only in a scenario that maps a THP region
+    #: only in a scenario whose THP region meets an op outside the THP model
+    #: (ksmbench.emulator.emulate.thp_outside_model)
     thp_only: bool = False
 
     def covers(self, metric: str, *, flags: frozenset[str] | set[str] = frozenset(),
@@ -201,9 +204,16 @@ UNMODELLED: tuple[Unmodelled, ...] = (
         "RSS counters approximately: measured off by a few pages on Debian 6.1",
         field=RSS_ANON_SCENARIO, without_flag="rss_exact"),
     Unmodelled(
-        "every metric but `global.full_scans`", "in a scenario with a THP region (`thp = true`)",
-        "KSM splitting huge pages, khugepaged and the THP shrinker's zero-page remapping "
-        "(b1f202060afe) depend on timing and memory state",
+        "every metric but `global.full_scans`",
+        "in a scenario where a THP region (`thp = true`) is read, zapped or advised other than "
+        "mergeable/unmergeable, mprotected, mremapped, write-protected with userfaultfd, or "
+        "its process forks",
+        "those ops split a PMD without splitting the huge page: a partly mapped THP waits on "
+        "the deferred split queue until memory runs short (the shrinker then splits it, and "
+        "since b1f202060afe remaps its zero-filled subpages), and a read maps the huge zero "
+        "page, and a write there splits the PMD into 4 KiB zero pages until 1ced09e0331f "
+        "(6.13) allocates a huge page instead; both depend on timing and memory state, not "
+        "on KSM",
         except_field="global.full_scans", thp_only=True),
 )
 

@@ -272,7 +272,9 @@ def assert_every_cell_matches(df: pd.DataFrame, profile: str) -> int:
     from ksmbench.scenario import builtin_suite
 
     flags = get_profile(profile).flags
-    thp = {s.name: any(getattr(step, "thp", False) for step in s.steps) for s in builtin_suite()}
+    from ksmbench.scenario.model import thp_outside_model
+
+    thp = {s.name: thp_outside_model(s.steps) is not None for s in builtin_suite()}
     predicted = pd.to_numeric(df.predicted, errors="coerce").astype("Int64")
     match = df["match"].astype(str).str.lower()
     bad = df[match == "false"]

@@ -34,6 +34,8 @@ import sys
 import time
 from typing import Any
 
+import numpy as np
+
 from ..errors import KsmbenchError, NotApplicable, SyscallError
 from ..kernel import syscalls
 from ..kernel.procfs import FrameReader, ProcFS
@@ -51,6 +53,7 @@ _HEADER = struct.Struct("!I")
 REGION_BASE = 0x1000_0000_0000
 #: THP regions start on a PMD (2 MiB) boundary so that they can get huge pages
 _PMD_SIZE = 2 << 20
+_PMD_PAGES = _PMD_SIZE // syscalls.PAGE_SIZE
 #: regions are filled in chunks so a 1 GiB fill does not build 1 GiB of source
 _FILL_CHUNK_PAGES = 16384
 
@@ -104,6 +107,8 @@ class Agent:
         self._step_id: FillId | None = None
         self._uffd: syscalls.UffdWriteProtect | None = None  # op uffd_wp: one per process
         self._mem_fd: int | None = None  # /proc/self/mem, for write_byte
+        #: regions mapped with thp = true (a forked child inherits the set)
+        self._thp: set[str] = set()
 
     # -- plumbing ------------------------------------------------------------
     def frames(self) -> FrameReader:
@@ -197,10 +202,63 @@ class Agent:
                 r.munmap()
                 raise
         # THP would let a zero-filled region merge over more scans; regions are
-        # NOHUGEPAGE unless the scenario asks for THP.
-        r.madvise("hugepage" if thp else "nohugepage")
+        # NOHUGEPAGE unless the scenario asks for THP.  A THP region is
+        # MADV_HUGEPAGE only while this agent writes into it (_thp_writes), so
+        # khugepaged never finds it eligible while ksmd runs: a chunk KSM split
+        # is not collapsed again behind the scenario's back.
+        r.madvise("nohugepage")
         self.regions[region] = r
+        if thp:
+            self._thp.add(region)
         return r.addr
+
+    def _vma_edges(self) -> set[int]:
+        """Start and end addresses of every VMA of this process."""
+        edges: set[int] = set()
+        with open("/proc/self/maps") as f:
+            for line in f:
+                lo, hi = line.split(" ", 1)[0].split("-")
+                edges.update((int(lo, 16), int(hi, 16)))
+        return edges
+
+    def _thp_writes(self, region: str, first: int, end: int, write) -> None:
+        """``write()`` pages [first, end) of a region; in a THP region, each
+        2 MiB chunk the write touches first (no page of it present) and that one
+        VMA covers whole is made MADV_HUGEPAGE for the write, and must then be
+        one huge page (do_huge_pmd_anonymous_page()).  A chunk that fell back
+        to 4 KiB pages (no huge page free, THP disabled) makes the scenario not
+        applicable: it says nothing about KSM, and the emulator predicts a huge
+        page there."""
+        if region not in self._thp:
+            write()
+            return
+        r = self.regions[region]
+        frames = self.frames()
+        edges = self._vma_edges()
+        fresh = []
+        for c in range(first - first % _PMD_PAGES, end, _PMD_PAGES):
+            if c + _PMD_PAGES > r.npages:
+                continue
+            lo, hi = r.addr + c * syscalls.PAGE_SIZE, r.addr + (c + _PMD_PAGES) * syscalls.PAGE_SIZE
+            if any(lo < e < hi for e in edges) or (frames.frames(lo, _PMD_PAGES) >= 0).any():
+                continue
+            fresh.append(c)
+        for c in fresh:
+            r.madvise("hugepage", c, c + _PMD_PAGES)
+        try:
+            write()
+        finally:
+            for c in fresh:
+                r.madvise("nohugepage", c, c + _PMD_PAGES)
+        for c in fresh:
+            got = int(np.count_nonzero(frames.thp_mask(r.addr + c * syscalls.PAGE_SIZE, _PMD_PAGES)))
+            if got != _PMD_PAGES:
+                raise NotApplicable(
+                    f"region '{region}' pages {c}-{c + _PMD_PAGES - 1}: the first write got "
+                    f"{got} of {_PMD_PAGES} pages in a huge page (the THP allocation fell back "
+                    "to 4 KiB pages)",
+                    hint="check /sys/kernel/mm/transparent_hugepage/enabled and free memory "
+                         "(AnonHugePages in /proc/meminfo)")
 
     def op_fill(self, region: str, first: int, end: int, pattern: Pattern | str,
                 scenario: str | None = None, step: int = 0) -> None:
@@ -210,10 +268,14 @@ class Agent:
         pat = parse_pattern(pattern) if isinstance(pattern, str) else pattern
         fill = FillId(scenario, step) if scenario is not None else self._step_id
         total = end - first
-        for offset in range(0, total, _FILL_CHUNK_PAGES):
-            n = min(_FILL_CHUNK_PAGES, total - offset)
-            pages = fill_pages(pat, n, fill, offset=offset)
-            r.write_pages(first + offset, pages)
+
+        def write() -> None:
+            for offset in range(0, total, _FILL_CHUNK_PAGES):
+                n = min(_FILL_CHUNK_PAGES, total - offset)
+                pages = fill_pages(pat, n, fill, offset=offset)
+                r.write_pages(first + offset, pages)
+
+        self._thp_writes(region, first, end, write)
 
     def op_read(self, region: str, first: int, end: int) -> None:
         self.regions[region].read_pages(first, end)
@@ -249,7 +311,8 @@ class Agent:
         values = write_byte_values(pat, end - first)
         if self._mem_fd is None:
             self._mem_fd = os.open("/proc/self/mem", os.O_RDWR | os.O_CLOEXEC)
-        self.regions[region].write_byte_forced(self._mem_fd, values, first)
+        self._thp_writes(region, first, end, lambda: self.regions[region].write_byte_forced(
+            self._mem_fd, values, first))
     # --- end of the VMA ops -----------------------------------------------------
 
     def op_prctl(self, merge: bool) -> None:
@@ -257,6 +320,7 @@ class Agent:
 
     def op_munmap(self, region: str) -> None:
         self.regions.pop(region).munmap()
+        self._thp.discard(region)
 
     def op_write_byte_per_page(self, region: str, value: int, first: int, end: int) -> None:
         self.regions[region].write_byte_per_page(value, first, end)
@@ -355,6 +419,9 @@ class Agent:
                     continue
                 m = self.frames().region_metrics(r.addr, r.npages, [zero])
                 regions[name] = m.__dict__.copy()
+                if name in self._thp:
+                    regions[name]["thp"] = int(np.count_nonzero(
+                        self.frames().thp_mask(r.addr, r.npages)))
                 region_anon += m.present - m.zero_pfn
         rss, walked = self._rss_pair()
         scenario_rss = None if rss is None or walked is None else rss - walked + region_anon

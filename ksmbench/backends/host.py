@@ -377,6 +377,10 @@ class HostSession:
             if not syscalls.uffd_wp_available():
                 raise NotApplicable("needs userfaultfd write-protect on anonymous memory "
                                     "(Linux 5.7, CONFIG_USERFAULTFD), which is unavailable here")
+        if any(isinstance(step, m.Mmap) and step.thp for step in scenario.steps):
+            why = thp_unusable()
+            if why:
+                raise NotApplicable(why)
         # write_byte under PROT_NONE/PROT_READ writes through /proc/self/mem
         if (any(isinstance(step, m.WriteByte) for step in scenario.steps)
                 and any(isinstance(step, m.Mprotect) and step.prot != "read-write"
@@ -552,3 +556,34 @@ class HostBackend:
                     error = exc.one_line()
                 yield ScenarioFinished(scenario.name, error, time.monotonic() - started, skipped)
         yield BackendInfo({"ksm_tunables_after": session.tunables_after})
+
+
+#: where the kernel shows its transparent huge page settings
+THP_SYSFS = Path("/sys/kernel/mm/transparent_hugepage")
+
+
+def thp_unusable(root: Path = THP_SYSFS) -> str | None:
+    """Why a scenario with a THP region cannot be run here, or None.
+
+    No THP (CONFIG_TRANSPARENT_HUGEPAGE off, or ``enabled`` = never) gives no
+    huge page to split.  And since 6.12 (dafff3f4c850) the deferred split
+    shrinker splits a huge page with more zero-filled subpages than
+    ``khugepaged/max_ptes_none`` when memory runs short (thp_underused(),
+    which is always false at the default 511): with a lower value a split
+    would depend on memory pressure, which no model can predict.
+    """
+    try:
+        enabled = (root / "enabled").read_text()
+    except OSError:
+        return "needs transparent huge pages (CONFIG_TRANSPARENT_HUGEPAGE), which this kernel lacks"
+    if "[never]" in enabled:
+        return "needs transparent huge pages, which are off here (transparent_hugepage/enabled: never)"
+    try:
+        shrink = (root / "shrink_underused").read_text().strip()
+        max_none = int((root / "khugepaged" / "max_ptes_none").read_text())
+    except (OSError, ValueError):
+        return None  # before 6.12: no underused-THP shrinker
+    if shrink == "1" and max_none != 511:
+        return (f"khugepaged/max_ptes_none is {max_none}, not 511: the THP shrinker may split "
+                "huge pages with zero-filled subpages when memory runs short")
+    return None

@@ -231,9 +231,11 @@ def run_differential(seeds: Iterable[int], out_dir: Path, *, runner: HostRunner 
                      progress: Callable[[str], None] = lambda msg: None,
                      batch: int = 10, max_pages: int = 48, max_steps: int = 18,
                      tally: Tally | None = None,
-                     numa_nodes: int = 1, swap: bool = False) -> tuple[int, list[Finding], list[str]]:
+                     numa_nodes: int = 1, swap: bool = False, thp: bool = False,
+                     ) -> tuple[int, list[Finding], list[str]]:
     """Returns (scenarios checked, findings, errors); ``tally`` counts what
-    the scenarios compared (shrinking runs not included)."""
+    the scenarios compared (shrinking runs not included).  ``thp``: every
+    scenario has a THP region (random_scenario)."""
     runner = runner or HostRunner()
     seeds = list(seeds)
     findings: list[Finding] = []
@@ -242,7 +244,7 @@ def run_differential(seeds: Iterable[int], out_dir: Path, *, runner: HostRunner 
     for start in range(0, len(seeds), batch):
         chunk = seeds[start:start + batch]
         scenarios = [random_scenario(seed, max_pages=max_pages, max_steps=max_steps,
-                                     numa_nodes=numa_nodes, swap=swap) for seed in chunk]
+                                     numa_nodes=numa_nodes, swap=swap, thp=thp) for seed in chunk]
         results = check_scenarios(scenarios, runner, profile, tally)
         profile = profile or runner.profile
         for seed, (scenario, cells, error) in zip(chunk, results):
@@ -302,6 +304,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                          "kernel then boots with the nodes its batch binds to")
     ap.add_argument("--swap", action="store_true",
                     help="scenarios with swap = true and op reclaim (a VM kernel: its zram device)")
+    ap.add_argument("--thp", action="store_true",
+                    help="give every scenario a THP region (one or two huge pages)")
     args = ap.parse_args(argv)
 
     err = make_console(stderr=True)
@@ -320,7 +324,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             range(args.seed, args.seed + args.count), Path(args.out), profile=args.profile,
             runner=runner, progress=progress, max_pages=args.max_pages,
             max_steps=args.max_steps, batch=args.batch, tally=tally, numa_nodes=args.numa_nodes,
-            swap=args.swap)
+            swap=args.swap, thp=args.thp)
     for e in errors:
         print("error:", e)
     for f in findings:
@@ -336,7 +340,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     summary = {"kernel": args.kernel, "release": runner.release, "profile": args.profile
                or runner.profile, "seeds": [args.seed, args.seed + args.count - 1],
                "max_pages": args.max_pages, "max_steps": args.max_steps,
-               "numa_nodes": args.numa_nodes, "swap": args.swap,
+               "numa_nodes": args.numa_nodes, "swap": args.swap, "thp": args.thp,
                "scenarios_checked": checked, "cells_compared": tally.cells,
                "mismatching": [{"seed": f.seed, "reproducer": f.path.name if f.path else None,
                                 "cells": [asdict(c) for c in f.cells[:10]]} for f in findings],

@@ -50,9 +50,9 @@ class ScenarioRun:
                                        target_scan_time=k.advisor_target_scan_time)
         self.fast = fast
         self.ksm.spawn(m.MAIN)
-        # THP regions: khugepaged, THP splitting on merge and the deferred
-        # split shrinker are not modelled; predict only what cannot depend on them
-        self.thp = any(isinstance(s, m.Mmap) and s.thp for s in scenario.steps)
+        # THP regions are modelled (first-touch huge pages, KSM's split) under
+        # the ops of thp_outside_model(); past them only full_scans is predicted
+        self.thp = m.thp_outside_model(scenario.steps) is not None
         #: a set step's outcome (set.error, tunable.<name>), for its observation
         self._set_values: dict[str, int | None] = {}
 
@@ -132,7 +132,7 @@ class ScenarioRun:
                 for key, value in k.region_values(seg).items():
                     values[region_metric(mm.name, region, key)] = value
         # what the documented list leaves unmodelled gets no prediction (THP
-        # regions: khugepaged and splitting; RssAnon: the interpreter's memory)
+        # regions under ops outside the THP model; RssAnon: the interpreter's memory)
         if op == "set":
             values.update(self._set_values)
         if k.advisor is not None:
@@ -181,7 +181,7 @@ class ScenarioRun:
 def unmodelled_for(scenario: m.Scenario, profile: Profile | str):
     """The predicate "this metric is not modelled" for a scenario under a profile."""
     prof = get_profile(profile) if isinstance(profile, str) else profile
-    thp = any(isinstance(s, m.Mmap) and s.thp for s in scenario.steps)
+    thp = m.thp_outside_model(scenario.steps) is not None
     return lambda metric: unmodelled(metric, flags=prof.flags, thp=thp) is not None
 
 

@@ -100,6 +100,8 @@ class FastScan:
     def scan_mm(self, mm: MM) -> bool:
         k = self.k
         found_mergeable = False
+        if not mm.exiting:
+            k.adopt_items(mm)
         for seg in list(mm.segments):
             if not mm.exiting and seg.mapped and seg.merge.any():
                 found_mergeable = True

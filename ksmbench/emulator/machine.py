@@ -53,6 +53,8 @@ NONE, UNSTABLE, STABLE = 0, 1, 2
 #: u8 fields fit into padding, so 64 still holds)
 RMAP_ITEM_SIZE = 64
 PAGE_SIZE = 4096
+#: pages in a PMD-mapped transparent huge page (x86-64: 2 MiB of 4 KiB pages)
+HPAGE_PMD_NR = 512
 #: rmap_item->oldchecksum starts at 0 (kmem_cache_zalloc); no ksmbench page
 #: content has checksum 0, so "never checksummed" is its own value
 NO_CHECKSUM = -1
@@ -90,6 +92,9 @@ class Frames:
         #: region is bound to (op mmap, node), else node 0, where every guest
         #: CPU is (the default local policy; backends/vm/boot.py)
         self.numa = np.zeros(1024, dtype=np.int64)
+        #: the THP a frame is a subpage of (the id of its first frame), -1 for
+        #: a small folio; a split makes every subpage a small folio
+        self.folio = np.full(1024, -1, dtype=np.int64)
         self.n = 1  # frame 0 is the shared zero page
 
     def alloc(self, contents: np.ndarray, numa: int = 0) -> np.ndarray:
@@ -104,13 +109,21 @@ class Frames:
             self.node = np.concatenate([self.node, np.full(grow, -1, dtype=np.int64)])
             self.lazy = np.concatenate([self.lazy, np.full(grow, -2, dtype=np.int64)])
             self.numa = np.resize(self.numa, size)
+            self.folio = np.concatenate([self.folio, np.full(grow, -1, dtype=np.int64)])
         self.content[first:need] = contents
         self.mapcount[first:need] = 1
         self.node[first:need] = -1
         self.lazy[first:need] = -2
         self.numa[first:need] = numa
+        self.folio[first:need] = -1
         self.n = need
         return np.arange(first, need, dtype=np.int64)
+
+    def alloc_thp(self, numa: int = 0) -> np.ndarray:
+        """One zero-filled anonymous THP: HPAGE_PMD_NR frames of one folio."""
+        frames = self.alloc(np.full(HPAGE_PMD_NR, ZERO, dtype=np.int64), numa)
+        self.folio[frames] = frames[0]
+        return frames
 
     def unmap(self, frames: np.ndarray) -> None:
         """Drop one mapping of each frame in ``frames`` (repeats allowed)."""
@@ -380,6 +393,10 @@ class Ksm:
         self.frame_slot: dict[int, int] = {}
         #: (anon_vma root, page index) a swap-cache folio was first mapped at
         self.frame_rmap: dict[int, tuple[int, int]] = {}
+        #: a THP split maps zero-filled subpages to the zero page (b1f202060afe, 6.12)
+        self.zero_remap = profile.has("thp_split_zero_remap")
+        #: the THPs not yet split: folio id -> (segment, first page of its chunk)
+        self.thps: dict[int, tuple[Segment, int]] = {}
 
     # -- helpers ---------------------------------------------------------------------
     @property
@@ -472,6 +489,8 @@ class Ksm:
     def fill(self, mm: MM, region: str, first: int, end: int, contents: np.ndarray) -> None:
         seg = mm.regions[region]
         self._swap_in(seg, first, end)  # do_swap_page(), then the write (below)
+        if seg.thp:
+            self._thp_faults(seg, first, end)
         pte = seg.pte[first:end]
         fr = self.frames
         anon = pte > 0
@@ -503,6 +522,77 @@ class Ksm:
         written = np.zeros(seg.n, dtype=bool)
         written[first:end] = True
         seg.mark_anon_vma(written)
+
+    # -- THP regions --------------------------------------------------------------------
+    def _thp_faults(self, seg: Segment, first: int, end: int) -> None:
+        """A write to a THP region: do_huge_pmd_anonymous_page() maps a whole
+        zero-filled huge page at the first write fault in a 2 MiB chunk whose
+        PMD is still empty (no page of the chunk ever present) and which one
+        VMA covers whole (thp_vma_suitable_order()).  The region starts on a
+        2 MiB boundary (agent.op_mmap), so chunks are runs of HPAGE_PMD_NR
+        pages from its start.  That the allocation succeeded is checked by
+        the agent, which makes the scenario not applicable where it did not."""
+        bounds = {b for run in seg.vma_runs() for b in run}
+        lo = first - first % HPAGE_PMD_NR
+        for c in range(lo, end, HPAGE_PMD_NR):
+            ce = c + HPAGE_PMD_NR
+            if ce > seg.vma_end or (seg.pte[c:ce] != -1).any():
+                continue
+            if any(c < b < ce for b in bounds):
+                continue
+            frames = self.frames.alloc_thp(seg.numa)  # the region's mbind() node
+            seg.pte[c:ce] = frames
+            self.thps[int(frames[0])] = (seg, c)
+
+    def _split_thp(self, folio: int) -> None:
+        """split_huge_page(): every subpage becomes a small folio, mapped by a
+        PTE where the PMD mapped it.  Since b1f202060afe (6.12) remap_page()
+        maps each zero-filled subpage to the shared zero page instead, with a
+        clean PTE (pte_mkspecial, no mkdirty): not a KSM zero page, and the
+        subpage's frame is freed."""
+        seg, c = self.thps.pop(folio)
+        fr = self.frames
+        frames = np.arange(folio, folio + HPAGE_PMD_NR, dtype=np.int64)
+        fr.folio[frames] = -1
+        if not self.zero_remap or not seg.mapped:
+            return
+        pte = seg.pte[c:c + HPAGE_PMD_NR]
+        mapped = (pte >= folio) & (pte < folio + HPAGE_PMD_NR)
+        zero = mapped & (fr.content[np.maximum(pte, 0)] == ZERO)
+        if zero.any():
+            fr.unmap(pte[zero])
+            pte[zero] = 0
+            seg.zdirty[c:c + HPAGE_PMD_NR][zero] = False
+
+    def _split_to_merge(self, seg: Segment, idx: int, frame: int, partner: int = -1) -> bool:
+        """try_to_merge_one_page() up to write_protect_page(): a subpage of a
+        THP is split out first.  False when the merge cannot go on: the split
+        fails because ksmd holds a second reference to the same THP (its
+        ``partner`` page, the unstable tree page), or the page is no longer
+        mapped there (the split mapped it to the zero page, so
+        write_protect_page() does not find it)."""
+        if int(seg.pte[idx]) != frame:
+            return False
+        folio = int(self.frames.folio[frame])
+        if folio < 0:
+            return True
+        if partner > 0 and int(self.frames.folio[partner]) == folio:
+            return False
+        self._split_thp(folio)
+        return int(seg.pte[idx]) == frame
+
+    def _break_cow(self, seg: Segment, idx: int, frame: int) -> None:
+        """break_cow() on a page try_to_merge_two_pages() had just made a KSM
+        page when the tree page's merge failed: it is unshared (copied), so
+        it is an ordinary anonymous page again."""
+        self.frames.unmap(np.array([frame], dtype=np.int64))
+        seg.pte[idx] = self.frames.alloc(self.frames.content[[frame]])[0]
+
+    def thp_pages(self, seg: Segment) -> int:
+        """Pages of the segment mapped from a THP not yet split (KPF_THP)."""
+        anon = seg.pte[seg.pte > 0]
+        return int(np.count_nonzero(self.frames.folio[anon] >= 0)) if anon.size else 0
+    # -- end of THP regions ---------------------------------------------------------------
 
     def _drop_zero_ptes(self, seg: Segment, idx: np.ndarray) -> None:
         """A zero PTE goes away (zap, write fault, unshare): KSM-placed ones
@@ -825,6 +915,10 @@ class Ksm:
         """True when the scan must go page by page: before protnone_follow a
         PROT_NONE page in the unstable tree makes searches fail, which the
         windows of fastscan do not model."""
+        if any(seg.mapped for seg, _ in self.thps.values()):
+            # a THP split can map an unstable tree page to the zero page
+            # mid-scan; searches that meet it fail (get_mergeable_page())
+            return True
         return not self.protnone_follow and any(
             (seg.prot == PROT_NONE).any() for seg in self.all_segments() if seg.mapped)
     # --- end of the VMA ops -------------------------------------------------------
@@ -1066,24 +1160,40 @@ class Ksm:
             return kpfn, node, node
         if prune:
             prune = self._prune_due(node)
+        best = self.profile.has("chain_best_dup")
         found: Optional[SNode] = None
         found_len = 0
+        live = 0
         for dup in list(node.dups):
             if self._get_folio(dup) is None:
                 continue
-            if found is None or (self.candidate(dup) and
-                                 (not self.candidate(found) or dup.len > found_len)):
+            live += 1
+            if best:
+                # a0b856b617c5 (6.11): the best dup, a full one if none has room
+                better = found is None or (self.candidate(dup) and (
+                    not self.candidate(found) or dup.len > found_len))
+            else:
+                # before it: only a dup with room
+                better = self.candidate(dup) and (found is None or dup.len > found_len)
+            if better:
                 found = dup
                 found_len = dup.len
                 if not prune and self.candidate(found):
                     break
         if found is None:
+            if node.dups and not best:
+                # before a0b856b617c5 every dup is full here (the walk went
+                # through all of them): stable_node_dup_any() continues the
+                # walk with the first dup's page, and no dup takes a merge
+                return node.dups[0].kpfn, None, node
             # free_stable_node_chain(): its hlist must be empty
             self.roots[node.tree].erase(node)
             node.alive = False
             self.chains -= 1
             return None, None, node
-        if len(node.dups) == 1:
+        if (len(node.dups) == 1) if best else (prune and live == 1):
+            # hlist_is_singular_node() since a0b856b617c5; before it
+            # "prune_stale_stable_nodes && nr == 1"
             # one dup left: drop the chain, the dup takes its place in the tree
             self.roots[node.tree].replace(node, found)
             found.chain = None
@@ -1134,8 +1244,8 @@ class Ksm:
                 elif c > 0:
                     node = node.rb_right
                 else:
-                    if not self.candidate(dup):
-                        return None
+                    if dup is None or not self.candidate(dup):
+                        return None  # every dup of the chain is full
                     return dup.kpfn
             if not restart:
                 return None
@@ -1265,6 +1375,10 @@ class Ksm:
             seg.ick[idx] = cid
             return True
         if self.settings.use_zero_pages and cid == ZERO:
+            if not self._split_to_merge(seg, idx, frame):
+                # the THP split mapped the page to the zero page: the merge
+                # fails and the visit goes on (try_to_merge_with_zero_page())
+                return False
             self._zero_merge(seg, idx)
             return True
         return False
@@ -1392,6 +1506,8 @@ class Ksm:
         self._remove_from_tree(seg, idx)
         if kframe is not None:
             # try_to_merge_with_ksm_page() + stable_tree_append()
+            if not self._split_to_merge(seg, idx, frame):
+                return
             self._replace(seg, idx, kframe)
             self._append(seg, idx, self.nodes[int(fr.node[kframe])])
             return
@@ -1407,6 +1523,17 @@ class Ksm:
         tseg, tidx, tframe = hit
         # try_to_merge_two_pages(): this page becomes the KSM page, the tree
         # page is replaced by it; the tree item leaves the unstable tree
+        if not self._split_to_merge(seg, idx, frame, partner=tframe):
+            folio = int(self.frames.folio[frame])
+            if folio >= 0 and folio == int(self.frames.folio[tframe]):
+                # cmp_and_merge_page(): both pages were of one THP, so the
+                # split failed; with the tree page's reference dropped it is
+                # split now, and nothing merges in this visit
+                self._split_thp(folio)
+            return
+        if not self._split_to_merge(tseg, tidx, tframe):
+            self._break_cow(seg, idx, frame)
+            return
         self._remove_from_tree(tseg, tidx)
         self._replace(tseg, tidx, frame)
         node = self._stable_tree_insert(frame)
@@ -1452,6 +1579,57 @@ class Ksm:
         self._cmp_and_merge_page(seg, idx, frame)
         return True
 
+    def adopt_items(self, mm: MM, start: int = 0) -> None:
+        """get_next_rmap_item() keeps the rmap item it finds at the address of
+        the page it visits: when a region now lies where another one's items
+        still wait for ksmd (an unmapped region, or the tail an in-place mremap
+        shrink left, with a region moved or mapped over it), the page takes
+        that item over, with its checksum, tree state, age and skips.  Found by
+        the differential test (host, seed 700239: a region moved onto a
+        shrunk tail inherited its skip schedule)."""
+        segs = mm.segments
+        if len(segs) < 2:
+            return
+        for seg in segs:
+            if not seg.mapped:
+                continue
+            visit = seg.merge & (seg.pte > 0) & ~seg.item
+            visit[seg.vma_end:] = False
+            if not visit.any():
+                continue
+            for old in segs:
+                if old is seg or not old.item.any():
+                    continue
+                lo, hi = max(seg.start, old.start), min(seg.start + seg.n, old.start + old.n)
+                if lo >= hi or hi <= start:
+                    continue
+                lo = max(lo, start)
+                oi = np.arange(lo - old.start, hi - old.start)
+                # items the old segment no longer has a page to hand on for
+                stale = old.item[oi] & ~(old.mapped & (np.arange(old.n)[oi] < old.vma_end)
+                                         & old.merge[oi] & (old.pte[oi] > 0))
+                take = stale & visit[oi + old.start - seg.start]
+                for o in oi[take].tolist():
+                    self._move_item(old, o, seg, o + old.start - seg.start)
+
+    def _move_item(self, src: Segment, i: int, dst: Segment, j: int) -> None:
+        for name in ("item", "ist", "inode", "ick", "iage", "iskip"):
+            getattr(dst, name)[j] = getattr(src, name)[i]
+        src.item[i] = False
+        src.ist[i] = NONE
+        src.inode[i] = -1
+        for table in (self._unstable_key, self._unstable_nodes):
+            if (src.sid, i) in table:
+                table[(dst.sid, j)] = table.pop((src.sid, i))
+        unode = self._unstable_nodes.get((dst.sid, j))
+        if unode is not None:
+            unode.seg, unode.idx = dst, j
+        key = self._unstable_key.get((dst.sid, j))
+        if key is not None and self.unstable.get(key) == (src, i):
+            self.unstable[key] = (dst, j)
+        if src.mm is not dst.mm:  # pragma: no cover - one mm's address space
+            raise AssertionError("rmap items move only within an mm")
+
     def _drop_empty_ghosts(self, mm: MM) -> None:
         mm.segments = [s for s in mm.segments if s.mapped or s.item.any()]
 
@@ -1475,6 +1653,7 @@ class Ksm:
             return 0, True, False
         found_mergeable = start > 0
         handed = 0
+        self.adopt_items(mm, start)
         for seg in list(mm.segments):
             first = max(0, start - seg.start)
             if first >= seg.n:
@@ -1483,6 +1662,12 @@ class Ksm:
                 found_mergeable = True
             visit = seg.merge & (seg.pte > 0) if seg.mapped else np.zeros(seg.n, dtype=bool)
             for idx in (np.flatnonzero((visit | seg.item)[first:]) + first).tolist():
+                if visit[idx] and seg.pte[idx] <= 0:
+                    # a THP split earlier in this walk mapped the page to the
+                    # zero page: no anon page here now
+                    if not seg.item[idx]:
+                        continue
+                    visit[idx] = False
                 if visit[idx]:
                     if self.visit(seg, idx):
                         handed += 1
@@ -1629,12 +1814,15 @@ class Ksm:
             ksm = int(anon.size)  # dee3d0bef2b0: KPF_KSM on every anon folio
         else:
             ksm = int(np.count_nonzero(self.frames.node[anon] >= 0)) if anon.size else 0
-        return {
+        out = {
             "present": int(np.count_nonzero(present)),
             "zero_pfn": int(np.count_nonzero(pte == 0)),
             "ksm": ksm,
             "distinct_frames": int(np.unique(anon).size),
         }
+        if seg.thp:
+            out["thp"] = self.thp_pages(seg)
+        return out
 
     # -- invariants (tests) ----------------------------------------------------------------
     def check(self) -> None:

@@ -115,7 +115,17 @@ FLAGS: tuple[Flag, ...] = (
     Flag("ksm_execve", "3a9e567ca45f", (6, 10),
          "ksm_execve(): an exec'd mm with MMF_VM_MERGE_ANY is registered with ksmd at exec; "
          "before it the new mm had the flag but no mm slot, so nothing in it was scanned"),
-    Flag("checksum_first", "ac90c56bbd73+d58a361b0350+a0b856b617c5", (6, 11),
+    # "mm/ksm: optimize the chain()/chain_prune() interfaces" (Chengming Zhou),
+    # the third patch of the series that brought checksum_first.  Found by the
+    # THP differential campaign on Debian 6.1 (seed 720020: regions of 512
+    # pages, max_page_sharing=2): a chain left with one full dup
+    Flag("chain_best_dup", "a0b856b617c5", (6, 11),
+         "stable_node_dup() picks the best dup even when none has room, and a chain whose "
+         "only dup is that one collapses into it on every walk; before it only a dup with "
+         "room is picked (a chain of full dups is walked through its first dup and nothing "
+         "merges into it) and a chain collapses only on a pruning walk that found exactly "
+         "one live dup, and it has room"),
+    Flag("checksum_first", "ac90c56bbd73+d58a361b0350", (6, 11),
          "cmp_and_merge_page() checks the checksum before the stable tree: a page identical to "
          "an existing KSM page merges on its second visit, not its first"),
     Flag("ksm_stat_involvement", "3ab76c767bc7", (6, 14),
@@ -146,6 +156,15 @@ FLAGS: tuple[Flag, ...] = (
          "zero pages to the global ksm_zero_pages (before: the child inherits the parent's "
          "counters and the global counter is not raised)",
          stable={(6, 6): 112, (6, 12): 54, (6, 17): 4}, stable_approx=True),
+    # mm/huge_memory.c: __split_huge_page() remaps with RMP_USE_SHARED_ZEROPAGE for
+    # an anonymous folio, and remove_migration_pte() maps each subpage that
+    # memchr_inv() finds all zero to the zero page (try_to_map_unused_to_zeropage()).
+    # Every split of an anonymous THP does it, KSM's in try_to_merge_one_page()
+    # too (measured on this host's 6.18: docs/emulator.md, "THP regions")
+    Flag("thp_split_zero_remap", "b1f202060afe", (6, 12),
+         "splitting an anonymous THP (KSM does before it merges a subpage) maps every "
+         "zero-filled subpage to the shared zero page with a clean PTE: the frame is freed, "
+         "no KSM zero page is counted, and a merge of such a subpage fails"),
     # Found by diffing Debian's linux-source-7.2 (7.2.13) and linux-source-7.3
     # (7.3.4) mm/ksm.c; the upstream commit id was not found, so the flag cites
     # the release and the code.  struct ksm_rmap_item puts the new

@@ -294,6 +294,18 @@ class FrameReader:
             distinct_frames=int(uniq.size),
         )
 
+    def thp_mask(self, addr: int, npages: int) -> np.ndarray:
+        """True for each page present and part of an anonymous transparent huge
+        page (KPF_THP; the huge zero page, which also has it, excluded)."""
+        frames = self.frames(addr, npages)
+        present = frames >= 0
+        out = np.zeros(npages, dtype=bool)
+        if present.any():
+            flags = self.kpageflags(frames[present])
+            out[present] = (((flags & np.uint64(1 << KPF_THP)) != 0)
+                            & ((flags & np.uint64(1 << KPF_ZERO_PAGE)) == 0))
+        return out
+
     def discover_zero_pfn(self) -> int:
         """Find the shared zero page's frame by faulting it in and looking.
 

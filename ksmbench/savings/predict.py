@@ -16,7 +16,9 @@ nothing (no rmap item, no KSM page: run=2 or a fresh boot).  A segment holds
 only the present candidate pages: ksmd skips holes, swap entries and zero
 PTEs without any effect on the counters.
 
-Transparent huge pages (not in the emulator, modelled here): ksmd merges
+Transparent huge pages (modelled here for snapshots, whose huge pages come
+from the snapshot's KPF_THP; scenario THP regions are modelled in the
+emulator's machine, docs/emulator.md "THP regions"): ksmd merges
 4 KiB pages, so try_to_merge_one_page() first splits a THP it tries to merge
 a subpage of.  Since b1f202060afe (6.12) the split maps every zero-filled
 subpage to the shared zero page with a *clean* PTE: memory is saved (RSS,
@@ -63,9 +65,6 @@ from .snapshot import ProcessImage, is_zero
 CPU_PER_VISIT = 0.53e-6
 CPU_PER_UNSTABLE = 7.2e-6
 CPU_PER_MERGE = 3.6e-6
-#: b1f202060afe "mm: remap unused subpages to shared zeropage when splitting
-#: isolated thp" (6.12)
-THP_SPLIT_REMAPS_ZERO = (6, 12)
 #: the counters whose stillness defines convergence
 SAVINGS_COUNTERS = ("pages_shared", "pages_sharing", "ksm_zero_pages", "general_profit")
 
@@ -264,7 +263,8 @@ class Predictor:
         """Which pages a THP split will map to the zero page (see the module doc)."""
         n = content.size
         out = np.zeros(n, dtype=bool)
-        if n == 0 or self.profile.version[:2] < THP_SPLIT_REMAPS_ZERO:
+        # b1f202060afe (6.12): the profile flag thp_split_zero_remap
+        if n == 0 or not self.profile.has("thp_split_zero_remap"):
             return out
         thp = np.concatenate([a.thp if a.thp.size == a.pages else np.zeros(a.pages, dtype=bool)
                               for a in areas])

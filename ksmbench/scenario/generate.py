@@ -84,16 +84,24 @@ def leaks_zero_pages(steps: Sequence[m.Step], ksm: m.KsmSettings) -> bool:
     return False
 
 
+#: sizes of the THP region of a ``thp`` random scenario: one or two whole
+#: huge pages, or one or two and a tail of 4 KiB pages
+_THP_PAGES = (512, 700, 1024, 1100)
+
+
 def random_scenario(seed: int, *, max_steps: int = 18, max_pages: int = 48,
                     name_prefix: str = "random", numa_nodes: int = 1,
-                    swap: bool = False) -> m.Scenario:
+                    swap: bool = False, thp: bool = False) -> m.Scenario:
     """``numa_nodes`` > 1: regions are bound to random nodes (op mmap, node) and
     merge_across_nodes starts at 0 half the time.  ``swap``: the scenario has
     ``swap = true`` (a guest's zram device), and op ``reclaim`` joins the mix.
-    With the defaults no draw is spent on either, so a seed gives the scenario
-    it always gave."""
+    ``thp``: the first region is a THP region (``thp = true``) of one or two
+    huge pages, and no step takes it outside the emulator's THP model
+    (:class:`ksmbench.scenario.model.ThpRegions`).  With the defaults no draw
+    is spent on any of them, so a seed gives the scenario it always gave."""
     rng = random.Random(seed)
     world = m.World()
+    thp_regions = m.ThpRegions()
     procs = world.procs  # live processes -> their regions, in creation order
     used_names = {m.MAIN}
     steps: list[m.Step] = []
@@ -127,6 +135,7 @@ def random_scenario(seed: int, *, max_steps: int = 18, max_pages: int = 48,
     def add(cls: type, proc: str = m.MAIN, **fields: Any) -> None:
         step = cls(len(steps), proc, **fields)
         step.track(world)
+        thp_regions.track(step)
         steps.append(step)
 
     def draw(make: Callable[[], tuple[type, str, dict[str, Any]]]) -> None:
@@ -137,8 +146,9 @@ def random_scenario(seed: int, *, max_steps: int = 18, max_pages: int = 48,
             cls, at, fields = make()
             step = cls(len(steps), at, **fields)
             if step.problem(world) is None and not _forks_zero_pages_out(
-                    world, step, zero_pages_seen):
+                    world, step, zero_pages_seen) and thp_regions.outside(step) is None:
                 step.track(world)
+                thp_regions.track(step)
                 steps.append(step)
                 if isinstance(step, m.Set) and step.tunable == "use_zero_pages" and step.value:
                     zero_pages_seen = True
@@ -163,11 +173,16 @@ def random_scenario(seed: int, *, max_steps: int = 18, max_pages: int = 48,
 
     # a set-up that gives ksmd something to merge: regions filled with mostly
     # duplicate content and made mergeable, then a random mix of everything
-    for _ in range(rng.randint(1, 3)):
+    for i in range(rng.randint(1, 3)):
         region_counter += 1
         name = f"r{region_counter}"
         pages = rng.randint(1, max_pages)
-        add(m.Mmap, region=name, pages=pages, **node())
+        if thp and i == 0:
+            # its own generator: the draws of the main one stay as they were
+            pages = random.Random(f"thp-{seed}").choice(_THP_PAGES)
+            add(m.Mmap, region=name, pages=pages, thp=True, **node())
+        else:
+            add(m.Mmap, region=name, pages=pages, **node())
         for _ in range(rng.randint(1, 3)):
             pat = pattern()
             add(m.Fill, region=name, pattern=pat, **some_range(pages))

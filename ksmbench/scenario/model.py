@@ -723,3 +723,65 @@ class Scenario:
     def max_pages(self) -> int:
         """Upper bound of pages mapped at once (for sizing timeouts)."""
         return sum(self.region_pages.values()) or 1
+
+
+# -- THP regions: the ops the emulator's THP model covers ----------------------------------
+
+#: madvise advices the THP model covers in a THP region
+THP_ADVICES = ("mergeable", "unmergeable")
+
+
+class ThpRegions:
+    """Which regions are THP regions (``thp = true``), walked step by step,
+    and whether a step takes them outside the emulator's THP model.
+
+    The model covers what a THP region goes through with writes (fill,
+    write_byte), MADV_MERGEABLE/UNMERGEABLE, scans, set, run=2, prctl, munmap,
+    exec and exit: huge pages come only from first-touch write faults and go
+    only by KSM's split or a whole zap.  It leaves out read faults (the huge
+    zero page), the other madvise advices (partial zaps: a PMD split, and a
+    deferred split the shrinker does when memory runs short), mprotect, mremap
+    and uffd_wp (PMD splits at new VMA edges), fork (a THP shared by two
+    mms, CoW of a PMD-mapped page) and reclaim (a THP is split or swapped
+    whole, as the swap device allows).
+    """
+
+    def __init__(self) -> None:
+        self.regions: set[tuple[str, str]] = set()
+
+    def outside(self, step: "Step") -> str | None:
+        """Why ``step`` leaves the THP model (before :meth:`track`), or None."""
+        if isinstance(step, Fork) and any(p == step.proc for p, _ in self.regions):
+            return f"step {step.index}: fork of a process with a THP region"
+        if isinstance(step, Reclaim) and self.regions:
+            return f"step {step.index}: reclaim with a THP region mapped"
+        region = getattr(step, "region", None)
+        if region is None or (step.proc, region) not in self.regions or isinstance(step, Mmap):
+            return None
+        if isinstance(step, (Read, Mprotect, Mremap, UffdWp)) or (
+                isinstance(step, Madvise) and step.advice not in THP_ADVICES):
+            return f"step {step.index}: {step.op} on THP region '{region}'"
+        return None
+
+    def track(self, step: "Step") -> None:
+        if isinstance(step, Mmap):
+            if step.thp:
+                self.regions.add((step.proc, step.region))
+            else:
+                self.regions.discard((step.proc, step.region))
+        elif isinstance(step, Munmap):
+            self.regions.discard((step.proc, step.region))
+        elif isinstance(step, (Exec, Exit)):
+            self.regions = {(p, r) for p, r in self.regions if p != step.proc}
+
+
+def thp_outside_model(steps) -> str | None:
+    """The first step that takes a THP region outside the emulator's THP
+    model (:class:`ThpRegions`), described, or None."""
+    thp = ThpRegions()
+    for step in steps:
+        why = thp.outside(step)
+        if why is not None:
+            return why
+        thp.track(step)
+    return None
