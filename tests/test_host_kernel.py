@@ -97,6 +97,7 @@ def test_metadata(observed):
 def test_every_scenario_has_a_baseline_and_a_teardown(observed, flags):
     _, df, _ = observed
     cell = Cells(df)
+    by_name = {s.name: s for s in builtin_suite()}  # the advisor's pages_to_scan is observed too
     for scenario in sorted(set(df.scenario)):
         rows = df[df.scenario == scenario]
         base = rows[rows.op == "baseline"]
@@ -104,6 +105,9 @@ def test_every_scenario_has_a_baseline_and_a_teardown(observed, flags):
         assert set(base.step) == {-1} and len(base) == 8, scenario
         assert base.predicted.isna().all() and base.match.isna().all()
         down = rows[rows.op == "teardown"]
+        advisor = {"tunable.pages_to_scan"} if by_name[scenario].ksm.advisor else set()
+        assert set(down.metric) - {m for m in down.metric if m.startswith("global.")} == advisor
+        down = down[down.metric.str.startswith("global.")]
         assert len(down) == 11 and down.step.nunique() == 1, scenario  # every global counter
         assert int(down.step.iloc[0]) == rows[~rows.op.isin(["baseline", "teardown"])].step.max() + 1
         assert (down.match.astype(str).str.lower() == "true").all(), down
