@@ -177,7 +177,7 @@ def bare_session() -> HostSession:
     from ksmbench.kernel.procfs import ProcFS
 
     session = HostSession.__new__(HostSession)
-    session.procfs, session.swap = ProcFS(), None
+    session.procfs, session.swap, session.swap_unavailable = ProcFS(), None, None
     return session
 
 

@@ -100,6 +100,21 @@ def test_a_machine_without_swap_reports_swap_scenarios_not_applicable(fake_proc,
     session.check_applicable(scen([mmap(4), PAGEOUT], swap=None))  # modelled without swap
 
 
+def test_a_kernel_without_swap_support_runs_its_other_scenarios(fake_proc, monkeypatch):
+    """A kernel built without CONFIG_SWAP (a tinyconfig build that validate
+    boots) has no /proc/swaps: no swap is in use, so a pageout scenario runs as
+    modelled without swap, and a swap scenario is n/a with the guest's reason."""
+    from ksmbench.kernel.swap import SWAP_UNAVAILABLE_ENV
+
+    assert not (fake_proc / "swaps").exists()
+    assert active_swaps(str(fake_proc)) == []
+    monkeypatch.setenv(SWAP_UNAVAILABLE_ENV, "this kernel has no swap support (CONFIG_SWAP is off)")
+    session = _session(fake_proc, monkeypatch)
+    session.check_applicable(scen([mmap(4), PAGEOUT], swap=None))
+    with pytest.raises(NotApplicable, match="could not make one: this kernel has no swap support"):
+        session.check_applicable(scen([mmap(4), PAGEOUT]))
+
+
 def test_a_guest_with_its_zram_device_runs_swap_scenarios(fake_proc, monkeypatch):
     _swaps(fake_proc)  # the device is off between scenarios
     session = _session(fake_proc, monkeypatch, device="/dev/zram0")

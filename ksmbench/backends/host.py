@@ -185,10 +185,12 @@ class HostSession:
         self.repair_message: str | None = None
         #: a swap device this session may turn on for ``swap = true``
         #: scenarios (a guest's zram, named by the VM backend; never the host's)
-        from ..kernel.swap import SWAP_DEVICE_ENV, ZramSwap
+        from ..kernel.swap import SWAP_DEVICE_ENV, SWAP_UNAVAILABLE_ENV, ZramSwap
 
         device = os.environ.get(SWAP_DEVICE_ENV)
         self.swap: ZramSwap | None = ZramSwap(device) if device else None
+        #: why the guest has no swap device to offer, when it tried and failed
+        self.swap_unavailable: str | None = os.environ.get(SWAP_UNAVAILABLE_ENV)
         #: the memory cgroup of a scenario with op "reclaim" (guests only)
         self.cgroup = None
         self._cgroups_made = 0
@@ -323,6 +325,9 @@ class HostSession:
 
         active = active_swaps(str(self.procfs.root))
         if scenario.swap and not active and self.swap is None:
+            if self.swap_unavailable:
+                raise NotApplicable(f"needs a swap device (swap = true), and this guest could "
+                                    f"not make one: {self.swap_unavailable}")
             raise NotApplicable("needs a swap device (swap = true), and this machine has none; "
                                 "ksmbench adds swap only to the guests it boots "
                                 "(--kernel debian:X.Y gets a zram device)")

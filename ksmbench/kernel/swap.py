@@ -29,10 +29,19 @@ SWAP_DEVICE_ENV = "KSMBENCH_SWAP_DEVICE"
 ZRAM_BYTES = 256 << 20
 
 
+#: set by the VM backend's guest instead of SWAP_DEVICE_ENV when it could not
+#: prepare a swap device: why, for the n/a of every ``swap = true`` scenario
+SWAP_UNAVAILABLE_ENV = "KSMBENCH_SWAP_UNAVAILABLE"
+
+
 def active_swaps(proc_root: str = "/proc") -> list[str]:
-    """The swap areas in use (/proc/swaps, without its header line)."""
-    with os_boundary(f"reading {proc_root}/swaps"):
-        lines = Path(proc_root, "swaps").read_text().splitlines()
+    """The swap areas in use (/proc/swaps, without its header line); none on a
+    kernel built without CONFIG_SWAP, which has no /proc/swaps (tinyconfig)."""
+    path = Path(proc_root, "swaps")
+    if not path.exists():
+        return []
+    with os_boundary(f"reading {path}"):
+        lines = path.read_text().splitlines()
     return [line.split()[0] for line in lines[1:] if line.strip()]
 
 
@@ -62,6 +71,8 @@ class ZramSwap:
 
     def prepare(self) -> None:
         """Load zram, size the device and write a swap signature on it."""
+        if not Path("/proc/swaps").exists():
+            raise KsmbenchError("this kernel has no swap support (CONFIG_SWAP is off)")
         if not self._sysfs.exists():
             _run(["modprobe", "zram", "num_devices=1"], "loading the zram module")
         with os_boundary(f"setting up {self.device}"):
