@@ -1,9 +1,10 @@
 """Verdicts without a kernel: the recorded reference run re-judged by the
 current emulator, every cell; one-sided cells; the unmodelled list.
 
-``results/reference/20261201-133152-b920`` holds what eight real kernels did
-with the built-in suite (this host's 6.18.44 and Debian's 6.1, 6.12, 6.16,
-6.17, 6.18, 7.2 and 7.3), baseline and teardown points included.  Replaying it through ``ksmbench run``'s own Runner judges every
+``results/reference/20261201-201124-cd3f`` holds what eight real kernels did
+with the built-in suite and identify's probes (this host's 6.18.44 and
+Debian's 6.1, 6.12, 6.16, 6.17, 6.18, 7.2 and 7.3; THP, swap and advisor
+scenarios included), baseline and teardown points included.  Replaying it through ``ksmbench run``'s own Runner judges every
 recorded cell against today's emulator in well under a second, so a profile
 that is wrong only for a guest kernel fails here without booting it.
 """
@@ -29,14 +30,10 @@ from ksmbench.runner import RunRecorder, Runner, exit_status
 from ksmbench.scenario import builtin_suite
 
 ROOT = Path(__file__).resolve().parents[1]
-REFERENCE = ROOT / "results" / "reference" / "20261201-133152-b920"
-#: the same eight kernels running scenarios added to the suite after REFERENCE
-#: was recorded (the VMA ops: mprotect, mremap, write_byte, the new madvise advices)
-SUPPLEMENTS = (ROOT / "results" / "reference" / "20261201-160351-2e72",
-               ROOT / "results" / "reference" / "20261201-162817-1f43",
-               # the swap scenarios (swap = true: a zram guest) on debian:6.12 and 6.1
-               ROOT / "results" / "reference" / "20261201-184615-20c4",
-               ROOT / "results" / "reference" / "20261201-185408-d3f7")
+REFERENCE = ROOT / "results" / "reference" / "20261201-201124-cd3f"
+#: runs of scenarios added to the suite after REFERENCE was recorded, on the
+#: same kernels (none today: REFERENCE holds the whole suite)
+SUPPLEMENTS: tuple[Path, ...] = ()
 
 
 class Replay:
@@ -65,7 +62,11 @@ class Replay:
 def reference():
     observed, releases = load_rundir(REFERENCE)
     meta = json.loads((REFERENCE / "metadata.json").read_text())
-    verdicts = {k["kernel"]: k["verdicts"] for k in meta["kernels"]}
+    # the built-in suite only: an identify run also holds its probe scenarios
+    suite = {s.name for s in builtin_suite()}
+    observed = {k: {n: pts for n, pts in by.items() if n in suite} for k, by in observed.items()}
+    verdicts = {k["kernel"]: {n: v for n, v in k["verdicts"].items() if n in suite}
+                for k in meta["kernels"]}
     for extra in SUPPLEMENTS:
         more, more_releases = load_rundir(extra)
         # the same kernels (a supplement may leave out the host, judged live)
@@ -74,7 +75,6 @@ def reference():
         assert not any(set(more[k]) & set(observed[k]) for k in more), "a scenario twice"
         # the built-in suite only: a supplement may also hold named sets (ltp),
         # whose LTP expectations are not all meant for every kernel
-        suite = {s.name for s in builtin_suite()}
         for k in more:
             observed[k].update({n: pts for n, pts in more[k].items() if n in suite})
         for k in json.loads((extra / "metadata.json").read_text())["kernels"]:

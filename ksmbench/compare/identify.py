@@ -287,7 +287,7 @@ def identify_command(args: Namespace) -> int:
                     status = max(status, 1)
         finally:
             rundir.close()
-    console.print(f"observations: {esc(rundir.path)}  (re-analyse: python -m ksmbench.identify "
+    console.print(f"observations: {esc(rundir.path)}  (re-analyse: python -m ksmbench.compare.identify "
                   f"{esc(rundir.path)})")
     return status
 
@@ -316,7 +316,7 @@ def _identify_on_cluster(args: Namespace, console, scenarios, specs, backends, j
         report(console, outcome.label, result)
         if result.fitted_score.bad:
             status = max(status, 1)
-    console.print(f"observations: {rundir.path}  (re-analyse: python -m ksmbench.identify "
+    console.print(f"observations: {rundir.path}  (re-analyse: python -m ksmbench.compare.identify "
                   f"{rundir.path})")
     return status
 

@@ -584,9 +584,13 @@ class Ksm:
     def _break_cow(self, seg: Segment, idx: int, frame: int) -> None:
         """break_cow() on a page try_to_merge_two_pages() had just made a KSM
         page when the tree page's merge failed: it is unshared (copied), so
-        it is an ordinary anonymous page again."""
+        it is an ordinary anonymous page again.  Since 7.3 break_cow() also
+        zeroes the item's linear_page_index, and with it the oldchecksum, age
+        and remaining_skips it overlays (stable_item_reset), although the
+        item was never on the stable tree: the page needs two more visits."""
         self.frames.unmap(np.array([frame], dtype=np.int64))
         seg.pte[idx] = self.frames.alloc(self.frames.content[[frame]])[0]
+        self._left_stable_tree(seg, idx)
 
     def thp_pages(self, seg: Segment) -> int:
         """Pages of the segment mapped from a THP not yet split (KPF_THP)."""
