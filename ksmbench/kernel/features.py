@@ -3,7 +3,7 @@
 Each feature names the kernel version and commit that introduced it, so that a
 missing counter can be explained rather than reported as 0.  Behavioural
 differences that no file reveals (e.g. the 6.11 checksum-first merge order)
-are found by :mod:`ksmbench.identify` running probe scenarios.
+are found by :mod:`ksmbench.compare.identify` running probe scenarios.
 """
 
 from __future__ import annotations
