@@ -12,6 +12,7 @@ boundary picks the exception type from the errno.
 from __future__ import annotations
 
 import errno as _errno
+import subprocess
 from contextlib import contextmanager
 from typing import Iterator
 
@@ -142,6 +143,23 @@ def os_boundary(what: str) -> Iterator[None]:
         raise
     except OSError as exc:
         raise translate_os_error(exc, what) from exc
+
+
+def run_tool(argv: list[str], what: str, *, timeout: float,
+             error: type[KsmbenchError] = KsmbenchError, hint: str | None = None) -> None:
+    """Run a system tool (argv, no shell) within ``timeout`` seconds.  A missing
+    tool, a timeout or a non-zero exit becomes one ``error`` naming ``what``,
+    with the tool's last line of output; ``hint`` says what to install."""
+    try:
+        proc = subprocess.run(argv, capture_output=True, text=True, timeout=timeout)
+    except FileNotFoundError:
+        raise error(f"{what}: {argv[0]} is not installed", hint=hint) from None
+    except subprocess.TimeoutExpired:
+        raise error(f"{what}: {argv[0]} did not finish within {timeout:.0f} s") from None
+    if proc.returncode != 0:
+        lines = [ln.strip() for ln in (proc.stderr or proc.stdout).splitlines() if ln.strip()]
+        raise error(f"{what} failed (exit {proc.returncode}): "
+                    f"{lines[-1] if lines else 'no output'}")
 
 
 def rebuild(kind: str, message: str, hint: str | None) -> KsmbenchError:

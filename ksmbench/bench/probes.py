@@ -56,10 +56,6 @@ def parse_stat_cpu(text: str) -> float:
     return (utime + stime) / CLOCK_TICKS
 
 
-def parse_schedstat(text: str) -> int:
-    return int(text.split()[0])
-
-
 class ThreadCpu:
     """CPU time of one thread (ksmd), read from /proc."""
 
@@ -73,11 +69,7 @@ class ThreadCpu:
             stat = stat_path.read_text()
         runtime = live_runtime_ns(self.pid) if self.procfs.root == Path(DEFAULT_ROOT) else None
         if runtime is None:
-            sched_path = self.procfs.path(self.pid, "schedstat")
-            try:
-                runtime = parse_schedstat(sched_path.read_text())
-            except (OSError, ValueError, IndexError):
-                runtime = None  # no CONFIG_SCHED_INFO: ticks only
+            runtime = self.procfs.sched_runtime(self.pid)  # None without CONFIG_SCHED_INFO
         return CpuTime(parse_stat_cpu(stat), runtime)
 
 

@@ -416,6 +416,19 @@ def _base_profiles(rundir, base_run: KernelRun, scenarios, expect) -> tuple[str,
     return base_profile, expected_profile
 
 
+def _base_ran(rundir, base_run: KernelRun | None, base_timing: dict, scenarios, expect,
+              timings: list, out, err_console) -> tuple[str, str] | None:
+    """Record the base's timing; its profiles (:func:`_base_profiles`), or None
+    after one error line when the base could not be judged."""
+    timings.append(base_timing)
+    out.timing(base_timing)
+    base_error = _base_error(base_run, base_timing)
+    if base_error:
+        err_console.print(f"ksmbench: error: base: {base_error}")
+        return None
+    return _base_profiles(rundir, base_run, scenarios, expect)
+
+
 def _base_error(base_run: KernelRun | None, base_timing: dict) -> str | None:
     base_error = base_run.error if base_run else None
     if base_run is not None and not base_error and not base_run.observed:
@@ -446,13 +459,11 @@ def _sequential(progress, tasks, cache, rundir, scenarios, args, suite_key, vari
     variant, judged as soon as it has run.  Returns 2 when the base failed."""
     base_run, base_image, base_timing = _run_one(progress, tasks["base"], "base", None,
                                                 cache, rundir, scenarios, args, suite_key)
-    timings.append(base_timing)
-    out.timing(base_timing)
-    base_error = _base_error(base_run, base_timing)
-    if base_error:
-        err_console.print(f"ksmbench: error: base: {base_error}")
+    profiles = _base_ran(rundir, base_run, base_timing, scenarios, expect, timings, out,
+                         err_console)
+    if profiles is None:
         return 2
-    base_profile, expected_profile = _base_profiles(rundir, base_run, scenarios, expect)
+    base_profile, expected_profile = profiles
     for v in variants:
         task = tasks[v.name]
         run, image, timing = _run_one(progress, task, v.name, v, cache, rundir, scenarios,
@@ -605,14 +616,11 @@ class _OnCluster:
                 built.append((v, image, vt))
         self.wait(["base"])
         base_run, base_timing = self.ended["base"]
-        timings.append(base_timing)
-        out.timing(base_timing)
-        base_error = _base_error(base_run, base_timing)
-        if base_error:
-            err_console.print(f"ksmbench: error: base: {base_error}")
+        profiles = _base_ran(self.rundir, base_run, base_timing, self.scenarios, expect,
+                             timings, out, err_console)
+        if profiles is None:
             return 2
-        base_profile, expected_profile = _base_profiles(self.rundir, base_run, self.scenarios,
-                                                        expect)
+        base_profile, expected_profile = profiles
         by_name = {v.name: v for v, _image, _t in built}
         judged: set[str] = set()
 

@@ -82,6 +82,11 @@ class RegionMetrics:
     distinct_frames: int
 
 
+def parse_schedstat(text: str) -> int:
+    """The run time in ns: the first field of /proc/<pid>/schedstat."""
+    return int(text.split()[0])
+
+
 class ProcFS:
     """Access to one /proc tree (the real one, or a fake one in tests)."""
 
@@ -137,7 +142,7 @@ class ProcFS:
         the file is missing or the process is gone."""
         text = self._read(pid, "schedstat")
         try:
-            return None if text is None else int(text.split()[0])
+            return None if text is None else parse_schedstat(text)
         except (IndexError, ValueError):
             return None
 

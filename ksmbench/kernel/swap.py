@@ -16,10 +16,9 @@ referenced once is read back without going through the swap cache
 
 from __future__ import annotations
 
-import subprocess
 from pathlib import Path
 
-from ..errors import KsmbenchError, os_boundary
+from ..errors import KsmbenchError, os_boundary, run_tool
 
 #: the environment variable through which the VM backend's guest tells the
 #: host backend which swap device it may turn on (set by guest_events)
@@ -46,16 +45,7 @@ def active_swaps(proc_root: str = "/proc") -> list[str]:
 
 
 def _run(argv: list[str], what: str) -> None:
-    try:
-        proc = subprocess.run(argv, capture_output=True, text=True, timeout=120)
-    except FileNotFoundError:
-        raise KsmbenchError(f"{what}: {argv[0]} is not installed",
-                            hint="install util-linux and kmod") from None
-    except subprocess.TimeoutExpired:
-        raise KsmbenchError(f"{what}: {argv[0]} did not finish within 120 s") from None
-    if proc.returncode != 0:
-        tail = (proc.stderr or proc.stdout).strip().splitlines()[-1:] or ["no output"]
-        raise KsmbenchError(f"{what} failed (exit {proc.returncode}): {tail[0]}")
+    run_tool(argv, what, timeout=120, hint="install util-linux and kmod")
 
 
 class ZramSwap:

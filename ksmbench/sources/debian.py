@@ -43,7 +43,7 @@ from pathlib import Path
 from typing import Callable, Iterable, Iterator, Sequence
 
 from ..console import esc
-from ..errors import KernelNotFound, KsmbenchError, os_boundary
+from ..errors import KernelNotFound, KsmbenchError, os_boundary, run_tool
 from ..waiting import flock_exclusive
 from .cache import cache_root
 from .packaged import packaged_file
@@ -706,14 +706,7 @@ def _extract_source(deb: Path, top: str, dest: Path, members: list[str] | None, 
 
 
 def _run(argv: list[str], what: str, *, timeout: float) -> None:
-    try:
-        proc = subprocess.run(argv, capture_output=True, text=True, timeout=timeout)
-    except subprocess.TimeoutExpired:
-        raise ArchiveError(f"{what} took longer than {timeout:.0f} s") from None
-    except FileNotFoundError:
-        raise ArchiveError(f"{what}: {argv[0]} is not installed") from None
-    if proc.returncode != 0:
-        raise ArchiveError(f"{what} failed: {_last_line(proc.stderr or proc.stdout)}")
+    run_tool(argv, what, timeout=timeout, error=ArchiveError)
 
 
 def _last_line(text: str) -> str:

@@ -27,7 +27,7 @@ import subprocess
 from dataclasses import dataclass
 from pathlib import Path
 
-from ...errors import KernelNotFound, VMError, os_boundary
+from ...errors import KernelNotFound, VMError, os_boundary, run_tool
 from ...waiting import flock_exclusive
 
 #: module aliases the guest needs (virtme-ng's own list: 9p and virtiofs root,
@@ -296,12 +296,4 @@ def _modules_base(moddir: Path, release: str) -> Path:
 
 
 def _run(argv: list[str], what: str) -> None:
-    try:
-        proc = subprocess.run(argv, capture_output=True, text=True, timeout=300)
-    except FileNotFoundError:
-        raise VMError(f"{what}: {argv[0]} is not installed",
-                      hint="install kmod (vm/install-host-deps)") from None
-    except subprocess.TimeoutExpired:
-        raise VMError(f"{what} took longer than 300 s") from None
-    if proc.returncode != 0:
-        raise VMError(f"{what} failed: {(proc.stderr or proc.stdout).strip().splitlines()[-1:]}")
+    run_tool(argv, what, timeout=300, error=VMError, hint="install kmod (vm/install-host-deps)")
