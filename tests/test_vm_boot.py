@@ -124,6 +124,53 @@ def test_a_panicking_kernel_ends_in_bounded_time(kernel, tmp_path):
     assert time.monotonic() - started < 180
     assert "panic" in str(err.value).lower() or "stopped" in str(err.value)
     assert "Kernel panic" in run.console_log.read_text(errors="replace")
+    # it panics every time: booted twice (boot.BOOT_ATTEMPTS), both logs kept, then the error
+    assert len(run.boot_failures) == 1 and "Kernel panic" in run.boot_failures[0]
+    assert "1 earlier boot(s) failed too" in str(err.value)
+    first = run.console_log.with_name("console.boot1.log")
+    assert "Kernel panic" in first.read_text(errors="replace")
+    assert not _qemu_processes_mentioning(str(tmp_path))
+
+
+def test_a_boot_that_dies_before_user_space_is_tried_once_more(tmp_path, monkeypatch):
+    """The first boot panics before init (rdinit= pointing nowhere, as a TCG
+    text-patching oops would end it), the second is a normal boot: the scenario
+    runs and matches, the run's metadata names the failed boot, both console
+    logs are kept."""
+    from ksmbench.backends.vm import VMBackend, backend as vm_backend
+    from ksmbench.backends.vm.boot import GuestRun
+    from ksmbench.emulator import Predictor
+    from ksmbench.progress import StatusLine
+    from ksmbench.results import RunDir
+    from ksmbench.runner import RunRecorder, Runner
+    from ksmbench.scenario import builtin_suite
+
+    _need_vm_tools()
+
+    class FirstBootPanics(GuestRun):
+        def vng_argv(self):
+            argv = super().vng_argv()
+            if not self.boot_failures:
+                at = argv.index("--exec")
+                argv[at:at] = ["--append", "rdinit=/nonexistent", "--append", "root=/dev/nonexistent"]
+            return argv
+
+    monkeypatch.setattr(vm_backend, "GuestRun", FirstBootPanics)
+    scenarios = [s for s in builtin_suite() if s.name == "zero-pages"]
+    rundir = RunDir(tmp_path)
+    statuses = []
+    runner = Runner([RunRecorder(rundir, predictor=Predictor()),
+                     StatusLine(lambda k, msg: statuses.append(msg))], artifacts_root=rundir.path)
+    outcome = runner.run_kernel(VMBackend(KERNEL, memory="1G", cpus=2, accel="tcg"), scenarios)
+    rundir.close()
+    assert outcome.error is None, outcome.error
+    assert outcome.scenarios["zero-pages"].verdict == "match"
+    meta = json.loads((rundir.path / "metadata.json").read_text())
+    assert len(meta["boot_failures"]) == 1 and "Kernel panic" in meta["boot_failures"][0]
+    assert any("booting again" in s for s in statuses), statuses
+    artifacts = rundir.path / KERNEL.replace(":", "_")
+    assert "Kernel panic" in (artifacts / "console.boot1.log").read_text(errors="replace")
+    assert "Kernel panic" not in (artifacts / "console.log").read_text(errors="replace")
     assert not _qemu_processes_mentioning(str(tmp_path))
 
 

@@ -130,7 +130,9 @@ def probe_kvm(kernel, *, memory: str = "2G", seconds: float = PROBE_SECONDS) -> 
     started = time.monotonic()
     try:
         run = GuestRun(kernel, ["/bin/true"], shared_dir=shared, accelerator="kvm",
-                       memory=memory, cpus=1, boot_timeout=seconds, timeout=seconds)
+                       memory=memory, cpus=1, boot_timeout=seconds, timeout=seconds,
+                       # a KVM boot that fails is the answer, not a reason to boot again
+                       boot_attempts=1)
         with run:
             try:
                 while run.poll() is None:

@@ -122,8 +122,16 @@ class VMBackend:
             position = 0
             last_event_at = None
             facts_sent = False
+            failures_told = 0
             while True:
                 code = run.poll()
+                if len(run.boot_failures) > failures_told:
+                    failures_told = len(run.boot_failures)
+                    last_phase = None
+                    yield BackendInfo({"status": f"{self.label}: boot {failures_told} died before "
+                                                 f"user space, booting again: "
+                                                 f"{run.boot_failures[-1][:120]}",
+                                       "boot_failures": list(run.boot_failures)})
                 if not run.in_user_space() and run.phase != last_phase:
                     last_phase = run.phase
                     yield BackendInfo({"status": f"booting {self.label} ({decision.accelerator}): "
