@@ -288,3 +288,40 @@ def test_reclaim_needs_the_multigen_lru(fake_proc, monkeypatch, tmp_path):
     assert "multi-gen LRU" in str(info.value)
     monkeypatch.setattr(swap, "multigen_lru_on", lambda: True)
     session.check_applicable(scen([mmap(4), step("reclaim")]))
+
+
+class _ScriptedProcfs:
+    """Walk counts and RssAnon values read in turn, as the agent reads them."""
+
+    def __init__(self, walks, counters):
+        self.walks, self.counters = list(walks), list(counters)
+
+    def anonymous_pages(self, pid):
+        return self.walks.pop(0)
+
+    def rss_anon_pages(self, pid):
+        return self.counters.pop(0)
+
+
+def test_the_rss_pair_is_kept_only_when_walks_and_counters_agree():
+    """After op reclaim the agent's interpreter faults its own pages back while
+    it reads: a window whose counter reads disagree (the one-page-low RssAnon
+    once seen on Debian 6.12) is read again; a steady difference is kept."""
+    from ksmbench.backends.agent import Agent
+
+    class Reader:
+        _rss_pair = Agent._rss_pair
+
+    r = Reader()
+    # counter 499 then 500 under steady walks: read again, keep the agreeing window
+    r.procfs = _ScriptedProcfs([500] * 6, [499, 500, 500, 500])
+    assert r._rss_pair() == (500, 500)
+    # a walk that moves: read again
+    r.procfs = _ScriptedProcfs([500, 501, 501, 501, 501, 501], [500, 501, 501, 501])
+    assert r._rss_pair() == (501, 501)
+    # a counter steadily one below the walks is measured, not hidden
+    r.procfs = _ScriptedProcfs([500] * 3, [499, 499])
+    assert r._rss_pair() == (499, 500)
+    # never agreeing: bounded (8 windows), the last values
+    r.procfs = _ScriptedProcfs([500] * 24, [1, 2] * 8)
+    assert r._rss_pair() == (1, 500)

@@ -436,16 +436,24 @@ class Agent:
     def _rss_pair(self) -> tuple[int | None, int | None]:
         """RssAnon (the counter) and the page-table walk's count, same instant.
 
-        Reading allocates, so the interpreter may fault a page in between;
-        retry until the walk gives the same count before and after.
+        Reading allocates, so the interpreter may fault a page in between, and
+        after op reclaim its own swapped-out pages come back as it runs: take
+        walk, counter, walk, counter, walk, and keep them only when the three
+        walks agree and so do the two counters.  Once in a few hundred runs of
+        swap-reclaim-ksm on Debian 6.12 a single walk-counter-walk read agreed
+        on the walks but caught the counter one page below them, while every
+        cell of the region itself matched; a counter read twice rules out
+        such a passing value, and a steady difference still shows.
         """
         for _ in range(8):
-            before = self.procfs.anonymous_pages("self")
+            first = self.procfs.anonymous_pages("self")
             rss = self.procfs.rss_anon_pages("self")
-            after = self.procfs.anonymous_pages("self")
-            if before == after:
-                return rss, before
-        return rss, after
+            middle = self.procfs.anonymous_pages("self")
+            again = self.procfs.rss_anon_pages("self")
+            last = self.procfs.anonymous_pages("self")
+            if first == middle == last and rss == again:
+                return rss, last
+        return rss, last
 
 
 def main(argv: list[str]) -> int:
