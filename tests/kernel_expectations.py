@@ -267,14 +267,16 @@ def assert_every_cell_matches(df: pd.DataFrame, profile: str) -> int:
     """Every row of one kernel's observations.csv was judged against the
     emulator and matches: both values equal, or both absent, or one side
     absent for a metric on the unmodelled list.  Returns the cells compared."""
+    from ksmbench.emulator import unmodelled_for
     from ksmbench.emulator.profiles import get_profile
     from ksmbench.metrics import unmodelled
     from ksmbench.scenario import builtin_suite
 
+    excused = {s.name: unmodelled_for(s, profile) for s in builtin_suite()}
     flags = get_profile(profile).flags
-    from ksmbench.scenario.model import thp_outside_model
 
-    thp = {s.name: thp_outside_model(s.steps) is not None for s in builtin_suite()}
+    def by_flags(metric: str) -> bool:  # a scenario outside the suite
+        return unmodelled(metric, flags=flags) is not None
     predicted = pd.to_numeric(df.predicted, errors="coerce").astype("Int64")
     match = df["match"].astype(str).str.lower()
     bad = df[match == "false"]
@@ -283,7 +285,7 @@ def assert_every_cell_matches(df: pd.DataFrame, profile: str) -> int:
     # on: observed by design, never predicted
     one_sided = df[(df.observed.isna() != predicted.isna()) & (df.op != "baseline")]
     unexcused = [(r.scenario, r.step, r.scan, r.metric) for r in one_sided.itertuples()
-                 if unmodelled(r.metric, flags=flags, thp=thp.get(r.scenario, False)) is None]
+                 if not excused.get(r.scenario, by_flags)(r.metric)]
     assert unexcused == [], f"{len(unexcused)} one-sided cells, e.g. {unexcused[:8]}"
     both = df[df.observed.notna() & predicted.notna()]
     assert (match[both.index] == "true").all()

@@ -1,7 +1,7 @@
 """Swap (top-level ``swap = true``): the format, where a scenario may run, and
 the emulator on small cases whose numbers follow by hand from the kernel
 paths of README "Swap".  The built-in swap scenarios run in a guest with a
-zram swap device in tests/test_swap_vm.py; the recorded guest runs are
+zram swap device in tests/test_vm_boot.py; the recorded guest runs are
 re-judged in tests/test_verdicts.py.
 """
 
@@ -325,3 +325,23 @@ def test_the_rss_pair_is_kept_only_when_walks_and_counters_agree():
     # never agreeing: bounded (8 windows), the last values
     r.procfs = _ScriptedProcfs([500] * 24, [1, 2] * 8)
     assert r._rss_pair() == (1, 500)
+
+
+def test_after_op_reclaim_the_scenario_rss_cell_is_not_predicted():
+    """metrics.UNMODELLED: with op reclaim the scenario RSS cell has no
+    prediction on any kernel (and is excused), every other cell has one."""
+    from ksmbench.emulator.emulate import unmodelled_for
+
+    suite = {s.name: s for s in builtin_suite()}
+    reclaim, pageout = suite["swap-reclaim-ksm"], suite["swap-pageout-ksm"]
+    for profile in PROFILES:
+        points = predict(reclaim, profile)
+        rss = [v for p in points for k, v in p.values.items()
+               if k.endswith(".rss_anon_scenario_pages")]
+        assert rss and all(v is None for v in rss)
+        assert all(p.values["global.pages_sharing"] is not None for p in points)
+        assert unmodelled_for(reclaim, profile)("proc.c.rss_anon_scenario_pages")
+        assert not unmodelled_for(reclaim, profile)("region.c.a.present")
+    exact = [v for p in predict(pageout, "linux-6.18.44") for k, v in p.values.items()
+             if k.endswith(".rss_anon_scenario_pages")]
+    assert exact and all(v is not None for v in exact)

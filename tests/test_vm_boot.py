@@ -1,5 +1,6 @@
 """Real boots under QEMU (marker ``vm``): Debian 6.1 and 6.12 run the whole built-in
-suite, every cell judged against the emulator; failures end in bounded time.
+suite, every cell judged against the emulator (its swap scenarios on the
+guest's zram device); failures end in bounded time.
 
 Downloads the Debian 6.1 and 6.12 kernel packages once (cached in $KSMBENCH_CACHE).
 Under TCG a boot takes 15-40 s on a 2-core machine.
@@ -108,6 +109,22 @@ def test_the_whole_suite_in_one_boot_matches_the_emulator(spec, tmp_path):
         check(Cells(df), flags)
     # the series is in 6.12, not in 6.1
     assert ("zero_page_tracking" in flags) == (series != "6.1")
+    _assert_the_guest_swapped(df, artifacts)
+
+
+def _assert_the_guest_swapped(df, artifacts):
+    """The suite's swap scenarios (swap = true) ran on a zram device and really
+    swapped: their cells matching a model without swap would be a false pass."""
+    assert "zram0" in (artifacts / "console.log").read_text(errors="replace")
+    # MADV_PAGEOUT took the 16 unique pages of swap-pageout-ksm out of the
+    # region (without swap they stay present)
+    present = df[(df.scenario == "swap-pageout-ksm") & (df.metric == "region.main.a.present")]
+    by_step = {int(r.step): int(r.observed) for r in present.itertuples() if r.op != "scan"}
+    assert by_step[6] == 56 and by_step[8] == 40, by_step
+    # op reclaim took the KSM page mapped 16 times, which MADV_PAGEOUT never does
+    reclaimed = df[(df.scenario == "swap-reclaim-ksm") & (df.step == 6)]
+    observed = dict(zip(reclaimed.metric, reclaimed.observed))
+    assert observed["region.main.a.present"] == 8 and observed["region.main.a.zero_pfn"] == 8
 
 
 def test_a_panicking_kernel_ends_in_bounded_time(kernel, tmp_path):

@@ -439,11 +439,9 @@ class Agent:
         Reading allocates, so the interpreter may fault a page in between, and
         after op reclaim its own swapped-out pages come back as it runs: take
         walk, counter, walk, counter, walk, and keep them only when the three
-        walks agree and so do the two counters.  Once in a few hundred runs of
-        swap-reclaim-ksm on Debian 6.12 a single walk-counter-walk read agreed
-        on the walks but caught the counter one page below them, while every
-        cell of the region itself matched; a counter read twice rules out
-        such a passing value, and a steady difference still shows.
+        walks agree and so do the two counters.  A difference that lasts
+        through such a window is measured as it is (after op reclaim Debian
+        6.12 has shown one, ksmbench.metrics.UNMODELLED).
         """
         for _ in range(8):
             first = self.procfs.anonymous_pages("self")

@@ -53,12 +53,14 @@ class ScenarioRun:
         # THP regions are modelled (first-touch huge pages, KSM's split) under
         # the ops of thp_outside_model(); past them only full_scans is predicted
         self.thp = m.thp_outside_model(scenario.steps) is not None
+        self.reclaim = m.has_reclaim(scenario.steps)
         #: a set step's outcome (set.error, tunable.<name>), for its observation
         self._set_values: dict[str, int | None] = {}
 
     def unmodelled(self, metric: str) -> bool:
         """True where this run predicts no value on purpose (ksmbench.metrics.UNMODELLED)."""
-        return unmodelled(metric, flags=self.profile.flags, thp=self.thp) is not None
+        return unmodelled(metric, flags=self.profile.flags, thp=self.thp,
+                          reclaim=self.reclaim) is not None
 
     def supported(self, step: m.Step) -> bool:
         """False for an op the profile's kernel refuses (the host run errors
@@ -182,7 +184,9 @@ def unmodelled_for(scenario: m.Scenario, profile: Profile | str):
     """The predicate "this metric is not modelled" for a scenario under a profile."""
     prof = get_profile(profile) if isinstance(profile, str) else profile
     thp = m.thp_outside_model(scenario.steps) is not None
-    return lambda metric: unmodelled(metric, flags=prof.flags, thp=thp) is not None
+    reclaim = m.has_reclaim(scenario.steps)
+    return lambda metric: unmodelled(metric, flags=prof.flags, thp=thp,
+                                     reclaim=reclaim) is not None
 
 
 def predict(scenario: m.Scenario, profile: Profile | str, *, fast: bool = True) -> list[ObservationPoint]:

@@ -775,6 +775,12 @@ class ThpRegions:
             self.regions = {(p, r) for p, r in self.regions if p != step.proc}
 
 
+def has_reclaim(steps) -> bool:
+    """Whether a scenario reclaims (op ``reclaim``): a cell of the Not
+    modelled list (ksmbench.metrics.UNMODELLED) depends on it."""
+    return any(isinstance(step, Reclaim) for step in steps)
+
+
 def thp_outside_model(steps) -> str | None:
     """The first step that takes a THP region outside the emulator's THP
     model (:class:`ThpRegions`), described, or None."""
