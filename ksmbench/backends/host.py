@@ -340,7 +340,7 @@ class HostSession:
     def check_applicable(self, scenario: m.Scenario) -> None:
         """Refuse scenarios that need an interface this kernel lacks."""
         self._check_swap(scenario)
-        if any(isinstance(s, m.Reclaim) for s in scenario.steps):
+        if m.has_reclaim(scenario.steps):
             from ..kernel.swap import multigen_lru_on
 
             if self.swap is None:
@@ -408,7 +408,7 @@ class HostSession:
         yield ObservationPoint(BASELINE_STEP, BASELINE, None,
                                {global_metric(n): self.sysfs.read_int(n) for n in GLOBAL_LEVELS})
         self.agents[m.MAIN] = self.new_agent(m.MAIN)
-        if any(isinstance(s, m.Reclaim) for s in scenario.steps):
+        if m.has_reclaim(scenario.steps):
             from ..kernel.swap import ReclaimCgroup
 
             self._cgroups_made += 1

@@ -50,17 +50,16 @@ class ScenarioRun:
                                        target_scan_time=k.advisor_target_scan_time)
         self.fast = fast
         self.ksm.spawn(m.MAIN)
-        # THP regions are modelled (first-touch huge pages, KSM's split) under
-        # the ops of thp_outside_model(); past them only full_scans is predicted
-        self.thp = m.thp_outside_model(scenario.steps) is not None
-        self.reclaim = m.has_reclaim(scenario.steps)
+        # what this run leaves unpredicted on purpose (metrics.UNMODELLED): e.g.
+        # THP regions are modelled under the ops of thp_outside_model() only,
+        # past them only full_scans is predicted
+        self._unmodelled = unmodelled_for(scenario, self.profile)
         #: a set step's outcome (set.error, tunable.<name>), for its observation
         self._set_values: dict[str, int | None] = {}
 
     def unmodelled(self, metric: str) -> bool:
         """True where this run predicts no value on purpose (ksmbench.metrics.UNMODELLED)."""
-        return unmodelled(metric, flags=self.profile.flags, thp=self.thp,
-                          reclaim=self.reclaim) is not None
+        return self._unmodelled(metric)
 
     def supported(self, step: m.Step) -> bool:
         """False for an op the profile's kernel refuses (the host run errors

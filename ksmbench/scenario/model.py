@@ -776,8 +776,9 @@ class ThpRegions:
 
 
 def has_reclaim(steps) -> bool:
-    """Whether a scenario reclaims (op ``reclaim``): a cell of the Not
-    modelled list (ksmbench.metrics.UNMODELLED) depends on it."""
+    """Whether a scenario reclaims (op ``reclaim``): it then needs a memory
+    cgroup and the multi-gen LRU, and a cell of the Not modelled list
+    (ksmbench.metrics.UNMODELLED) depends on it."""
     return any(isinstance(step, Reclaim) for step in steps)
 
 

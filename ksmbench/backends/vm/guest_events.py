@@ -45,9 +45,9 @@ def main(argv: list[str]) -> int:
                     # a kernel without CONFIG_SWAP or zram (a tinyconfig build):
                     # its swap scenarios are n/a, the others still run
                     os.environ[SWAP_UNAVAILABLE_ENV] = exc.message
-            from ...scenario.model import Reclaim
+            from ...scenario.model import has_reclaim
 
-            if any(isinstance(step, Reclaim) for s in scenarios for step in s.steps):
+            if any(has_reclaim(s.steps) for s in scenarios):
                 from ...kernel.swap import enable_multigen_lru
 
                 enable_multigen_lru()  # the host backend says n/a where it stays off
