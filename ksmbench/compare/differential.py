@@ -1,6 +1,6 @@
 """Differential testing: random scenarios on a real kernel and in the emulator.
 
-``python -m ksmbench.differential --count 50 --seed 1 --out DIR``
+``python -m ksmbench.compare.differential --count 50 --seed 1 --out DIR``
 runs seeded random scenarios on the host kernel (root, holding the RunLock),
 predicts them with the profile that fits the kernel, and for every scenario
 with a mismatching cell shrinks it (re-running candidates on the kernel) and
@@ -287,7 +287,7 @@ def run_differential(seeds: Iterable[int], out_dir: Path, *, runner: HostRunner 
 def main(argv: Sequence[str] | None = None) -> int:
     from ..kernel.lock import RunLock
 
-    ap = argparse.ArgumentParser(prog="python -m ksmbench.differential",
+    ap = argparse.ArgumentParser(prog="python -m ksmbench.compare.differential",
                                  description="random scenarios: host kernel vs emulator")
     ap.add_argument("--count", type=int, default=50)
     ap.add_argument("--seed", type=int, default=1, help="first seed")

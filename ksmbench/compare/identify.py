@@ -365,7 +365,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     import argparse
 
 
-    ap = argparse.ArgumentParser(prog="python -m ksmbench.identify",
+    ap = argparse.ArgumentParser(prog="python -m ksmbench.compare.identify",
                                  description="judge behaviour flags from a run directory")
     ap.add_argument("rundir")
     ap.add_argument("--base", default=None, help="profile to start from (default: by release)")

@@ -7,7 +7,7 @@ of three kinds:
 
 * **equal**: the variant's value is the base's (both absent counts as equal);
 * **explained**: it differs, and the emulator predicts that difference when
-  the base's fitted profile (:func:`ksmbench.identify.analyse`) has the flags
+  the base's fitted profile (:func:`ksmbench.compare.identify.analyse`) has the flags
   of ``--expect`` switched: the variant's value is the prediction under the
   expected profile, or differs from the base's by exactly the predicted
   difference;

@@ -10,7 +10,7 @@
 * The model (:mod:`.machine`), its numpy scan (:mod:`.fastscan`), the
   scenario driver (:mod:`.emulate`) and ``ksmbench emulate`` (:mod:`.cli`).
   The package needs no kernel: what compares it with one lives above it
-  (``ksmbench.identify``, ``ksmbench.differential``,
+  (``ksmbench.compare.identify``, ``ksmbench.compare.differential``,
   ``ksmbench.bench.emulator_speed``).
 
 Not modelled: the metrics of ``ksmbench.metrics.UNMODELLED`` (the one list,

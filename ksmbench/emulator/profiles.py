@@ -5,7 +5,7 @@ A *flag* is one behaviour that changed at a known kernel commit.  A
 named after kernel versions (``linux-6.6``, ``linux-6.12.57``): the flags are
 derived from the version, including the stable backports we know of, and a
 profile name may end with explicit overrides (``linux-6.12,+fork_counter_fix``
-or ``linux-6.18,-checksum_first``), which is how :mod:`ksmbench.identify`
+or ``linux-6.18,-checksum_first``), which is how :mod:`ksmbench.compare.identify`
 asks "what if this kernel had / lacked that patch".
 
 Each flag cites the upstream commit and the release that first carried it;
